@@ -1,0 +1,1 @@
+"""Shared maths for gradient-matching attacks (and the client that they mirror)."""

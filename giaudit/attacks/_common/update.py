@@ -1,0 +1,53 @@
+"""The client's update function, written once.
+
+The scenario computes the real update with it and every gradient-matching
+attack computes its trial update with it, so attack and client cannot drift
+apart (same loss, same mini-batch order, same local steps).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from giaudit.types import ClientProtocol
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy; `labels` are class indices (long) or per-class probabilities (float)."""
+    if labels.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(logits, labels)
+    return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def minibatches(n: int, size: int | None) -> list[slice]:
+    """Fixed, ordered mini-batches: the FedAvg client's data order (known to a class-C attacker)."""
+    size = n if size is None or size >= n else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def compute_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol | None = None,
+                   *, create_graph: bool = False,
+                   params: Sequence[Tensor] | None = None) -> tuple[Tensor, ...]:
+    """FedSGD: gradient of the mean loss. FedAvg: w_after - w_before of `local_steps`
+    epochs of SGD over ordered mini-batches.
+
+    With `create_graph=True` the result is differentiable in `x` (and in `y`
+    when soft), which is what a gradient-matching attack optimises.
+    """
+    protocol = protocol or ClientProtocol()
+    names = [n for n, _ in model.named_parameters()]
+    start = list(params) if params is not None else [p for p in model.parameters()]
+    if protocol.name == "fedsgd":
+        logits = functional_call(model, dict(zip(names, start)), (x,))
+        return tuple(torch.autograd.grad(classification_loss(logits, y), start, create_graph=create_graph))
+    current = start
+    for _ in range(protocol.local_steps):
+        for sl in minibatches(x.shape[0], protocol.local_batch_size):
+            logits = functional_call(model, dict(zip(names, current)), (x[sl],))
+            grads = torch.autograd.grad(classification_loss(logits, y[sl]), current, create_graph=create_graph)
+            current = [p - protocol.local_lr * g for p, g in zip(current, grads)]
+    return tuple(c - s for c, s in zip(current, start))

@@ -1,0 +1,145 @@
+"""Inverting Gradients (Geiping, Bauermeister, Dröge, Moeller, NeurIPS 2020).
+
+Threat model: honest-but-curious server, SoK class B (model, update, batch
+size); its FedAvg variant is class C: it knows the client's local learning
+rate, number of local steps and mini-batch size, and unrolls the same local
+SGD steps on the candidate images to match the shared weight difference.
+
+Recipe: negative cosine similarity between the trial and the observed update
+(over the concatenated layers) + total variation, Adam on the *signed*
+gradient of the images, learning rate stepped down x0.1 at 3/8, 5/8 and 7/8 of
+the budget, images clamped to the data range after every step, K restarts
+ranked by the attack's own matching loss.
+
+Options beyond the paper (off unless configured): the BatchNorm statistics
+prior of Yin et al. 2021 (needs `bn_statistics`, class E), and a "plateau"
+schedule that drops the learning rate when the matching loss stops
+improving for `patience` iterations and stops after the last drop: the same
+three drops as the paper, placed by progress rather than by a fixed budget
+(this is what buys time-to-quality, see benchmarks/ig_speed.py).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from giaudit.attacks._common.distances import DISTANCES, total_variation
+from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.errors import ConfigError, ThreatModelError
+from giaudit.types import Capability, Observation
+
+SCHEDULES = ("steps", "plateau", "constant")
+
+
+class _BNStatsProbe:
+    """Collects the batch statistics each BN layer sees during the first forward of a trial."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.stats: list[tuple[Tensor, Tensor]] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, _m: nn.Module, inputs: tuple[Tensor, ...], _o: Tensor) -> None:
+        if len(self.stats) < len(self.layers):
+            x = inputs[0]
+            dims = [0] + list(range(2, x.ndim))
+            self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+
+    def loss(self, target: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+        total = torch.zeros(())
+        for (m, v), (tm, tv) in zip(self.stats, target):
+            total = total + (m - tm).norm() + (v - tv).norm()
+        self.stats = []
+        return total
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class InvertingGradients(Attack):
+    name: ClassVar[str] = "ig"
+    requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
+    sok_class: ClassVar[str] = "B"
+
+    def __init__(self, *, labels: str = "auto", adaptive: bool = False, lr: float = 0.1,
+                 tv_weight: float = 1e-4, distance: str = "cosine", schedule: str = "steps",
+                 bn_weight: float = 0.0) -> None:
+        super().__init__(labels=labels, adaptive=adaptive)
+        if distance not in DISTANCES:
+            raise ConfigError(f"attack.distance: {distance!r} unknown; known: {', '.join(DISTANCES)}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"attack.schedule: {schedule!r} unknown; known: {', '.join(SCHEDULES)}")
+        if lr <= 0:
+            raise ConfigError("attack.lr: must be > 0")
+        if tv_weight < 0 or bn_weight < 0:
+            raise ConfigError("attack.tv_weight / attack.bn_weight: must be >= 0")
+        self.lr, self.tv_weight, self.distance, self.schedule = lr, tv_weight, distance, schedule
+        self.bn_weight = bn_weight
+
+    def params(self) -> Mapping[str, Any]:
+        return {**super().params(), "lr": self.lr, "tv_weight": self.tv_weight, "distance": self.distance,
+                "schedule": self.schedule, "bn_weight": self.bn_weight, "optimiser": "Adam (signed gradient)"}
+
+    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+                    progress: Progress | None) -> RestartResult:
+        if self.bn_weight > 0 and obs.bn_statistics is None:
+            raise ThreatModelError("attack.bn_weight > 0 needs the client's BN statistics: "
+                                   "set threat.bn_statistics = true")
+        n = obs.batch_size or labels.numel()
+        model, target = obs.model, obs.update.tensors
+        distance = DISTANCES[self.distance]
+        lo, hi = obs.data_spec.value_range
+        x = self.initial_images(obs, n, generator).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=self.lr)
+        iters = budget.iterations
+        milestones = [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        drops_left = 3
+        probe = _BNStatsProbe(model) if self.bn_weight > 0 else None
+        plateau = Plateau(budget.patience if self.schedule != "plateau" else (budget.patience or 50),
+                          budget.min_delta)
+        losses: list[float] = []
+        best_x, best_loss, stopped = x.detach().clone(), float("inf"), False
+        try:
+            for it in range(iters):
+                trial = self.trial_update(obs, model, x, labels)
+                match = distance(trial, target)
+                loss = match + self.tv_weight * total_variation(x) if self.tv_weight else match
+                if probe is not None:
+                    loss = loss + self.bn_weight * probe.loss(obs.bn_statistics)
+                (grad,) = torch.autograd.grad(loss, x)
+                m = float(match.detach())
+                # The loss is that of the current x, before the step: keep that x if it is the best.
+                if m < best_loss:
+                    best_loss, best_x = m, x.detach().clone()
+                losses.append(m)
+                x.grad = grad.sign()
+                opt.step()
+                with torch.no_grad():
+                    x.clamp_(lo, hi)
+                if progress is not None:
+                    progress(1)
+                plateau.update(m)
+                if self.schedule == "steps" and it + 1 in milestones:
+                    self._drop(opt)
+                elif self.schedule == "plateau" and plateau.stalled:
+                    if drops_left == 0:
+                        stopped = True
+                        break
+                    self._drop(opt)
+                    drops_left -= 1
+                    plateau.since = 0
+                elif self.schedule != "plateau" and plateau.stalled:
+                    stopped = True
+                    break
+        finally:
+            if probe is not None:
+                probe.close()
+        return RestartResult(best_x, labels, losses, best_loss, stopped)
+
+    @staticmethod
+    def _drop(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group["lr"] *= 0.1

@@ -1,0 +1,235 @@
+"""The only orchestrator: config -> scenario -> defenses -> attacks -> metrics -> results -> report.
+
+For every seed the scenario draws one private batch and computes the client's
+(defended) update once; every configured attack then receives the same
+`Observation`, and only `evaluate` sees the `GroundTruth`. Each
+(scenario, defense, attack, seed) becomes one `AuditRecord`, written
+atomically as soon as it is finished, so a crashed or interrupted sweep run
+again skips what is done (same record id and config hash).
+"""
+from __future__ import annotations
+
+import platform
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from giaudit.attacks import Attack, Budget, build_attack
+from giaudit.config import AuditSpec
+from giaudit.defenses.base import Chain, Defense
+from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
+from giaudit.scenario.client import Scenario, pretrain
+from giaudit.scenario.data import ImageDataset, load_dataset, split_indices
+from giaudit.scenario.models import build_model
+from giaudit.threat import threat_model
+from giaudit.types import Capability, ClientProtocol, Observation, ThreatModel
+
+
+def _seed(*parts: Any) -> int:
+    """A stable 62-bit seed from parts (Python's hash() is salted per process)."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+@lru_cache(maxsize=4)
+def _dataset(items: tuple[tuple[str, Any], ...]) -> ImageDataset:
+    data = dict(items)
+    source = data.pop("source")
+    data.pop("holdout", None)
+    if source != "folder":
+        for key in ("label_parser", "label_field", "path", "limit"):
+            data.pop(key, None)
+    return load_dataset(source, **data)
+
+
+def load_data(spec: AuditSpec) -> ImageDataset:
+    return _dataset(tuple(sorted(spec.data.items())))
+
+
+def scenario_name(spec: AuditSpec) -> str:
+    s = spec.scenario
+    return f"{spec.data['source']}{spec.data['size']}-{s['model']}-{s['protocol']}-b{s['batch_size']}"
+
+
+def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
+    """The global model (initialised, optionally pretrained) and the client's pool; plus the held-out split."""
+    data = load_data(spec)
+    pool_idx, held_idx = split_indices(len(data), spec.data["holdout"], torch.Generator().manual_seed(_seed("split", seed)))
+    pool, held = data.subset(pool_idx), data.subset(held_idx)
+    s = spec.scenario
+    gen = torch.Generator().manual_seed(_seed("model", seed))
+    model = build_model(s["model"], channels=data.spec.channels, num_classes=data.spec.num_classes,
+                        size=data.spec.height, width=s.get("width"), generator=gen)
+    pretrain(model, pool, s["pretrain_steps"], gen)
+    model.train(s["bn_mode"] == "train")
+    protocol = ClientProtocol(s["protocol"], s["local_steps"], float(s["local_lr"]), s.get("local_batch_size"))
+    t = spec.threat
+    threat = threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
+                          surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
+                          true_labels=t["true_labels"])
+    return Scenario(model, pool, protocol, s["batch_size"], threat), held
+
+
+def build_defense(spec: AuditSpec) -> tuple[str, Defense]:
+    if not spec.defenses:
+        return "none", Chain(())
+    from giaudit.defenses.registry import build_chain
+
+    chain = build_chain([dict(d) for d in spec.defenses], where="defenses")
+    return chain.name, chain
+
+
+def threat_summary(threat: ThreatModel, attack: Attack, label_source: str, obs: Observation) -> dict[str, Any]:
+    """The capabilities this attack actually used, their SoK letter, and any oracle."""
+    used = set(attack.requires)
+    oracles = []
+    if label_source == "oracle":
+        used.add(Capability.TRUE_LABELS)
+        oracles.append("true labels given to the attacker")
+    if getattr(attack, "bn_weight", 0) and obs.bn_statistics is not None:
+        used.add(Capability.BN_STATISTICS)
+        oracles.append("client batch-norm statistics given to the attacker")
+    if obs.update.kind == "delta":
+        used.add(Capability.TRAINING_DETAILS)
+    letter = max(ThreatModel(frozenset(used)).sok_class, attack.sok_class)
+    return {"sok_class": letter, "granted": sorted(c.value for c in threat.granted),
+            "used": sorted(c.value for c in used), "oracles": oracles}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", name)
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from giaudit import __version__
+
+    return {"giaudit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+ProgressFactory = Callable[[str, int], Any]
+
+
+def _progress_bar(desc: str, total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", disable=not enabled, leave=False, file=sys.stderr)
+
+
+def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
+              defense_label: str | None = None) -> ResultsStore:
+    """Run every (attack, seed) of `spec`, writing each record as it finishes; return the store."""
+    torch.set_flush_denormal(True)  # denormals slowed some runs 40x (performance.md)
+    out = Path(out_dir)
+    store = ResultsStore.open(out)
+    store.meta = {**store.meta, "name": spec.name, "config": spec.raw, "versions": versions(),
+                  "command": " ".join(sys.argv), "created": store.meta.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    label, defense = build_defense(spec)
+    label = defense_label or label
+    lpips_metric = _lpips(spec)
+    analyzer, analyzer_note = _analyzer(spec)
+    scen_name = scenario_name(spec)
+    for seed in spec.seeds:
+        todo = []
+        for attack_name in spec.attacks:
+            rid = _safe(f"{spec.name}__{label}__{attack_name}__s{seed}")
+            chash = config_hash({**{k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")},
+                                 "attack": {attack_name: dict(spec.attacks[attack_name])}, "seed": seed})
+            if not store.has(rid, chash):
+                todo.append((attack_name, rid, chash))
+        if not todo:
+            continue
+        start = time.perf_counter()
+        scenario, _held = build_scenario(spec, seed)
+        obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(_seed("batch", seed)))
+        setup_s = time.perf_counter() - start
+        for attack_name, rid, chash in todo:
+            budget_kw, options = spec.budget_and_options(attack_name)
+            attack = build_attack(attack_name, **options)
+            budget = Budget(**budget_kw)
+            rng = torch.Generator().manual_seed(_seed("attack", attack_name, seed))
+            wants = int(getattr(attack, "meta_observations", 0) or 0)
+            if wants:
+                # GIML learns its prior from other clients' updates: simulate them, keep only the observations.
+                others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(_seed("meta", seed, i)))[0]
+                          for i in range(wants)]
+                attack.observe_many(others)
+            bar = _progress_bar(f"{attack_name} seed {seed}", budget.iterations * budget.restarts, show_progress)
+            t0 = time.perf_counter()
+            try:
+                rec = attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update)
+            finally:
+                bar.close()
+            attack_s = time.perf_counter() - t0
+            record = _record(spec, out, rid, chash, scen_name, label, attack_name, seed, attack, obs, truth, rec,
+                             lpips_metric, analyzer, {"setup_s": setup_s, "attack_s": attack_s},
+                             analyzer_note)
+            store.add(record)
+    return store
+
+
+def _lpips(spec: AuditSpec) -> Any:
+    if not spec.output.get("lpips", True):
+        return None
+    from giaudit.metrics.lpips import load_lpips
+
+    return load_lpips()
+
+
+def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
+    """The face analyzer the config asks for, or (None, why not) when its backend is not installed."""
+    backend = spec.output.get("semantic")
+    if not backend:
+        return None, None
+    from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer
+
+    try:
+        return get_analyzer(backend), None
+    except FaceBackendUnavailable as exc:
+        return None, f"semantic metrics unavailable: {exc}"
+
+
+def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
+            seed: int, attack: Attack, obs: Observation, truth: Any, rec: Any, lpips_metric: Any, analyzer: Any,
+            timings: dict[str, float], analyzer_note: str | None = None) -> AuditRecord:
+    from giaudit.metrics.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    ev = evaluate(rec, truth, lpips=lpips_metric)
+    metrics = dict(ev.aggregate)
+    per_image = [dict(p) for p in ev.per_image]
+    notes = list(ev.notes) + ([analyzer_note] if analyzer_note else [])
+    if analyzer is not None:
+        from giaudit.metrics.faces import semantic_metrics
+
+        sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer,
+                               labels_meta=[truth.meta[p["truth_index"]] for p in per_image] if truth.meta else None)
+        metrics.update(sem.aggregate)
+        metrics.update({f"reference_{k}": v for k, v in sem.reference.items()})
+        for row, extra in zip(per_image, sem.per_image):
+            row.update(extra)
+        notes.extend(sem.notes)
+    images_file = save_images(out, rid, ev.original, ev.reconstruction)
+    tr = rec.trace
+    threat = threat_summary(obs.threat, attack, rec.label_source, obs)
+    return AuditRecord(
+        record_id=rid, config_hash=chash, scenario=scen_name, defense=label, attack=attack_name, seed=seed,
+        threat=threat, attack_params=dict(attack.params()), label_source=rec.label_source, metrics=metrics,
+        per_image=tuple(per_image),
+        timings={**timings, "metrics_s": time.perf_counter() - t0, "iterations": tr.iterations,
+                 "restarts": len(tr.restart_losses), "workers": tr.extra.get("workers", 1)},
+        trace={"losses": list(tr.losses), "restart_losses": list(tr.restart_losses), "best_restart": tr.best_restart,
+               "stopped_early": tr.stopped_early,
+               **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
+        disclosed=dict(obs.disclosed), notes=tuple(notes), images_file=images_file)

@@ -1,0 +1,171 @@
+"""Command-line interface: argument parsing only; the work happens in the library.
+
+Errors a user can act on (bad config, missing file, capability not granted)
+are printed as one line naming the key or file, with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from giaudit.errors import GiauditError
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from giaudit.audit import run_audit
+    from giaudit.config import load_config
+
+    spec = load_config(args.config)
+    return _run_and_report(spec, args.out, not args.no_progress)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from giaudit.config import demo_config_path, load_config
+
+    spec = load_config(demo_config_path())
+    return _run_and_report(spec, args.out, not args.no_progress)
+
+
+def _run_and_report(spec, out: str | None, progress: bool) -> int:  # type: ignore[no-untyped-def]
+    from giaudit.audit import run_audit
+    from giaudit.report import render
+
+    out_dir = Path(out or spec.output.get("dir") or f"reports/{spec.name}")
+    store = run_audit(spec, out_dir, show_progress=progress)
+    verdict = None
+    if spec.output.get("policy"):
+        from giaudit.policy import check, load_policy
+
+        verdict = check(store.records, load_policy(spec.output["policy"]))
+    html, md = render(store, out_dir, verdict=verdict)
+    _summary(store)
+    print(f"report: {html}\nmarkdown: {md}\nresults: {out_dir / 'results.json'}")
+    if verdict is not None:
+        print(f"policy verdict: {'PASS' if verdict.passed else 'FAIL'}")
+    return 0
+
+
+def _summary(store) -> None:  # type: ignore[no-untyped-def]
+    for r in store.records:
+        m = r.metrics
+        print(f"{r.attack:>6} seed {r.seed}: PSNR mean {m.get('psnr_db_mean', float('nan')):6.2f} dB "
+              f"worst {m.get('psnr_db_worst', float('nan')):6.2f} dB  SSIM {m.get('ssim_mean', float('nan')):.3f}  "
+              f"labels {m.get('label_accuracy', float('nan')):.2f} ({r.label_source})  "
+              f"{r.timings.get('attack_s', 0):.1f}s")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from giaudit.report import render
+    from giaudit.results import load_results
+
+    store = load_results(args.results)
+    verdict = None
+    if args.policy:
+        from giaudit.policy import check, load_policy
+
+        verdict = check(store.records, load_policy(args.policy))
+    html, md = render(store, store.run_dir, verdict=verdict)
+    print(f"report: {html}\nmarkdown: {md}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from giaudit.compare import run_compare
+
+    attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
+    out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
+                      attacks=attacks, seeds=args.seeds, out_dir=Path(args.out), show_progress=not args.no_progress)
+    print(f"comparison report: {out}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from giaudit.policy import check_main
+
+    return check_main(args.results, args.policy)
+
+
+def _prior_train(args: argparse.Namespace) -> int:
+    from giaudit.priors.train import cli_train
+
+    return cli_train(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="giaudit", description="Audit what a curious federated-learning server can "
+                                "reconstruct from shared updates, under defenses.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("audit", help="run an audit from a TOML config", description="Run every attack of CONFIG on "
+                       "the configured scenario and defenses; write results and an HTML/Markdown report.")
+    a.add_argument("config", help="audit config (TOML); see examples/")
+    a.add_argument("--out", help="run folder (default: output.dir of the config, else reports/<name>)")
+    a.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    a.set_defaults(func=_audit)
+
+    d = sub.add_parser("demo", help="run the embedded default audit (MNIST-5k, a few minutes on 2 CPU cores)",
+                       description="Run the embedded demo audit and write reports/demo/report.html.")
+    d.add_argument("--out", help="run folder (default: reports/demo)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.set_defaults(func=_demo)
+
+    r = sub.add_parser("report", help="re-render the report of a finished run",
+                       description="Render report.html and report.md from saved results (no attack is re-run).")
+    r.add_argument("results", help="run folder or its results.json")
+    r.add_argument("--policy", help="policy TOML; show its verdict in the report")
+    r.set_defaults(func=_report)
+
+    c = sub.add_parser("compare", help="compare defense configurations on leakage and utility",
+                       description="Run the same scenario and attacks under each defense preset; write a comparison "
+                       "report.")
+    c.add_argument("defenses", nargs="+", help="defense preset files (TOML), e.g. defenses/*.toml")
+    c.add_argument("--config", help="base audit config (default: the embedded demo)")
+    c.add_argument("--attacks", help="comma-separated attack names (default: those of the config)")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    c.add_argument("--out", default="reports/compare", help="output folder (default reports/compare)")
+    c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c.set_defaults(func=_compare)
+
+    k = sub.add_parser("check", help="check saved results against a policy (exit 0 pass, 1 fail, 2 bad input)",
+                       description="Print each policy rule with its measured value and PASS/FAIL.")
+    k.add_argument("results", help="run folder or its results.json")
+    k.add_argument("--policy", required=True, help="policy TOML (see examples/policy.toml)")
+    k.set_defaults(func=_check)
+
+    pr = sub.add_parser("prior", help="generative priors", description="Train and inspect generative priors.")
+    psub = pr.add_subparsers(dest="prior_command", required=True, metavar="PRIOR_COMMAND")
+    pt = psub.add_parser("train", help="train a GAN prior on CPU", description="Train a DCGAN prior and save it as "
+                         "safetensors + JSON config.")
+    _add_prior_train_args(pt)
+    pt.set_defaults(func=_prior_train)
+    return p
+
+
+def _add_prior_train_args(pt: argparse.ArgumentParser) -> None:
+    try:
+        from giaudit.priors.train import add_train_arguments
+    except ImportError:
+        pt.add_argument("--data", required=True)
+        pt.add_argument("--out", required=True)
+        return
+    add_train_arguments(pt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GiauditError as exc:
+        print(f"giaudit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("giaudit: interrupted; finished records are saved, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The defense protocol: two hooks, how the update is computed and what is sent.
+
+`configure(step)` may change how the client computes its update (DP-SGD, the
+batch size, how the batch is drawn, the targets); `transform(update, rng)`
+changes what is sent (noise, sparsification). `disclose(update)` names what a
+server could know about the defense from the protocol (the clipping bound,
+the sparsity, epsilon): it sees the update, never the private batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from giaudit.attacks._common.update import compute_update
+from giaudit.types import ClientProtocol, SharedUpdate
+
+Sampler = Callable[[Tensor, int, torch.Generator], Tensor]
+Compute = Callable[[nn.Module, Tensor, Tensor, ClientProtocol], tuple[Tensor, ...]]
+
+
+def uniform_sampler(labels: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Draw `batch_size` distinct indices uniformly from the pool."""
+    return torch.randperm(labels.numel(), generator=generator)[:batch_size]
+
+
+def default_compute(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol) -> tuple[Tensor, ...]:
+    return compute_update(model, x, y, protocol)
+
+
+@dataclass(frozen=True)
+class ClientStep:
+    """How the audited client turns its private data into an update."""
+
+    protocol: ClientProtocol
+    batch_size: int
+    num_classes: int
+    sampler: Sampler = uniform_sampler
+    compute: Compute = default_compute
+    # Targets fed to the loss: the labels by default; label disguise may mix or smooth them.
+    targets: Callable[[Tensor, int], Tensor] = lambda y, k: y
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> "ClientStep":
+        return replace(self, **changes)
+
+
+class Defense:
+    """Base class: both hooks default to doing nothing."""
+
+    name: str = "defense"
+
+    def configure(self, step: ClientStep) -> ClientStep:
+        return step
+
+    def transform(self, update: SharedUpdate, rng: torch.Generator) -> SharedUpdate:
+        return update
+
+    def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
+        return {}
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Chain(Defense):
+    """Defenses applied in order: configure hooks first to last, then transforms first to last."""
+
+    def __init__(self, defenses: Sequence[Defense]) -> None:
+        self.defenses = tuple(defenses)
+        self.name = "+".join(d.name for d in self.defenses) or "none"
+
+    def configure(self, step: ClientStep) -> ClientStep:
+        for d in self.defenses:
+            step = d.configure(step)
+        return step
+
+    def transform(self, update: SharedUpdate, rng: torch.Generator) -> SharedUpdate:
+        for d in self.defenses:
+            update = d.transform(update, rng)
+        return update
+
+    def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
+        out: dict[str, Any] = {}
+        for d in self.defenses:
+            out.update(d.disclose(update))
+        return out
+
+    def describe(self) -> str:
+        return " -> ".join(d.describe() for d in self.defenses) or "none"

@@ -1,0 +1,195 @@
+"""The results store: one record per (scenario, defense, attack, seed).
+
+A run folder holds
+- ``results.json``: run metadata plus every record (nested, complete);
+- ``results.parquet`` (or ``results.csv`` when pyarrow is missing): the same
+  records flattened to one row each (scalars only), for pandas;
+- ``images/<record_id>.npz``: the matched originals and reconstructions
+  (``original``, ``reconstruction``, both N,C,H,W float32, already in matched
+  order, row i of one paired with row i of the other).
+
+Every file is written atomically (temporary file + ``os.replace``), so a
+crash never leaves a half-written file, and a sweep that is run again skips
+the records already present with the same config hash (resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    record_id: str                 # f"{scenario}__{defense}__{attack}__s{seed}"
+    config_hash: str               # hash of the canonical config that produced it
+    scenario: str
+    defense: str
+    attack: str
+    seed: int
+    threat: Mapping[str, Any]      # {"sok_class": "B", "granted": [...], "oracles": [...]}
+    attack_params: Mapping[str, Any]
+    label_source: str              # how the attack got its labels ("oracle", "idlg", ...)
+    metrics: Mapping[str, float]   # aggregates, e.g. psnr_db_mean, psnr_db_worst, label_accuracy
+    per_image: tuple[Mapping[str, Any], ...]  # one dict per matched pair, most leaked first
+    timings: Mapping[str, float]   # attack_s, total_s, iterations
+    trace: Mapping[str, Any]       # losses (matching loss per iteration), restart_losses, best_restart
+    disclosed: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()    # e.g. "LPIPS unavailable: ..."
+    images_file: str | None = None  # relative to the run folder
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_images(run_dir: Path, record_id: str, original: np.ndarray, reconstruction: np.ndarray) -> str:
+    rel = f"images/{record_id}.npz"
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, original=original.astype(np.float32), reconstruction=reconstruction.astype(np.float32))
+    atomic_write_bytes(run_dir / rel, buf.getvalue())
+    return rel
+
+
+def load_images(run_dir: Path, record: AuditRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    if not record.images_file:
+        return None
+    with np.load(Path(run_dir) / record.images_file) as z:
+        return z["original"], z["reconstruction"]
+
+
+def flatten(record: AuditRecord) -> dict[str, Any]:
+    """One table row: identifiers, threat class, aggregate metrics and timings."""
+    row: dict[str, Any] = {
+        "record_id": record.record_id, "config_hash": record.config_hash, "scenario": record.scenario,
+        "defense": record.defense, "attack": record.attack, "seed": record.seed,
+        "sok_class": record.threat.get("sok_class"), "oracles": "; ".join(record.threat.get("oracles", [])),
+        "label_source": record.label_source,
+    }
+    row.update({k: v for k, v in record.metrics.items()})
+    row.update({f"time_{k}": v for k, v in record.timings.items()})
+    for k, v in record.disclosed.items():
+        if isinstance(v, (int, float, str, bool)):
+            row[f"disclosed_{k}"] = v
+    return row
+
+
+@dataclass
+class ResultsStore:
+    """Reads and writes one run folder."""
+
+    run_dir: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    records: list[AuditRecord] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike[str]) -> "ResultsStore":
+        """Open a run folder, loading earlier records if there are any (for resume)."""
+        run_dir = Path(run_dir)
+        store = cls(run_dir)
+        path = run_dir / "results.json"
+        if path.is_file():
+            store.meta, store.records = _read(path)
+        return store
+
+    def has(self, record_id: str, chash: str) -> bool:
+        return any(r.record_id == record_id and r.config_hash == chash for r in self.records)
+
+    def add(self, record: AuditRecord) -> None:
+        """Add (or replace) a record and rewrite the files atomically."""
+        self.records = [r for r in self.records if r.record_id != record.record_id] + [record]
+        self.flush()
+
+    def flush(self) -> None:
+        payload = {"schema": SCHEMA_VERSION, "meta": self.meta, "records": [asdict(r) for r in self.records]}
+        atomic_write_text(self.run_dir / "results.json", json.dumps(payload, indent=1, default=_json_default))
+        write_table(self.run_dir, [flatten(r) for r in self.records])
+
+
+def write_table(run_dir: Path, rows: list[dict[str, Any]], stem: str = "results") -> Path:
+    """Write rows as Parquet (CSV when pyarrow is unavailable), atomically."""
+    import io
+
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    try:
+        import pyarrow  # noqa: F401
+
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        path = Path(run_dir) / f"{stem}.parquet"
+        atomic_write_bytes(path, buf.getvalue())
+    except ImportError:
+        path = Path(run_dir) / f"{stem}.csv"
+        atomic_write_text(path, df.to_csv(index=False))
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _read(path: Path) -> tuple[dict[str, Any], list[AuditRecord]]:
+    from giaudit.errors import DataError
+
+    try:
+        payload = json.loads(path.read_text())
+        records = [AuditRecord(**{**r, "per_image": tuple(r["per_image"]), "notes": tuple(r["notes"])})
+                   for r in payload["records"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a giaudit results file ({exc}); run `giaudit audit` to produce one") from exc
+    return payload.get("meta", {}), records
+
+
+def load_results(path: str | os.PathLike[str]) -> ResultsStore:
+    """Open results from a run folder or its results.json."""
+    from giaudit.errors import DataError
+
+    p = Path(path)
+    if p.is_file() and p.name.endswith(".json"):
+        p = p.parent
+    if not (p / "results.json").is_file():
+        raise DataError(f"{path}: no results.json there; pass a run folder written by `giaudit audit`")
+    return ResultsStore.open(p)
+
+
+def iter_metric(records: Iterable[AuditRecord], key: str) -> list[float]:
+    return [float(r.metrics[key]) for r in records if key in r.metrics]

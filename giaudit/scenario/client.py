@@ -1,0 +1,100 @@
+"""A federated client computing its shared update on a private batch.
+
+The scenario owns the global model and the data pool. `simulate()` draws the
+private batch, runs the client's step (FedSGD: one gradient of the mean loss;
+FedAvg: E epochs of local SGD over ordered mini-batches, sharing w_after -
+w_before), passes the update through the defenses, and returns two objects:
+the attacker's `Observation` and the `GroundTruth`, split where the batch is
+drawn. The global model the attacker receives is a copy taken before the
+client trains, so BN running statistics the client moves do not leak through it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from giaudit.defenses.base import Chain, ClientStep, Defense
+from giaudit.scenario.data import ImageDataset
+from giaudit.threat import observe
+from giaudit.types import ClientProtocol, GroundTruth, Observation, SharedUpdate, ThreatModel
+
+
+def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.Generator,
+             lr: float = 0.05, batch_size: int = 64) -> nn.Module:
+    """Train the global model for `steps` SGD steps (the "trained for N steps" setting)."""
+    if steps <= 0:
+        return model
+    was_training = model.training
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (batch_size,), generator=generator)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx]).backward()
+        opt.step()
+    model.train(was_training)
+    return model
+
+
+class _BNRecorder:
+    """Records the batch mean/variance each BatchNorm layer sees on the client's first forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stats: list[tuple[Tensor, Tensor]] = []
+        self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._n = len(self._handles)
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+        if len(self.stats) < self._n:
+            x = inputs[0].detach()
+            dims = [0] + list(range(2, x.ndim))
+            self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+
+    def close(self) -> tuple[tuple[Tensor, Tensor], ...] | None:
+        for h in self._handles:
+            h.remove()
+        return tuple(self.stats) if self._n else None
+
+
+@dataclass
+class Scenario:
+    model: nn.Module          # the global model, in the BN mode the client uses
+    pool: ImageDataset        # the client's private data pool
+    protocol: ClientProtocol
+    batch_size: int
+    threat: ThreatModel
+
+    def simulate(self, defenses: Defense | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        defense = defenses or Chain(())
+        step = defense.configure(ClientStep(self.protocol, self.batch_size, self.pool.spec.num_classes,
+                                            context={"pool": self.pool, "model": self.model}))
+        if step.batch_size > len(self.pool):
+            from giaudit.errors import ConfigError
+
+            raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
+                              f"({len(self.pool)} images)")
+        # A defense may replace the global model (DP-SGD converting BatchNorm to
+        # GroupNorm); the client trains, and the attacker observes, that model.
+        global_model = step.context.get("model", self.model)
+        idx = step.sampler(self.pool.labels, step.batch_size, gen)
+        batch = self.pool.subset(idx)
+        truth = GroundTruth(batch.images.clone(), batch.labels.clone(), batch.meta)
+
+        client_model = copy.deepcopy(global_model)
+        recorder = _BNRecorder(client_model)
+        targets = step.targets(batch.labels, step.num_classes)
+        tensors = step.compute(client_model, batch.images, targets, step.protocol)
+        bn_stats = recorder.close()
+        kind = "gradient" if step.protocol.name == "fedsgd" else "delta"
+        update = defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), gen)
+
+        obs = observe(model=copy.deepcopy(global_model), update=update, data_spec=self.pool.spec,
+                      threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
+                      labels=batch.labels, bn_statistics=bn_stats, disclosed=defense.disclose(update))
+        return obs, truth

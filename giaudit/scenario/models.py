@@ -1,0 +1,144 @@
+"""Federated models the audited client trains.
+
+- LeNet as in DLG (Zhu et al. 2019): three stride-2/1 5x5 convolutions with
+  sigmoid activations and one linear layer. Sigmoid is twice differentiable
+  everywhere, which is what makes DLG's L-BFGS matching work; a ReLU variant
+  is provided for Inverting Gradients.
+- ConvNet as in Geiping et al. 2020 (breaching's `ConvNet`, width 64): eight
+  conv-BN-ReLU blocks with two max-pools and a linear head.
+- ResNet-18, CIFAR variant (3x3 stem, no max-pool).
+
+All take images in [0, 1] directly (no normalisation layer), so the data range
+the attacks clamp to is the model's input range.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from giaudit.errors import ConfigError
+
+
+class LeNet(nn.Module):
+    def __init__(self, channels: int = 1, num_classes: int = 10, size: int = 32,
+                 activation: str = "sigmoid") -> None:
+        super().__init__()
+        act: Callable[[], nn.Module] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[activation]
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 12, 5, padding=2, stride=2), act(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2), act(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1), act(),
+        )
+        side = -(-(-(-size // 2)) // 2)  # two stride-2 convs with padding 2: ceil twice
+        self.fc = nn.Linear(12 * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class ConvNet(nn.Module):
+    """Geiping et al.'s ConvNet (width w): 8 conv blocks, 2 max-pools, linear head."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 64, size: int = 32) -> None:
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = []
+        layers += _conv_bn(channels, w)
+        layers += _conv_bn(w, 2 * w)
+        layers += _conv_bn(2 * w, 2 * w)
+        layers += _conv_bn(2 * w, 4 * w)
+        layers += _conv_bn(4 * w, 4 * w)
+        layers += _conv_bn(4 * w, 4 * w)
+        layers += [nn.MaxPool2d(3)]
+        layers += _conv_bn(4 * w, 4 * w)
+        layers += _conv_bn(4 * w, 4 * w)
+        layers += [nn.MaxPool2d(3)]
+        self.body = nn.Sequential(*layers)
+        side = (size // 3) // 3
+        self.fc = nn.Linear(4 * w * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32 px inputs (3x3 stem, no max-pool), as used for CIFAR."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        blocks: list[nn.Module] = []
+        cin = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            stride = 1 if i == 0 else 2
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.pool(self.layers(x)).flatten(1))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": lambda c, k, s, w: LeNet(c, k, s, "sigmoid"),
+    "lenet_relu": lambda c, k, s, w: LeNet(c, k, s, "relu"),
+    "convnet": lambda c, k, s, w: ConvNet(c, k, w or 64, s),
+    "resnet18": lambda c, k, s, w: ResNet18(c, k, w or 64),
+}
+
+
+def build_model(name: str, *, channels: int, num_classes: int, size: int,
+                width: int | None = None, generator: torch.Generator | None = None) -> nn.Module:
+    """Build a model with weights drawn from `generator` (reproducible init)."""
+    if name not in MODELS:
+        raise ConfigError(f"scenario.model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    if name.startswith("lenet") and width is not None:
+        raise ConfigError("scenario.width: only convnet and resnet18 take a width")
+    # nn.Module initialisers draw from the global RNG; fork it so the caller's
+    # global state is untouched and the weights depend only on `generator`.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODELS[name](channels, num_classes, size, width)
+        if name == "lenet":
+            # DLG initialises its sigmoid LeNet uniformly in [-0.5, 0.5]; with
+            # PyTorch's default init the sigmoid gradients are too flat to invert
+            # well. (The ReLU variant keeps the default: with this init its
+            # logits explode and the softmax saturates, leaving no gradient.)
+            for p in model.parameters():
+                p.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,147 @@
+"""Frozen dataclasses that cross stage boundaries.
+
+The flow is one-way (see ../shared/spec/design.md):
+scenario -> defenses -> Observation -> attack -> Reconstruction -> evaluate.
+Ground truth is split off where the batch is drawn and travels in its own
+object (`GroundTruth`) that no attack receives: `Observation` has no field that
+could hold it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the attacker knows about the data's form (never its content)."""
+
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    value_range: tuple[float, float] = (0.0, 1.0)
+    name: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class SharedUpdate:
+    """What leaves the client after its defenses.
+
+    `kind == "gradient"`: FedSGD, the mean-loss gradient over the batch.
+    `kind == "delta"`: FedAvg, the weight difference w_after - w_before.
+    `tensors` follow `model.parameters()` order (entries may be None-free zeros
+    for parameters a defense removed).
+    """
+
+    tensors: tuple[Tensor, ...]
+    kind: Literal["gradient", "delta"] = "gradient"
+
+    def flat(self) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in self.tensors])
+
+
+class Capability(str, enum.Enum):
+    """Extras beyond (model, update, data form) that a threat model can grant."""
+
+    BATCH_SIZE = "batch_size"          # basic knowledge (SoK class B)
+    TRAINING_DETAILS = "training_details"  # lr, local steps, mini-batch size (class C)
+    SURROGATE_DATA = "surrogate_data"  # a prior trained on the same distribution (class D)
+    BN_STATISTICS = "bn_statistics"    # the client's batch-norm batch statistics (class E)
+    TRUE_LABELS = "true_labels"        # oracle outside the SoK table
+
+
+@dataclass(frozen=True)
+class ClientProtocol:
+    """How the client turned its batch into an update (known to class C attackers)."""
+
+    name: Literal["fedsgd", "fedavg"] = "fedsgd"
+    local_steps: int = 1
+    local_lr: float = 0.1
+    local_batch_size: int | None = None  # None: full batch each step
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    granted: frozenset[Capability]
+
+    def has(self, cap: Capability) -> bool:
+        return cap in self.granted
+
+    @property
+    def oracles(self) -> tuple[str, ...]:
+        out = []
+        if Capability.TRUE_LABELS in self.granted:
+            out.append("true labels given to the attacker")
+        if Capability.BN_STATISTICS in self.granted:
+            out.append("client batch-norm statistics given to the attacker")
+        return tuple(out)
+
+    @property
+    def sok_class(self) -> str:
+        """Letter of Carletti et al.'s SoK for the granted capabilities."""
+        g = self.granted
+        if Capability.BN_STATISTICS in g:
+            return "E"
+        if Capability.SURROGATE_DATA in g:
+            return "D"
+        if Capability.TRAINING_DETAILS in g:
+            return "C"
+        if Capability.BATCH_SIZE in g:
+            return "B"
+        return "A"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the attacker may use, nothing more.
+
+    Optional fields are filled only when the threat model grants them; the
+    scenario enforces that (see `giaudit.threat.observe`).
+    """
+
+    model: nn.Module
+    update: SharedUpdate
+    data_spec: DataSpec
+    threat: ThreatModel
+    batch_size: int | None = None
+    protocol: ClientProtocol | None = None
+    labels: Tensor | None = None           # only with Capability.TRUE_LABELS
+    bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None = None  # (mean, var) per BN layer
+    disclosed: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """The private batch. Reaches only `giaudit.metrics.evaluate`."""
+
+    images: Tensor  # N,C,H,W in data_spec.value_range
+    labels: Tensor  # N
+    meta: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Trace:
+    losses: tuple[float, ...]          # best restart's matching loss per iteration
+    restart_losses: tuple[float, ...]  # final attack loss of each restart
+    best_restart: int
+    iterations: int
+    wall_s: float
+    stopped_early: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    images: Tensor           # N,C,H,W, in the data range
+    labels: Tensor           # labels the attack used
+    label_source: str        # "oracle", "idlg", "yin", "count", "optimised"
+    trace: Trace
