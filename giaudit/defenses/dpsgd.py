@@ -1,0 +1,227 @@
+"""DP-SGD on the client, through Opacus.
+
+Abadi et al. 2016 ("Deep learning with differential privacy"): each sample's
+gradient is clipped to L2 norm `max_grad_norm` (C), the clipped gradients are
+summed, Gaussian noise N(0, (noise_multiplier * C)^2) is added and the sum is
+divided by the batch size. Everything is done by Opacus's own machinery, not
+re-implemented: `GradSampleModule` computes the per-sample gradients and
+`DPOptimizer` clips, noises and averages them (`pre_step` for a FedSGD
+gradient; full optimiser steps for FedAvg's local epochs, whose weight
+difference is then shared: DP-FedAvg at the sample level).
+
+Accounting: epsilon at `delta` comes from Opacus's accountants (RDP, Mironov
+2017, or PRV, Gopi et al. 2021) for `rounds` rounds of the client, each with
+`local_steps x mini-batches` DP steps at sampling rate
+(mini-batch size) / (pool size). Opacus's analysis assumes Poisson sampling;
+the client draws fixed-size batches uniformly without replacement, the usual
+approximation. `epsilon = ...` (with `delta`) asks Opacus's
+`get_noise_multiplier` for the noise that reaches that budget.
+
+BatchNorm mixes samples, so Opacus's `ModuleValidator` rejects it; the error
+carries Opacus's explanation. With `convert_batchnorm = true` the model is
+converted with `ModuleValidator.fix` (BatchNorm -> GroupNorm). That changes
+the global model itself, so the converted model is put in
+`ClientStep.context["model"]`: the scenario trains it and sends it to the
+attacker (the client and server run the converted architecture).
+
+Threat model: honest-but-curious server that knows C, the noise multiplier
+and epsilon (disclosed), not the noise draw.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import warnings
+from functools import lru_cache
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from giaudit.attacks._common.update import classification_loss, minibatches
+from giaudit.defenses.base import ClientStep
+from giaudit.defenses.registry import ParamError, RegisteredDefense, RngTap, check_finite, register
+from giaudit.errors import ConfigError
+from giaudit.types import ClientProtocol, SharedUpdate
+
+
+def opacus_problems(model: nn.Module) -> list[str]:
+    """Opacus's validator messages for `model` (training mode assumed: the client trains it)."""
+    from opacus.validators import ModuleValidator
+
+    probe = copy.deepcopy(model).train()
+    return [str(e) for e in ModuleValidator.validate(probe, strict=False)]
+
+
+def convert_model(model: nn.Module) -> nn.Module:
+    """Opacus's fix (BatchNorm -> GroupNorm) on a copy, keeping the train/eval mode."""
+    from opacus.validators import ModuleValidator
+
+    fixed = ModuleValidator.fix(copy.deepcopy(model))
+    fixed.train(model.training)
+    return fixed
+
+
+@lru_cache(maxsize=256)
+def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+             accountant: str) -> tuple[float, bool]:
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eps = float(acc.get_epsilon(delta=delta))
+    loose = any("largest alpha" in str(w.message) for w in caught)
+    return eps, loose
+
+
+def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                accountant: str = "rdp") -> float:
+    """Epsilon at `delta` from Opacus's accountant after `steps` steps at `sample_rate` (cached: it is slow)."""
+    if noise_multiplier == 0:
+        return math.inf
+    return _epsilon(noise_multiplier, sample_rate, steps, delta, accountant)[0]
+
+
+@lru_cache(maxsize=64)
+def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """The noise multiplier Opacus finds for (epsilon, delta) after `steps` steps at `sample_rate`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        # Opacus warns on every RDP evaluation of its search whose optimal order is the largest alpha;
+        # `accounting` reports that once, as a note, for the final noise.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant))
+
+
+def dp_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol, *, noise_multiplier: float,
+              max_grad_norm: float, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+    """The client's DP update, computed by Opacus (GradSampleModule + DPOptimizer) on a copy of `model`.
+
+    FedSGD: the privatised mean gradient (DPOptimizer.pre_step leaves it in p.grad).
+    FedAvg: w_after - w_before of DP-SGD local steps over the ordered mini-batches.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    net = copy.deepcopy(model)
+    params = list(net.parameters())
+    # Opacus computes the noise std as noise_multiplier * max_grad_norm: an infinite bound with zero noise
+    # would give 0 * inf = nan, so "no clipping" is passed as the largest float (a clip factor of exactly 1).
+    bound = max_grad_norm if math.isfinite(max_grad_norm) else sys.float_info.max
+    gsm = GradSampleModule(net, loss_reduction="mean")
+    catcher = warnings.catch_warnings()
+    catcher.__enter__()
+    # Opacus's hooks fire on the first layer whose input needs no gradient; torch warns about it, harmlessly.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        if protocol.name == "fedsgd":
+            opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=noise_multiplier,
+                              max_grad_norm=bound, expected_batch_size=x.shape[0], generator=generator)
+            opt.zero_grad(set_to_none=True)
+            classification_loss(gsm(x), y).backward()
+            opt.pre_step()
+            return tuple(p.grad.detach().clone() for p in params)
+        start = [p.detach().clone() for p in params]
+        opt = DPOptimizer(torch.optim.SGD(params, lr=protocol.local_lr), noise_multiplier=noise_multiplier,
+                          max_grad_norm=bound, expected_batch_size=x.shape[0], generator=generator)
+        for _ in range(protocol.local_steps):
+            for sl in minibatches(x.shape[0], protocol.local_batch_size):
+                opt.expected_batch_size = x[sl].shape[0]
+                opt.zero_grad(set_to_none=True)
+                classification_loss(gsm(x[sl]), y[sl]).backward()
+                opt.step()
+        return tuple(p.detach() - s for p, s in zip(params, start))
+    finally:
+        gsm._close()
+        catcher.__exit__(None, None, None)
+
+
+@register("dpsgd")
+class DPSGD(RegisteredDefense):
+    changes_step = True
+
+    def __init__(self, *, max_grad_norm: float = 1.0, noise_multiplier: float | None = None,
+                 epsilon: float | None = None, delta: float | None = None, rounds: int = 100,
+                 accountant: Literal["rdp", "prv"] = "rdp", convert_batchnorm: bool = False) -> None:
+        check_finite("max_grad_norm", max_grad_norm, low=0.0, strict_low=True, allow_inf=True)
+        check_finite("noise_multiplier", noise_multiplier, low=0.0)
+        check_finite("epsilon", epsilon, low=0.0, strict_low=True)
+        check_finite("delta", delta, low=0.0, strict_low=True, high=1.0)
+        if epsilon is not None and delta is None:
+            raise ParamError("delta", "required when epsilon is set (epsilon is defined at a delta, e.g. 1e-5)")
+        if (noise_multiplier is None) == (epsilon is None):
+            raise ParamError("noise_multiplier", "set exactly one of noise_multiplier or epsilon (with delta)")
+        if not math.isfinite(max_grad_norm) and (epsilon is not None or (noise_multiplier or 0) > 0):
+            raise ParamError("max_grad_norm", "must be finite when noise is added (noise std = multiplier x bound)")
+        if rounds < 1:
+            raise ParamError("rounds", "must be >= 1")
+        self.max_grad_norm, self.noise_multiplier, self.epsilon = float(max_grad_norm), noise_multiplier, epsilon
+        self.delta, self.rounds, self.accountant, self.convert_batchnorm = delta, int(rounds), accountant, convert_batchnorm
+        self._accounting: dict[str, Any] = {}
+
+    def accounting(self, step: ClientStep) -> dict[str, Any]:
+        """Sampling rate, steps, noise multiplier and epsilon for this client step."""
+        pool = step.context.get("pool")
+        if pool is None:
+            raise self.fail("epsilon", "accounting needs the client's data pool (ClientStep.context['pool'])")
+        proto = step.protocol
+        if proto.name == "fedsgd":
+            per_round, mb = 1, step.batch_size
+        else:
+            batches = minibatches(step.batch_size, proto.local_batch_size)
+            per_round, mb = proto.local_steps * len(batches), batches[0].stop - batches[0].start
+        rate, steps = min(1.0, mb / len(pool)), self.rounds * per_round
+        if self.epsilon is not None:
+            try:
+                sigma = noise_for(self.epsilon, float(self.delta), rate, steps, self.accountant)
+            except ValueError as exc:  # Opacus: "The privacy budget is too low."
+                raise self.fail("epsilon", f"{exc} (sampling rate {rate:.3g}, {steps} steps)") from None
+        else:
+            sigma = float(self.noise_multiplier)
+        out: dict[str, Any] = {"dp_sample_rate": rate, "dp_steps": steps, "dp_noise_multiplier": sigma,
+                               "epsilon": None}
+        if self.delta and sigma > 0:
+            eps, loose = _epsilon(sigma, rate, steps, float(self.delta), self.accountant)
+            out["epsilon"] = eps
+            if loose:
+                out["dp_note"] = ("RDP's optimal order is its largest alpha: this epsilon is a loose upper bound; "
+                                  "accountant = 'prv' is tighter")
+        elif self.delta:
+            out["epsilon"] = math.inf
+        return out
+
+    def configure(self, step: ClientStep) -> ClientStep:
+        model = step.context.get("model")
+        context = dict(step.context)
+        if model is not None:
+            problems = opacus_problems(model)
+            if problems and not self.convert_batchnorm:
+                raise ConfigError(f"{self.where}: Opacus cannot train this model with DP-SGD: "
+                                  f"{' '.join(problems)} Set convert_batchnorm = true in this table to replace "
+                                  "BatchNorm by GroupNorm (the attacker then sees the converted model too).")
+            if problems:
+                model = convert_model(model)
+                left = opacus_problems(model)
+                if left:
+                    raise ConfigError(f"{self.where}: even after conversion Opacus rejects the model: {' '.join(left)}")
+                context["model"] = model
+        self._accounting = self.accounting(step)
+        sigma, bound, convert = self._accounting["dp_noise_multiplier"], self.max_grad_norm, self.convert_batchnorm
+        tap = RngTap(step)
+
+        def compute(net: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol) -> tuple[Tensor, ...]:
+            if convert and opacus_problems(net):
+                net = convert_model(net)  # a scenario that ignores context["model"] still trains the right model
+            return dp_update(net, x, y, protocol, noise_multiplier=sigma, max_grad_norm=bound,
+                             generator=tap.generator())
+
+        return step.with_(sampler=tap.sampler, compute=compute, context=context)
+
+    def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
+        return {"dp_max_grad_norm": self.max_grad_norm, "delta": self.delta, "dp_accountant": self.accountant,
+                "dp_rounds": self.rounds, **self._accounting}

@@ -1,0 +1,132 @@
+"""Gradient sparsification: top-k per layer or global, random masks, DGC error feedback.
+
+- Top-k by magnitude per layer: the "gradient pruning" defense of Zhu et al.
+  2019 (DLG, section 5.2) and the sparsity axis of Jeon et al. 2021 (seed 002,
+  figure 5: "sparsity 0.99 removes the 99 % smallest entries at each layer").
+- Global top-k: one magnitude threshold over all layers together.
+- Random masking: each layer keeps a uniformly random subset (`k` entries, or
+  each entry with probability 1 - sparsity); `rescale` divides the kept
+  entries by their keep rate so the update stays unbiased.
+- Error feedback (Lin et al. 2018, Deep Gradient Compression): what a client
+  did not send is added to its next update, so over FedAvg rounds nothing is
+  lost. The residual is per client: the caller passes a dict in
+  `ClientStep.context["client_state"]` that persists across that client's
+  rounds (giaudit.utility does). Without it (the audited round) the residual
+  is zero, i.e. the observed round is the client's first. DGC's momentum
+  correction and warm-up are not modelled.
+
+Threat model: an honest-but-curious server; it sees which entries are zero
+(the mask) and knows the sparsity level (disclosed), which an adaptive attack
+replays on its trial update.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import Tensor
+
+from giaudit.defenses.base import ClientStep
+from giaudit.defenses.registry import ParamError, RegisteredDefense, check_finite, register
+from giaudit.types import SharedUpdate
+
+MODES = ("topk", "topk_global", "random")
+
+
+def topk_mask(t: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly `k` largest-magnitude entries of `t` (ties broken by torch.topk)."""
+    flat = t.reshape(-1).abs()
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view_as(t)
+
+
+@register("sparsify")
+class Sparsify(RegisteredDefense):
+    def __init__(self, *, mode: Literal["topk", "topk_global", "random"] = "topk", sparsity: float | None = None,
+                 k: int | None = None, error_feedback: bool = False, rescale: bool = False) -> None:
+        if (sparsity is None) == (k is None):
+            raise ParamError("sparsity", "set exactly one of sparsity (fraction removed, e.g. 0.9) or k "
+                             "(entries kept per layer; in total for topk_global)")
+        check_finite("sparsity", sparsity, low=0.0)
+        if sparsity is not None and sparsity >= 1.0:
+            raise ParamError("sparsity", "must be < 1 (1 would send nothing)")
+        if k is not None and k < 1:
+            raise ParamError("k", "must be >= 1")
+        if rescale and mode != "random":
+            raise ParamError("rescale", "only random masks are rescaled (top-k keeps the largest entries as they are)")
+        self.mode, self.sparsity, self.k = mode, sparsity, k
+        self.error_feedback, self.rescale = error_feedback, rescale
+        self._state: dict[str, Any] | None = None
+
+    # -- the model's layer sizes are known only once the scenario configures the step
+    def _check_sizes(self, sizes: list[tuple[str, int]]) -> None:
+        if self.k is None:
+            return
+        if self.mode == "topk_global":
+            total = sum(n for _, n in sizes)
+            if self.k > total:
+                raise self.fail("k", f"{self.k} is larger than the model ({total} entries)")
+            return
+        small = [(name, n) for name, n in sizes if self.k > n]
+        if small:
+            name, n = min(small, key=lambda s: s[1])
+            raise self.fail("k", f"{self.k} is larger than layer {name} ({n} entries); use a k of at most "
+                            f"{min(n for _, n in sizes)} or set sparsity instead")
+
+    def configure(self, step: ClientStep) -> ClientStep:
+        model = step.context.get("model")
+        if model is not None:
+            self._check_sizes([(n, p.numel()) for n, p in model.named_parameters()])
+        self._state = step.context.get("client_state") if self.error_feedback else None
+        return step
+
+    def _keep(self, n: int) -> int:
+        if self.k is not None:
+            return self.k
+        return max(1, int(round(n * (1.0 - float(self.sparsity)))))
+
+    def sparsify(self, tensors: tuple[Tensor, ...], rng: torch.Generator) -> tuple[Tensor, ...]:
+        if self.mode == "topk":
+            self._check_sizes([(f"#{i}", t.numel()) for i, t in enumerate(tensors)])
+            return tuple(t * topk_mask(t, self._keep(t.numel())) for t in tensors)
+        if self.mode == "topk_global":
+            self._check_sizes([(f"#{i}", t.numel()) for i, t in enumerate(tensors)])
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            mask = topk_mask(flat, self._keep(flat.numel()))
+            out, start = [], 0
+            for t in tensors:
+                out.append(t * mask[start:start + t.numel()].view_as(t))
+                start += t.numel()
+            return tuple(out)
+        out = []
+        for t in tensors:
+            if self.k is not None:
+                self._check_sizes([("#", t.numel())])
+                mask = torch.zeros(t.numel(), dtype=torch.bool)
+                mask[torch.randperm(t.numel(), generator=rng)[:self.k]] = True
+                rate = self.k / t.numel()
+            else:
+                rate = 1.0 - float(self.sparsity)
+                mask = torch.rand(t.numel(), generator=rng) < rate
+            kept = t * mask.view_as(t)
+            out.append(kept / rate if self.rescale else kept)
+        return tuple(out)
+
+    def transform(self, update: SharedUpdate, rng: torch.Generator) -> SharedUpdate:
+        tensors = update.tensors
+        state = self._state
+        if state is not None and "residual" in state:
+            tensors = tuple(t + r for t, r in zip(tensors, state["residual"]))
+        sent = self.sparsify(tensors, rng)
+        if state is not None:
+            # DGC: what was not sent this round is carried to the client's next round.
+            state["residual"] = tuple((t - s).detach() for t, s in zip(tensors, sent))
+        return SharedUpdate(sent, update.kind)
+
+    def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
+        flat = update.flat()
+        observed = float((flat == 0).float().mean()) if flat.numel() else 0.0
+        return {"sparsify": self.mode, "sparsity": self.sparsity if self.sparsity is not None else observed,
+                "sparsify_k": self.k, "error_feedback": self.error_feedback}
