@@ -9,10 +9,14 @@ from typing import Any
 
 from giaudit.attacks.base import Attack, Budget, Reconstruction
 from giaudit.attacks.dlg import DLG
+from giaudit.attacks.gias import GIAS, GIASLatent
+from giaudit.attacks.giml import GIML
+from giaudit.attacks.ggl import GGL
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.errors import ConfigError
 
 ATTACKS: dict[str, type[Attack]] = {"dlg": DLG, "ig": InvertingGradients}
+ATTACKS.update({"gias": GIAS, "gias_z": GIASLatent, "giml": GIML, "ggl": GGL})
 
 
 def attack_options(name: str) -> dict[str, Any]:

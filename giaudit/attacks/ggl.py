@@ -1,0 +1,352 @@
+"""GGL: generative gradient leakage (Li, Zhang, Wu, Lin; CVPR 2022, seed 004).
+
+Threat model: honest-but-curious server, SoK class D: it holds a generator
+trained on public data from the clients' distribution, sees the defended
+update (noised, clipped, sparsified) and the batch size, and knows the
+defense's disclosed parameters (the clipping bound, the sparsity level).
+
+Recipe (attacks.md, GGL card): search only the generator's latent space for
+``min_z D(A(grad_w L(G(z), y)), g*) + 0.1 * KL(N(mean z, std z) || N(0, 1))``
+where D is the squared L2 distance averaged over layers and A replays the
+deterministic part of the disclosed defenses on the trial update ("adaptive"
+attack): the same clipping (bound disclosed, else the norm of g*), the
+observed sparsity mask (the zeros of g*) or, when the mask is hidden (noise
+added after sparsification), the same top-k at the disclosed or estimated
+sparsity. Labels come from the last-layer gradient (the base's recovery).
+
+Optimisers (`optimizer`): CMA-ES (`cma` package; a population per generation,
+`budget.iterations` generations), Bayesian optimisation (`optuna`: its
+Gaussian-process sampler by default, or TPE; `budget.iterations` trials, the
+first `bo_initial` of them random and evaluated as one batch), and Adam on z
+(`budget.iterations` steps; the gradient-based comparison).
+
+Trial updates of a population need no second backward, so all candidates are
+evaluated in ONE batched computation: per-candidate gradients with
+``torch.func.vmap`` over ``torch.func.grad`` of the client's loss (FedAvg's
+local steps are unrolled inside the same function), not a loop over
+candidates (`evaluate_population(..., batched=False)` is the loop, kept for
+the benchmark).
+
+Deviations: the L2 distance is divided by the squared norm of g* (a constant
+per observation, so the optimum is the same) to make the KL weight mean the
+same thing for every model; the adaptation is implemented here, per candidate
+and vmap-compatible (giaudit.defenses.adaptive works on one update at a time).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from giaudit.attacks._common.update import classification_loss, compute_update, minibatches
+from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.attacks.gias import check_prior_matches, frozen_copy
+from giaudit.errors import ConfigError
+from giaudit.priors.io import Prior, as_prior, resolve
+from giaudit.types import Capability, ClientProtocol, Observation
+
+OPTIMIZERS = ("cma", "bo", "adam")
+BO_SAMPLERS = ("gp", "tpe")
+
+
+# -- defense replay ----------------------------------------------------------------------------
+class Adapter:
+    """Replays the deterministic part of the disclosed defenses on one trial update (vmap-safe)."""
+
+    def __init__(self, observed: Sequence[Tensor], disclosed: Mapping[str, Any], enabled: bool = True) -> None:
+        self.steps: list[str] = []
+        self.masks: list[Tensor] | None = None
+        self.keep: list[int] | None = None
+        self.global_keep: int | None = None
+        self.clip: float | None = None
+        if not enabled:
+            return
+        order = [d for d in disclosed.get("defenses", []) if d in ("clip", "sparsify")] or ["clip", "sparsify"]
+        zero_frac = [float((t == 0).float().mean()) for t in observed]
+        sparsity = disclosed.get("sparsity")
+        mode = disclosed.get("sparsify", "topk")
+        for name in order:
+            if name == "clip" and "clip_norm" in disclosed:
+                self.clip = float(disclosed["clip_norm"])
+                self.steps.append("clip")
+            elif name == "sparsify":
+                if max(zero_frac) > 0.5:
+                    # The mask is visible: compare only the entries the client sent.
+                    self.masks = [(t != 0).to(t.dtype) for t in observed]
+                    self.steps.append("observed_mask")
+                elif sparsity is not None and mode in ("topk", "topk_global"):
+                    # Noise hid the mask: apply the same top-k to the trial update.
+                    s = float(sparsity)
+                    if mode == "topk":
+                        self.keep = [max(1, int(round(t.numel() * (1 - s)))) for t in observed]
+                    else:
+                        self.global_keep = max(1, int(round(sum(t.numel() for t in observed) * (1 - s))))
+                    self.steps.append(f"{mode}_{s:g}")
+        if "clip" not in self.steps and "clip_norm" not in disclosed and disclosed.get("clip_estimate"):
+            # The bound can be estimated as the norm of g* (GGL); only when asked, since
+            # for an unclipped update it would rescale the trial for nothing.
+            self.clip = float(torch.sqrt(sum((t * t).sum() for t in observed)))
+            self.steps.append("clip_estimated")
+
+    def __call__(self, trial: Sequence[Tensor]) -> list[Tensor]:
+        out = list(trial)
+        for step in self.steps:
+            if step.startswith("clip"):
+                norm = torch.sqrt(sum((t * t).sum() for t in out))
+                factor = torch.clamp(self.clip / (norm + 1e-12), max=1.0)
+                out = [t * factor for t in out]
+            elif step == "observed_mask":
+                out = [t * m for t, m in zip(out, self.masks)]
+            elif self.keep is not None:
+                out = [_keep_topk(t, k) for t, k in zip(out, self.keep)]
+            elif self.global_keep is not None:
+                flat = torch.cat([t.reshape(-1) for t in out])
+                thr = flat.abs().topk(self.global_keep).values[-1]
+                out = [t * (t.abs() >= thr).to(t.dtype) for t in out]
+        return out
+
+
+def _keep_topk(t: Tensor, k: int) -> Tensor:
+    # A threshold, not scattered indices: this stays differentiable and vmap-compatible.
+    thr = t.reshape(-1).abs().topk(k).values[-1]
+    return t * (t.abs() >= thr).to(t.dtype)
+
+
+def kl_to_standard_normal(z: Tensor) -> Tensor:
+    """KL(N(mean z, var z) || N(0, 1)) over the last dim, averaged over the rest (GGL's latent regulariser)."""
+    mu = z.mean(-1)
+    var = z.var(-1, unbiased=False).clamp_min(1e-8)
+    return (0.5 * (var + mu * mu - 1.0 - var.log())).mean(-1)
+
+
+# -- batched trial updates ---------------------------------------------------------------------
+def functional_update_fn(model: nn.Module, protocol: ClientProtocol) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
+    """(x, y) -> the client's update for batch x, written with torch.func so it can be vmapped.
+
+    BatchNorm layers in train mode are switched to pure batch statistics (no running-stat
+    updates, which vmap cannot do in place); that is what the client's forward uses anyway.
+    """
+    model = copy.deepcopy(model)
+    if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        torch.func.replace_all_batch_norm_modules_(model)
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return classification_loss(functional_call(model, (p, buffers), (x,)), y)
+
+    g = grad(loss)
+
+    def update(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        if protocol.name == "fedsgd":
+            out = g(params, x, y)
+            return tuple(out[n] for n in names)
+        current = dict(params)
+        for _ in range(protocol.local_steps):
+            for sl in minibatches(x.shape[0], protocol.local_batch_size):
+                step = g(current, x[sl], y[sl])
+                current = {n: current[n] - protocol.local_lr * step[n] for n in names}
+        return tuple(current[n] - params[n] for n in names)
+
+    return update
+
+
+class GGL(Attack):
+    name: ClassVar[str] = "ggl"
+    requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
+    sok_class: ClassVar[str] = "D"
+
+    def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", optimizer: str = "cma",
+                 population: int = 50, sigma0: float = 0.5, kl_weight: float = 0.1, lr: float = 0.05,
+                 adaptive: bool = True, bo_sampler: str = "gp", bo_initial: int = 256, bo_bound: float = 3.0) -> None:
+        super().__init__(labels=labels)
+        where = f"attacks.{self.name}"
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{where}.optimizer: {optimizer!r} unknown; known: {', '.join(OPTIMIZERS)}")
+        if bo_sampler not in BO_SAMPLERS:
+            raise ConfigError(f"{where}.bo_sampler: {bo_sampler!r} unknown; known: {', '.join(BO_SAMPLERS)}")
+        if population < 2:
+            raise ConfigError(f"{where}.population: must be >= 2")
+        if sigma0 <= 0 or lr <= 0 or bo_bound <= 0:
+            raise ConfigError(f"{where}.sigma0 / lr / bo_bound: must be > 0")
+        if kl_weight < 0 or bo_initial < 1:
+            raise ConfigError(f"{where}.kl_weight must be >= 0 and bo_initial >= 1")
+        if not isinstance(prior, Prior):
+            resolve(prior, where=f"attacks.{self.name}.prior")
+        self.prior_spec = prior
+        self._prior: Prior | None = prior if isinstance(prior, Prior) else None
+        self.optimizer, self.population, self.sigma0, self.kl_weight = optimizer, population, sigma0, kl_weight
+        self.lr, self.adaptive, self.bo_sampler, self.bo_initial, self.bo_bound = (lr, adaptive, bo_sampler,
+                                                                                   bo_initial, bo_bound)
+
+    @property
+    def prior(self) -> Prior:
+        if self._prior is None:
+            self._prior = as_prior(self.prior_spec)
+        return self._prior
+
+    def params(self) -> Mapping[str, Any]:
+        spec = self.prior_spec if isinstance(self.prior_spec, (str, os.PathLike)) else self.prior.name
+        opt = {"cma": "CMA-ES (cma)", "bo": f"Bayesian optimisation (optuna {self.bo_sampler.upper()})",
+               "adam": "Adam"}[self.optimizer]
+        return {**super().params(), "optimizer": self.optimizer, "optimiser": opt, "population": self.population,
+                "sigma0": self.sigma0, "kl_weight": self.kl_weight, "lr": self.lr, "adaptive": self.adaptive,
+                "bo_sampler": self.bo_sampler, "bo_initial": self.bo_initial, "bo_bound": self.bo_bound,
+                **self.prior.describe(), "prior_spec": str(spec)}
+
+    # -- objective -----------------------------------------------------------------------------
+    def _setup(self, obs: Observation) -> tuple[nn.Module, Adapter, list[Tensor], Tensor]:
+        check_prior_matches(self.prior, obs, self.name)
+        gen = frozen_copy(self.prior.generator)
+        target = [t.detach() for t in obs.update.tensors]
+        adapter = Adapter(target, obs.disclosed, self.adaptive)
+        scale = sum((t * t).sum() for t in target) / len(target)
+        return gen, adapter, target, torch.as_tensor(scale).clamp_min(1e-20)
+
+    def _distance(self, trial: Sequence[Tensor], target: Sequence[Tensor], scale: Tensor, adapter: Adapter) -> Tensor:
+        a = adapter(trial)
+        return sum((x - y).pow(2).sum() for x, y in zip(a, target)) / len(target) / scale
+
+    def evaluate_population(self, obs: Observation, labels: Tensor, z: Tensor, *, batched: bool = True,
+                            setup: tuple | None = None, update_fn: Callable | None = None) -> Tensor:
+        """Objective of P candidates, z: (P, B, latent) -> (P,). `batched=False` loops (benchmark only)."""
+        gen, adapter, target, scale = setup if setup is not None else self._setup(obs)
+        p, b, d = z.shape
+        with torch.no_grad():
+            x = gen(z.reshape(p * b, d)).reshape(p, b, *obs.data_spec.shape)
+            if batched:
+                fn = update_fn or functional_update_fn(obs.model, self.protocol_for(obs))
+                trials = vmap(fn, in_dims=(0, None))(x, labels)  # each entry (P, *shape)
+                dist = vmap(lambda *t: self._distance(t, target, scale, adapter))(*trials)
+        if not batched:
+            dist = torch.stack([self._distance(compute_update(obs.model, x[i], labels, self.protocol_for(obs)),
+                                               target, scale, adapter).detach() for i in range(p)])
+        return dist + self.kl_weight * kl_to_standard_normal(z)
+
+    # -- optimisers ----------------------------------------------------------------------------
+    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+                    progress: Progress | None) -> RestartResult:
+        n = obs.batch_size or labels.numel()
+        setup = self._setup(obs)
+        gen, adapter = setup[0], setup[1]
+        shape = (n, gen.config.latent_dim)
+        z0 = torch.randn(shape, generator=generator)
+        run = {"cma": self._cma, "bo": self._bo, "adam": self._adam}[self.optimizer]
+        best_z, best, losses, stopped, extra = run(obs, labels, budget, generator, progress, setup, z0)
+        with torch.no_grad():
+            x = gen(best_z.reshape(shape))
+        extra = {"optimizer": self.optimizer, "adapted": list(adapter.steps), **self.prior.describe(), **extra}
+        return RestartResult(x, labels, losses, best, stopped, extra)
+
+    def _cma(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+             progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
+        import cma
+
+        shape = z0.shape
+        seed = int(torch.randint(1, 2**31 - 1, (1,), generator=generator))
+        es = cma.CMAEvolutionStrategy(z0.reshape(-1).double().numpy(), self.sigma0,
+                                      {"popsize": self.population, "seed": seed, "verbose": -9,
+                                       "maxiter": budget.iterations, "tolfun": 0, "tolx": 0,
+                                       "tolfunhist": 0, "tolstagnation": budget.iterations + 1})
+        update_fn = functional_update_fn(obs.model, self.protocol_for(obs))
+        plateau = Plateau(budget.patience, budget.min_delta)
+        best, best_z, losses, stopped = float("inf"), z0.clone(), [], False
+        for _ in range(budget.iterations):
+            cands = es.ask()
+            z = torch.from_numpy(np.asarray(cands, dtype=np.float32)).reshape(len(cands), *shape)
+            values = self.evaluate_population(obs, labels, z, setup=setup, update_fn=update_fn)
+            es.tell(cands, values.double().tolist())
+            i = int(values.argmin())
+            if float(values[i]) < best:
+                best, best_z = float(values[i]), z[i].clone()
+            losses.append(best)
+            if progress is not None:
+                progress(1)
+            plateau.update(best)
+            if plateau.stalled or es.stop():
+                stopped = True
+                break
+        return best_z, best, losses, stopped, {"evaluations": len(losses) * self.population,
+                                                "population": self.population}
+
+    def _bo(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+            progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
+        import optuna
+        from optuna.distributions import FloatDistribution
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        shape = z0.shape
+        dim = int(z0.numel())
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        initial = min(self.bo_initial, budget.iterations)
+        sampler = (optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial) if self.bo_sampler == "gp"
+                   else optuna.samplers.TPESampler(seed=seed, n_startup_trials=initial))
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        dists = {f"z{i}": FloatDistribution(-self.bo_bound, self.bo_bound) for i in range(dim)}
+        update_fn = functional_update_fn(obs.model, self.protocol_for(obs))
+        # The random initial design as one batch; our own seeded draws (N(0,1) clipped to the box)
+        # so the batch does not depend on the sampler's internals.
+        init = torch.randn((initial, dim), generator=generator).clamp(-self.bo_bound, self.bo_bound)
+        init[0] = z0.reshape(-1).clamp(-self.bo_bound, self.bo_bound)
+        values = self.evaluate_population(obs, labels, init.reshape(initial, *shape), setup=setup, update_fn=update_fn)
+        for row, v in zip(init.tolist(), values.tolist()):
+            study.add_trial(optuna.trial.create_trial(params={f"z{i}": r for i, r in enumerate(row)},
+                                                      distributions=dists, value=float(v)))
+        i = int(values.argmin())
+        best, best_z = float(values[i]), init[i].clone()
+        losses = [float(values[: k + 1].min()) for k in range(initial)]
+        plateau = Plateau(budget.patience, budget.min_delta)
+        if progress is not None:
+            progress(initial)
+        stopped = False
+        for _ in range(budget.iterations - initial):
+            trial = study.ask(dists)
+            z = torch.tensor([trial.params[f"z{i}"] for i in range(dim)], dtype=torch.float32)
+            v = float(self.evaluate_population(obs, labels, z.reshape(1, *shape), setup=setup, update_fn=update_fn)[0])
+            study.tell(trial, v)
+            if v < best:
+                best, best_z = v, z
+            losses.append(best)
+            if progress is not None:
+                progress(1)
+            plateau.update(best)
+            if plateau.stalled:
+                stopped = True
+                break
+        return best_z, best, losses, stopped, {"evaluations": len(losses), "bo_initial": initial,
+                                                "bo_sampler": self.bo_sampler}
+
+    def _adam(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+              progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
+        gen, adapter, target, scale = setup
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=self.lr)
+        marks = {int(budget.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
+        plateau = Plateau(budget.patience, budget.min_delta)
+        best, best_z, losses, stopped = float("inf"), z0.clone(), [], False
+        for it in range(budget.iterations):
+            trial = self.trial_update(obs, obs.model, gen(z), labels)
+            loss = self._distance(trial, target, scale, adapter) + self.kl_weight * kl_to_standard_normal(z)
+            (g,) = torch.autograd.grad(loss, z)
+            v = float(loss.detach())
+            if v < best:
+                best, best_z = v, z.detach().clone()
+            losses.append(v)
+            z.grad = g
+            opt.step()
+            if progress is not None:
+                progress(1)
+            plateau.update(v)
+            if it + 1 in marks:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.1
+            if plateau.stalled:
+                stopped = True
+                break
+        return best_z, best, losses, stopped, {}

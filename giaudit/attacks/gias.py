@@ -1,0 +1,226 @@
+"""GIAS: gradient inversion in alternative spaces (Jeon, Kim, Kim, Ok, Song; NeurIPS 2021, seed 002).
+
+Threat model: honest-but-curious server, SoK class D: besides the model, the
+update and the batch size it holds a generator `G_theta` trained on the same
+or a similar distribution as the client's data (a "surrogate data" prior).
+
+Recipe (attacks.md, GIAS card):
+1. latent search, GI-z: ``z* = argmin_z D(grad_w L(G(z), y), g*) + tv * TV(G(z))``,
+   negative-cosine D, Adam, learning rate x0.1 at 3/8, 5/8, 7/8 of the phase;
+2. parameter search, GI-z+theta: from z* (fixed), one copy of the generator
+   weights per image, optimised on the same objective.
+Latent first, then parameters; `mode = "z"` stops after step 1, so a report
+can show GI-x (the `ig` attack), GI-z (`gias_z`) and GI-z+theta (`gias`) side
+by side. In "z+theta" mode the iteration budget is split: `z_fraction` of it
+for the latent search, the rest for the parameters (so GIAS and IG get the
+same number of iterations).
+
+Deviations: the generator runs in eval mode (BatchNorm as a fixed affine map,
+so images of one batch stay independent, as per-image copies require); with
+`budget.patience`, a stalled latent search hands over to the parameter search
+early instead of stopping. Restarts are ranked by the final matching loss.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from giaudit.attacks._common.distances import DISTANCES, total_variation
+from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.errors import ConfigError
+from giaudit.priors.io import Prior, as_prior, resolve
+from giaudit.types import Capability, Observation
+
+MODES = ("z", "z+theta")
+
+
+def check_prior_matches(prior: Prior, obs: Observation, attack: str) -> None:
+    c = prior.config
+    want = obs.data_spec.shape
+    if (c.channels, c.size, c.size) != tuple(want):
+        raise ConfigError(f"attacks.{attack}.prior: the prior {prior.name!r} makes {c.channels}x{c.size}x{c.size} "
+                          f"images but the data is {want[0]}x{want[1]}x{want[2]}; train a matching prior with "
+                          f"`giaudit prior train --data ... --size {want[1]}`")
+
+
+def frozen_copy(gen: nn.Module) -> nn.Module:
+    """An eval-mode copy whose weights need no gradient (latent search only moves z)."""
+    g = copy.deepcopy(gen).eval()
+    for p in g.parameters():
+        p.requires_grad_(False)
+    return g
+
+
+def _drop(opt: torch.optim.Optimizer) -> None:
+    for group in opt.param_groups:
+        group["lr"] *= 0.1
+
+
+def _milestones(n: int) -> set[int]:
+    return {int(n * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
+
+
+class GIAS(Attack):
+    name: ClassVar[str] = "gias"
+    requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
+    sok_class: ClassVar[str] = "D"
+    default_mode: ClassVar[str] = "z+theta"
+
+    def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", mode: str | None = None,
+                 lr_z: float = 0.03, lr_theta: float = 1e-3, tv_weight: float = 1e-4, distance: str = "cosine",
+                 z_fraction: float = 0.5, z_l2: float = 0.0) -> None:
+        super().__init__(labels=labels)
+        mode = mode if mode is not None else self.default_mode
+        if mode not in MODES:
+            raise ConfigError(f"attacks.{self.name}.mode: {mode!r} unknown; known: {', '.join(MODES)}")
+        if distance not in DISTANCES:
+            raise ConfigError(f"attacks.{self.name}.distance: {distance!r} unknown; known: {', '.join(DISTANCES)}")
+        if lr_z <= 0 or lr_theta <= 0:
+            raise ConfigError(f"attacks.{self.name}.lr_z / lr_theta: must be > 0")
+        if not 0.0 < z_fraction <= 1.0:
+            raise ConfigError(f"attacks.{self.name}.z_fraction: must be in (0, 1]")
+        if tv_weight < 0 or z_l2 < 0:
+            raise ConfigError(f"attacks.{self.name}.tv_weight / z_l2: must be >= 0")
+        if not isinstance(prior, Prior):
+            # Fail at configuration time, naming the key, not mid-audit.
+            resolve(prior, where=f"attacks.{self.name}.prior")
+        self.prior_spec = prior
+        self._prior: Prior | None = prior if isinstance(prior, Prior) else None
+        self.mode, self.lr_z, self.lr_theta, self.tv_weight = mode, lr_z, lr_theta, tv_weight
+        self.distance, self.z_fraction, self.z_l2 = distance, z_fraction, z_l2
+
+    # -- prior -------------------------------------------------------------------------------
+    @property
+    def prior(self) -> Prior:
+        if self._prior is None:
+            self._prior = as_prior(self.prior_spec)
+        return self._prior
+
+    def params(self) -> Mapping[str, Any]:
+        spec = self.prior_spec if isinstance(self.prior_spec, (str, os.PathLike)) else self.prior.name
+        return {**super().params(), "mode": self.mode, "lr_z": self.lr_z, "lr_theta": self.lr_theta,
+                "tv_weight": self.tv_weight, "distance": self.distance, "z_fraction": self.z_fraction,
+                "z_l2": self.z_l2, "optimiser": "Adam", **self.prior.describe(), "prior_spec": str(spec)}
+
+    # -- objective ---------------------------------------------------------------------------
+    def objective(self, obs: Observation, labels: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(matching loss, full loss) of candidate images `x`, differentiable in `x`."""
+        trial = self.trial_update(obs, obs.model, x, labels)
+        match = DISTANCES[self.distance](trial, obs.update.tensors)
+        loss = match + self.tv_weight * total_variation(x) if self.tv_weight else match
+        return match, loss
+
+    # -- the two phases (GIML reuses them) ---------------------------------------------------
+    def latent_search(self, obs: Observation, labels: Tensor, gen: nn.Module, z0: Tensor, iters: int,
+                      budget: Budget, progress: Progress | None, losses: list[float],
+                      z_l2: float | None = None) -> tuple[Tensor, float, bool]:
+        """GI-z: Adam on z with `gen` fixed. Returns (best z, its matching loss, stalled early)."""
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=self.lr_z)
+        marks = _milestones(iters)
+        plateau = Plateau(budget.patience, budget.min_delta)
+        l2 = self.z_l2 if z_l2 is None else z_l2
+        best_z, best = z.detach().clone(), float("inf")
+        stalled = False
+        for it in range(iters):
+            match, loss = self.objective(obs, labels, gen(z))
+            if l2:
+                loss = loss + l2 * z.pow(2).mean()
+            (grad,) = torch.autograd.grad(loss, z)
+            m = float(match.detach())
+            if m < best:
+                best, best_z = m, z.detach().clone()
+            losses.append(m)
+            z.grad = grad
+            opt.step()
+            if progress is not None:
+                progress(1)
+            plateau.update(m)
+            if it + 1 in marks:
+                _drop(opt)
+            if plateau.stalled:
+                stalled = True
+                break
+        return best_z, best, stalled
+
+    def parameter_search(self, obs: Observation, labels: Tensor, gen: nn.Module, z: Tensor, iters: int,
+                         budget: Budget, progress: Progress | None,
+                         losses: list[float]) -> tuple[Tensor, float, bool]:
+        """GI-z+theta: one copy of the generator weights per image, z fixed. Returns (best images, loss, stalled)."""
+        names = [n for n, _ in gen.named_parameters()]
+        buffers = dict(gen.named_buffers())
+        copies = [[p.detach().clone().requires_grad_(True) for p in gen.parameters()] for _ in range(z.shape[0])]
+        opt = torch.optim.Adam([p for c in copies for p in c], lr=self.lr_theta)
+        marks = _milestones(iters)
+        plateau = Plateau(budget.patience, budget.min_delta)
+
+        def render() -> Tensor:
+            return torch.cat([functional_call(gen, {**dict(zip(names, c)), **buffers}, (z[i:i + 1],))
+                              for i, c in enumerate(copies)])
+
+        with torch.no_grad():
+            best_x = render()
+        best, stalled = float("inf"), False
+        flat = [p for c in copies for p in c]
+        for it in range(iters):
+            x = render()
+            match, loss = self.objective(obs, labels, x)
+            grads = torch.autograd.grad(loss, flat)
+            m = float(match.detach())
+            if m < best:
+                best, best_x = m, x.detach().clone()
+            losses.append(m)
+            for p, g in zip(flat, grads):
+                p.grad = g
+            opt.step()
+            if progress is not None:
+                progress(1)
+            plateau.update(m)
+            if it + 1 in marks:
+                _drop(opt)
+            if plateau.stalled:
+                stalled = True
+                break
+        return best_x, best, stalled
+
+    def generator_for(self, obs: Observation) -> nn.Module:
+        prior = self.prior
+        check_prior_matches(prior, obs, self.name)
+        return frozen_copy(prior.generator)
+
+    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+                    progress: Progress | None) -> RestartResult:
+        n = obs.batch_size or labels.numel()
+        gen = self.generator_for(obs)
+        z0 = torch.randn((n, gen.config.latent_dim), generator=generator)
+        iters = budget.iterations
+        n_z = iters if self.mode == "z" else max(1, int(round(iters * self.z_fraction)))
+        losses: list[float] = []
+        z, z_loss, stalled = self.latent_search(obs, labels, gen, z0, n_z, budget, progress, losses)
+        used_z = len(losses)
+        extra: dict[str, Any] = {"mode": self.mode, "z_iterations": used_z, "z_phase_loss": z_loss,
+                                 **self.prior.describe()}
+        if self.mode == "z":
+            with torch.no_grad():
+                x = gen(z)
+            return RestartResult(x, labels, losses, z_loss, stalled, extra)
+        # Iterations the latent search left unused (plateau) go to the parameter search.
+        n_t = iters - used_z
+        x, t_loss, stalled = self.parameter_search(obs, labels, gen, z, n_t, budget, progress, losses)
+        if z_loss <= t_loss:  # the parameter search never beat its starting point
+            with torch.no_grad():
+                x = gen(z)
+        extra["theta_iterations"] = len(losses) - used_z
+        return RestartResult(x, labels, losses, min(z_loss, t_loss), stalled, extra)
+
+
+class GIASLatent(GIAS):
+    """GI-z: GIAS's latent search only (a separate name so one report shows it beside `gias` and `ig`)."""
+
+    name: ClassVar[str] = "gias_z"
+    default_mode: ClassVar[str] = "z"
