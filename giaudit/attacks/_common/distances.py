@@ -23,8 +23,8 @@ def l2_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
     return total
 
 
-def cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
-                    weights: Sequence[float] | None = None) -> Tensor:
+def _cosine_plain(trial: Sequence[Tensor], target: Sequence[Tensor],
+                  weights: Sequence[float] | None = None) -> Tensor:
     dot = trial[0].new_zeros(())
     na = trial[0].new_zeros(())
     nb = trial[0].new_zeros(())
@@ -35,6 +35,59 @@ def cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
             na = na + w * a.pow(2).sum()
             nb = nb + w * b.pow(2).sum()
     return 1.0 - dot / (na.sqrt() * nb.sqrt()).clamp_min(1e-12)
+
+
+class _CosineDistance(torch.autograd.Function):
+    """1 - cos(trial, target) with a hand-written, once-differentiable backward.
+
+    The matching loss is differentiated only once (its second derivative is
+    never needed: the double backward of an inversion attack runs through the
+    network's graph, not through the distance), so the backward can write each
+    layer's gradient in one fused expression instead of autograd's chain of
+    temporaries. On ResNet-18 (11 M parameters) this halves the distance's
+    cost (benchmarks/ig_speed.py). The target is constant: no gradient for it.
+    """
+
+    @staticmethod
+    def forward(ctx, weights, *tensors):  # type: ignore[no-untyped-def, override]
+        n = len(tensors) // 2
+        trial, target = tensors[:n], tensors[n:]
+        w = [1.0] * n if weights is None else [float(v) for v in weights]
+        dot = trial[0].new_zeros((), dtype=torch.float64)
+        na2 = dot.clone()
+        nb2 = dot.clone()
+        for wi, a, b in zip(w, trial, target):
+            if wi:
+                fa, fb = a.reshape(-1), b.reshape(-1)
+                dot += wi * torch.dot(fa, fb).double()
+                na2 += wi * torch.dot(fa, fa).double()
+                nb2 += wi * torch.dot(fb, fb).double()
+        denom = (na2.sqrt() * nb2.sqrt()).clamp_min(1e-12)
+        ctx.save_for_backward(*trial, *target)
+        ctx.stats = (w, dot, na2, nb2, denom)
+        return (1.0 - dot / denom).to(trial[0].dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        saved = ctx.saved_tensors
+        n = len(saved) // 2
+        trial, target = saved[:n], saved[n:]
+        w, dot, na2, nb2, denom = ctx.stats
+        # d(1 - dot/(|a||b|))/da_i = w_i * (-b_i/(|a||b|) + dot * a_i / (|a|^3 |b|))
+        c_b = float(-g / denom)
+        c_a = float(g * dot / (denom * na2.clamp_min(1e-24)))
+        grads = [None if not wi else wi * (c_b * b + c_a * a) for wi, a, b in zip(w, trial, target)]
+        return (None, *grads, *([None] * n))
+
+
+def cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
+                    weights: Sequence[float] | None = None) -> Tensor:
+    """Negative cosine similarity over the concatenated (optionally weighted) layers, as 1 - cos."""
+    if any(t.requires_grad for t in target) or torch._C._functorch.is_functorch_wrapped_tensor(trial[0]):
+        # A differentiable target (meta-learning) or a functorch transform: the plain autograd form.
+        return _cosine_plain(trial, target, weights)
+    return _CosineDistance.apply(weights, *trial, *target)
 
 
 DISTANCES = {"l2": l2_distance, "cosine": cosine_distance}
