@@ -44,6 +44,7 @@ def _dataset(items: tuple[tuple[str, Any], ...]) -> ImageDataset:
     data = dict(items)
     source = data.pop("source")
     data.pop("holdout", None)
+    data.pop("pool_every", None)
     if source != "folder":
         for key in ("label_parser", "label_field", "path", "limit"):
             data.pop(key, None)
@@ -62,7 +63,8 @@ def scenario_name(spec: AuditSpec) -> str:
 def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
     """The global model (initialised, optionally pretrained) and the client's pool; plus the held-out split."""
     data = load_data(spec)
-    pool_idx, held_idx = split_indices(len(data), spec.data["holdout"], torch.Generator().manual_seed(_seed("split", seed)))
+    pool_idx, held_idx = split_indices(len(data), spec.data["holdout"], torch.Generator().manual_seed(_seed("split", seed)),
+                                       spec.data["pool_every"])
     pool, held = data.subset(pool_idx), data.subset(held_idx)
     s = spec.scenario
     gen = torch.Generator().manual_seed(_seed("model", seed))

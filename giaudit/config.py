@@ -33,6 +33,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "label_field": ((str,), "gender"),
         "limit": ((int,), _NONE),
         "holdout": ((float, int), 0.2),
+        "pool_every": ((int,), 5),
     },
     "scenario": {
         "model": ((str,), "lenet_relu"),
@@ -236,6 +237,8 @@ def _validate_values(source: str, data: dict[str, Any], scenario: dict[str, Any]
         bad("data.channels", "must be 1 or 3")
     if not 0.0 <= data["holdout"] < 1.0:
         bad("data.holdout", "must be in [0, 1)")
+    if data["pool_every"] < 1:
+        bad("data.pool_every", "must be >= 1")
     if scenario["model"] not in MODELS:
         bad("scenario.model", f"unknown model {scenario['model']!r}; known: {', '.join(sorted(MODELS))}")
     if scenario["bn_mode"] not in ("train", "eval"):

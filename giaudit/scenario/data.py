@@ -216,8 +216,21 @@ def load_dataset(source: str, **kwargs: Any) -> ImageDataset:
     return SOURCES[source](**kwargs)
 
 
-def split_indices(n: int, holdout: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle 0..n-1 and split into (pool, held-out)."""
+def split_indices(n: int, holdout: float, generator: torch.Generator,
+                  pool_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split 0..n-1 into (client pool, held-out).
+
+    With ``pool_every = k > 1`` the client's pool is every k-th image (index % k
+    == 0): exactly the images `giaudit prior train --holdout-mod k` leaves out,
+    so a prior the project trains never saw the batch it is used to attack. The
+    held-out split (utility) is then a random `holdout` fraction of the other
+    images. With k = 1 the pool is a random (1 - holdout) share of everything.
+    """
+    idx = torch.arange(n)
+    if pool_every > 1:
+        rest = idx[idx % pool_every != 0]
+        rest = rest[torch.randperm(rest.numel(), generator=generator)]
+        return idx[idx % pool_every == 0], rest[: int(round(rest.numel() * holdout))]
     perm = torch.randperm(n, generator=generator)
     k = int(round(n * holdout))
     return perm[k:], perm[:k]
