@@ -144,12 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_prior_train_args(pt: argparse.ArgumentParser) -> None:
-    try:
-        from giaudit.priors.train import add_train_arguments
-    except ImportError:
-        pt.add_argument("--data", required=True)
-        pt.add_argument("--out", required=True)
-        return
+    from giaudit.priors.train import add_train_arguments
+
     add_train_arguments(pt)
 
 

@@ -23,6 +23,8 @@ batch 64, holdout_mod 5, one thread), i.e. in Python
 """
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import math
 import time
@@ -221,22 +223,35 @@ def train_main(data: str, out: Path, *, steps: int = 2000, size: int = 32, seed:
     return path
 
 
+def add_train_arguments(ap: "argparse.ArgumentParser") -> None:
+    """The options of `giaudit prior train` (and of `python -m giaudit.priors.train`)."""
+    ap.add_argument("--data", required=True, help="mnist5k | digits | lfw_subset | an image folder")
+    ap.add_argument("--out", required=True, type=Path, help="a folder, or NAME.safetensors")
+    ap.add_argument("--steps", type=int, default=2000, help="generator steps (default 2000)")
+    ap.add_argument("--size", type=int, default=32, help="image size in pixels, 28..64 (default 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latent-dim", type=int, default=32)
+    ap.add_argument("--width", type=int, default=16, help="generator width (default 16)")
+    ap.add_argument("--loss", choices=LOSSES, default="gan", help="gan (spectral-norm critic) or wgan-gp")
+    ap.add_argument("--holdout-mod", type=int, default=5,
+                    help="leave out images whose index is a multiple of this (the audit's client pool; 0 keeps all)")
+    ap.add_argument("--limit", type=int, default=None, help="read at most this many images")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def cli_train(a: "argparse.Namespace") -> int:
+    path = train_main(a.data, a.out, steps=a.steps, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
+                      width=a.width, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
+                      sample_every=a.sample_every, show_progress=not a.no_progress)
+    print(f"prior: {path}")
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover - convenience for reproducing the shipped prior
     import argparse
 
-    ap = argparse.ArgumentParser(description="Train a DCGAN prior (same as `giaudit prior train`).")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--latent-dim", type=int, default=32)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--loss", choices=LOSSES, default="gan")
-    ap.add_argument("--holdout-mod", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sample-every", type=int, default=0)
-    a = ap.parse_args()
-    print(train_main(a.data, a.out, steps=a.steps, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
-                     width=a.width, loss=a.loss, holdout_mod=a.holdout_mod, threads=a.threads,
-                     sample_every=a.sample_every))
+    parser = argparse.ArgumentParser(description="Train a DCGAN prior (same as `giaudit prior train`).")
+    add_train_arguments(parser)
+    raise SystemExit(cli_train(parser.parse_args()))
