@@ -9,7 +9,8 @@ import torch
 from test_priors_common import quality, scenario
 from giaudit.attacks import build_attack
 from giaudit.attacks.base import Budget
-from giaudit.attacks.ggl import GGL, Adapter, functional_update_fn, kl_to_standard_normal
+from giaudit.attacks.ggl import GGL, functional_update_fn, kl_to_standard_normal
+from giaudit.defenses.adaptive import Replay
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.defenses.registry import build_chain
 from giaudit.errors import ConfigError
@@ -33,19 +34,36 @@ def test_population_batched_equals_looped_fedsgd_and_fedavg() -> None:
         assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_adapter_replays_the_disclosed_defenses() -> None:
+def test_replay_of_the_disclosed_defenses() -> None:
     g = [torch.tensor([0.0, 2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 3.0, 0.0])]
     t = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([5.0, 0.5, 1.0, 2.0])]
-    masked = Adapter(g, {"sparsity": 0.5, "sparsify": "topk"})(t)  # mask visible: use the zeros of g*
+    masked = Replay.build({"sparsity": 0.5, "sparsify": "topk"}, g)(t)  # mask visible: use the zeros of g*
     assert torch.equal(masked[0], torch.tensor([0.0, 1.0, 0.0, 1.0]))
     noisy = [x + 0.01 for x in g]  # noise hid the mask: replay top-k at the disclosed level
-    topk = Adapter(noisy, {"sparsity": 0.75, "sparsify": "topk"})(t)
+    topk = Replay.build({"sparsity": 0.75, "sparsify": "topk"}, noisy)(t)
     assert torch.equal(topk[1], torch.tensor([5.0, 0.0, 0.0, 0.0]))
-    clipped = Adapter(noisy, {"clip_norm": 1.0, "defenses": ["clip"]})(t)
+    glob = Replay.build({"sparsify": "topk_global", "sparsity": 0.5, "sparsify_k": 2}, noisy)(t)  # k wins
+    assert torch.equal(glob[1], torch.tensor([5.0, 0.0, 0.0, 2.0])) and not glob[0].any()
+    clipped = Replay.build({"clip_norm": 1.0, "defenses": ["clip"]}, noisy)(t)
     norm = torch.sqrt(sum((x * x).sum() for x in clipped))
     assert abs(float(norm) - 1.0) < 1e-5
-    assert Adapter(g, {"sparsity": 0.5}, enabled=False)(t)[0] is t[0]
+    assert not Replay.build({"noise": "gaussian", "noise_sigma": 0.1}, g)  # nothing deterministic to replay
     assert float(kl_to_standard_normal(torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)))) < 1e-2
+
+
+def test_adaptive_option_reaches_the_base_and_the_population() -> None:
+    obs, truth = scenario(1).simulate(generator=torch.Generator().manual_seed(3))
+    obs = dataclasses.replace(obs, disclosed={"clip_norm": 1e-3, "defenses": ["clip"]})
+    assert GGL(prior="mnist32").adaptive and not GGL(prior="mnist32", adaptive=False).adaptive
+    z = torch.randn(4, 1, 32, generator=torch.Generator().manual_seed(0))
+    values = {}
+    for adaptive in (True, False):
+        a = GGL(prior="mnist32", adaptive=adaptive)
+        fast = a.evaluate_population(obs, truth.labels, z)
+        slow = a.evaluate_population(obs, truth.labels, z, batched=False)  # through Attack.trial_update
+        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-6)
+        values[adaptive] = fast
+    assert not torch.allclose(values[True], values[False])  # the clip replay changes the objective
 
 
 def test_options_and_all_optimisers_run() -> None:

@@ -126,10 +126,10 @@ class Attack:
                      *, create_graph: bool = True) -> tuple[Tensor, ...]:
         trial = compute_update(model, x, labels, self.protocol_for(obs), create_graph=create_graph)
         if self.adaptive:
-            from giaudit.defenses.adaptive import adapt_trial
+            from giaudit.defenses.adaptive import replay_for
 
-            trial = adapt_trial(trial, obs.disclosed, obs.update.tensors, batch_size=obs.batch_size,
-                                kind=obs.update.kind)
+            # Built once per observation (masks, bounds), then reused every iteration.
+            trial = replay_for(obs)(trial)
         return trial
 
     def initial_images(self, obs: Observation, n: int, generator: torch.Generator) -> Tensor:

@@ -27,94 +27,37 @@ local steps are unrolled inside the same function), not a loop over
 candidates (`evaluate_population(..., batched=False)` is the loop, kept for
 the benchmark).
 
+The replay is giaudit.defenses.adaptive's `Replay` (shared with every
+attack's `adaptive` option), built once per observation and applied per
+candidate inside the vmap.
+
 Deviations: the L2 distance is divided by the squared norm of g* (a constant
 per observation, so the optimum is the same) to make the KL weight mean the
-same thing for every model; the adaptation is implemented here, per candidate
-and vmap-compatible (giaudit.defenses.adaptive works on one update at a time).
+same thing for every model.
 """
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from giaudit.attacks._common.update import classification_loss, compute_update, minibatches
+from giaudit.attacks._common.update import classification_loss, minibatches
 from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
 from giaudit.attacks.gias import check_prior_matches, frozen_copy
 from giaudit.errors import ConfigError
 from giaudit.priors.io import Prior, as_prior, resolve
 from giaudit.types import Capability, ClientProtocol, Observation
 
+if TYPE_CHECKING:
+    from giaudit.defenses.adaptive import Replay
+
 OPTIMIZERS = ("cma", "bo", "adam")
 BO_SAMPLERS = ("gp", "tpe")
-
-
-# -- defense replay ----------------------------------------------------------------------------
-class Adapter:
-    """Replays the deterministic part of the disclosed defenses on one trial update (vmap-safe)."""
-
-    def __init__(self, observed: Sequence[Tensor], disclosed: Mapping[str, Any], enabled: bool = True) -> None:
-        self.steps: list[str] = []
-        self.masks: list[Tensor] | None = None
-        self.keep: list[int] | None = None
-        self.global_keep: int | None = None
-        self.clip: float | None = None
-        if not enabled:
-            return
-        order = [d for d in disclosed.get("defenses", []) if d in ("clip", "sparsify")] or ["clip", "sparsify"]
-        zero_frac = [float((t == 0).float().mean()) for t in observed]
-        sparsity = disclosed.get("sparsity")
-        mode = disclosed.get("sparsify", "topk")
-        for name in order:
-            if name == "clip" and "clip_norm" in disclosed:
-                self.clip = float(disclosed["clip_norm"])
-                self.steps.append("clip")
-            elif name == "sparsify":
-                if max(zero_frac) > 0.5:
-                    # The mask is visible: compare only the entries the client sent.
-                    self.masks = [(t != 0).to(t.dtype) for t in observed]
-                    self.steps.append("observed_mask")
-                elif sparsity is not None and mode in ("topk", "topk_global"):
-                    # Noise hid the mask: apply the same top-k to the trial update.
-                    s = float(sparsity)
-                    if mode == "topk":
-                        self.keep = [max(1, int(round(t.numel() * (1 - s)))) for t in observed]
-                    else:
-                        self.global_keep = max(1, int(round(sum(t.numel() for t in observed) * (1 - s))))
-                    self.steps.append(f"{mode}_{s:g}")
-        if "clip" not in self.steps and "clip_norm" not in disclosed and disclosed.get("clip_estimate"):
-            # The bound can be estimated as the norm of g* (GGL); only when asked, since
-            # for an unclipped update it would rescale the trial for nothing.
-            self.clip = float(torch.sqrt(sum((t * t).sum() for t in observed)))
-            self.steps.append("clip_estimated")
-
-    def __call__(self, trial: Sequence[Tensor]) -> list[Tensor]:
-        out = list(trial)
-        for step in self.steps:
-            if step.startswith("clip"):
-                norm = torch.sqrt(sum((t * t).sum() for t in out))
-                factor = torch.clamp(self.clip / (norm + 1e-12), max=1.0)
-                out = [t * factor for t in out]
-            elif step == "observed_mask":
-                out = [t * m for t, m in zip(out, self.masks)]
-            elif self.keep is not None:
-                out = [_keep_topk(t, k) for t, k in zip(out, self.keep)]
-            elif self.global_keep is not None:
-                flat = torch.cat([t.reshape(-1) for t in out])
-                thr = flat.abs().topk(self.global_keep).values[-1]
-                out = [t * (t.abs() >= thr).to(t.dtype) for t in out]
-        return out
-
-
-def _keep_topk(t: Tensor, k: int) -> Tensor:
-    # A threshold, not scattered indices: this stays differentiable and vmap-compatible.
-    thr = t.reshape(-1).abs().topk(k).values[-1]
-    return t * (t.abs() >= thr).to(t.dtype)
 
 
 def kl_to_standard_normal(z: Tensor) -> Tensor:
@@ -165,7 +108,7 @@ class GGL(Attack):
     def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", optimizer: str = "cma",
                  population: int = 50, sigma0: float = 0.5, kl_weight: float = 0.1, lr: float = 0.05,
                  adaptive: bool = True, bo_sampler: str = "gp", bo_initial: int = 256, bo_bound: float = 3.0) -> None:
-        super().__init__(labels=labels)
+        super().__init__(labels=labels, adaptive=adaptive)
         where = f"attacks.{self.name}"
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"{where}.optimizer: {optimizer!r} unknown; known: {', '.join(OPTIMIZERS)}")
@@ -182,8 +125,7 @@ class GGL(Attack):
         self.prior_spec = prior
         self._prior: Prior | None = prior if isinstance(prior, Prior) else None
         self.optimizer, self.population, self.sigma0, self.kl_weight = optimizer, population, sigma0, kl_weight
-        self.lr, self.adaptive, self.bo_sampler, self.bo_initial, self.bo_bound = (lr, adaptive, bo_sampler,
-                                                                                   bo_initial, bo_bound)
+        self.lr, self.bo_sampler, self.bo_initial, self.bo_bound = lr, bo_sampler, bo_initial, bo_bound
 
     @property
     def prior(self) -> Prior:
@@ -196,37 +138,43 @@ class GGL(Attack):
         opt = {"cma": "CMA-ES (cma)", "bo": f"Bayesian optimisation (optuna {self.bo_sampler.upper()})",
                "adam": "Adam"}[self.optimizer]
         return {**super().params(), "optimizer": self.optimizer, "optimiser": opt, "population": self.population,
-                "sigma0": self.sigma0, "kl_weight": self.kl_weight, "lr": self.lr, "adaptive": self.adaptive,
+                "sigma0": self.sigma0, "kl_weight": self.kl_weight, "lr": self.lr,
                 "bo_sampler": self.bo_sampler, "bo_initial": self.bo_initial, "bo_bound": self.bo_bound,
                 **self.prior.describe(), "prior_spec": str(spec)}
 
     # -- objective -----------------------------------------------------------------------------
-    def _setup(self, obs: Observation) -> tuple[nn.Module, Adapter, list[Tensor], Tensor]:
+    def _setup(self, obs: Observation) -> tuple[nn.Module, "Replay", list[Tensor], Tensor]:
+        # Imported here: giaudit.defenses imports giaudit.attacks (compute_update), not the reverse at load time.
+        from giaudit.defenses.adaptive import IDENTITY, replay_for
+
         check_prior_matches(self.prior, obs, self.name)
         gen = frozen_copy(self.prior.generator)
         target = [t.detach() for t in obs.update.tensors]
-        adapter = Adapter(target, obs.disclosed, self.adaptive)
+        # The same replay `trial_update` applies when adaptive (cached per observation).
+        replay = replay_for(obs) if self.adaptive else IDENTITY
         scale = sum((t * t).sum() for t in target) / len(target)
-        return gen, adapter, target, torch.as_tensor(scale).clamp_min(1e-20)
+        return gen, replay, target, torch.as_tensor(scale).clamp_min(1e-20)
 
-    def _distance(self, trial: Sequence[Tensor], target: Sequence[Tensor], scale: Tensor, adapter: Adapter) -> Tensor:
-        a = adapter(trial)
-        return sum((x - y).pow(2).sum() for x, y in zip(a, target)) / len(target) / scale
+    @staticmethod
+    def _distance(adapted: Sequence[Tensor], target: Sequence[Tensor], scale: Tensor) -> Tensor:
+        """GGL's D on an already adapted trial update: squared L2 averaged over layers, over ||g*||^2."""
+        return sum((x - y).pow(2).sum() for x, y in zip(adapted, target)) / len(target) / scale
 
     def evaluate_population(self, obs: Observation, labels: Tensor, z: Tensor, *, batched: bool = True,
                             setup: tuple | None = None, update_fn: Callable | None = None) -> Tensor:
         """Objective of P candidates, z: (P, B, latent) -> (P,). `batched=False` loops (benchmark only)."""
-        gen, adapter, target, scale = setup if setup is not None else self._setup(obs)
+        gen, replay, target, scale = setup if setup is not None else self._setup(obs)
         p, b, d = z.shape
         with torch.no_grad():
             x = gen(z.reshape(p * b, d)).reshape(p, b, *obs.data_spec.shape)
             if batched:
                 fn = update_fn or functional_update_fn(obs.model, self.protocol_for(obs))
                 trials = vmap(fn, in_dims=(0, None))(x, labels)  # each entry (P, *shape)
-                dist = vmap(lambda *t: self._distance(t, target, scale, adapter))(*trials)
+                dist = vmap(lambda *t: self._distance(replay(t), target, scale))(*trials)
         if not batched:
-            dist = torch.stack([self._distance(compute_update(obs.model, x[i], labels, self.protocol_for(obs)),
-                                               target, scale, adapter).detach() for i in range(p)])
+            # trial_update replays the same defenses (when adaptive) one candidate at a time.
+            dist = torch.stack([self._distance(self.trial_update(obs, obs.model, x[i], labels, create_graph=False),
+                                               target, scale).detach() for i in range(p)])
         return dist + self.kl_weight * kl_to_standard_normal(z)
 
     # -- optimisers ----------------------------------------------------------------------------
@@ -234,14 +182,14 @@ class GGL(Attack):
                     progress: Progress | None) -> RestartResult:
         n = obs.batch_size or labels.numel()
         setup = self._setup(obs)
-        gen, adapter = setup[0], setup[1]
+        gen, replay = setup[0], setup[1]
         shape = (n, gen.config.latent_dim)
         z0 = torch.randn(shape, generator=generator)
         run = {"cma": self._cma, "bo": self._bo, "adam": self._adam}[self.optimizer]
         best_z, best, losses, stopped, extra = run(obs, labels, budget, generator, progress, setup, z0)
         with torch.no_grad():
             x = gen(best_z.reshape(shape))
-        extra = {"optimizer": self.optimizer, "adapted": list(adapter.steps), **self.prior.describe(), **extra}
+        extra = {"optimizer": self.optimizer, "adapted": list(replay.names), **self.prior.describe(), **extra}
         return RestartResult(x, labels, losses, best, stopped, extra)
 
     def _cma(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
@@ -324,15 +272,15 @@ class GGL(Attack):
 
     def _adam(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
               progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
-        gen, adapter, target, scale = setup
+        gen, _, target, scale = setup
         z = z0.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=self.lr)
         marks = {int(budget.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
         plateau = Plateau(budget.patience, budget.min_delta)
         best, best_z, losses, stopped = float("inf"), z0.clone(), [], False
         for it in range(budget.iterations):
-            trial = self.trial_update(obs, obs.model, gen(z), labels)
-            loss = self._distance(trial, target, scale, adapter) + self.kl_weight * kl_to_standard_normal(z)
+            trial = self.trial_update(obs, obs.model, gen(z), labels)  # adapted when self.adaptive
+            loss = self._distance(trial, target, scale) + self.kl_weight * kl_to_standard_normal(z)
             (g,) = torch.autograd.grad(loss, z)
             v = float(loss.detach())
             if v < best:

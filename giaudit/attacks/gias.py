@@ -73,8 +73,9 @@ class GIAS(Attack):
 
     def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", mode: str | None = None,
                  lr_z: float = 0.03, lr_theta: float = 1e-3, tv_weight: float = 1e-4, distance: str = "cosine",
-                 z_fraction: float = 0.5, z_l2: float = 0.0) -> None:
-        super().__init__(labels=labels)
+                 z_fraction: float = 0.5, z_l2: float = 0.0, adaptive: bool = False) -> None:
+        # adaptive: defense-aware matching; `objective` goes through `trial_update`, which replays it.
+        super().__init__(labels=labels, adaptive=adaptive)
         mode = mode if mode is not None else self.default_mode
         if mode not in MODES:
             raise ConfigError(f"attacks.{self.name}.mode: {mode!r} unknown; known: {', '.join(MODES)}")

@@ -61,10 +61,12 @@ class GIML(GIAS):
                  inner_z_steps: int = 20, inner_theta_steps: int = 5, meta_z_l2: float = 0.1,
                  meta_lr: float = 0.5, meta_theta_lr: float = 1e-3, seed: int = 0, snapshot_every: int = 0,
                  mode: str = "z+theta", lr_z: float = 0.03, lr_theta: float = 1e-3, tv_weight: float = 1e-4,
-                 distance: str = "cosine", z_fraction: float = 0.5, z_l2: float = 0.0) -> None:
+                 distance: str = "cosine", z_fraction: float = 0.5, z_l2: float = 0.0,
+                 adaptive: bool = False) -> None:
         untrained = Prior(build_generator(GeneratorConfig(latent_dim=latent_dim, width=width)), name="untrained")
         super().__init__(labels=labels, prior=untrained, mode=mode, lr_z=lr_z, lr_theta=lr_theta,
-                         tv_weight=tv_weight, distance=distance, z_fraction=z_fraction, z_l2=z_l2)
+                         tv_weight=tv_weight, distance=distance, z_fraction=z_fraction, z_l2=z_l2,
+                         adaptive=adaptive)
         w = f"attacks.{self.name}"
         for key, val in (("meta_observations", meta_observations), ("meta_steps", meta_steps),
                          ("tasks_per_step", tasks_per_step), ("inner_z_steps", inner_z_steps),
