@@ -48,12 +48,24 @@ def test_ig_relu_lenet_recovers_digits(mnist32):
 
 
 def test_ig_fedavg_variant_unrolls_local_steps(mnist32):
-    """Three local SGD steps over mini-batches of 1 on a batch of 2: the attack unrolls them."""
-    proto = ClientProtocol("fedavg", local_steps=3, local_lr=0.1, local_batch_size=1)
+    """Two local SGD epochs on a batch of 2; the attack unrolls them to match the weight difference."""
+    proto = ClientProtocol("fedavg", local_steps=2, local_lr=0.1)
     results = run(mnist32, "ig", "lenet_relu", iterations=600, seeds=[0, 1], batch_size=2, protocol=proto)
-    best = max(r[0] for r in results)
-    assert best >= 15.0, [round(r[0], 1) for r in results]
-    assert all(r[1].trace.iterations > 0 for r in results)
+    mean = statistics.mean(r[0] for r in results)
+    assert mean >= 14.0, [round(r[0], 1) for r in results]
+
+
+def test_fedavg_trial_update_at_the_truth_equals_the_observed_delta(mnist32):
+    """Oracle check of the unrolling: mini-batches of 1, three epochs, the attacker's trial is exact."""
+    from giaudit.attacks.ig import InvertingGradients
+
+    proto = ClientProtocol("fedavg", local_steps=3, local_lr=0.1, local_batch_size=1)
+    g = torch.Generator().manual_seed(0)
+    m = build_model("convnet", channels=1, num_classes=10, size=32, width=4, generator=g)
+    obs, truth = Scenario(m, mnist32, proto, 3, threat_model()).simulate(generator=g)
+    trial = InvertingGradients().trial_update(obs, obs.model, truth.images, truth.labels, create_graph=False)
+    for a, b in zip(trial, obs.update.tensors):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_restarts_ranked_by_own_loss_and_parallel_matches_serial(mnist32):

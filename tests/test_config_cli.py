@@ -33,7 +33,7 @@ BAD = {
     "missing folder": (GOOD.replace('source = "mnist5k"', 'source = "folder"\npath = "/nonexistent/faces"'),
                        "data.path: folder /nonexistent/faces does not exist"),
     "unknown attack": (GOOD.replace("[attacks.dlg]", "[attacks.dgl]"), "attacks.dgl: unknown attack"),
-    "unknown attack option": (GOOD.replace("iterations = 2", "iterations = 30\nlearning_rate = 1"),
+    "unknown attack option": (GOOD.replace("iterations = 30", "iterations = 30\nlearning_rate = 1"),
                               "attacks.dlg.learning_rate: unknown option"),
     "bad model": (GOOD.replace('model = "lenet"', 'model = "vgg"'), "scenario.model: unknown model 'vgg'"),
     "not toml": ("name = [", "not valid TOML"),
@@ -107,7 +107,8 @@ def test_audit_end_to_end_writes_results_and_resumes(tmp_path, capsys):
     assert [r.seed for r in store.records] == [0, 1]
     rec = store.records[0]
     assert rec.metrics["psnr_db_mean"] > 30 and rec.metrics["label_accuracy"] == 1.0
-    assert rec.threat["sok_class"] == "A" and rec.label_source == "idlg"
+    # DLG itself is class A, but this run used the batch size (iDLG labels, the dummy's shape): B.
+    assert rec.threat["sok_class"] == "B" and rec.label_source == "idlg"
     mtime = (out / "results.json").stat().st_mtime_ns
     # Run again: every record is already there with the same config hash, nothing is redone.
     assert main(["audit", str(cfg), "--out", str(out), "--no-progress"]) == 0
