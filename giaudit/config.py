@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 
 from giaudit.errors import ConfigError
 
@@ -264,16 +261,24 @@ def _validate_values(source: str, data: dict[str, Any], scenario: dict[str, Any]
         output["policy"] = str(p)
 
 
-def load_config(path: str | os.PathLike[str]) -> AuditSpec:
+def read_toml(path: str | os.PathLike[str], what: str, hint: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a one-line ConfigError naming it.
+
+    `what` names the file's role ("config file", "policy file") and `hint` says what to pass instead.
+    """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found; pass a TOML file (see examples/)")
+        raise ConfigError(f"{p}: {what} not found; {hint}")
     try:
         with p.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+            return tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return parse_config(raw, str(p))
+
+
+def load_config(path: str | os.PathLike[str]) -> AuditSpec:
+    raw = read_toml(path, "config file", "pass a TOML file (see examples/)")
+    return parse_config(raw, str(path))
 
 
 def demo_config_path() -> Path:

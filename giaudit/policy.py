@@ -49,11 +49,6 @@ from typing import Any, Mapping, Sequence
 
 from giaudit.errors import ConfigError, GiauditError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
 SCOPE_KINDS = ("attack", "defense")
@@ -174,14 +169,10 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: policy file not found; pass a TOML policy (see examples/policy.toml)")
-    try:
-        data = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
-    return parse_policy(data, str(p))
+    from giaudit.config import read_toml
+
+    data = read_toml(path, "policy file", "pass a TOML policy (see examples/policy.toml)")
+    return parse_policy(data, str(path))
 
 
 # ---- checking --------------------------------------------------------------------------

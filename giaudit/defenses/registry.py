@@ -220,19 +220,10 @@ def build_chain(tables: Sequence[Mapping[str, Any]], where: str = "defenses") ->
 
 def load_defense_file(path: str | os.PathLike[str]) -> tuple[str, list[dict[str, Any]]]:
     """Read a preset: ``label = "noise-0.01"`` and ``[[defenses]]`` tables (none: no defense)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    from giaudit.config import read_toml
 
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: defense preset not found; pass TOML files such as defenses/*.toml")
-    try:
-        with p.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    raw = read_toml(p, "defense preset", "pass TOML files such as defenses/*.toml")
     unknown = set(raw) - {"label", "defenses", "description"}
     if unknown:
         raise ConfigError(f"{p}: {sorted(unknown)[0]}: unknown key; a preset has label, description and "
