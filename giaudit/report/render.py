@@ -269,7 +269,8 @@ def _threat_groups(records: Sequence[AuditRecord]) -> list[ThreatGroup]:
     for r in records:
         t = r.threat or {}
         sok = str(t.get("sok_class") or "?")
-        granted = tuple(str(g) for g in (t.get("granted") or ()))
+        # The capabilities the attack used (the SoK letter is taken over them); older records: granted.
+        granted = tuple(str(g) for g in (t.get("used") or t.get("granted") or ()))
         oracles = tuple(str(o) for o in (t.get("oracles") or ()))
         key = (sok, granted, oracles)
         g = groups.setdefault(key, ThreatGroup(sok, granted, oracles, [], []))
