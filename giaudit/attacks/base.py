@@ -14,6 +14,7 @@ matching loss the attack itself computes from the observation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import multiprocessing as mp
 import os
@@ -144,8 +145,7 @@ class Attack:
         labels, source = recover_labels(obs, self.label_method, gen)
         # The attacker works on its own copy: BN layers in train mode move their
         # running statistics on every forward.
-        obs_local = copy.copy(obs)
-        object.__setattr__(obs_local, "model", copy.deepcopy(obs.model))
+        obs_local = dataclasses.replace(obs, model=copy.deepcopy(obs.model))
         seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=gen)]
         workers = self._workers(budget)
         if workers > 1:
