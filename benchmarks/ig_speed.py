@@ -167,11 +167,14 @@ def breaching_config(breaching: Any, iterations: int, lr: float, tv_weight: floa
 def breaching_payloads(obs: Observation, labels: Tensor) -> tuple[list[dict], list[dict]]:
     """Server payload and shared data for breaching, built from giaudit's observation.
 
-    No buffers from either side: breaching then runs the model in train mode
-    with batch statistics, as the client (and giaudit's attack) does.
+    Train mode (default): no buffers from either side, so breaching runs the
+    model in train mode with batch statistics, as the client (and giaudit's
+    attack) does. Eval mode (--bn-mode eval): the server sends the BN running
+    statistics as buffers, which makes breaching evaluate the model in eval mode.
     """
     meta = types.SimpleNamespace(shape=tuple(obs.data_spec.shape), modality="vision")  # no mean/std: [0,1]
-    server_payload = [dict(parameters=[p.detach().clone() for p in obs.model.parameters()], buffers=None,
+    buffers = [b.detach().clone() for b in obs.model.buffers()] if BN_MODE == "eval" else None
+    server_payload = [dict(parameters=[p.detach().clone() for p in obs.model.parameters()], buffers=buffers,
                            metadata=meta)]
     shared_data = [dict(gradients=[t.detach().clone() for t in obs.update.tensors], buffers=None,
                         metadata=dict(num_data_points=int(labels.numel()), labels=labels.clone(),
@@ -216,13 +219,16 @@ def photo_pool(size: int = 32) -> ImageDataset:
     return ImageDataset(images, torch.arange(len(PHOTOS)), spec, tuple({"file": n} for n in PHOTOS))
 
 
+BN_MODE = "train"  # set from --bn-mode: BatchNorm of the attacked model in train or eval mode
+
+
 def make_problem(model_name: str, batch: int, seed: int) -> tuple[Observation, GroundTruth]:
     pool = photo_pool()
     if batch > len(pool):
         raise SystemExit(f"--cases: batch {batch} is larger than the {len(pool)} bundled photos")
     model = build_model(model_name, channels=3, num_classes=10, size=32, width=64,
                         generator=torch.Generator().manual_seed(seed))
-    model.train()
+    model.train(BN_MODE == "train")
     scenario = Scenario(model, pool.subset(torch.arange(batch)), ClientProtocol(), batch,
                         threat_model(true_labels=True))
     return scenario.simulate(generator=torch.Generator().manual_seed(seed + 1))
@@ -382,7 +388,7 @@ def _train_copy(model: nn.Module) -> nn.Module:
     import copy
 
     m = copy.deepcopy(model)
-    m.train()
+    m.train(BN_MODE == "train")
     return m
 
 
@@ -493,6 +499,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-confirm", type=int, default=5, help="confirmation runs before giving up")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+                   help="BatchNorm mode of the attacked model (both libraries get the same module)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
     p.add_argument("--malloc-tuning", action="store_true",
                    help="re-exec with glibc MALLOC_* settings: " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
@@ -523,7 +531,9 @@ def _fmt(x: float, spec: str = ".1f") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BN_MODE
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    BN_MODE = args.bn_mode
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # breaching draws (then discards) its own random start from the global RNG
