@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -117,9 +117,6 @@ def versions() -> dict[str, str]:
 
     return {"giaudit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
-
-
-ProgressFactory = Callable[[str, int], Any]
 
 
 def _progress_bar(desc: str, total: int, enabled: bool) -> Any:

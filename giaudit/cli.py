@@ -14,7 +14,6 @@ from giaudit.errors import GiauditError
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from giaudit.audit import run_audit
     from giaudit.config import load_config
 
     spec = load_config(args.config)

@@ -8,6 +8,7 @@ by the attack's own constructor signature.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,7 @@ def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:
                 raise ConfigError(f"{where}: must be >= 1")
         elif key in options:
             default = options[key]
-            if default is not None and default is not inspect_empty():
+            if default is not None and default is not inspect.Parameter.empty:
                 types: tuple[type, ...] = (float, int) if isinstance(default, float) else (type(default),)
                 out[key] = _check_type(where, value, types)
             else:
@@ -198,12 +199,6 @@ def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:
         if key not in out and default is not _NONE:
             out[key] = default
     return out
-
-
-def inspect_empty() -> Any:
-    import inspect
-
-    return inspect.Parameter.empty
 
 
 def _validate_values(source: str, data: dict[str, Any], scenario: dict[str, Any], output: dict[str, Any]) -> None:

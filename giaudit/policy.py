@@ -44,7 +44,6 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from giaudit.errors import ConfigError, GiauditError

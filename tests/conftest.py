@@ -1,7 +1,6 @@
 """Shared fixtures. Tests never touch the network; face data in ../shared/data is optional."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -250,8 +250,6 @@ def cli_train(a: "argparse.Namespace") -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - convenience for reproducing the shipped prior
-    import argparse
-
     parser = argparse.ArgumentParser(description="Train a DCGAN prior (same as `giaudit prior train`).")
     add_train_arguments(parser)
     raise SystemExit(cli_train(parser.parse_args()))
