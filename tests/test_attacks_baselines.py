@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 
-import pytest
 import torch
 
 from giaudit.attacks import Budget, build_attack
@@ -98,3 +97,25 @@ def test_plateau_early_stop(mnist32):
     rec = build_attack("ig", schedule="plateau").reconstruct(obs, budget=Budget(iterations=5000, patience=20),
                                                             rng=g)
     assert rec.trace.stopped_early and rec.trace.iterations < 5000
+
+
+def test_bn_prior_statistics_match_the_clients_at_the_truth(mnist32):
+    """The attack's BN recorder, run on the true batch, reproduces the statistics the client reported;
+    and IG with the BN prior (class E) runs and says so in the record's threat summary."""
+    from giaudit.attacks._common.bn import BNStatsRecorder
+    from giaudit.audit import threat_summary
+
+    g = torch.Generator().manual_seed(0)
+    m = build_model("convnet", channels=1, num_classes=10, size=32, width=4, generator=g)
+    obs, truth = Scenario(m, mnist32, ClientProtocol(), 2, threat_model(bn_statistics=True)).simulate(generator=g)
+    rec = BNStatsRecorder(obs.model, detach=False)
+    obs.model(truth.images)
+    mine = rec.take()
+    rec.close()
+    assert len(mine) == len(obs.bn_statistics) > 0
+    for (a, b), (c, d) in zip(mine, obs.bn_statistics):
+        assert torch.allclose(a, c, atol=1e-6) and torch.allclose(b, d, atol=1e-6)
+    attack = build_attack("ig", bn_weight=1e-2)
+    out = attack.reconstruct(obs, budget=Budget(iterations=5), rng=g)
+    assert out.trace.iterations == 5
+    assert threat_summary(obs.threat, attack, out.label_source, obs)["sok_class"] == "E"

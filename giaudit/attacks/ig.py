@@ -23,40 +23,15 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from giaudit.attacks._common.bn import BNStatsRecorder
 from giaudit.attacks._common.distances import DISTANCES, total_variation
 from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
 from giaudit.errors import ConfigError, ThreatModelError
 from giaudit.types import Capability, Observation
 
 SCHEDULES = ("steps", "plateau", "constant")
-
-
-class _BNStatsProbe:
-    """Collects the batch statistics each BN layer sees during the first forward of a trial."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.stats: list[tuple[Tensor, Tensor]] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
-
-    def _hook(self, _m: nn.Module, inputs: tuple[Tensor, ...], _o: Tensor) -> None:
-        if len(self.stats) < len(self.layers):
-            x = inputs[0]
-            dims = [0] + list(range(2, x.ndim))
-            self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
-
-    def loss(self, target: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
-        total = torch.zeros(())
-        for (m, v), (tm, tv) in zip(self.stats, target):
-            total = total + (m - tm).norm() + (v - tv).norm()
-        self.stats = []
-        return total
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class InvertingGradients(Attack):
@@ -97,7 +72,7 @@ class InvertingGradients(Attack):
         iters = budget.iterations
         milestones = [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)]
         drops_left = 3
-        probe = _BNStatsProbe(model) if self.bn_weight > 0 else None
+        probe = BNStatsRecorder(model, detach=False) if self.bn_weight > 0 else None
         plateau = Plateau(budget.patience if self.schedule != "plateau" else (budget.patience or 50),
                           budget.min_delta)
         losses: list[float] = []
@@ -108,7 +83,8 @@ class InvertingGradients(Attack):
                 match = distance(trial, target)
                 loss = match + self.tv_weight * total_variation(x) if self.tv_weight else match
                 if probe is not None:
-                    loss = loss + self.bn_weight * probe.loss(obs.bn_statistics)
+                    loss = loss + self.bn_weight * sum(
+                        (m - tm).norm() + (v - tv).norm() for (m, v), (tm, tv) in zip(probe.take(), obs.bn_statistics))
                 (grad,) = torch.autograd.grad(loss, x)
                 m = float(match.detach())
                 # The loss is that of the current x, before the step: keep that x if it is the best.

@@ -14,8 +14,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from giaudit.attacks._common.bn import BNStatsRecorder
 from giaudit.defenses.base import Chain, ClientStep, Defense
 from giaudit.scenario.data import ImageDataset
 from giaudit.threat import observe
@@ -37,27 +38,6 @@ def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.
         opt.step()
     model.train(was_training)
     return model
-
-
-class _BNRecorder:
-    """Records the batch mean/variance each BatchNorm layer sees on the client's first forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.stats: list[tuple[Tensor, Tensor]] = []
-        self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self._n = len(self._handles)
-
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
-        if len(self.stats) < self._n:
-            x = inputs[0].detach()
-            dims = [0] + list(range(2, x.ndim))
-            self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
-
-    def close(self) -> tuple[tuple[Tensor, Tensor], ...] | None:
-        for h in self._handles:
-            h.remove()
-        return tuple(self.stats) if self._n else None
 
 
 @dataclass
@@ -87,10 +67,11 @@ class Scenario:
         truth = GroundTruth(batch.images.clone(), batch.labels.clone(), batch.meta)
 
         client_model = copy.deepcopy(global_model)
-        recorder = _BNRecorder(client_model)
+        recorder = BNStatsRecorder(client_model, detach=True)
         targets = step.targets(batch.labels, step.num_classes)
         tensors = step.compute(client_model, batch.images, targets, step.protocol)
-        bn_stats = recorder.close()
+        bn_stats = recorder.take() if recorder.layers else None
+        recorder.close()
         kind = "gradient" if step.protocol.name == "fedsgd" else "delta"
         update = defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), gen)
 
