@@ -40,7 +40,7 @@ from giaudit.metrics.matching import match  # noqa: E402
 from giaudit.priors import GeneratorConfig, load_prior, untrained_prior  # noqa: E402
 from giaudit.priors.train import train_prior  # noqa: E402
 from giaudit.scenario.client import Scenario  # noqa: E402
-from giaudit.scenario.data import ImageDataset, load_folder, load_mnist5k  # noqa: E402
+from giaudit.data import ImageDataset, load_folder, load_mnist5k  # noqa: E402
 from giaudit.scenario.models import build_model  # noqa: E402
 from giaudit.threat import threat_model  # noqa: E402
 from giaudit.types import ClientProtocol  # noqa: E402

@@ -9,32 +9,37 @@ again skips what is done (same record id and config hash).
 """
 from __future__ import annotations
 
+import hashlib
 import platform
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
+from tqdm.auto import tqdm
 
+from giaudit import __version__
 from giaudit.attacks import Attack, Budget, build_attack
 from giaudit.config import AuditSpec
-from giaudit.defenses.base import Chain, Defense
+from giaudit.data import ImageDataset, load_dataset, split_indices
+from giaudit.defenses import Chain, build_chain
+from giaudit.metrics.evaluate import evaluate
+from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer, semantic_metrics
+from giaudit.metrics.lpips import load_lpips
 from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
 from giaudit.scenario.client import Scenario, pretrain
-from giaudit.scenario.data import ImageDataset, load_dataset, split_indices
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
-from giaudit.types import Capability, ClientProtocol, Observation, ThreatModel
+from giaudit.types import Capability, ClientProtocol, Observation, ThreatModel, disclosed_values
 
 
-def _seed(*parts: Any) -> int:
+def stable_seed(*parts: Any) -> int:
     """A stable 62-bit seed from parts (Python's hash() is salted per process)."""
-    import hashlib
-
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2
 
@@ -63,11 +68,11 @@ def scenario_name(spec: AuditSpec) -> str:
 def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
     """The global model (initialised, optionally pretrained) and the client's pool; plus the held-out split."""
     data = load_data(spec)
-    pool_idx, held_idx = split_indices(len(data), spec.data["holdout"], torch.Generator().manual_seed(_seed("split", seed)),
-                                       spec.data["pool_every"])
+    split_gen = torch.Generator().manual_seed(stable_seed("split", seed))
+    pool_idx, held_idx = split_indices(len(data), spec.data["holdout"], split_gen, spec.data["pool_every"])
     pool, held = data.subset(pool_idx), data.subset(held_idx)
     s = spec.scenario
-    gen = torch.Generator().manual_seed(_seed("model", seed))
+    gen = torch.Generator().manual_seed(stable_seed("model", seed))
     model = build_model(s["model"], channels=data.spec.channels, num_classes=data.spec.num_classes,
                         size=data.spec.height, width=s.get("width"), generator=gen)
     pretrain(model, pool, s["pretrain_steps"], gen)
@@ -80,27 +85,17 @@ def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
     return Scenario(model, pool, protocol, s["batch_size"], threat), held
 
 
-def build_defense(spec: AuditSpec) -> tuple[str, Defense]:
-    if not spec.defenses:
-        return "none", Chain(())
-    from giaudit.defenses.registry import build_chain
-
+def build_defense(spec: AuditSpec) -> tuple[str, Chain]:
     chain = build_chain([dict(d) for d in spec.defenses], where="defenses")
     return chain.name, chain
 
 
 def threat_summary(threat: ThreatModel, attack: Attack, label_source: str, obs: Observation) -> dict[str, Any]:
     """The capabilities this attack actually used, their SoK letter, and any oracle."""
-    used = set(attack.requires)
-    oracles = []
+    used = attack.capabilities_used(obs)
     if label_source == "oracle":
         used.add(Capability.TRUE_LABELS)
-        oracles.append("true labels given to the attacker")
-    if getattr(attack, "bn_weight", 0) and obs.bn_statistics is not None:
-        used.add(Capability.BN_STATISTICS)
-        oracles.append("client batch-norm statistics given to the attacker")
-    if obs.update.kind == "delta":
-        used.add(Capability.TRAINING_DETAILS)
+    oracles = list(ThreatModel(frozenset(used)).oracles)
     letter = max(ThreatModel(frozenset(used)).sok_class, attack.sok_class)
     return {"sok_class": letter, "granted": sorted(c.value for c in threat.granted),
             "used": sorted(c.value for c in used), "oracles": oracles}
@@ -111,17 +106,11 @@ def _safe(name: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
-    from giaudit import __version__
-
     return {"giaudit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _progress_bar(desc: str, total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, leave=False, file=sys.stderr)
 
 
@@ -131,9 +120,9 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     torch.set_flush_denormal(True)  # denormals slowed some runs 40x (performance.md)
     out = Path(out_dir)
     store = ResultsStore.open(out)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     store.meta = {**store.meta, "name": spec.name, "config": spec.raw, "versions": versions(),
-                  "command": " ".join(sys.argv), "created": store.meta.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "command": " ".join(sys.argv), "created": store.meta.get("created") or now, "updated": now}
     label, defense = build_defense(spec)
     label = defense_label or label
     lpips_metric = _lpips(spec)
@@ -151,19 +140,19 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
             continue
         start = time.perf_counter()
         scenario, _held = build_scenario(spec, seed)
-        obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(_seed("batch", seed)))
+        obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(stable_seed("batch", seed)))
         setup_s = time.perf_counter() - start
         for attack_name, rid, chash in todo:
             budget_kw, options = spec.budget_and_options(attack_name)
             attack = build_attack(attack_name, **options)
             budget = Budget(**budget_kw)
-            rng = torch.Generator().manual_seed(_seed("attack", attack_name, seed))
-            wants = int(getattr(attack, "meta_observations", 0) or 0)
+            rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed))
+            wants = attack.others_wanted()
             if wants:
-                # GIML learns its prior from other clients' updates: simulate them, keep only the observations.
-                others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(_seed("meta", seed, i)))[0]
-                          for i in range(wants)]
-                attack.observe_many(others)
+                # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
+                others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
+                    stable_seed("meta", seed, i)))[0] for i in range(wants)]
+                attack.prepare(others)
             bar = _progress_bar(f"{attack_name} seed {seed}", budget.iterations * budget.restarts, show_progress)
             t0 = time.perf_counter()
             try:
@@ -181,8 +170,6 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
 def _lpips(spec: AuditSpec) -> Any:
     if not spec.output.get("lpips", True):
         return None
-    from giaudit.metrics.lpips import load_lpips
-
     return load_lpips()
 
 
@@ -191,8 +178,6 @@ def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
     backend = spec.output.get("semantic")
     if not backend:
         return None, None
-    from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer
-
     try:
         return get_analyzer(backend), None
     except FaceBackendUnavailable as exc:
@@ -202,16 +187,12 @@ def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
 def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
             seed: int, attack: Attack, obs: Observation, truth: Any, rec: Any, lpips_metric: Any, analyzer: Any,
             timings: dict[str, float], analyzer_note: str | None = None) -> AuditRecord:
-    from giaudit.metrics.evaluate import evaluate
-
     t0 = time.perf_counter()
     ev = evaluate(rec, truth, lpips=lpips_metric)
     metrics = dict(ev.aggregate)
     per_image = [dict(p) for p in ev.per_image]
     notes = list(ev.notes) + ([analyzer_note] if analyzer_note else [])
     if analyzer is not None:
-        from giaudit.metrics.faces import semantic_metrics
-
         sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer,
                                labels_meta=[truth.meta[p["truth_index"]] for p in per_image] if truth.meta else None)
         metrics.update(sem.aggregate)
@@ -231,4 +212,4 @@ def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, la
         trace={"losses": list(tr.losses), "restart_losses": list(tr.restart_losses), "best_restart": tr.best_restart,
                "stopped_early": tr.stopped_early,
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
-        disclosed=dict(obs.disclosed), notes=tuple(notes), images_file=images_file)
+        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes), images_file=images_file)

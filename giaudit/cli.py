@@ -1,42 +1,43 @@
 """Command-line interface: argument parsing only; the work happens in the library.
 
-Errors a user can act on (bad config, missing file, capability not granted)
-are printed as one line naming the key or file, with exit code 2.
+Errors a user can act on (bad config, missing or corrupt file, capability not
+granted) are printed as one line naming the key or file, with exit code 2. An
+unexpected internal error prints one line and the hint to run with `--debug`
+(which shows the traceback), exit code 1. No traceback reaches a user who did
+not ask for one.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from giaudit.audit import run_audit
+from giaudit.compare import run_compare
+from giaudit.config import AuditSpec, demo_config_path, load_config
 from giaudit.errors import GiauditError
+from giaudit.policy import check, check_main, load_policy
+from giaudit.priors.train import add_train_arguments, cli_train
+from giaudit.report import render
+from giaudit.results import ResultsStore, load_results
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from giaudit.config import load_config
-
     spec = load_config(args.config)
     return _run_and_report(spec, args.out, not args.no_progress)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from giaudit.config import demo_config_path, load_config
-
     spec = load_config(demo_config_path())
     return _run_and_report(spec, args.out, not args.no_progress)
 
 
-def _run_and_report(spec, out: str | None, progress: bool) -> int:  # type: ignore[no-untyped-def]
-    from giaudit.audit import run_audit
-    from giaudit.report import render
-
+def _run_and_report(spec: AuditSpec, out: str | None, progress: bool) -> int:
     out_dir = Path(out or spec.output.get("dir") or f"reports/{spec.name}")
     store = run_audit(spec, out_dir, show_progress=progress)
     verdict = None
     if spec.output.get("policy"):
-        from giaudit.policy import check, load_policy
-
         verdict = check(store.records, load_policy(spec.output["policy"]))
     html, md = render(store, out_dir, verdict=verdict)
     _summary(store)
@@ -46,7 +47,7 @@ def _run_and_report(spec, out: str | None, progress: bool) -> int:  # type: igno
     return 0
 
 
-def _summary(store) -> None:  # type: ignore[no-untyped-def]
+def _summary(store: ResultsStore) -> None:
     for r in store.records:
         m = r.metrics
         print(f"{r.attack:>6} seed {r.seed}: PSNR mean {m.get('psnr_db_mean', float('nan')):6.2f} dB "
@@ -56,14 +57,9 @@ def _summary(store) -> None:  # type: ignore[no-untyped-def]
 
 
 def _report(args: argparse.Namespace) -> int:
-    from giaudit.report import render
-    from giaudit.results import load_results
-
     store = load_results(args.results)
     verdict = None
     if args.policy:
-        from giaudit.policy import check, load_policy
-
         verdict = check(store.records, load_policy(args.policy))
     html, md = render(store, store.run_dir, verdict=verdict)
     print(f"report: {html}\nmarkdown: {md}")
@@ -71,8 +67,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from giaudit.compare import run_compare
-
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
     out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
                       attacks=attacks, seeds=args.seeds, out_dir=Path(args.out), show_progress=not args.no_progress)
@@ -81,20 +75,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from giaudit.policy import check_main
-
     return check_main(args.results, args.policy)
 
 
 def _prior_train(args: argparse.Namespace) -> int:
-    from giaudit.priors.train import cli_train
-
     return cli_train(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="giaudit", description="Audit what a curious federated-learning server can "
                                 "reconstruct from shared updates, under defenses.")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("audit", help="run an audit from a TOML config", description="Run every attack of CONFIG on "
@@ -137,15 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pr.add_subparsers(dest="prior_command", required=True, metavar="PRIOR_COMMAND")
     pt = psub.add_parser("train", help="train a GAN prior on CPU", description="Train a DCGAN prior and save it as "
                          "safetensors + JSON config.")
-    _add_prior_train_args(pt)
+    add_train_arguments(pt)
     pt.set_defaults(func=_prior_train)
     return p
-
-
-def _add_prior_train_args(pt: argparse.ArgumentParser) -> None:
-    from giaudit.priors.train import add_train_arguments
-
-    add_train_arguments(pt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,12 +139,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GiauditError as exc:
-        print(f"giaudit: error: {exc}", file=sys.stderr)
+        print(f"giaudit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("giaudit: interrupted; finished records are saved, run the same command again to resume",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # an internal error: one line, the traceback only on request
+        if args.debug:
+            raise
+        print(f"giaudit: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

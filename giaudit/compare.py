@@ -20,11 +20,18 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from giaudit.attacks import ATTACKS
+from giaudit.audit import run_audit
+from giaudit.config import demo_config_path, load_config
+from giaudit.defenses import load_defense_file
 from giaudit.errors import ConfigError
-from giaudit.results import AuditRecord, atomic_write_text, config_hash
+from giaudit.io import atomic_write_text
+from giaudit.report.compare import render_compare
+from giaudit.results import AuditRecord, config_hash, disclosed_value
 from giaudit.utility import UtilitySettings, utility_for_spec
 
 METRICS = (  # (column prefix, record metric for the mean, record metric for the worst case, worst = max?)
@@ -75,10 +82,9 @@ def summarise(records: Sequence[AuditRecord], utilities: Mapping[str, Sequence[M
                 row[f"{prefix}_worst"] = (max(worst) if worst_is_max else min(worst)) if worst else math.nan
             row["label_accuracy_mean"], row["label_accuracy_ci95"] = mean_ci(
                 [r.metrics["label_accuracy"] for r in recs if "label_accuracy" in r.metrics])
-            eps = [r.disclosed.get("epsilon") for r in recs if r.disclosed.get("epsilon") is not None]
-            row["epsilon"] = float(eps[0]) if eps else None
-            delta = [r.disclosed.get("delta") for r in recs if r.disclosed.get("delta") is not None]
-            row["delta"] = float(delta[0]) if delta else None
+            for key in ("epsilon", "delta"):
+                found = [v for v in (disclosed_value(r, key) for r in recs) if v is not None]
+                row[key] = float(found[0]) if found else None
             row["utility_accuracy_mean"], row["utility_accuracy_ci95"] = acc_m, acc_ci
             row["utility_baseline_accuracy"] = base_m
             row["utility_drop_mean"], row["utility_drop_ci95"] = drop_m, drop_ci
@@ -88,8 +94,6 @@ def summarise(records: Sequence[AuditRecord], utilities: Mapping[str, Sequence[M
 
 
 def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[str, Any]]:
-    from giaudit.attacks import ATTACKS
-
     if not attacks:
         return {k: dict(v) for k, v in spec.attacks.items()}
     out = {}
@@ -99,7 +103,7 @@ def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[
         elif name in ATTACKS:
             out[name] = {}  # the attack's defaults
         else:
-            raise ConfigError(f"--attacks: unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+            raise ConfigError(f"--attacks: unknown attack {name!r}; known: {', '.join(ATTACKS.names())}")
     return out
 
 
@@ -120,11 +124,6 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
                 seeds: int = 3, out_dir: Path, show_progress: bool = True,
                 utility: UtilitySettings | None = None) -> Path:
     """Run every preset on the same scenario, measure utility, write the comparison; return compare.html."""
-    from giaudit.audit import run_audit
-    from giaudit.config import demo_config_path, load_config
-    from giaudit.defenses.registry import load_defense_file
-    from giaudit.report.compare import render_compare
-
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
     if seeds < 1:

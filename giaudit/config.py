@@ -3,81 +3,109 @@
 Every section has a fixed set of keys with types and defaults; an unknown
 key, a wrong type or a missing file raises `ConfigError` with one line that
 names the file and the key and says what to do. The CLI prints that line and
-exits 2. Defense tables are validated by the defense registry, attack tables
-by the attack's own constructor signature.
+exits 2. Sections, attack tables (options and budget) and defense tables all
+go through the one validator of `giaudit.registry` (keyword-only constructors
+are the schema); attacks and defenses are built while the config is parsed,
+so a bad option fails before any data is loaded.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import tomllib
+from giaudit.attacks import ATTACKS, Budget
+from giaudit.data import LABEL_PARSERS, SOURCES
+from giaudit.defenses import build_chain
+from giaudit.errors import ConfigError, ParamError
+from giaudit.io import read_toml
+from giaudit.registry import build_from, check_choice, check_number, check_value, options
+from giaudit.scenario.models import MODELS
 
-from giaudit.errors import ConfigError
+# Each section is a keyword-only dataclass: its fields, hints and defaults are the keys, and
+# the registry's one validator checks a TOML table against it (as it does attack and defense
+# tables). A field left None is absent from the parsed section (an optional key).
 
-_NONE = object()  # "no default": optional key without a value
 
-# section -> key -> (types, default). `_NONE` means optional and absent by default.
-SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
-    "data": {
-        "source": ((str,), "mnist5k"),
-        "size": ((int,), 32),
-        "channels": ((int,), _NONE),
-        "path": ((str,), _NONE),
-        "label_parser": ((str,), "subfolder"),
-        "label_field": ((str,), "gender"),
-        "limit": ((int,), _NONE),
-        "holdout": ((float, int), 0.2),
-        "pool_every": ((int,), 5),
-    },
-    "scenario": {
-        "model": ((str,), "lenet_relu"),
-        "width": ((int,), _NONE),
-        "pretrain_steps": ((int,), 0),
-        "bn_mode": ((str,), "train"),
-        "protocol": ((str,), "fedsgd"),
-        "batch_size": ((int,), 1),
-        "local_steps": ((int,), 1),
-        "local_lr": ((float, int), 0.1),
-        "local_batch_size": ((int,), _NONE),
-    },
-    "threat": {
-        "batch_size": ((bool,), True),
-        "training_details": ((bool,), True),
-        "surrogate_data": ((bool,), True),
-        "bn_statistics": ((bool,), False),
-        "true_labels": ((bool,), False),
-    },
-    "output": {
-        "dir": ((str,), _NONE),
-        "lpips": ((bool,), True),
-        "semantic": ((str, bool), False),
-        "policy": ((str,), _NONE),
-    },
-}
-BUDGET_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "iterations": ((int,), 1000),
-    "restarts": ((int,), 1),
-    "workers": ((int,), _NONE),
-    "patience": ((int,), _NONE),
-}
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    source: str = "mnist5k"
+    size: int = 32
+    channels: int | None = None
+    path: str | None = None
+    label_parser: str = "subfolder"
+    label_field: str = "gender"
+    limit: int | None = None
+    holdout: float = 0.2
+    pool_every: int = 5
+
+    def __post_init__(self) -> None:
+        check_choice("source", self.source, SOURCES)
+        check_choice("label_parser", self.label_parser, LABEL_PARSERS)
+        check_number("size", self.size, low=4, high=256)
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ParamError("channels", "must be 1 or 3")
+        check_number("holdout", self.holdout, low=0.0)
+        if self.holdout >= 1.0:
+            raise ParamError("holdout", "must be in [0, 1)")
+        check_number("pool_every", self.pool_every, low=1)
+        check_number("limit", self.limit, low=1)
+        if self.source == "folder" and self.path is None:
+            raise ParamError("path", "required when data.source = 'folder'")
+        if self.source != "folder" and self.path is not None:
+            raise ParamError("path", f"only used with data.source = 'folder' (source is {self.source!r})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScenarioSection:
+    model: str = "lenet_relu"
+    width: int | None = None
+    pretrain_steps: int = 0
+    bn_mode: str = "train"
+    protocol: str = "fedsgd"
+    batch_size: int = 1
+    local_steps: int = 1
+    local_lr: float = 0.1
+    local_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, sorted(MODELS))
+        check_choice("bn_mode", self.bn_mode, ("train", "eval"))
+        check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
+        for key in ("batch_size", "local_steps", "local_batch_size", "width"):
+            check_number(key, getattr(self, key), low=1)
+        check_number("pretrain_steps", self.pretrain_steps, low=0)
+        check_number("local_lr", self.local_lr, low=0.0, strict_low=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThreatSection:
+    batch_size: bool = True
+    training_details: bool = True
+    surrogate_data: bool = True
+    bn_statistics: bool = False
+    true_labels: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSection:
+    dir: str | None = None
+    lpips: bool = True
+    semantic: str | bool = False
+    policy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.semantic is True or (isinstance(self.semantic, str) and self.semantic not in ("offline", "deepface")):
+            raise ParamError("semantic", "must be false, 'offline' or 'deepface'")
+
+
+SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
+                             "output": OutputSection}
+BUDGET_KEYS = tuple(options(Budget))
 TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output"}
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def _check_type(where: str, value: Any, types: tuple[type, ...]) -> Any:
-    # bool is an int subclass in Python: `size = true` must not pass as an integer.
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        raise ConfigError(f"{where}: expected {_type_name(types)}, got {value!r}")
-    return float(value) if float in types and isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _section(src: str, name: str, table: Any) -> dict[str, Any]:
@@ -85,16 +113,8 @@ def _section(src: str, name: str, table: Any) -> dict[str, Any]:
         table = {}
     if not isinstance(table, Mapping):
         raise ConfigError(f"{src}: [{name}] must be a table")
-    schema = SCHEMA[name]
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in schema:
-            raise ConfigError(f"{src}: {name}.{key}: unknown key; known keys: {', '.join(schema)}")
-        out[key] = _check_type(f"{src}: {name}.{key}", value, schema[key][0])
-    for key, (_, default) in schema.items():
-        if key not in out and default is not _NONE:
-            out[key] = default
-    return out
+    built = build_from(SECTIONS[name], table, f"{src}: {name}")
+    return {k: v for k, v in dataclasses.asdict(built).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -119,7 +139,7 @@ class AuditSpec:
             "output": {k: v for k, v in self.output.items() if k != "dir"},
         }
 
-    def replace(self, **changes: Any) -> "AuditSpec":
+    def replace(self, **changes: Any) -> AuditSpec:
         raw = self.raw
         raw["output"] = dict(self.output)
         for key, value in changes.items():
@@ -140,24 +160,22 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     for key in config:
         if key not in TOP_KEYS:
             raise ConfigError(f"{source}: {key}: unknown top-level key; known: {', '.join(sorted(TOP_KEYS))}")
-    name = _check_type(f"{source}: name", config.get("name", Path(source).stem or "audit"), (str,))
+    name = check_value(f"{source}: name", config.get("name", Path(source).stem or "audit"), str)
     seeds = config.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
         raise ConfigError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
     data = _section(source, "data", config.get("data"))
     scenario = _section(source, "scenario", config.get("scenario"))
     threat = _section(source, "threat", config.get("threat"))
     output = _section(source, "output", config.get("output"))
-    _validate_values(source, data, scenario, output)
+    _resolve_paths(source, data, output)
 
     defenses = config.get("defenses", [])
     if not isinstance(defenses, list) or not all(isinstance(d, Mapping) for d in defenses):
         raise ConfigError(f"{source}: defenses: expected an array of tables ([[defenses]] with a name key)")
     if defenses:
-        from giaudit.defenses.registry import build_chain
-
         build_chain([dict(d) for d in defenses], where=f"{source}: defenses")  # validates names and parameters
 
     attacks_in = config.get("attacks")
@@ -171,104 +189,46 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
 
 
 def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:
-    from giaudit.attacks import ATTACKS, attack_options
-
-    if name not in ATTACKS:
-        raise ConfigError(f"{source}: attacks.{name}: unknown attack; known: {', '.join(sorted(ATTACKS))}")
+    """The attack's table, validated by building the attack and its budget now (before any data loads)."""
+    where = f"{source}: attacks.{name}"
+    ATTACKS.get(name, where)
     if not isinstance(table, Mapping):
-        raise ConfigError(f"{source}: attacks.{name}: must be a table")
-    options = attack_options(name)
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        where = f"{source}: attacks.{name}.{key}"
-        if key in BUDGET_KEYS:
-            out[key] = _check_type(where, value, BUDGET_KEYS[key][0])
-            if out[key] < (0 if key == "patience" else 1):
-                raise ConfigError(f"{where}: must be >= 1")
-        elif key in options:
-            default = options[key]
-            if default is not None and default is not inspect.Parameter.empty:
-                types: tuple[type, ...] = (float, int) if isinstance(default, float) else (type(default),)
-                out[key] = _check_type(where, value, types)
-            else:
-                out[key] = value
-        else:
-            known = list(BUDGET_KEYS) + list(options)
-            raise ConfigError(f"{where}: unknown option; {name} takes: {', '.join(known)}")
-    for key, (_, default) in BUDGET_KEYS.items():
-        if key not in out and default is not _NONE:
-            out[key] = default
+        raise ConfigError(f"{where}: must be a table")
+    budget = {k: v for k, v in table.items() if k in BUDGET_KEYS}
+    options_ = {k: v for k, v in table.items() if k not in BUDGET_KEYS}
+    for key in options_:
+        if key not in ATTACKS.options(name):
+            known = list(BUDGET_KEYS) + list(ATTACKS.options(name))
+            raise ConfigError(f"{where}.{key}: unknown option; {name} takes: {', '.join(known)}")
+    built = build_from(Budget, budget, where)
+    ATTACKS.build(name, options_, where)
+    out = dict(table)
+    out.update({k: getattr(built, k) for k in budget})
+    # The run's record says how long the attack ran even when the config left it to the defaults.
+    out.setdefault("iterations", built.iterations)
+    out.setdefault("restarts", built.restarts)
     return out
 
 
-def _validate_values(source: str, data: dict[str, Any], scenario: dict[str, Any], output: dict[str, Any]) -> None:
-    from giaudit.scenario.data import LABEL_PARSERS, SOURCES
-    from giaudit.scenario.models import MODELS
+def _resolve(source: str, value: str) -> Path:
+    """A path from the config, relative to the config file's folder."""
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute() and source != "<config>":
+        path = Path(source).resolve().parent / path
+    return path
 
-    def bad(key: str, msg: str) -> None:
-        raise ConfigError(f"{source}: {key}: {msg}")
 
-    if data["source"] not in SOURCES:
-        bad("data.source", f"unknown source {data['source']!r}; known: {', '.join(SOURCES)}")
-    if data["source"] == "folder":
-        if "path" not in data:
-            bad("data.path", "required when data.source = 'folder'")
-        path = Path(os.path.expanduser(data["path"]))
-        if not path.is_absolute() and source not in ("<config>",):
-            path = Path(source).resolve().parent / path
+def _resolve_paths(source: str, data: dict[str, Any], output: dict[str, Any]) -> None:
+    if "path" in data:
+        path = _resolve(source, data["path"])
         if not path.is_dir():
-            bad("data.path", f"folder {path} does not exist; point it at an image folder")
+            raise ConfigError(f"{source}: data.path: folder {path} does not exist; point it at an image folder")
         data["path"] = str(path)
-    elif "path" in data:
-        bad("data.path", f"only used with data.source = 'folder' (source is {data['source']!r})")
-    if data["label_parser"] not in LABEL_PARSERS:
-        bad("data.label_parser", f"unknown parser {data['label_parser']!r}; known: {', '.join(LABEL_PARSERS)}")
-    if not 4 <= data["size"] <= 256:
-        bad("data.size", "must be between 4 and 256 pixels")
-    if "channels" in data and data["channels"] not in (1, 3):
-        bad("data.channels", "must be 1 or 3")
-    if not 0.0 <= data["holdout"] < 1.0:
-        bad("data.holdout", "must be in [0, 1)")
-    if data["pool_every"] < 1:
-        bad("data.pool_every", "must be >= 1")
-    if scenario["model"] not in MODELS:
-        bad("scenario.model", f"unknown model {scenario['model']!r}; known: {', '.join(sorted(MODELS))}")
-    if scenario["bn_mode"] not in ("train", "eval"):
-        bad("scenario.bn_mode", "must be 'train' or 'eval'")
-    if scenario["protocol"] not in ("fedsgd", "fedavg"):
-        bad("scenario.protocol", "must be 'fedsgd' or 'fedavg'")
-    for key in ("batch_size", "local_steps"):
-        if scenario[key] < 1:
-            bad(f"scenario.{key}", "must be >= 1")
-    if scenario.get("local_batch_size", 1) < 1:
-        bad("scenario.local_batch_size", "must be >= 1")
-    if scenario["pretrain_steps"] < 0:
-        bad("scenario.pretrain_steps", "must be >= 0")
-    sem = output["semantic"]
-    if sem is True or (isinstance(sem, str) and sem not in ("offline", "deepface")):
-        bad("output.semantic", "must be false, 'offline' or 'deepface'")
     if "policy" in output:
-        p = Path(os.path.expanduser(output["policy"]))
-        if not p.is_absolute() and source != "<config>":
-            p = Path(source).resolve().parent / p
+        p = _resolve(source, output["policy"])
         if not p.is_file():
-            bad("output.policy", f"file {p} does not exist")
+            raise ConfigError(f"{source}: output.policy: file {p} does not exist")
         output["policy"] = str(p)
-
-
-def read_toml(path: str | os.PathLike[str], what: str, hint: str) -> dict[str, Any]:
-    """Parse a TOML file; a missing or malformed file is a one-line ConfigError naming it.
-
-    `what` names the file's role ("config file", "policy file") and `hint` says what to pass instead.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: {what} not found; {hint}")
-    try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> AuditSpec:

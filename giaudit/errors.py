@@ -15,3 +15,11 @@ class DataError(GiauditError):
 
 class ThreatModelError(GiauditError):
     """An attack asks for a capability the threat model does not grant."""
+
+
+class ParamError(ConfigError):
+    """Raised by a constructor about one of its own arguments; the registry adds the table's path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")

@@ -43,10 +43,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from giaudit.errors import ConfigError, GiauditError
+from giaudit.io import read_toml
+from giaudit.metrics import METRIC_NAMES, is_metric
+from giaudit.results import load_results
 
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
@@ -122,6 +126,9 @@ def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
     rules: list[Rule] = []
     for metric, spec in table.items():
         key = f"{where}.{metric}"
+        if not is_metric(metric):
+            raise ConfigError(f"{source}: {key}: unknown metric {metric!r}; known: {', '.join(METRIC_NAMES)} "
+                              "(each also with _mean / _worst, or reference_ before it)")
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{source}: {key} must be a table such as {metric}.max = 0.5, got {spec!r}")
         unknown = sorted(set(spec) - {*OPS, "missing"})
@@ -168,8 +175,6 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
-    from giaudit.config import read_toml
-
     data = read_toml(path, "policy file", "pass a TOML policy (see examples/policy.toml)")
     return parse_policy(data, str(path))
 
@@ -250,8 +255,6 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
 
 def check_main(results_path: str | os.PathLike[str], policy_path: str | os.PathLike[str]) -> int:
     """`giaudit check RESULTS --policy POLICY`: print each rule and PASS/FAIL; exit 0 / 1 / 2."""
-    from giaudit.results import load_results
-
     try:
         policy = load_policy(policy_path)
         store = load_results(results_path)

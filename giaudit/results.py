@@ -17,14 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from giaudit.errors import DataError
+from giaudit.io import atomic_write_bytes, atomic_write_text
+
+# 2: `disclosed` holds one table per defense, keyed "<position>:<name>".
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,22 +56,12 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def disclosed_value(record: AuditRecord, key: str) -> Any:
+    """The first value of `key` any defense of the record's chain disclosed (e.g. "epsilon"), else None."""
+    for params in record.disclosed.values():
+        if params.get(key) is not None:
+            return params[key]
+    return None
 
 
 def save_images(run_dir: Path, record_id: str, original: np.ndarray, reconstruction: np.ndarray) -> str:
@@ -97,9 +91,10 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
     }
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
-    for k, v in record.disclosed.items():
-        if isinstance(v, (int, float, str, bool)):
-            row[f"disclosed_{k}"] = v
+    for where, params in record.disclosed.items():
+        for k, v in params.items():
+            if isinstance(v, (int, float, str, bool)):
+                row[f"disclosed_{where}_{k}"] = v
     return row
 
 
@@ -112,7 +107,7 @@ class ResultsStore:
     records: list[AuditRecord] = field(default_factory=list)
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str]) -> "ResultsStore":
+    def open(cls, run_dir: str | os.PathLike[str]) -> ResultsStore:
         """Open a run folder, loading earlier records if there are any (for resume)."""
         run_dir = Path(run_dir)
         store = cls(run_dir)
@@ -168,21 +163,23 @@ def _json_default(o: Any) -> Any:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], list[AuditRecord]]:
-    from giaudit.errors import DataError
-
     try:
         payload = json.loads(path.read_text())
+        if not isinstance(payload, dict):
+            raise TypeError("the top level is not an object")
+        schema = payload.get("schema")
+        if schema != SCHEMA_VERSION:
+            raise DataError(f"{path}: written with results schema {schema}, this giaudit reads schema "
+                            f"{SCHEMA_VERSION}; run the audit again into a new folder")
         records = [AuditRecord(**{**r, "per_image": tuple(r["per_image"]), "notes": tuple(r["notes"])})
                    for r in payload["records"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a giaudit results file ({exc}); run `giaudit audit` to produce one") from exc
     return payload.get("meta", {}), records
 
 
 def load_results(path: str | os.PathLike[str]) -> ResultsStore:
     """Open results from a run folder or its results.json."""
-    from giaudit.errors import DataError
-
     p = Path(path)
     if p.is_file() and p.name.endswith(".json"):
         p = p.parent
@@ -190,6 +187,3 @@ def load_results(path: str | os.PathLike[str]) -> ResultsStore:
         raise DataError(f"{path}: no results.json there; pass a run folder written by `giaudit audit`")
     return ResultsStore.open(p)
 
-
-def iter_metric(records: Iterable[AuditRecord], key: str) -> list[float]:
-    return [float(r.metrics[key]) for r in records if key in r.metrics]

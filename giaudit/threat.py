@@ -7,13 +7,12 @@ model does not grant it (LeakPro's habit).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
 from giaudit.errors import ThreatModelError
-from giaudit.types import (Capability, ClientProtocol, DataSpec, Observation, SharedUpdate,
-                           ThreatModel)
+from giaudit.types import Capability, ClientProtocol, DataSpec, Disclosure, Observation, SharedUpdate, ThreatModel
 
 
 def threat_model(*, batch_size: bool = True, training_details: bool = True, surrogate_data: bool = False,
@@ -31,7 +30,7 @@ def threat_model(*, batch_size: bool = True, training_details: bool = True, surr
 def observe(*, model: nn.Module, update: SharedUpdate, data_spec: DataSpec, threat: ThreatModel,
             batch_size: int, protocol: ClientProtocol, labels: Tensor | None,
             bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None,
-            disclosed: Mapping[str, Any] | None = None) -> Observation:
+            disclosed: Sequence[Disclosure] = ()) -> Observation:
     """Build the attacker's view; withheld extras are None."""
     g = threat.granted
     return Observation(
@@ -43,7 +42,7 @@ def observe(*, model: nn.Module, update: SharedUpdate, data_spec: DataSpec, thre
         protocol=protocol if Capability.TRAINING_DETAILS in g else None,
         labels=labels.clone() if (labels is not None and Capability.TRUE_LABELS in g) else None,
         bn_statistics=bn_statistics if Capability.BN_STATISTICS in g else None,
-        disclosed=dict(disclosed or {}),
+        disclosed=tuple(disclosed),
     )
 
 

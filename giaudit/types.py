@@ -9,8 +9,9 @@ could hold it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,48 @@ class ThreatModel:
         return "A"
 
 
+ReplayFn = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
+
+
+class ReplayRule(Protocol):
+    """How a server that knows one defense replays its deterministic part on a trial update.
+
+    `build` decides everything from what the attacker sees (the observed update,
+    the batch size, the update kind) once per observation and returns a pure
+    tensor function (differentiable, vmap-safe), or None when nothing can be
+    replayed (a random mask hidden by noise, DP-SGD beyond one FedSGD sample).
+    """
+
+    def build(self, observed: tuple[Tensor, ...], batch_size: int | None,
+              kind: str) -> tuple[str, ReplayFn] | None: ...
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """What the server knows of one defense, under its own place in the chain.
+
+    `params` are plain JSON values (results and reports store them); `replay`
+    is the defense's own replay rule when a server could replay it. `stage`
+    orders replays: "compute" ones (DP-SGD's per-sample clip, inside the
+    client's step) come before the "transform" ones, which follow chain order.
+    """
+
+    position: int
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    replay: ReplayRule | None = field(default=None, compare=False)
+    stage: Literal["compute", "transform"] = "transform"
+
+    @property
+    def key(self) -> str:
+        return f"{self.position}:{self.name}"
+
+
+def disclosed_values(disclosures: Sequence[Disclosure]) -> dict[str, dict[str, Any]]:
+    """The plain-data form records store: {"0:clip": {"clip_norm": 0.5}, "2:clip": {...}}."""
+    return {d.key: dict(d.params) for d in disclosures}
+
+
 @dataclass(frozen=True)
 class Observation:
     """Everything the attacker may use, nothing more.
@@ -116,7 +159,7 @@ class Observation:
     protocol: ClientProtocol | None = None
     labels: Tensor | None = None           # only with Capability.TRUE_LABELS
     bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None = None  # (mean, var) per BN layer
-    disclosed: Mapping[str, Any] = field(default_factory=dict)
+    disclosed: tuple[Disclosure, ...] = ()
 
 
 @dataclass(frozen=True)

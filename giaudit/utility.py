@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from giaudit.defenses.base import Chain, ClientStep
+from giaudit.audit import build_scenario, stable_seed
+from giaudit.data import ImageDataset
+from giaudit.defenses import Chain, ClientStep, build_chain
 from giaudit.errors import ConfigError
-from giaudit.scenario.data import ImageDataset
 from giaudit.types import ClientProtocol, SharedUpdate
 
 
@@ -54,19 +56,8 @@ class UtilitySettings:
 
 
 def _client_chain(tables: Sequence[Mapping[str, Any]]) -> Chain:
-    if not tables:
-        return Chain(())
-    from giaudit.defenses.registry import build_chain
-
     chain = build_chain([dict(t) for t in tables], where="defenses")
     return Chain([d for d in chain.defenses if not getattr(d, "aggregation_only", False)])
-
-
-def _mix(*parts: int) -> int:
-    """A stable seed from integers (Python's hash() is salted per process)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 2
 
 
 @torch.no_grad()
@@ -100,14 +91,14 @@ def federated_training(model: nn.Module, pool: ImageDataset, protocol: ClientPro
     for r in range(settings.rounds):
         updates = []
         for c, (chain, state) in enumerate(zip(chains, states)):
-            generator = torch.Generator().manual_seed(_mix(seed, r, c, 0))
+            generator = torch.Generator().manual_seed(stable_seed(seed, r, c, 0))
             step = chain.configure(ClientStep(protocol, batch_size, k,
                                               context={"pool": pool, "model": global_model, "client_state": state}))
             idx = step.sampler(pool.labels, step.batch_size, generator)
             x, y = pool.images[idx], pool.labels[idx]
             tensors = step.compute(copy.deepcopy(global_model), x, step.targets(y, k), step.protocol)
-            kind = "gradient" if step.protocol.name == "fedsgd" else "delta"
-            noise_gen = torch.Generator().manual_seed(_mix(seed, r, c, 1))
+            kind: Literal["gradient", "delta"] = "gradient" if step.protocol.name == "fedsgd" else "delta"
+            noise_gen = torch.Generator().manual_seed(stable_seed(seed, r, c, 1))
             updates.append(chain.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), noise_gen).tensors)
         mean = [torch.stack(ts).mean(0) for ts in zip(*updates)]
         with torch.no_grad():
@@ -146,8 +137,6 @@ def utility_for_spec(spec: Any, tables: Sequence[Mapping[str, Any]], seed: int,
                      settings: UtilitySettings = UtilitySettings(),
                      baseline_accuracy: float | None = None) -> dict[str, Any]:
     """`measure_utility` on the scenario and held-out split `giaudit.audit.build_scenario` builds for `seed`."""
-    from giaudit.audit import build_scenario
-
     scenario, held = build_scenario(spec, seed)
     return measure_utility(scenario.model, scenario.pool, held, scenario.protocol, scenario.batch_size, tables,
                            seed=seed, settings=settings, baseline_accuracy=baseline_accuracy)

@@ -14,7 +14,7 @@ torch.set_flush_denormal(True)
 
 @pytest.fixture(scope="session")
 def mnist32():
-    from giaudit.scenario.data import load_mnist5k
+    from giaudit.data import load_mnist5k
 
     return load_mnist5k(size=32)
 

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from giaudit.attacks._common.update import compute_update
+from giaudit.fl import compute_update
 from giaudit.attacks.dlg import DLG
 from giaudit.attacks.ggl import GGL, functional_update_fn
 from giaudit.attacks.gias import GIAS
 from giaudit.attacks.giml import GIML
 from giaudit.attacks.ig import InvertingGradients
-from giaudit.defenses import adaptive
-from giaudit.defenses.adaptive import Replay, adapt_trial, replay_for
-from giaudit.defenses.registry import build_chain
+from giaudit import replay as replay_module
+from giaudit.defenses import build_chain
+from giaudit.replay import Replay, adapt_trial, replay_for
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
@@ -32,15 +32,19 @@ torch.set_num_threads(1)
 FEDAVG = ClientProtocol("fedavg", local_steps=2, local_lr=0.1, local_batch_size=1)
 
 CASES = {
-    "clip": ([{"name": "clip", "max_norm": 0.05}], "clip"),
-    "topk": ([{"name": "sparsify", "sparsity": 0.9}], "observed_mask"),
-    "topk_hidden": ([{"name": "sparsify", "sparsity": 0.9}, {"name": "noise", "sigma": 1e-3}], "topk_0.9"),
+    "clip": ([{"name": "clip", "max_norm": 0.05}], "0:clip:clip"),
+    "topk": ([{"name": "sparsify", "sparsity": 0.9}], "0:sparsify:observed_mask"),
+    "topk_hidden": ([{"name": "sparsify", "sparsity": 0.9}, {"name": "noise", "sigma": 1e-3}],
+                    "0:sparsify:topk_0.9"),
     "global_k_hidden": ([{"name": "sparsify", "mode": "topk_global", "k": 300}, {"name": "noise", "sigma": 1e-3}],
-                        "topk_global_k300"),
+                        "0:sparsify:topk_global_k300"),
     "clip_then_topk": ([{"name": "clip", "max_norm": 0.05}, {"name": "sparsify", "sparsity": 0.8}],
-                       "clip,observed_mask"),
+                       "0:clip:clip,1:sparsify:observed_mask"),
     "topk_then_clip_hidden": ([{"name": "sparsify", "sparsity": 0.8}, {"name": "clip", "max_norm": 0.05},
-                               {"name": "noise", "sigma": 1e-3}], "topk_0.8,clip"),
+                               {"name": "noise", "sigma": 1e-3}], "0:sparsify:topk_0.8,1:clip:clip"),
+    # Two defenses of one kind: each discloses under its own place, both are replayed, in order.
+    "clip_noise_clip": ([{"name": "clip", "max_norm": 0.05}, {"name": "noise", "sigma": 1e-3},
+                         {"name": "clip", "max_norm": 0.02}], "0:clip:clip,2:clip:clip"),
 }
 
 
@@ -103,7 +107,7 @@ def test_replay_on_a_fedavg_delta_and_dpsgd_at_batch_one(pool):
     dp = [{"name": "dpsgd", "max_grad_norm": 0.05, "noise_multiplier": 0.0}]
     obs, truth = observe(pool, dp, batch=1)
     replay = replay_for(obs)
-    assert replay.names == ("dpsgd_clip",)
+    assert replay.names == ("0:dpsgd:dpsgd_clip",)
     true = compute_update(obs.model, truth.images, truth.labels)
     assert max_diff(replay(true), obs.update.tensors) < 1e-6  # Opacus sums per-sample grads: float rounding
     obs2, _ = observe(pool, dp, batch=2)  # per-sample clipping of 2 samples is not a whole-update clip
@@ -113,7 +117,7 @@ def test_replay_on_a_fedavg_delta_and_dpsgd_at_batch_one(pool):
 def test_replay_is_differentiable_and_cached_per_observation(pool):
     obs, truth = observe(pool, CASES["clip_then_topk"][0])
     assert replay_for(obs) is replay_for(obs)
-    other = dataclasses.replace(obs, disclosed={})
+    other = dataclasses.replace(obs, disclosed=())
     assert replay_for(other) is not replay_for(obs) and not replay_for(other)
     # Away from the truth (where the loss is at its minimum, with a zero gradient).
     x = torch.rand(truth.images.shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
@@ -121,10 +125,10 @@ def test_replay_is_differentiable_and_cached_per_observation(pool):
     loss = sum(((a - o) ** 2).sum() for a, o in zip(replay_for(obs)(trial), obs.update.tensors))
     (g,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
-    n = len(adaptive._CACHE)
+    n = len(replay_module._CACHE)
     del other
     gc.collect()
-    assert len(adaptive._CACHE) == n - 1  # entries go with their observation
+    assert len(replay_module._CACHE) == n - 1  # entries go with their observation
     with pytest.raises(ValueError, match="tensors"):
         replay_for(obs)(trial[:-1])
 
@@ -143,3 +147,14 @@ def test_every_gradient_matching_attack_takes_adaptive(pool):
     match = {a: float(GIML(adaptive=a, tv_weight=0.0).objective(obs, truth.labels, truth.images)[0].detach())
              for a in (False, True)}
     assert match[True] < 1e-5 < match[False]
+
+
+def test_a_chain_with_two_clips_discloses_both(pool):
+    """clip 0.5 -> noise -> clip 2.0: both bounds are disclosed, each under its own place."""
+    tables = [{"name": "clip", "max_norm": 0.5}, {"name": "noise", "sigma": 1e-3}, {"name": "clip", "max_norm": 2.0}]
+    obs, _ = observe(pool, tables)
+    assert [(d.key, d.params.get("clip_norm")) for d in obs.disclosed] == [
+        ("0:clip", 0.5), ("1:noise", None), ("2:clip", 2.0)]
+    # A large second bound changes nothing after a small first one; the reverse order would.
+    x = [torch.full((3,), 10.0)]
+    assert float(Replay.build(obs.disclosed, x)(x)[0].norm()) == pytest.approx(0.5, rel=1e-5)

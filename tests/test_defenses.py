@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from giaudit.attacks._common.update import compute_update
-from giaudit.defenses.adaptive import adapt_trial
+from giaudit.fl import compute_update
+from giaudit.replay import adapt_trial
 from giaudit.defenses.base import Chain
-from giaudit.defenses.registry import DEFENSES, build_chain, known_defenses, load_defense_file
+from giaudit.defenses import DEFENSES, build_chain, load_defense_file
+from giaudit.types import disclosed_values
 from giaudit.errors import ConfigError
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.models import build_model
@@ -86,15 +87,16 @@ def test_dpsgd_epsilon_is_opacus_accountant(pool, accountant):
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     for _ in range(50):
         acc.step(noise_multiplier=1.1, sample_rate=4 / 600)
-    assert obs.disclosed["dp_sample_rate"] == pytest.approx(4 / 600)
-    assert obs.disclosed["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
+    dp = obs.disclosed[0].params
+    assert dp["dp_sample_rate"] == pytest.approx(4 / 600)
+    assert dp["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
 
 
 def test_dpsgd_target_epsilon_and_noise(pool):
     scen = scenario(pool, 1)
     obs, _ = simulate(scen, [{"name": "dpsgd", "max_grad_norm": 1.0, "epsilon": 2.0, "delta": 1e-5, "rounds": 20}])
-    assert 1.9 <= obs.disclosed["epsilon"] <= 2.0
-    sigma = obs.disclosed["dp_noise_multiplier"]
+    assert 1.9 <= obs.disclosed[0].params["epsilon"] <= 2.0
+    sigma = obs.disclosed[0].params["dp_noise_multiplier"]
     assert sigma > 0
     again, _ = simulate(scen, [{"name": "dpsgd", "max_grad_norm": 1.0, "epsilon": 2.0, "delta": 1e-5, "rounds": 20}])
     other, _ = simulate(scen, [{"name": "dpsgd", "max_grad_norm": 1.0, "epsilon": 2.0, "delta": 1e-5, "rounds": 20}],
@@ -225,7 +227,8 @@ def test_large_batch_sets_the_batch(pool):
 
 
 def test_label_disguise_lowers_label_recovery(pool):
-    from giaudit.attacks.labels import label_accuracy, recover_labels
+    from giaudit.attacks.labels import recover_labels
+    from giaudit.metrics.evaluate import label_accuracy
 
     scen = scenario(pool, 1)
 
@@ -261,7 +264,7 @@ def test_secure_aggregation(pool):
     assert torch.equal(t0.images, t3.images)  # the audited client's batch is unchanged
     assert max_diff(agg.update.tensors, again.update.tensors) == 0.0
     assert max_diff(agg.update.tensors, plain.update.tensors) > 1e-4
-    assert agg.disclosed["secure_agg_clients"] == 3
+    assert agg.disclosed[0].params["secure_agg_clients"] == 3
 
 
 # ---- adaptive matching ---------------------------------------------------------------------------
@@ -270,7 +273,7 @@ def test_adapt_trial_replays_clip_then_sparsify(pool):
     scen = scenario(pool, 1)
     tables = [{"name": "clip", "max_norm": 0.1}, {"name": "sparsify", "sparsity": 0.9}]
     obs, truth = simulate(scen, tables)
-    assert obs.disclosed["defenses"] == ["clip", "sparsify"]
+    assert [d.key for d in obs.disclosed] == ["0:clip", "1:sparsify"]
     true_grad = compute_update(obs.model, truth.images, truth.labels)
     adapted = adapt_trial(true_grad, obs.disclosed, obs.update.tensors, batch_size=1)
     assert max_diff(adapted, obs.update.tensors) < 1e-7
@@ -296,7 +299,7 @@ EXAMPLES = {
 
 
 def test_every_defense_has_an_example():
-    assert set(EXAMPLES) == set(known_defenses())
+    assert set(EXAMPLES) == set(DEFENSES.names())
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -310,9 +313,9 @@ def test_defense_contract(pool, name, protocol):
     assert [t.shape for t in obs.update.tensors] == shapes
     assert all(torch.isfinite(t).all() for t in obs.update.tensors)
     assert max_diff(obs.update.tensors, again.update.tensors) == 0.0  # reproducible from the seed
-    json.dumps(dict(obs.disclosed))  # disclosures are plain data
-    assert obs.disclosed["defenses"] == [name]
-    assert "images" not in json.dumps(dict(obs.disclosed))
+    plain = json.dumps(disclosed_values(obs.disclosed))  # disclosures are plain data
+    assert [d.key for d in obs.disclosed] == [f"0:{name}"]
+    assert "images" not in plain
     assert isinstance(DEFENSES[name](**EXAMPLES[name]).describe(), str)
 
 
@@ -338,7 +341,7 @@ def test_shipped_presets_load():
     ([{"name": "noise"}], r"defenses\[0\]\.sigma: required"),
     ([{"name": "noise", "sigma": "big"}], r"defenses\[0\]\.sigma: expected a number"),
     ([{"name": "sparsify", "k": True}], r"defenses\[0\]\.k: expected an integer"),
-    ([{"name": "noise", "sigma": 1.0, "mean": 0}], r"defenses\[0\]\.mean: unknown parameter of noise"),
+    ([{"name": "noise", "sigma": 1.0, "mean": 0}], r"defenses\[0\]\.mean: unknown option of noise"),
     ([{"name": "sparsify", "sparsity": 1.0}], r"defenses\[0\]\.sparsity: must be < 1"),
     ([{"name": "quantize", "mode": "ternary"}], r"defenses\[0\]\.mode: expected one of 'sign', 'kbit'"),
     ([{"name": "dpsgd", "noise_multiplier": 1.0, "max_grad_norm": math.inf}], r"defenses\[0\]\.max_grad_norm"),

@@ -28,7 +28,7 @@ def _data(name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def utk64():
-    from giaudit.scenario.data import load_folder
+    from giaudit.data import load_folder
 
     return load_folder(_data("utkface64"), size=64, label_parser="utkface")
 
@@ -40,7 +40,7 @@ def test_unknown_backend_is_a_config_error():
 
 @needs_offline
 def test_orl_identity_same_vs_different_subject():
-    from giaudit.scenario.data import load_folder
+    from giaudit.data import load_folder
 
     torch.set_num_threads(1)
     ds = load_folder(_data("orl"), size=64)

@@ -10,9 +10,12 @@ from test_priors_common import quality, scenario
 from giaudit.attacks import build_attack
 from giaudit.attacks.base import Budget
 from giaudit.attacks.ggl import GGL, functional_update_fn, kl_to_standard_normal
-from giaudit.defenses.adaptive import Replay
+from giaudit.replay import Replay
+from giaudit.types import Disclosure
 from giaudit.attacks.ig import InvertingGradients
-from giaudit.defenses.registry import build_chain
+from giaudit.defenses import build_chain
+from giaudit.defenses.clip import ClipReplay
+from giaudit.defenses.sparsify import SparsifyReplay
 from giaudit.errors import ConfigError
 from giaudit.types import ClientProtocol
 
@@ -27,7 +30,7 @@ def test_population_batched_equals_looped_fedsgd_and_fedavg() -> None:
     slow = a.evaluate_population(obs, truth.labels, z, batched=False)
     assert fast.shape == (6,) and torch.allclose(fast, slow, rtol=1e-4, atol=1e-6)
     avg = dataclasses.replace(obs, protocol=ClientProtocol("fedavg", local_steps=2, local_lr=0.1, local_batch_size=1))
-    from giaudit.attacks._common.update import compute_update
+    from giaudit.fl import compute_update
     fn = functional_update_fn(obs.model, avg.protocol)
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     for got, want in zip(fn(x, truth.labels), compute_update(obs.model, x, truth.labels, avg.protocol)):
@@ -37,23 +40,26 @@ def test_population_batched_equals_looped_fedsgd_and_fedavg() -> None:
 def test_replay_of_the_disclosed_defenses() -> None:
     g = [torch.tensor([0.0, 2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 3.0, 0.0])]
     t = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([5.0, 0.5, 1.0, 2.0])]
-    masked = Replay.build({"sparsity": 0.5, "sparsify": "topk"}, g)(t)  # mask visible: use the zeros of g*
+    def sparsify(mode: str, sparsity: float | None, k: int | None = None) -> tuple[Disclosure, ...]:
+        return (Disclosure(0, "sparsify", {}, SparsifyReplay(mode, sparsity, k)),)
+
+    masked = Replay.build(sparsify("topk", 0.5), g)(t)  # mask visible: use the zeros of g*
     assert torch.equal(masked[0], torch.tensor([0.0, 1.0, 0.0, 1.0]))
     noisy = [x + 0.01 for x in g]  # noise hid the mask: replay top-k at the disclosed level
-    topk = Replay.build({"sparsity": 0.75, "sparsify": "topk"}, noisy)(t)
+    topk = Replay.build(sparsify("topk", 0.75), noisy)(t)
     assert torch.equal(topk[1], torch.tensor([5.0, 0.0, 0.0, 0.0]))
-    glob = Replay.build({"sparsify": "topk_global", "sparsity": 0.5, "sparsify_k": 2}, noisy)(t)  # k wins
+    glob = Replay.build(sparsify("topk_global", None, 2), noisy)(t)
     assert torch.equal(glob[1], torch.tensor([5.0, 0.0, 0.0, 2.0])) and not glob[0].any()
-    clipped = Replay.build({"clip_norm": 1.0, "defenses": ["clip"]}, noisy)(t)
+    clipped = Replay.build((Disclosure(0, "clip", {"clip_norm": 1.0}, ClipReplay(1.0)),), noisy)(t)
     norm = torch.sqrt(sum((x * x).sum() for x in clipped))
     assert abs(float(norm) - 1.0) < 1e-5
-    assert not Replay.build({"noise": "gaussian", "noise_sigma": 0.1}, g)  # nothing deterministic to replay
+    assert not Replay.build((Disclosure(0, "noise", {"noise_sigma": 0.1}),), g)  # nothing deterministic to replay
     assert float(kl_to_standard_normal(torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)))) < 1e-2
 
 
 def test_adaptive_option_reaches_the_base_and_the_population() -> None:
     obs, truth = scenario(1).simulate(generator=torch.Generator().manual_seed(3))
-    obs = dataclasses.replace(obs, disclosed={"clip_norm": 1e-3, "defenses": ["clip"]})
+    obs = dataclasses.replace(obs, disclosed=(Disclosure(0, "clip", {"clip_norm": 1e-3}, ClipReplay(1e-3)),))
     assert GGL(prior="mnist32").adaptive and not GGL(prior="mnist32", adaptive=False).adaptive
     z = torch.randn(4, 1, 32, generator=torch.Generator().manual_seed(0))
     values = {}
@@ -79,7 +85,7 @@ def test_options_and_all_optimisers_run() -> None:
         if opts["optimizer"] != "adam":  # best-so-far curves never go up
             assert all(b <= a_ + 1e-12 for a_, b in zip(r.trace.losses, r.trace.losses[1:]))
         assert r.trace.extra["prior_data"] == "mnist5k"
-        assert a.params()["optimiser"]
+        assert a.params()["optimizer"] == opts["optimizer"]
 
 
 @pytest.mark.parametrize("defense", [{"name": "noise", "sigma": 0.01}, {"name": "sparsify", "sparsity": 0.99}])

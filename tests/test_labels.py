@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from giaudit.attacks.labels import label_accuracy, recover_labels
+from giaudit.attacks.labels import recover_labels
+from giaudit.metrics.evaluate import label_accuracy
 from giaudit.defenses.base import ClientStep, Defense
 from giaudit.scenario import Scenario, build_model
 from giaudit.threat import threat_model

@@ -7,7 +7,7 @@ from giaudit.attacks.base import Budget
 from giaudit.metrics.image import psnr, ssim
 from giaudit.metrics.matching import match
 from giaudit.scenario.client import Scenario
-from giaudit.scenario.data import ImageDataset, load_mnist5k
+from giaudit.data import ImageDataset, load_mnist5k
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol

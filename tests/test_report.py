@@ -58,7 +58,7 @@ def _record(run_dir: Path, rng: np.random.Generator, seed: int, *, lpips: bool, 
         attack_params={"lr": 0.1, "tv": 1e-4}, label_source="oracle", metrics=metrics, per_image=per_image,
         timings={"attack_s": 1.5 + seed, "total_s": 2.0 + seed, "iterations": 50},
         trace={"losses": losses, "restart_losses": [losses[-1]], "best_restart": 0},
-        disclosed={"sigma": 0.01, "mechanism": "gaussian <b>noise</b>"}, notes=notes, images_file=images_file)
+        disclosed={"0:noise": {"sigma": 0.01, "mechanism": "gaussian <b>noise</b>"}}, notes=notes, images_file=images_file)
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from torch import nn
 from giaudit.attacks.base import Attack, Budget, RestartResult
 from giaudit.errors import ThreatModelError
 from giaudit.scenario import Scenario, build_model
-from giaudit.scenario.data import ImageDataset
+from giaudit.data import ImageDataset
 from giaudit.threat import threat_model
 from giaudit.types import Capability, ClientProtocol, DataSpec, GroundTruth, Observation
 

@@ -10,6 +10,14 @@ objective, and times everything. A subclass implements `run_restart` only.
 
 Honesty: nothing here sees the ground truth. Restarts are ranked by the
 matching loss the attack itself computes from the observation.
+
+Attacks register with `@ATTACKS.register("name")`; their keyword-only
+constructor arguments are their config options (validated by the registry
+while the config is parsed) and `params()` reports them. Two explicit hooks
+replace special cases in the orchestrator: `capabilities_used(obs)` (what
+this configuration actually used, for the report's threat model) and
+`prepare(others)` with `others_wanted()` (other clients' observations, e.g.
+GIML's meta-learning).
 """
 from __future__ import annotations
 
@@ -19,28 +27,39 @@ import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from giaudit.attacks._common.update import compute_update
-from giaudit.attacks.labels import recover_labels
+from giaudit.attacks.labels import LABEL_METHODS, recover_labels
 from giaudit.errors import ThreatModelError
+from giaudit.fl import compute_update
+from giaudit.registry import Configurable, Registry, check_choice, check_number
+from giaudit.replay import replay_for
 from giaudit.threat import check
 from giaudit.types import Capability, ClientProtocol, Observation, Reconstruction, Trace
 
 Progress = Callable[[int], None]  # called with the number of iterations just completed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Budget:
+    """How long an attack may run; these keys sit beside the attack's options in ``[attacks.<name>]``."""
+
     iterations: int = 1000
     restarts: int = 1
     workers: int | None = None      # None: one process per core when restarts > 1
     patience: int | None = None     # stop after this many iterations without improvement
     min_delta: float = 1e-4         # relative improvement that counts as progress
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "restarts", "workers"):
+            check_number(key, getattr(self, key), low=1)
+        check_number("patience", self.patience, low=0)
+        check_number("min_delta", self.min_delta, low=0.0)
 
 
 @dataclass
@@ -86,19 +105,14 @@ def _run_in_worker(args: tuple[int, int]) -> tuple[int, RestartResult]:
     return index, attack.run_restart(obs, labels, budget, gen, None)
 
 
-class Attack:
-    """Base of every attack. Subclasses set `name`, `requires` and implement `run_restart`."""
+class Attack(Configurable):
+    """Base of every attack. Subclasses register a name, set `requires` and implement `run_restart`."""
 
-    name: ClassVar[str] = "attack"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False) -> None:
-        from giaudit.attacks.labels import LABEL_METHODS
-        from giaudit.errors import ConfigError
-
-        if labels not in LABEL_METHODS:
-            raise ConfigError(f"attack.labels: {labels!r} unknown; known: {', '.join(LABEL_METHODS)}")
+        check_choice("labels", labels, LABEL_METHODS)
         self.label_method = labels
         # Defense-aware matching (GGL's adaptive attack): replay the deterministic
         # part of the disclosed defenses on the trial update before comparing.
@@ -109,9 +123,27 @@ class Attack:
                     progress: Progress | None) -> RestartResult:
         raise NotImplementedError
 
-    def params(self) -> Mapping[str, Any]:
-        """Hyperparameters for the results and the report."""
-        return {"labels": self.label_method, "adaptive": self.adaptive}
+    def provenance(self) -> dict[str, Any]:
+        """What `params()` adds beyond the constructor arguments (e.g. a prior's training data)."""
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """Hyperparameters for the results and the report: the constructor's arguments, plus provenance."""
+        return {**super().params(), **self.provenance()}
+
+    def capabilities_used(self, obs: Observation) -> set[Capability]:
+        """The capabilities this configuration uses on `obs` (the report's threat model; labels aside)."""
+        used = set(self.requires)
+        if obs.update.kind == "delta":
+            used.add(Capability.TRAINING_DETAILS)  # unrolling local steps needs lr, steps, mini-batches
+        return used
+
+    def others_wanted(self) -> int:
+        """How many other clients' observations `prepare` wants (0: none)."""
+        return 0
+
+    def prepare(self, others: Sequence[Observation]) -> None:
+        """Learn from other clients' observations before attacking (GIML's meta-learning); default: nothing."""
 
     # -- shared work ---------------------------------------------------------------------------
     def protocol_for(self, obs: Observation) -> ClientProtocol:
@@ -127,8 +159,6 @@ class Attack:
                      *, create_graph: bool = True) -> tuple[Tensor, ...]:
         trial = compute_update(model, x, labels, self.protocol_for(obs), create_graph=create_graph)
         if self.adaptive:
-            from giaudit.defenses.adaptive import replay_for
-
             # Built once per observation (masks, bounds), then reused every iteration.
             trial = replay_for(obs)(trial)
         return trial
@@ -185,3 +215,6 @@ class Attack:
         finally:
             _JOB = None
         return [out[i] for i in range(len(seeds))]
+
+
+ATTACKS: Registry[Attack] = Registry("attack")

@@ -9,18 +9,18 @@ rather than from N(0, 1), and clamped to it on return.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import l2_distance
-from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Plateau, Progress, RestartResult
 from giaudit.types import Capability, Observation
 
 
+@ATTACKS.register("dlg")
 class DLG(Attack):
-    name: ClassVar[str] = "dlg"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "A"
 
@@ -29,10 +29,6 @@ class DLG(Attack):
         super().__init__(labels=labels, adaptive=adaptive)
         self.lr, self.history_size, self.max_eval = lr, history_size, max_eval
         self.optimise_labels = optimise_labels
-
-    def params(self) -> Mapping[str, Any]:
-        return {**super().params(), "lr": self.lr, "optimiser": "L-BFGS", "distance": "l2",
-                "max_eval": self.max_eval, "optimise_labels": self.optimise_labels}
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:

@@ -27,7 +27,7 @@ local steps are unrolled inside the same function), not a loop over
 candidates (`evaluate_population(..., batched=False)` is the loop, kept for
 the benchmark).
 
-The replay is giaudit.defenses.adaptive's `Replay` (shared with every
+The replay is giaudit.replay's `Replay` (shared with every
 attack's `adaptive` option), built once per observation and applied per
 candidate inside the vmap.
 
@@ -38,7 +38,8 @@ same thing for every model.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -46,14 +47,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from giaudit.attacks._common.optimise import adam_descent
-from giaudit.attacks._common.update import classification_loss, minibatches
-from giaudit.attacks.base import Budget, Plateau, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Budget, Plateau, Progress, RestartResult
 from giaudit.attacks.gias import PriorAttack
-from giaudit.errors import ConfigError
+from giaudit.fl import classification_loss, minibatches
+from giaudit.priors.generator import Generator
+from giaudit.registry import check_choice, check_number
+from giaudit.replay import IDENTITY, Replay, replay_for
 from giaudit.types import Capability, ClientProtocol, Observation
-
-if TYPE_CHECKING:
-    from giaudit.defenses.adaptive import Replay
 
 OPTIMIZERS = ("cma", "bo", "adam")
 BO_SAMPLERS = ("gp", "tpe")
@@ -99,8 +99,8 @@ def functional_update_fn(model: nn.Module, protocol: ClientProtocol) -> Callable
     return update
 
 
+@ATTACKS.register("ggl")
 class GGL(PriorAttack):
-    name: ClassVar[str] = "ggl"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
 
@@ -108,34 +108,19 @@ class GGL(PriorAttack):
                  population: int = 50, sigma0: float = 0.5, kl_weight: float = 0.1, lr: float = 0.05,
                  adaptive: bool = True, bo_sampler: str = "gp", bo_initial: int = 256, bo_bound: float = 3.0) -> None:
         super().__init__(labels=labels, adaptive=adaptive)
-        where = f"attacks.{self.name}"
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"{where}.optimizer: {optimizer!r} unknown; known: {', '.join(OPTIMIZERS)}")
-        if bo_sampler not in BO_SAMPLERS:
-            raise ConfigError(f"{where}.bo_sampler: {bo_sampler!r} unknown; known: {', '.join(BO_SAMPLERS)}")
-        if population < 2:
-            raise ConfigError(f"{where}.population: must be >= 2")
-        if sigma0 <= 0 or lr <= 0 or bo_bound <= 0:
-            raise ConfigError(f"{where}.sigma0 / lr / bo_bound: must be > 0")
-        if kl_weight < 0 or bo_initial < 1:
-            raise ConfigError(f"{where}.kl_weight must be >= 0 and bo_initial >= 1")
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("bo_sampler", bo_sampler, BO_SAMPLERS)
+        check_number("population", population, low=2)
+        for key, value in (("sigma0", sigma0), ("lr", lr), ("bo_bound", bo_bound)):
+            check_number(key, value, low=0.0, strict_low=True)
+        check_number("kl_weight", kl_weight, low=0.0)
+        check_number("bo_initial", bo_initial, low=1)
         self._set_prior(prior)
         self.optimizer, self.population, self.sigma0, self.kl_weight = optimizer, population, sigma0, kl_weight
         self.lr, self.bo_sampler, self.bo_initial, self.bo_bound = lr, bo_sampler, bo_initial, bo_bound
 
-    def params(self) -> Mapping[str, Any]:
-        opt = {"cma": "CMA-ES (cma)", "bo": f"Bayesian optimisation (optuna {self.bo_sampler.upper()})",
-               "adam": "Adam"}[self.optimizer]
-        return {**super().params(), "optimizer": self.optimizer, "optimiser": opt, "population": self.population,
-                "sigma0": self.sigma0, "kl_weight": self.kl_weight, "lr": self.lr,
-                "bo_sampler": self.bo_sampler, "bo_initial": self.bo_initial, "bo_bound": self.bo_bound,
-                **self.prior_params()}
-
     # -- objective -----------------------------------------------------------------------------
-    def _setup(self, obs: Observation) -> tuple[nn.Module, "Replay", list[Tensor], Tensor]:
-        # Imported here: giaudit.defenses imports giaudit.attacks (compute_update), not the reverse at load time.
-        from giaudit.defenses.adaptive import IDENTITY, replay_for
-
+    def _setup(self, obs: Observation) -> tuple[Generator, Replay, list[Tensor], Tensor]:
         gen = self.generator_for(obs)
         target = [t.detach() for t in obs.update.tensors]
         # The same replay `trial_update` applies when adaptive (cached per observation).
@@ -214,7 +199,7 @@ class GGL(PriorAttack):
     def _bo(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
             progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
         import optuna
-        from optuna.distributions import FloatDistribution
+        from optuna.distributions import BaseDistribution, FloatDistribution
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         shape = z0.shape
@@ -224,7 +209,8 @@ class GGL(PriorAttack):
         sampler = (optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial) if self.bo_sampler == "gp"
                    else optuna.samplers.TPESampler(seed=seed, n_startup_trials=initial))
         study = optuna.create_study(direction="minimize", sampler=sampler)
-        dists = {f"z{i}": FloatDistribution(-self.bo_bound, self.bo_bound) for i in range(dim)}
+        dists: dict[str, BaseDistribution] = {f"z{i}": FloatDistribution(-self.bo_bound, self.bo_bound)
+                                              for i in range(dim)}
         update_fn = functional_update_fn(obs.model, self.protocol_for(obs))
         # The random initial design as one batch; our own seeded draws (N(0,1) clipped to the box)
         # so the batch does not depend on the sampler's internals.

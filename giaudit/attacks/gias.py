@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,11 @@ from torch.func import functional_call
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
 from giaudit.attacks._common.optimise import adam_descent
-from giaudit.attacks.base import Attack, Budget, Progress, RestartResult
-from giaudit.errors import ConfigError
-from giaudit.priors.io import Prior, as_prior, resolve
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
+from giaudit.errors import ConfigError, ParamError
+from giaudit.priors.generator import Generator
+from giaudit.priors.io import Prior, as_prior
+from giaudit.registry import check_choice, check_number
 from giaudit.types import Capability, Observation
 
 MODES = ("z", "z+theta")
@@ -49,7 +51,15 @@ def check_prior_matches(prior: Prior, obs: Observation, attack: str) -> None:
                           f"`giaudit prior train --data ... --size {want[1]}`")
 
 
-def frozen_copy(gen: nn.Module) -> nn.Module:
+def gan_prior(spec: Any, key: str, attack: str) -> Prior:
+    """The GAN prior `spec` names (loaded now, so a bad one fails naming `key` before any data loads)."""
+    prior = as_prior(spec, where=key)
+    if not isinstance(prior, Prior):
+        raise ParamError(key, f"{prior.name!r} is a {prior.kind} prior; {attack} needs a GAN prior such as mnist32")
+    return prior
+
+
+def frozen_copy(gen: Generator) -> Generator:
     """An eval-mode copy whose weights need no gradient (latent search only moves z)."""
     g = copy.deepcopy(gen).eval()
     for p in g.parameters():
@@ -60,37 +70,33 @@ def frozen_copy(gen: nn.Module) -> nn.Module:
 class PriorAttack(Attack):
     """An attack that holds a generative prior (GIAS, GIML, GGL): a shipped name, a path or a `Prior`.
 
-    The spec is checked when the attack is configured (a bad name fails naming the key, not
-    mid-audit); the weights load on first use.
+    The prior is loaded when the attack is configured (small safetensors files), so a bad name,
+    a missing, truncated or non-safetensors checkpoint fails naming the key or the file before
+    any data is loaded, not mid-audit.
     """
 
     def _set_prior(self, prior: Any) -> None:
-        if not isinstance(prior, Prior):
-            # Fail at configuration time, naming the key, not mid-audit.
-            resolve(prior, where=f"attacks.{self.name}.prior")
         self.prior_spec = prior
-        self._prior: Prior | None = prior if isinstance(prior, Prior) else None
+        self._prior = gan_prior(prior, "prior", self.name)
 
     @property
     def prior(self) -> Prior:
-        if self._prior is None:
-            self._prior = as_prior(self.prior_spec)
         return self._prior
 
-    def prior_params(self) -> dict[str, Any]:
+    def provenance(self) -> dict[str, Any]:
         """The prior's provenance for `params()` (its training data, steps, ...) and the spec as configured."""
         spec = self.prior_spec if isinstance(self.prior_spec, (str, os.PathLike)) else self.prior.name
         return {**self.prior.describe(), "prior_spec": str(spec)}
 
-    def generator_for(self, obs: Observation) -> nn.Module:
+    def generator_for(self, obs: Observation) -> Generator:
         """A frozen eval-mode copy of the prior's generator, after checking it makes the data's image shape."""
         prior = self.prior
         check_prior_matches(prior, obs, self.name)
         return frozen_copy(prior.generator)
 
 
+@ATTACKS.register("gias")
 class GIAS(PriorAttack):
-    name: ClassVar[str] = "gias"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
     default_mode: ClassVar[str] = "z+theta"
@@ -101,24 +107,16 @@ class GIAS(PriorAttack):
         # adaptive: defense-aware matching; `objective` goes through `trial_update`, which replays it.
         super().__init__(labels=labels, adaptive=adaptive)
         mode = mode if mode is not None else self.default_mode
-        if mode not in MODES:
-            raise ConfigError(f"attacks.{self.name}.mode: {mode!r} unknown; known: {', '.join(MODES)}")
-        if distance not in DISTANCES:
-            raise ConfigError(f"attacks.{self.name}.distance: {distance!r} unknown; known: {', '.join(DISTANCES)}")
-        if lr_z <= 0 or lr_theta <= 0:
-            raise ConfigError(f"attacks.{self.name}.lr_z / lr_theta: must be > 0")
-        if not 0.0 < z_fraction <= 1.0:
-            raise ConfigError(f"attacks.{self.name}.z_fraction: must be in (0, 1]")
-        if tv_weight < 0 or z_l2 < 0:
-            raise ConfigError(f"attacks.{self.name}.tv_weight / z_l2: must be >= 0")
+        check_choice("mode", mode, MODES)
+        check_choice("distance", distance, DISTANCES)
+        check_number("lr_z", lr_z, low=0.0, strict_low=True)
+        check_number("lr_theta", lr_theta, low=0.0, strict_low=True)
+        check_number("z_fraction", z_fraction, low=0.0, strict_low=True, high=1.0)
+        check_number("tv_weight", tv_weight, low=0.0)
+        check_number("z_l2", z_l2, low=0.0)
         self._set_prior(prior)
         self.mode, self.lr_z, self.lr_theta, self.tv_weight = mode, lr_z, lr_theta, tv_weight
         self.distance, self.z_fraction, self.z_l2 = distance, z_fraction, z_l2
-
-    def params(self) -> Mapping[str, Any]:
-        return {**super().params(), "mode": self.mode, "lr_z": self.lr_z, "lr_theta": self.lr_theta,
-                "tv_weight": self.tv_weight, "distance": self.distance, "z_fraction": self.z_fraction,
-                "z_l2": self.z_l2, "optimiser": "Adam", **self.prior_params()}
 
     # -- objective ---------------------------------------------------------------------------
     def objective(self, obs: Observation, labels: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,8 +191,8 @@ class GIAS(PriorAttack):
         return RestartResult(x, labels, losses, min(z_loss, t_loss), stalled, extra)
 
 
+@ATTACKS.register("gias_z")
 class GIASLatent(GIAS):
     """GI-z: GIAS's latent search only (a separate name so one report shows it beside `gias` and `ig`)."""
 
-    name: ClassVar[str] = "gias_z"
     default_mode: ClassVar[str] = "z"

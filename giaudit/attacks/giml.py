@@ -36,23 +36,25 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from giaudit.attacks.base import Budget, Progress, RestartResult
-from giaudit.attacks.gias import GIAS, frozen_copy
+from giaudit.attacks.base import ATTACKS, Budget, Progress, RestartResult
+from giaudit.attacks.gias import GIAS, frozen_copy, gan_prior
 from giaudit.attacks.labels import recover_labels
 from giaudit.errors import ConfigError
-from giaudit.priors.generator import GeneratorConfig, build_generator
-from giaudit.priors.io import Prior, as_prior
+from giaudit.priors.generator import Generator, GeneratorConfig, build_generator
+from giaudit.priors.io import Prior
+from giaudit.registry import check_number
 from giaudit.threat import check
 from giaudit.types import Capability, Observation, Reconstruction
 
 
+@ATTACKS.register("giml")
 class GIML(GIAS):
-    name: ClassVar[str] = "giml"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
 
@@ -67,17 +69,17 @@ class GIML(GIAS):
         super().__init__(labels=labels, prior=untrained, mode=mode, lr_z=lr_z, lr_theta=lr_theta,
                          tv_weight=tv_weight, distance=distance, z_fraction=z_fraction, z_l2=z_l2,
                          adaptive=adaptive)
-        w = f"attacks.{self.name}"
-        for key, val in (("meta_observations", meta_observations), ("meta_steps", meta_steps),
-                         ("tasks_per_step", tasks_per_step), ("inner_z_steps", inner_z_steps),
-                         ("inner_theta_steps", inner_theta_steps)):
-            if val < (0 if key == "meta_observations" else 1):
-                raise ConfigError(f"{w}.{key}: must be >= {0 if key == 'meta_observations' else 1}")
-        if not 0 < meta_lr <= 1:
-            raise ConfigError(f"{w}.meta_lr: must be in (0, 1] (Reptile's step towards the adapted weights)")
-        if meta_z_l2 < 0 or meta_theta_lr <= 0:
-            raise ConfigError(f"{w}.meta_z_l2 must be >= 0 and meta_theta_lr > 0")
+        check_number("meta_observations", meta_observations, low=0)
+        for key, val in (("meta_steps", meta_steps), ("tasks_per_step", tasks_per_step),
+                         ("inner_z_steps", inner_z_steps), ("inner_theta_steps", inner_theta_steps)):
+            check_number(key, val, low=1)
+        # Reptile's step towards the adapted weights.
+        check_number("meta_lr", meta_lr, low=0.0, strict_low=True, high=1.0)
+        check_number("meta_z_l2", meta_z_l2, low=0.0)
+        check_number("meta_theta_lr", meta_theta_lr, low=0.0, strict_low=True)
         self.start = start
+        # Loaded now: a bad `start` fails naming the key before any data is loaded.
+        self._start_prior = gan_prior(start, "start", "giml") if start is not None else None
         self.latent_dim, self.width = latent_dim, width
         self.meta_observations, self.meta_steps, self.tasks_per_step = meta_observations, meta_steps, tasks_per_step
         self.inner_z_steps, self.inner_theta_steps = inner_z_steps, inner_theta_steps
@@ -89,24 +91,22 @@ class GIML(GIAS):
         self.meta_wall_s = 0.0
         self.snapshots: dict[int, Prior] = {}
 
-    def params(self) -> Mapping[str, Any]:
-        base = dict(super().params())
-        base.update({"meta_observations": self.meta_observations, "meta_steps": self.meta_steps,
-                     "tasks_per_step": self.tasks_per_step, "inner_z_steps": self.inner_z_steps,
-                     "inner_theta_steps": self.inner_theta_steps, "meta_z_l2": self.meta_z_l2,
-                     "meta_lr": self.meta_lr, "meta_theta_lr": self.meta_theta_lr, "seed": self.seed,
-                     "start": str(self.start) if self.start is not None else "untrained"})
-        return base
+    def others_wanted(self) -> int:
+        return self.meta_observations
+
+    def prepare(self, others: Sequence[Observation]) -> None:
+        if others:
+            self.observe_many(others)
 
     @property
     def prior(self) -> Prior:
-        return self._learned if self._learned is not None else self._prior  # type: ignore[return-value]
+        return self._learned if self._learned is not None else self._prior
 
     # -- meta-learning -------------------------------------------------------------------------
-    def _initial_generator(self, obs: Observation) -> nn.Module:
+    def _initial_generator(self, obs: Observation) -> Generator:
         c, h, _ = obs.data_spec.shape
-        if self.start is not None:
-            gen = copy.deepcopy(as_prior(self.start).generator)
+        if self._start_prior is not None:
+            gen = copy.deepcopy(self._start_prior.generator)
         else:
             cfg = GeneratorConfig(size=h, channels=c, latent_dim=self.latent_dim, width=self.width)
             gen = build_generator(cfg, torch.Generator().manual_seed(self.seed))
@@ -125,24 +125,26 @@ class GIML(GIAS):
         theta = list(gen.parameters())
         for p in theta:
             p.requires_grad_(False)
-        tasks = []
+        tasks: list[tuple[Observation, Tensor, Tensor]] = []
         for o in observations:
             labels, _ = recover_labels(o, self.label_method, gen_rng)
             z = torch.randn((o.batch_size or labels.numel(), gen.config.latent_dim), generator=gen_rng)
-            tasks.append([o, labels, z])
+            tasks.append((o, labels, z))
         self.meta_losses, self.snapshots = [], {}
         quiet = Budget(iterations=self.inner_z_steps)
         names = [n for n, _ in gen.named_parameters()]
         buffers = dict(gen.named_buffers())
         for step in range(1, self.meta_steps + 1):
             k = min(self.tasks_per_step, len(tasks))
-            picked = [tasks[int(i)] for i in torch.randperm(len(tasks), generator=gen_rng)[:k]]
+            chosen = [int(i) for i in torch.randperm(len(tasks), generator=gen_rng)[:k]]
             task_losses = []
-            for t in picked:
-                z, loss, _ = self.latent_search(t[0], t[1], gen, t[2], self.inner_z_steps, quiet, None, [],
+            for i in chosen:
+                o, labels, z = tasks[i]
+                z, loss, _ = self.latent_search(o, labels, gen, z, self.inner_z_steps, quiet, None, [],
                                                 z_l2=self.meta_z_l2)
-                t[2] = z
+                tasks[i] = (o, labels, z)
                 task_losses.append(loss)
+            picked = [tasks[i] for i in chosen]
             self.meta_losses.append(sum(task_losses) / len(task_losses))
             # Reptile: a few steps on one copy theta' for the summed loss, then theta += eps (theta' - theta).
             adapted = [p.detach().clone().requires_grad_(True) for p in theta]
@@ -153,8 +155,8 @@ class GIML(GIAS):
                     x = torch.func.functional_call(gen, {**dict(zip(names, adapted)), **buffers}, (z,))
                     total = total + self.objective(o, labels, x)[1]
                 grads = torch.autograd.grad(total, adapted)
-                for p, g in zip(adapted, grads):
-                    p.grad = g
+                for a, g in zip(adapted, grads):
+                    a.grad = g
                 opt.step()
             with torch.no_grad():
                 for p, a in zip(theta, adapted):

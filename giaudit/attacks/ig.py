@@ -20,22 +20,23 @@ three drops as the paper, placed by progress rather than by a fixed budget
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from giaudit.attacks._common.bn import BNStatsRecorder
 from giaudit.attacks._common.distances import DISTANCES, total_variation
-from giaudit.attacks.base import Attack, Budget, Plateau, Progress, RestartResult
-from giaudit.errors import ConfigError, ThreatModelError
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.errors import ThreatModelError
+from giaudit.fl import BNStatsRecorder
+from giaudit.registry import check_choice, check_number
 from giaudit.types import Capability, Observation
 
 SCHEDULES = ("steps", "plateau", "constant")
 
 
+@ATTACKS.register("ig")
 class InvertingGradients(Attack):
-    name: ClassVar[str] = "ig"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
 
@@ -43,20 +44,19 @@ class InvertingGradients(Attack):
                  tv_weight: float = 1e-4, distance: str = "cosine", schedule: str = "steps",
                  bn_weight: float = 0.0) -> None:
         super().__init__(labels=labels, adaptive=adaptive)
-        if distance not in DISTANCES:
-            raise ConfigError(f"attack.distance: {distance!r} unknown; known: {', '.join(DISTANCES)}")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"attack.schedule: {schedule!r} unknown; known: {', '.join(SCHEDULES)}")
-        if lr <= 0:
-            raise ConfigError("attack.lr: must be > 0")
-        if tv_weight < 0 or bn_weight < 0:
-            raise ConfigError("attack.tv_weight / attack.bn_weight: must be >= 0")
+        check_choice("distance", distance, DISTANCES)
+        check_choice("schedule", schedule, SCHEDULES)
+        check_number("lr", lr, low=0.0, strict_low=True)
+        check_number("tv_weight", tv_weight, low=0.0)
+        check_number("bn_weight", bn_weight, low=0.0)
         self.lr, self.tv_weight, self.distance, self.schedule = lr, tv_weight, distance, schedule
         self.bn_weight = bn_weight
 
-    def params(self) -> Mapping[str, Any]:
-        return {**super().params(), "lr": self.lr, "tv_weight": self.tv_weight, "distance": self.distance,
-                "schedule": self.schedule, "bn_weight": self.bn_weight, "optimiser": "Adam (signed gradient)"}
+    def capabilities_used(self, obs: Observation) -> set[Capability]:
+        used = super().capabilities_used(obs)
+        if self.bn_weight > 0 and obs.bn_statistics is not None:
+            used.add(Capability.BN_STATISTICS)
+        return used
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:
@@ -82,7 +82,7 @@ class InvertingGradients(Attack):
                 trial = self.trial_update(obs, model, x, labels)
                 match = distance(trial, target)
                 loss = match + self.tv_weight * total_variation(x) if self.tv_weight else match
-                if probe is not None:
+                if probe is not None and obs.bn_statistics is not None:
                     loss = loss + self.bn_weight * sum(
                         (m - tm).norm() + (v - tv).norm() for (m, v), (tm, tv) in zip(probe.take(), obs.bn_statistics))
                 (grad,) = torch.autograd.grad(loss, x)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from giaudit.types import Observation
+from giaudit.errors import ThreatModelError
+from giaudit.types import Capability, Observation
 
 
 def _last_layer(obs: Observation) -> tuple[Tensor, Tensor | None]:
@@ -31,7 +32,8 @@ def _last_layer(obs: Observation) -> tuple[Tensor, Tensor | None]:
     idx = {n: i for i, (n, _) in enumerate(named)}
     last_linear = [m for n, m in obs.model.named_modules() if isinstance(m, nn.Linear)]
     if not last_linear:
-        raise ValueError("label recovery needs a final nn.Linear layer")
+        raise ThreatModelError("label recovery needs the model to end in an nn.Linear layer; "
+                               "set labels = 'oracle' with threat.true_labels = true")
     lin = last_linear[-1]
     w_name = next(n for n, p in named if p is lin.weight)
     gw = tensors[idx[w_name]]
@@ -97,30 +99,18 @@ LABEL_METHODS = ("auto", "oracle", "idlg", "yin", "count")
 def recover_labels(obs: Observation, method: str = "auto",
                    generator: torch.Generator | None = None) -> tuple[Tensor, str]:
     """Labels for the attack and the name of the method that produced them."""
-    from giaudit.types import Capability
-
     b = obs.batch_size
     if method == "oracle" or (method == "auto" and obs.threat.has(Capability.TRUE_LABELS)):
         if obs.labels is None:
-            from giaudit.errors import ThreatModelError
-
             raise ThreatModelError("attack.labels = 'oracle' needs threat.true_labels = true")
         return obs.labels.clone(), "oracle"
     if b is None:
-        from giaudit.errors import ThreatModelError
-
         raise ThreatModelError("label recovery needs the batch size: set threat.batch_size = true")
     if method == "idlg" or (method == "auto" and b == 1):
         if b != 1:
-            raise ValueError("iDLG recovers the label of a single image; batch size is %d" % b)
+            raise ThreatModelError(f"labels = 'idlg' recovers the label of a single image, but the batch "
+                                   f"size is {b}; use labels = 'yin' or 'count' (or 'auto')")
         return idlg(obs), "idlg"
     if method == "yin":
         return row_rule(obs, b), "yin"
     return count_based(obs, b, generator), "count"
-
-
-def label_accuracy(predicted: Tensor, true: Tensor) -> float:
-    """Order-free accuracy: size of the multiset intersection over the batch size."""
-    k = int(max(predicted.max().item(), true.max().item())) + 1
-    hits = torch.minimum(torch.bincount(predicted, minlength=k), torch.bincount(true, minlength=k)).sum()
-    return float(hits.item()) / float(true.numel())

@@ -4,18 +4,23 @@
 batch size, how the batch is drawn, the targets); `transform(update, rng)`
 changes what is sent (noise, sparsification). `disclose(update)` names what a
 server could know about the defense from the protocol (the clipping bound,
-the sparsity, epsilon): it sees the update, never the private batch.
+the sparsity, epsilon): it sees the update, never the private batch. A
+defense a server could replay on a trial update (clipping, top-k, DP-SGD's
+per-sample clip at batch 1) also returns its own `replay_rule()`; the chain
+hands both to the server as one `Disclosure` per defense, under its place in
+the chain, so two defenses of the same kind never overwrite each other.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from giaudit.attacks._common.update import compute_update
-from giaudit.types import ClientProtocol, SharedUpdate
+from giaudit.fl import compute_update
+from giaudit.types import ClientProtocol, Disclosure, ReplayRule, SharedUpdate
 
 Sampler = Callable[[Tensor, int, torch.Generator], Tensor]
 Compute = Callable[[nn.Module, Tensor, Tensor, ClientProtocol], tuple[Tensor, ...]]
@@ -43,7 +48,7 @@ class ClientStep:
     targets: Callable[[Tensor, int], Tensor] = lambda y, k: y
     context: Mapping[str, Any] = field(default_factory=dict)
 
-    def with_(self, **changes: Any) -> "ClientStep":
+    def with_(self, **changes: Any) -> ClientStep:
         return replace(self, **changes)
 
 
@@ -51,6 +56,8 @@ class Defense:
     """Base class: both hooks default to doing nothing."""
 
     name: str = "defense"
+    # "compute": the replayed operation happens inside the client's step (DP-SGD), before any transform.
+    replay_stage: ClassVar[Literal["compute", "transform"]] = "transform"
 
     def configure(self, step: ClientStep) -> ClientStep:
         return step
@@ -61,11 +68,15 @@ class Defense:
     def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
         return {}
 
+    def replay_rule(self) -> ReplayRule | None:
+        """How a server that knows this defense replays it on a trial update; None: it cannot."""
+        return None
+
     def describe(self) -> str:
         return self.name
 
 
-class Chain(Defense):
+class Chain:
     """Defenses applied in order: configure hooks first to last, then transforms first to last."""
 
     def __init__(self, defenses: Sequence[Defense]) -> None:
@@ -82,11 +93,10 @@ class Chain(Defense):
             update = d.transform(update, rng)
         return update
 
-    def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
-        out: dict[str, Any] = {}
-        for d in self.defenses:
-            out.update(d.disclose(update))
-        return out
+    def disclosures(self, update: SharedUpdate) -> tuple[Disclosure, ...]:
+        """What the server knows of each defense, under its own position, given the update it received."""
+        return tuple(Disclosure(i, d.name, dict(d.disclose(update)), d.replay_rule(), d.replay_stage)
+                     for i, d in enumerate(self.defenses))
 
     def describe(self) -> str:
         return " -> ".join(d.describe() for d in self.defenses) or "none"

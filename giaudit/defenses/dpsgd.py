@@ -25,7 +25,12 @@ the global model itself, so the converted model is put in
 attacker (the client and server run the converted architecture).
 
 Threat model: honest-but-curious server that knows C, the noise multiplier
-and epsilon (disclosed), not the noise draw.
+and epsilon (disclosed), not the noise draw. An adaptive attacker replays the
+clip exactly where it is exact (`DPClipReplay`): one sample's FedSGD gradient,
+whose per-sample clip is a clip of the whole gradient. It happens while the
+client computes, so it is replayed before every transform of the chain.
+Larger batches (per-sample trial gradients) and FedAvg (clipping inside every
+local step) are not replayed.
 """
 from __future__ import annotations
 
@@ -33,17 +38,21 @@ import copy
 import math
 import sys
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from giaudit.attacks._common.update import classification_loss, minibatches
 from giaudit.defenses.base import ClientStep
-from giaudit.defenses.registry import ParamError, RegisteredDefense, RngTap, check_finite, register
-from giaudit.errors import ConfigError
-from giaudit.types import ClientProtocol, SharedUpdate
+from giaudit.defenses.registry import RegisteredDefense, RngTap, register
+from giaudit.errors import ConfigError, ParamError
+from giaudit.fl import classification_loss, minibatches
+from giaudit.ops import clip_tensors
+from giaudit.registry import check_number
+from giaudit.types import ClientProtocol, ReplayFn, ReplayRule, SharedUpdate
 
 
 def opacus_problems(model: nn.Module) -> list[str]:
@@ -75,14 +84,6 @@ def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
         eps = float(acc.get_epsilon(delta=delta))
     loose = any("largest alpha" in str(w.message) for w in caught)
     return eps, loose
-
-
-def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                accountant: str = "rdp") -> float:
-    """Epsilon at `delta` from Opacus's accountant after `steps` steps at `sample_rate` (cached: it is slow)."""
-    if noise_multiplier == 0:
-        return math.inf
-    return _epsilon(noise_multiplier, sample_rate, steps, delta, accountant)[0]
 
 
 @lru_cache(maxsize=64)
@@ -125,7 +126,7 @@ def dp_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol, 
             opt.zero_grad(set_to_none=True)
             classification_loss(gsm(x), y).backward()
             opt.pre_step()
-            return tuple(p.grad.detach().clone() for p in params)
+            return tuple(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params)
         start = [p.detach().clone() for p in params]
         opt = DPOptimizer(torch.optim.SGD(params, lr=protocol.local_lr), noise_multiplier=noise_multiplier,
                           max_grad_norm=bound, expected_batch_size=x.shape[0], generator=generator)
@@ -141,17 +142,29 @@ def dp_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol, 
         catcher.__exit__(None, None, None)
 
 
+@dataclass(frozen=True)
+class DPClipReplay:
+    max_grad_norm: float
+
+    def build(self, observed: tuple[Tensor, ...], batch_size: int | None,
+              kind: str) -> tuple[str, ReplayFn] | None:
+        if batch_size != 1 or kind != "gradient" or not math.isfinite(self.max_grad_norm):
+            return None
+        return "dpsgd_clip", lambda ts: clip_tensors(ts, self.max_grad_norm)
+
+
 @register("dpsgd")
 class DPSGD(RegisteredDefense):
+    replay_stage = "compute"
     changes_step = True
 
     def __init__(self, *, max_grad_norm: float = 1.0, noise_multiplier: float | None = None,
                  epsilon: float | None = None, delta: float | None = None, rounds: int = 100,
                  accountant: Literal["rdp", "prv"] = "rdp", convert_batchnorm: bool = False) -> None:
-        check_finite("max_grad_norm", max_grad_norm, low=0.0, strict_low=True, allow_inf=True)
-        check_finite("noise_multiplier", noise_multiplier, low=0.0)
-        check_finite("epsilon", epsilon, low=0.0, strict_low=True)
-        check_finite("delta", delta, low=0.0, strict_low=True, high=1.0)
+        check_number("max_grad_norm", max_grad_norm, low=0.0, strict_low=True, allow_inf=True)
+        check_number("noise_multiplier", noise_multiplier, low=0.0)
+        check_number("epsilon", epsilon, low=0.0, strict_low=True)
+        check_number("delta", delta, low=0.0, strict_low=True, high=1.0)
         if epsilon is not None and delta is None:
             raise ParamError("delta", "required when epsilon is set (epsilon is defined at a delta, e.g. 1e-5)")
         if (noise_multiplier is None) == (epsilon is None):
@@ -161,7 +174,8 @@ class DPSGD(RegisteredDefense):
         if rounds < 1:
             raise ParamError("rounds", "must be >= 1")
         self.max_grad_norm, self.noise_multiplier, self.epsilon = float(max_grad_norm), noise_multiplier, epsilon
-        self.delta, self.rounds, self.accountant, self.convert_batchnorm = delta, int(rounds), accountant, convert_batchnorm
+        self.delta, self.rounds, self.accountant = delta, int(rounds), accountant
+        self.convert_batchnorm = convert_batchnorm
         self._accounting: dict[str, Any] = {}
 
     def accounting(self, step: ClientStep) -> dict[str, Any]:
@@ -178,11 +192,11 @@ class DPSGD(RegisteredDefense):
         rate, steps = min(1.0, mb / len(pool)), self.rounds * per_round
         if self.epsilon is not None:
             try:
-                sigma = noise_for(self.epsilon, float(self.delta), rate, steps, self.accountant)
+                sigma = noise_for(self.epsilon, float(self.delta or 0.0), rate, steps, self.accountant)
             except ValueError as exc:  # Opacus: "The privacy budget is too low."
                 raise self.fail("epsilon", f"{exc} (sampling rate {rate:.3g}, {steps} steps)") from None
         else:
-            sigma = float(self.noise_multiplier)
+            sigma = float(self.noise_multiplier or 0.0)
         out: dict[str, Any] = {"dp_sample_rate": rate, "dp_steps": steps, "dp_noise_multiplier": sigma,
                                "epsilon": None}
         if self.delta and sigma > 0:
@@ -221,6 +235,9 @@ class DPSGD(RegisteredDefense):
                              generator=tap.generator())
 
         return step.with_(sampler=tap.sampler, compute=compute, context=context)
+
+    def replay_rule(self) -> ReplayRule:
+        return DPClipReplay(self.max_grad_norm)
 
     def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
         return {"dp_max_grad_norm": self.max_grad_norm, "delta": self.delta, "dp_accountant": self.accountant,

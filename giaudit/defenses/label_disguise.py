@@ -22,14 +22,17 @@ parameters (disclosed), not the decoys.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from giaudit.defenses.base import ClientStep
-from giaudit.defenses.registry import ParamError, RegisteredDefense, check_finite, register
+from giaudit.defenses.registry import RegisteredDefense, register
+from giaudit.errors import ParamError
+from giaudit.registry import check_number
 from giaudit.types import SharedUpdate
 
 
@@ -57,8 +60,8 @@ class LabelDisguise(RegisteredDefense):
     def __init__(self, *, labels_per_batch: int | None = None, mix: float = 0.0, smoothing: float = 0.0) -> None:
         if labels_per_batch is not None and labels_per_batch < 1:
             raise ParamError("labels_per_batch", "must be >= 1")
-        check_finite("mix", mix, low=0.0, high=1.0)
-        check_finite("smoothing", smoothing, low=0.0, high=1.0)
+        check_number("mix", mix, low=0.0, high=1.0)
+        check_number("smoothing", smoothing, low=0.0, high=1.0)
         if mix + smoothing >= 1.0:
             raise ParamError("mix", "mix + smoothing must be < 1 (the true class must keep some weight)")
         if labels_per_batch is None and mix == 0 and smoothing == 0:

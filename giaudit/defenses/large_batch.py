@@ -12,7 +12,8 @@ the threat model's `batch_size` capability (nothing extra is disclosed).
 from __future__ import annotations
 
 from giaudit.defenses.base import ClientStep
-from giaudit.defenses.registry import ParamError, RegisteredDefense, register
+from giaudit.defenses.registry import RegisteredDefense, register
+from giaudit.errors import ParamError
 
 
 @register("large_batch")

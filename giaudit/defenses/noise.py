@@ -14,18 +14,20 @@ Threat model: an honest-but-curious server that knows the noise scale
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
-from giaudit.defenses.registry import RegisteredDefense, check_finite, register
+from giaudit.defenses.registry import RegisteredDefense, register
+from giaudit.registry import check_number
 from giaudit.types import SharedUpdate
 
 
 @register("noise")
 class AdditiveNoise(RegisteredDefense):
     def __init__(self, *, sigma: float, distribution: Literal["gaussian", "laplace"] = "gaussian") -> None:
-        check_finite("sigma", sigma, low=0.0)
+        check_number("sigma", sigma, low=0.0)
         self.sigma, self.distribution = float(sigma), distribution
 
     def sample(self, like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:

@@ -12,12 +12,14 @@ Threat model: honest-but-curious server that knows the scheme (disclosed).
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from giaudit.defenses.registry import ParamError, RegisteredDefense, register
+from giaudit.defenses.registry import RegisteredDefense, register
+from giaudit.errors import ParamError
 from giaudit.types import SharedUpdate
 
 

@@ -23,12 +23,14 @@ audited client's batch size, and attacks the aggregate.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
 from giaudit.defenses.base import ClientStep
-from giaudit.defenses.registry import ParamError, RegisteredDefense, RngTap, register
+from giaudit.defenses.registry import RegisteredDefense, RngTap, register
+from giaudit.errors import ParamError
 from giaudit.types import ClientProtocol, SharedUpdate
 
 

@@ -17,18 +17,29 @@
 
 Threat model: an honest-but-curious server; it sees which entries are zero
 (the mask) and knows the sparsity level (disclosed), which an adaptive attack
-replays on its trial update.
+replays on its trial update (`SparsifyReplay`): when the observed mask is
+visible, it keeps only the entries the client sent (exact for top-k and random
+masks alike, a constant mask); when noise added later hid the mask, it applies
+the same top-k to the trial (per layer, or one global threshold for
+`topk_global`) at the configured level. A hidden random mask cannot be
+replayed. The mask counts as visible when the observed update has at least
+half the zeros the configured level implies.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from giaudit.defenses.base import ClientStep
-from giaudit.defenses.registry import ParamError, RegisteredDefense, check_finite, register
-from giaudit.types import SharedUpdate
+from giaudit.defenses.registry import RegisteredDefense, register
+from giaudit.errors import ParamError
+from giaudit.ops import keep_count, keep_largest
+from giaudit.registry import check_number
+from giaudit.types import ReplayFn, ReplayRule, SharedUpdate
 
 MODES = ("topk", "topk_global", "random")
 
@@ -42,6 +53,35 @@ def topk_mask(t: Tensor, k: int) -> Tensor:
     return mask.view_as(t)
 
 
+@dataclass(frozen=True)
+class SparsifyReplay:
+    mode: str
+    sparsity: float | None
+    k: int | None
+
+    def build(self, observed: tuple[Tensor, ...], batch_size: int | None,
+              kind: str) -> tuple[str, ReplayFn] | None:
+        sizes = [t.numel() for t in observed]
+        total = sum(sizes) or 1
+        if self.k is not None:
+            kept = self.k if self.mode == "topk_global" else sum(min(self.k, n) for n in sizes)
+            expected = 1.0 - kept / total
+        else:
+            expected = float(self.sparsity or 0.0)
+        zeros = sum(int((t == 0).sum()) for t in observed) / total
+        level = f"k{self.k}" if self.k is not None else f"{float(self.sparsity or 0.0):g}"
+        if zeros > 0 and zeros >= 0.5 * expected:
+            masks = tuple((t != 0).to(t.dtype) for t in observed)
+            return "observed_mask", lambda ts: tuple(t * m for t, m in zip(ts, masks))
+        if self.mode == "topk":
+            counts = tuple(keep_count(n, self.sparsity, self.k) for n in sizes)
+            return f"topk_{level}", lambda ts: tuple(keep_largest((t,), c)[0] for t, c in zip(ts, counts))
+        if self.mode == "topk_global":
+            count = keep_count(total, self.sparsity, self.k)
+            return f"topk_global_{level}", lambda ts: keep_largest(ts, count)
+        return None
+
+
 @register("sparsify")
 class Sparsify(RegisteredDefense):
     def __init__(self, *, mode: Literal["topk", "topk_global", "random"] = "topk", sparsity: float | None = None,
@@ -49,7 +89,7 @@ class Sparsify(RegisteredDefense):
         if (sparsity is None) == (k is None):
             raise ParamError("sparsity", "set exactly one of sparsity (fraction removed, e.g. 0.9) or k "
                              "(entries kept per layer; in total for topk_global)")
-        check_finite("sparsity", sparsity, low=0.0)
+        check_number("sparsity", sparsity, low=0.0)
         if sparsity is not None and sparsity >= 1.0:
             raise ParamError("sparsity", "must be < 1 (1 would send nothing)")
         if k is not None and k < 1:
@@ -85,7 +125,7 @@ class Sparsify(RegisteredDefense):
     def _keep(self, n: int) -> int:
         if self.k is not None:
             return self.k
-        return max(1, int(round(n * (1.0 - float(self.sparsity)))))
+        return keep_count(n, self.sparsity, None)
 
     def sparsify(self, tensors: tuple[Tensor, ...], rng: torch.Generator) -> tuple[Tensor, ...]:
         if self.mode == "topk":
@@ -108,7 +148,7 @@ class Sparsify(RegisteredDefense):
                 mask[torch.randperm(t.numel(), generator=rng)[:self.k]] = True
                 rate = self.k / t.numel()
             else:
-                rate = 1.0 - float(self.sparsity)
+                rate = 1.0 - float(self.sparsity or 0.0)
                 mask = torch.rand(t.numel(), generator=rng) < rate
             kept = t * mask.view_as(t)
             out.append(kept / rate if self.rescale else kept)
@@ -130,3 +170,6 @@ class Sparsify(RegisteredDefense):
         observed = float((flat == 0).float().mean()) if flat.numel() else 0.0
         return {"sparsify": self.mode, "sparsity": self.sparsity if self.sparsity is not None else observed,
                 "sparsify_k": self.k, "error_feedback": self.error_feedback}
+
+    def replay_rule(self) -> ReplayRule:
+        return SparsifyReplay(self.mode, self.sparsity, self.k)

@@ -13,7 +13,25 @@ from giaudit.metrics.image import mse, psnr, ssim
 from giaudit.metrics.lpips import LPIPSMetric, load_lpips
 from giaudit.metrics.matching import match, pairwise_mse
 
+# Every metric a record can hold (image metrics from `evaluate`, semantic ones from
+# `faces.semantic_metrics`); records add _mean / _worst variants and reference_ values.
+# Policies are checked against this list when they are read.
+METRIC_NAMES = (
+    "mse", "psnr_db", "ssim", "lpips", "label_accuracy",
+    "face_detection_rate", "face_detection_batch", "identity_similarity", "identity_match_rate",
+    "gender_accuracy", "race_accuracy", "age_abs_error",
+)
+
+
+def is_metric(name: str) -> bool:
+    """`name` is one of METRIC_NAMES, optionally reference_-prefixed and _mean/_worst-suffixed."""
+    base = name.removeprefix("reference_")
+    for suffix in ("_mean", "_worst"):
+        base = base.removesuffix(suffix)
+    return base in METRIC_NAMES
+
+
 __all__ = [
     "PSNR_CAP_DB", "Evaluation", "evaluate", "mse", "psnr", "ssim",
-    "LPIPSMetric", "load_lpips", "match", "pairwise_mse",
+    "LPIPSMetric", "load_lpips", "match", "pairwise_mse", "METRIC_NAMES", "is_metric",
 ]

@@ -5,7 +5,7 @@ over its `Reconstruction`; the evaluator pairs its images with the client's
 (Hungarian matching on pixel MSE, see `matching`), then measures each pair
 with MSE, PSNR, SSIM (Wang et al. 2004) and, when its weights are present,
 LPIPS (Zhang et al. 2018), and scores the attack's labels with the order-free
-accuracy of `giaudit.attacks.labels.label_accuracy`.
+accuracy of `label_accuracy`.
 
 Conventions (from the defender's side, "worst" means "most leaked"):
 - mse_worst = min, psnr_db_worst = max, ssim_worst = max, lpips_worst = min.
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from giaudit.attacks.labels import label_accuracy
 from giaudit.errors import DataError
 from giaudit.metrics.image import mse, psnr, ssim
 from giaudit.metrics.lpips import LPIPSMetric, load_lpips
@@ -38,6 +37,13 @@ from giaudit.types import GroundTruth, Reconstruction
 
 PSNR_CAP_DB = 100.0
 _RANGE_TOL = 1e-5  # float rounding allowed outside [0, 1] before calling it out of range
+
+
+def label_accuracy(predicted: Tensor, true: Tensor) -> float:
+    """Order-free accuracy: size of the multiset intersection over the batch size."""
+    k = int(max(predicted.max().item(), true.max().item())) + 1
+    hits = torch.minimum(torch.bincount(predicted, minlength=k), torch.bincount(true, minlength=k)).sum()
+    return float(hits.item()) / float(true.numel())
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ MIN_SIDE = 32       # AlexNet features need >= 31 px; 32 is the nearest round si
 _CHUNK = 64         # images per forward pass, to bound memory on large batches
 
 _IMPORT_LOCK = threading.Lock()
-_CACHE: dict[tuple[str, int, int], "LPIPSMetric"] = {}
+_CACHE: dict[tuple[str, int, int], LPIPSMetric] = {}
 
 
 def checkpoints_dir(torch_home: str | os.PathLike | None = None) -> Path:
@@ -116,11 +116,10 @@ def _shim_unsupported(name: str):
 def _make_shim() -> tuple[types.ModuleType, types.ModuleType]:
     tv = types.ModuleType("torchvision", "giaudit stand-in for torchvision, present only while importing lpips")
     models = types.ModuleType("torchvision.models", "giaudit stand-in: alexnet(pretrained=False) only")
-    models.alexnet = _shim_alexnet
+    models.__dict__["alexnet"] = _shim_alexnet
     for name in ("vgg16", "squeezenet1_1", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
         setattr(models, name, _shim_unsupported(name))
-    tv.models = models
-    tv.__giaudit_shim__ = True
+    tv.__dict__.update(models=models, __giaudit_shim__=True)
     return tv, models
 
 

@@ -49,11 +49,11 @@ def match(reconstruction: Tensor, original: Tensor) -> torch.LongTensor:
             f"reconstructed images have shape {tuple(reconstruction.shape[1:])} but originals "
             f"{tuple(original.shape[1:])}")
     if n_org == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long)  # type: ignore[return-value]
     cost = pairwise_mse(original, reconstruction).numpy()  # rows: originals, cols: reconstructions
     if not np.isfinite(cost).all():
         raise ValueError("cannot pair images: the reconstruction contains NaN or infinite pixel values")
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(n_org, dtype=np.int64)
     perm[rows] = cols
-    return torch.from_numpy(perm)
+    return torch.from_numpy(perm)  # type: ignore[return-value]

@@ -16,8 +16,9 @@ image (GIAS's GI-z+theta) behaves like the shared one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,7 @@ class GeneratorConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "GeneratorConfig":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> GeneratorConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -131,8 +132,8 @@ def init_weights(module: nn.Module, generator: torch.Generator) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             # Under spectral normalisation `weight` is computed: write the raw parameter.
-            w = (m.parametrizations.weight.original if nn.utils.parametrize.is_parametrized(m, "weight")
-                 else m.weight)
+            parametrized = nn.utils.parametrize.is_parametrized(m, "weight")
+            w: Tensor = m.parametrizations.weight.original if parametrized else m.weight  # type: ignore[union-attr,assignment]
             with torch.no_grad():
                 w.copy_(torch.randn(w.shape, generator=generator) * 0.02)
                 if m.bias is not None:

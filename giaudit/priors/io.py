@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from giaudit.errors import ConfigError, DataError
+from giaudit.errors import DataError, ParamError
+from giaudit.io import atomic_write_bytes, atomic_write_text
+from giaudit.priors.base import LOADERS, ImagePrior, register_format
 from giaudit.priors.generator import Generator, GeneratorConfig, build_generator
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -32,15 +36,25 @@ FORMAT = "giaudit-prior/1"
 
 @dataclass
 class Prior:
-    """A generator and the record of how it was made."""
+    """A GAN prior: a generator and the record of how it was made (an `ImagePrior`)."""
 
     generator: Generator
     training: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    kind: str = "gan"
 
     @property
     def config(self) -> GeneratorConfig:
         return self.generator.config
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.channels, self.config.size, self.config.size)
+
+    def to_document(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        state = {k: v.detach().contiguous().clone() for k, v in self.generator.state_dict().items()}
+        return state, {"format": FORMAT, "name": self.name, "generator": self.config.to_dict(),
+                       "training": self.training}
 
     def describe(self) -> dict[str, Any]:
         """Short provenance for attack parameters and reports."""
@@ -63,21 +77,16 @@ def _paths(path: Path) -> tuple[Path, Path]:
     return path / "generator.safetensors", path / "config.json"
 
 
-def save_prior(prior: Prior, out: str | os.PathLike[str]) -> Path:
-    """Write the checkpoint; `out` is a folder, or a ``.safetensors`` file for the flat layout.
+def save_prior(prior: ImagePrior, out: str | os.PathLike[str]) -> Path:
+    """Write the checkpoint of any prior kind; `out` is a folder, or a ``.safetensors`` file (flat layout).
 
-    Returns the path to give `load_prior`.
+    Both files are written atomically. Returns the path to give `load_prior`.
     """
     out = Path(out)
     weights, cfg = _paths(out)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in prior.generator.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": FORMAT})
-    doc = {"format": FORMAT, "name": prior.name, "generator": prior.config.to_dict(),
-           "training": prior.training}
-    tmp = cfg.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cfg)
+    state, doc = prior.to_document()
+    atomic_write_bytes(weights, save(state, metadata={"format": str(doc["format"])}))
+    atomic_write_text(cfg, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -97,38 +106,52 @@ def resolve(name_or_path: str | os.PathLike[str], where: str = "prior") -> Path:
     weights, cfg = _paths(p)
     if not weights.is_file() or not cfg.is_file():
         known = ", ".join(shipped) or "none"
-        raise ConfigError(f"{where}: {str(name_or_path)!r} is neither a shipped prior ({known}) nor a checkpoint "
-                          f"({weights.name} + {cfg.name} not found at {p}); train one with "
-                          "`giaudit prior train --data ... --out DIR`")
+        raise ParamError(where, f"{str(name_or_path)!r} is neither a shipped prior ({known}) nor a checkpoint "
+                         f"({weights.name} + {cfg.name} not found at {p}); train one with "
+                         "`giaudit prior train --data ... --out DIR`")
     return p
 
 
-def load_prior(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Prior:
+def load_prior(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+               where: str = "prior") -> ImagePrior:
     """Load a prior by shipped name or path; the generator is returned in eval mode."""
-    path = resolve(name_or_path)
+    path = resolve(name_or_path, where)
     weights, cfg_path = _paths(path)
     try:
         doc = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{cfg_path}: unreadable prior config ({exc}); re-save the prior") from exc
-    if not isinstance(doc, Mapping) or doc.get("format") != FORMAT or "generator" not in doc:
-        raise DataError(f"{cfg_path}: not a giaudit prior config (expected format {FORMAT!r})")
-    config = GeneratorConfig.from_dict(doc["generator"], where=str(cfg_path))
-    gen = Generator(config)
+    fmt = doc.get("format") if isinstance(doc, Mapping) else None
+    if fmt not in LOADERS:
+        raise DataError(f"{cfg_path}: not a giaudit prior config (format {fmt!r}; known: {', '.join(LOADERS)})")
     try:
         state = load_file(str(weights), device=str(device))
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise DataError(f"{weights}: not a readable safetensors file ({exc}); re-save or re-train the prior") from exc
+    if not doc.get("name"):
+        doc = {**doc, "name": path.stem if path.suffix == ".safetensors" else path.name}
+    return LOADERS[fmt](doc, state, str(weights))
+
+
+def _load_gan(doc: Mapping[str, Any], state: dict[str, torch.Tensor], where: str) -> Prior:
+    if "generator" not in doc:
+        raise DataError(f"{where}: its config has no generator section")
+    config = GeneratorConfig.from_dict(doc["generator"], where=where)
+    gen = Generator(config)
+    try:
         gen.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise DataError(f"{weights}: weights do not match the config in {cfg_path.name} ({exc})") from exc
-    gen.to(device).eval()
-    name = doc.get("name") or (path.stem if path.suffix == ".safetensors" else path.name)
-    return Prior(gen, dict(doc.get("training", {})), name=str(name))
+    except RuntimeError as exc:
+        raise DataError(f"{where}: weights do not match the generator config ({exc})") from exc
+    return Prior(gen.eval(), dict(doc.get("training", {})), name=str(doc["name"]))
 
 
-def as_prior(spec: "str | os.PathLike[str] | Prior") -> Prior:
-    """Attacks accept a shipped name, a path, or a `Prior` object (Python API)."""
-    if isinstance(spec, Prior):
+register_format(FORMAT, _load_gan)
+
+
+def as_prior(spec: str | os.PathLike[str] | ImagePrior, where: str = "prior") -> ImagePrior:
+    """Attacks accept a shipped name, a path, or a prior object (Python API); `where` names the key."""
+    if not isinstance(spec, (str, os.PathLike)) and hasattr(spec, "to_document"):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
-        raise ConfigError(f"attack.prior: expected a prior name or path, got {type(spec).__name__}")
-    return load_prior(spec)
+        raise ParamError(where, f"expected a prior name or path, got {type(spec).__name__}")
+    return load_prior(spec, where=where)

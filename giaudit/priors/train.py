@@ -24,17 +24,18 @@ batch 64, holdout_mod 5, one thread), i.e. in Python
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from giaudit import data as D
 from giaudit.errors import ConfigError, DataError
 from giaudit.priors.generator import Discriminator, GeneratorConfig, build_generator, init_weights
 from giaudit.priors.io import Prior, save_prior
@@ -44,8 +45,6 @@ LOSSES = ("gan", "wgan-gp")
 
 def _load_images(data: str, size: int, channels: int | None, limit: int | None) -> Tensor:
     """A data source name (mnist5k, digits, lfw_subset) or an image folder -> images N,C,H,W in [0,1]."""
-    from giaudit.scenario import data as D
-
     if data in D.SOURCES and data != "folder":
         images = D.SOURCES[data](size=size, channels=channels).images
     else:
@@ -80,8 +79,8 @@ def save_grid(images: Tensor, path: Path, nrow: int = 8) -> Path:
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i]
-    arr = (grid.clamp(0, 1) * 255).round().byte()
-    arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
+    u8 = (grid.clamp(0, 1) * 255).round().byte()
+    arr = u8[0].numpy() if c == 1 else u8.permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
@@ -223,7 +222,7 @@ def train_main(data: str, out: Path, *, steps: int = 2000, size: int = 32, seed:
     return path
 
 
-def add_train_arguments(ap: "argparse.ArgumentParser") -> None:
+def add_train_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of `giaudit prior train` (and of `python -m giaudit.priors.train`)."""
     ap.add_argument("--data", required=True, help="mnist5k | digits | lfw_subset | an image folder")
     ap.add_argument("--out", required=True, type=Path, help="a folder, or NAME.safetensors")
@@ -237,11 +236,12 @@ def add_train_arguments(ap: "argparse.ArgumentParser") -> None:
                     help="leave out images whose index is a multiple of this (the audit's client pool; 0 keeps all)")
     ap.add_argument("--limit", type=int, default=None, help="read at most this many images")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: only at the end)")
+    ap.add_argument("--sample-every", type=int, default=0,
+                    help="write a sample grid every N steps (0: only at the end)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def cli_train(a: "argparse.Namespace") -> int:
+def cli_train(a: argparse.Namespace) -> int:
     path = train_main(a.data, a.out, steps=a.steps, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
                       width=a.width, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
                       sample_every=a.sample_every, show_progress=not a.no_progress)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
-from giaudit.results import atomic_write_bytes, atomic_write_text, write_table
+from giaudit.results import write_table
 
 COLUMNS = (  # (header, key of the mean, key of the CI half-width or None, decimals)
     ("PSNR dB", "psnr_db_mean", "psnr_db_ci95", 2),
@@ -69,16 +71,16 @@ def privacy_utility_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
     attacks = list(dict.fromkeys(r["attack"] for r in points))
     for i, attack in enumerate(attacks):
         pts = [r for r in points if r["attack"] == attack]
-        xerr = [0.0 if math.isnan(_num(r.get("utility_accuracy_ci95")) or math.nan) else float(r["utility_accuracy_ci95"])
-                for r in pts]
+        xerr = [0.0 if math.isnan(_num(r.get("utility_accuracy_ci95")) or math.nan)
+                else float(r["utility_accuracy_ci95"]) for r in pts]
         yerr = [0.0 if math.isnan(_num(r.get("psnr_db_ci95")) or math.nan) else float(r["psnr_db_ci95"]) for r in pts]
         ax.errorbar([float(r["utility_accuracy_mean"]) for r in pts], [float(r["psnr_db_mean"]) for r in pts],
                     xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3, label=attack, alpha=0.85)
         for r in pts:
             ax.annotate(str(r["defense"]), (float(r["utility_accuracy_mean"]), float(r["psnr_db_mean"])),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    base = [_num(r.get("utility_baseline_accuracy")) for r in points]
-    base = [b for b in base if b is not None and not math.isnan(b)]
+    base = [b for b in (_num(r.get("utility_baseline_accuracy")) for r in points)
+            if b is not None and not math.isnan(b)]
     if base:
         ax.axvline(sum(base) / len(base), color="grey", ls="--", lw=0.8, label="no-defense utility")
     ax.set_xlabel("utility: held-out accuracy after short federated training (higher is better)")
@@ -130,7 +132,8 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
         atomic_write_bytes(out / "compare_privacy_utility.png", png)
     settings = meta.get("utility", {})
     facts = [f"Scenario: {meta.get('scenario', '')} (base config: {meta.get('base_config', '')})",
-             f"Seeds: {', '.join(str(s) for s in meta.get('seeds', []))}; attacks: {', '.join(meta.get('attacks', {}))}",
+             f"Seeds: {', '.join(str(s) for s in meta.get('seeds', []))}; "
+             f"attacks: {', '.join(meta.get('attacks', {}))}",
              f"Utility training: {settings.get('rounds')} rounds x {settings.get('clients')} clients",
              f"Wall time: {float(meta.get('wall_s', 0.0)):.0f} s"]
     presets = meta.get("presets", {})

@@ -18,8 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -48,10 +47,6 @@ def figure_to_png(fig, *, dpi: int | None = None) -> bytes:
 def png_data_uri(png: bytes) -> str:
     """`data:image/png;base64,...` so HTML reports need no side files."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def figure_to_data_uri(fig, *, dpi: int | None = None) -> str:
-    return png_data_uri(figure_to_png(fig, dpi=dpi))
 
 
 def to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -115,7 +110,7 @@ def pair_grid_png(original: np.ndarray, reconstruction: np.ndarray,
                 spine.set_color("#9aa5b1")
             if r == 0:
                 ax.set_title(lab, fontsize=8, color="#52606d", pad=3)
-            if j == 0 and has_caption and i < len(captions):
+            if j == 0 and captions is not None and i < len(captions):
                 # Caption centred under the pair: anchor at the right edge of the original.
                 ax.text(1.02, -0.06, captions[i], transform=ax.transAxes, ha="center", va="top",
                         fontsize=7.5, color="#1f2933")
@@ -125,16 +120,6 @@ def pair_grid_png(original: np.ndarray, reconstruction: np.ndarray,
         fig.text(0.5, 0.0, f"showing the {n} most leaked of {n_total} pairs", ha="center", va="top",
                  fontsize=8, color="#52606d")
     return figure_to_png(fig)
-
-
-def render_grid_png(original: np.ndarray, reconstruction: np.ndarray, path: str | Path,
-                    captions: Sequence[str] | None = None, **kwargs) -> Path:
-    """`pair_grid_png` written to `path` atomically."""
-    from giaudit.results import atomic_write_bytes
-
-    path = Path(path)
-    atomic_write_bytes(path, pair_grid_png(original, reconstruction, captions, **kwargs))
-    return path
 
 
 def positive_finite(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -26,13 +26,15 @@ import platform
 import re
 import shlex
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.report import figures
-from giaudit.results import AuditRecord, ResultsStore, atomic_write_bytes, atomic_write_text, load_images
+from giaudit.results import AuditRecord, ResultsStore, load_images, load_results
 
 # Names of the SoK classes (Carletti et al., Table of attacker capabilities).
 SOK_NAMES = {
@@ -317,10 +319,10 @@ def _metric_table(records: Sequence[AuditRecord]) -> Table:
         if lp == _MISSING and _lpips_note(r):
             lp = "unavailable (see notes)"
         acc = m.get("label_accuracy")
-        acc_s = f"{100 * float(acc):.0f} %" if _finite(acc) else _MISSING
+        acc_s = f"{100 * float(acc):.0f} %" if acc is not None and _finite(acc) else _MISSING
         t = r.timings or {}
         total = t.get("total_s", t.get("attack_s"))
-        time_s = f"{float(total):.1f} s" if _finite(total) else _MISSING
+        time_s = f"{float(total):.1f} s" if total is not None and _finite(total) else _MISSING
         if _finite(t.get("iterations")):
             time_s += f", {int(t['iterations'])} it"
         row = [r.scenario, r.defense, r.attack, str(r.seed), _pair(m, _PSNR, 2), _pair(m, _SSIM, 4), lp,
@@ -434,7 +436,8 @@ def _verdict(verdict: Any) -> tuple[bool | None, Table | None]:
 def collect(store: ResultsStore, verdict: Any = None) -> ReportData:
     """Everything the report shows, read from the store (no metric is recomputed)."""
     meta = store.meta or {}
-    config = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    raw_config = meta.get("config")
+    config: Mapping[str, Any] = raw_config if isinstance(raw_config, Mapping) else {}
     records = list(store.records)
     run_name = str(config.get("name") or meta.get("name") or Path(store.run_dir).name)
     versions, vsource = _versions(meta)
@@ -575,8 +578,8 @@ def to_html(d: ReportData) -> str:
              'Learning” (USENIX Security 2025); capabilities are cumulative from A to E.</p>')
     if not d.threats:
         p.append("<p>No records: nothing was attacked.</p>")
-    for g in d.threats:
-        s = threat_sentences(g)
+    for tg in d.threats:
+        s = threat_sentences(tg)
         p.append('<div class="threat">')
         p.append(f'<div><span class="sok">{_e(s["letter"])}</span><strong>{_e(s["name"])}</strong></div>')
         p.append("<div>The attacker sees:</div><ul>" + "".join(f"<li>{_e(x)}</li>" for x in s["sees"]) + "</ul>")
@@ -586,8 +589,8 @@ def to_html(d: ReportData) -> str:
         else:
             p.append('<div class="no-oracle">No oracle: the attacker was given no part of the private batch.'
                      '</div>')
-        p.append(f'<div class="muted">Labels: {_e(", ".join(g.label_sources))} · records: '
-                 f'{_e(", ".join(g.record_ids))}</div></div>')
+        p.append(f'<div class="muted">Labels: {_e(", ".join(tg.label_sources))} · records: '
+                 f'{_e(", ".join(tg.record_ids))}</div></div>')
     p.append("</section>")
 
     p.append('<section id="defenses"><h2>Defenses</h2>')
@@ -697,16 +700,16 @@ def to_markdown(d: ReportData, figure_dir: str = "figures", loss_name: str = "lo
           "(USENIX Security 2025); capabilities are cumulative from A to E.", ""]
     if not d.threats:
         p += ["No records: nothing was attacked.", ""]
-    for g in d.threats:
-        s = threat_sentences(g)
+    for tg in d.threats:
+        s = threat_sentences(tg)
         p += [f"**SoK class {md_escape(s['letter'])}: {md_escape(s['name'])}.** The attacker sees:", ""]
         p += [f"- {md_escape(x)}" for x in s["sees"]] + [""]
         if s["oracles"]:
             p += [f"Oracle outside the SoK classes: **{md_escape(o)}**" for o in s["oracles"]]
         else:
             p += ["No oracle: the attacker was given no part of the private batch."]
-        p += ["", f"Labels: {md_escape(', '.join(g.label_sources))}; records: "
-                  f"{md_escape(', '.join(g.record_ids))}", ""]
+        p += ["", f"Labels: {md_escape(', '.join(tg.label_sources))}; records: "
+                  f"{md_escape(', '.join(tg.record_ids))}", ""]
 
     p += ["## Defenses", ""]
     if d.defense_configs:
@@ -789,8 +792,6 @@ def render(store: ResultsStore, out_dir: str | Path | None = None, *, verdict: A
 def render_path(run_dir: str | Path, out_dir: str | Path | None = None, *, verdict: Any = None
                 ) -> tuple[Path, Path]:
     """`render` for a run folder on disk (raises DataError when it holds no results.json)."""
-    from giaudit.results import load_results
-
     return render(load_results(run_dir), out_dir, verdict=verdict)
 
 

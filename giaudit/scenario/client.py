@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from giaudit.attacks._common.bn import BNStatsRecorder
+from giaudit.data import ImageDataset
 from giaudit.defenses.base import Chain, ClientStep, Defense
-from giaudit.scenario.data import ImageDataset
+from giaudit.errors import ConfigError
+from giaudit.fl import BNStatsRecorder
 from giaudit.threat import observe
 from giaudit.types import ClientProtocol, GroundTruth, Observation, SharedUpdate, ThreatModel
 
@@ -48,15 +50,13 @@ class Scenario:
     batch_size: int
     threat: ThreatModel
 
-    def simulate(self, defenses: Defense | None = None,
+    def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        defense = defenses or Chain(())
+        defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
         step = defense.configure(ClientStep(self.protocol, self.batch_size, self.pool.spec.num_classes,
                                             context={"pool": self.pool, "model": self.model}))
         if step.batch_size > len(self.pool):
-            from giaudit.errors import ConfigError
-
             raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
                               f"({len(self.pool)} images)")
         # A defense may replace the global model (DP-SGD converting BatchNorm to
@@ -72,10 +72,10 @@ class Scenario:
         tensors = step.compute(client_model, batch.images, targets, step.protocol)
         bn_stats = recorder.take() if recorder.layers else None
         recorder.close()
-        kind = "gradient" if step.protocol.name == "fedsgd" else "delta"
+        kind: Literal["gradient", "delta"] = "gradient" if step.protocol.name == "fedsgd" else "delta"
         update = defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), gen)
 
         obs = observe(model=copy.deepcopy(global_model), update=update, data_spec=self.pool.spec,
                       threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
-                      labels=batch.labels, bn_statistics=bn_stats, disclosed=defense.disclose(update))
+                      labels=batch.labels, bn_statistics=bn_stats, disclosed=defense.disclosures(update))
         return obs, truth

@@ -13,7 +13,7 @@ the attacks clamp to is the model's input range.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class LeNet(nn.Module):
             nn.Conv2d(12, 12, 5, padding=2, stride=2), act(),
             nn.Conv2d(12, 12, 5, padding=2, stride=1), act(),
         )
-        side = -(-(-(-size // 2)) // 2)  # two stride-2 convs with padding 2: ceil twice
+        side = -(-size // 4)  # two stride-2 convs with padding 2: ceil(ceil(size / 2) / 2) = ceil(size / 4)
         self.fc = nn.Linear(12 * side * side, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +139,3 @@ def build_model(name: str, *, channels: int, num_classes: int, size: int,
                 p.data.uniform_(-0.5, 0.5)
     return model
 
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

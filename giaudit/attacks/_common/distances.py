@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ class _CosineDistance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights, *tensors):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, weights, *tensors):
         n = len(tensors) // 2
         trial, target = tensors[:n], tensors[n:]
         w = [1.0] * n if weights is None else [float(v) for v in weights]
@@ -69,7 +69,7 @@ class _CosineDistance(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+    def backward(ctx, g):
         saved = ctx.saved_tensors
         n = len(saved) // 2
         trial, target = saved[:n], saved[n:]

@@ -15,7 +15,7 @@ DLG its L-BFGS closure: not the same shape.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor

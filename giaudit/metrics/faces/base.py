@@ -15,8 +15,8 @@ detector looks for faces of about 80 px and larger), see `to_rgb_uint8`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from giaudit.errors import ConfigError, DataError
 #: What an analyzer may provide; `FaceAnalyzer.provides` is a subset.
 CAPABILITIES = ("detection", "identity", "gender", "age", "race")
 
-#: Race codes follow UTKFace's file names (giaudit.scenario.data.UTK_RACES).
+#: Race codes follow UTKFace's file names (giaudit.data.UTK_RACES).
 RACES = ("white", "black", "asian", "indian", "others")
 
 #: Gender codes follow UTKFace: 0 = male, 1 = female.
@@ -131,5 +131,5 @@ def to_rgb_uint8(image: np.ndarray, size: int) -> np.ndarray:
     if u8.shape[2] == 1:
         u8 = np.repeat(u8, 3, axis=2)
     if u8.shape[0] != size or u8.shape[1] != size:
-        u8 = np.asarray(Image.fromarray(u8).resize((size, size), Image.BICUBIC))
+        u8 = np.asarray(Image.fromarray(u8).resize((size, size), Image.Resampling.BICUBIC))
     return np.ascontiguousarray(u8)

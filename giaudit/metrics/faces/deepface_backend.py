@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,8 @@ class DeepFaceAnalyzer(FaceAnalyzer):
                  home: str | os.PathLike[str] | None = None, engine: str | None = None,
                  working_size: int = 160, actions: tuple[str, ...] = ("gender", "age", "race")) -> None:
         if importlib.util.find_spec("deepface") is None:
-            raise FaceBackendUnavailable("output.semantic = 'deepface' needs the deepface package: pip install deepface "
+            raise FaceBackendUnavailable("output.semantic = 'deepface' needs the deepface package: "
+                                         "pip install deepface "
                                          "(and torch, tensorflow or onnxruntime as its engine), with its weight files "
                                          "in $DEEPFACE_HOME/.deepface/weights/; or use semantic = 'offline'")
         if engine is not None and engine not in ENGINES:

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import numpy as np
 

@@ -37,8 +37,9 @@ of one image.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -156,8 +157,8 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
         "face_detection_rate": float(np.mean([x.detected for x in a_orig])),
         "face_detection_batch": float(any(x.detected for x in a_orig)),
     }
-    embs = [x.embedding for x in a_orig]
-    if "identity" in provides and n > 1 and all(e is not None for e in embs):
+    embs = [x.embedding for x in a_orig if x.embedding is not None]
+    if "identity" in provides and n > 1 and len(embs) == n:
         sims, matches = [], []
         for i in range(n):
             for k in range(i + 1, n):

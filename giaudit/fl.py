@@ -1,12 +1,22 @@
-"""The client's update function, written once.
+"""Federated-learning primitives shared by the client, the defenses and the attacks.
 
-The scenario computes the real update with it and every gradient-matching
-attack computes its trial update with it, so attack and client cannot drift
-apart (same loss, same mini-batch order, same local steps).
+One floor below `scenario`, `defenses` and `attacks`, so each can use them
+without importing the others:
+
+- `compute_update`, the client's update function, written once: the scenario
+  computes the real update with it and every gradient-matching attack computes
+  its trial update with it, so attack and client cannot drift apart (same
+  loss, same mini-batch order, same local steps);
+- `classification_loss` and `minibatches`, the pieces DP-SGD's per-sample
+  step reuses;
+- `BNStatsRecorder`, the batch statistics BatchNorm layers see: the client
+  reports them (detached) when the threat model grants `bn_statistics`, and an
+  attack with the BN prior of Yin et al. 2021 records those of its candidate
+  (differentiable) to match them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +61,29 @@ def compute_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProto
             grads = torch.autograd.grad(classification_loss(logits, y[sl]), current, create_graph=create_graph)
             current = [p - protocol.local_lr * g for p, g in zip(current, grads)]
     return tuple(c - s for c, s in zip(current, start))
+
+
+class BNStatsRecorder:
+    """Records (mean, variance) of the input of each BN layer on the first forward after `take()`."""
+
+    def __init__(self, model: nn.Module, *, detach: bool) -> None:
+        self.detach = detach
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.stats: list[tuple[Tensor, Tensor]] = []
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, _module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+        # Only the first forward counts (FedAvg runs several; the reported statistics are the first batch's).
+        if len(self.stats) < len(self.layers):
+            x = inputs[0].detach() if self.detach else inputs[0]
+            dims = [0] + list(range(2, x.ndim))
+            self.stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+
+    def take(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        """The statistics recorded so far; recording starts afresh."""
+        out, self.stats = tuple(self.stats), []
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -18,9 +18,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class ImageDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, idx: torch.Tensor) -> "ImageDataset":
+    def subset(self, idx: torch.Tensor) -> ImageDataset:
         meta = tuple(self.meta[i] for i in idx.tolist()) if self.meta else ()
         return ImageDataset(self.images[idx], self.labels[idx], self.spec, meta)
 
@@ -133,8 +134,8 @@ def _read_image(path: Path) -> torch.Tensor:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB") if im.mode not in ("L", "I;16") else im.convert("L")
+        with Image.open(path) as src:
+            im = src.convert("RGB") if src.mode not in ("L", "I;16") else src.convert("L")
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except OSError as exc:
         raise DataError(f"{path}: cannot read image ({exc}); remove it or convert it") from exc
@@ -149,7 +150,7 @@ def _list_images(root: Path) -> list[Path]:
 LABEL_PARSERS = ("subfolder", "utkface")
 
 
-def load_folder(root: str | os.PathLike[str], size: int | None = 32, channels: int | None = None,
+def load_folder(path: str | os.PathLike[str], size: int | None = 32, channels: int | None = None,
                 label_parser: str = "subfolder", label_field: str = "gender",
                 limit: int | None = None) -> ImageDataset:
     """Read an image folder.
@@ -159,7 +160,7 @@ def load_folder(root: str | os.PathLike[str], size: int | None = 32, channels: i
     (gender: 2 classes, race: 5, age: decade bins 0..9).
     ``limit`` caps the number of images read (first by sorted name).
     """
-    root = Path(root).expanduser()
+    root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path: folder {root} does not exist; point it at an image folder")
     items: list[tuple[Path, int, dict[str, Any]]] = []
