@@ -190,7 +190,8 @@ def test_lpips_missing_weights_is_unavailable_with_reason(tmp_path, monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     metric = load_lpips()
     assert not metric.available
-    assert metric.reason == f"LPIPS unavailable: place {ALEXNET_FILE} in {tmp_path / 'hub' / 'checkpoints'}"
+    assert metric.reason == (f"LPIPS unavailable: {ALEXNET_FILE} is not in {tmp_path / 'hub' / 'checkpoints'}; "
+                             "run `giaudit weights fetch lpips-alexnet` (or place torchvision's file there)")
     with pytest.raises(DataError, match="LPIPS unavailable"):
         metric(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
 

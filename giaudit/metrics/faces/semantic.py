@@ -75,6 +75,9 @@ def _score(attr: str, pred: float, truth: float) -> float:
     return abs(pred - truth) if attr == "age" else float(round(pred) == round(truth))
 
 
+# How to get an attribute the backend lacks (named in the report's note).
+_ENABLE = {"race": "; for race set output.semantic = 'deepface' and run `giaudit weights fetch deepface-race`"}
+
 _KEY = {"gender": "gender_accuracy", "race": "race_accuracy", "age": "age_abs_error"}
 
 
@@ -110,7 +113,7 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
     attrs = [a for a in ATTRIBUTES if a in provides]
     for a in ATTRIBUTES:
         if a not in provides:
-            notes.append(f"{a}: unavailable with the {analyzer.name} backend")
+            notes.append(f"{a}: unavailable with the {analyzer.name} backend{_ENABLE.get(a, '')}")
     sources = {}
     for a in attrs:
         labelled = sum(_label(m, a) is not None for m in metas)
