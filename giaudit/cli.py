@@ -82,6 +82,34 @@ def _prior_train(args: argparse.Namespace) -> int:
     return cli_train(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from giaudit.doctor import doctor_main, needs
+
+    if not args.config:
+        return doctor_main(as_json=args.json)
+    from giaudit.attacks import attack_options
+    from giaudit.config import load_config
+
+    spec = load_config(args.config)
+    # The priors the config's attacks load: their own option, else the attack's default.
+    priors = [p for name, opts in spec.attacks.items()
+              if isinstance(p := {**attack_options(name), **opts}.get("prior"), str)]
+    return doctor_main(needed=needs(spec.output, priors), priors=priors, config=args.config, as_json=args.json)
+
+
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from giaudit.weights import fetch_main
+
+    return fetch_main(args.names, source=args.source, dest=args.dest, engine=args.engine, sha256=args.sha256,
+                      allow_unpinned=args.allow_unpinned)
+
+
+def _weights_list(args: argparse.Namespace) -> int:
+    from giaudit.weights import list_main
+
+    return list_main(engine=args.engine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="giaudit", description="Audit what a curious federated-learning server can "
                                 "reconstruct from shared updates, under defenses.")
@@ -130,6 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
                          "safetensors + JSON config.")
     add_train_arguments(pt)
     pt.set_defaults(func=_prior_train)
+
+    dr = sub.add_parser("doctor", help="which optional capabilities are ready here, and how to enable each",
+                        description="Print one row per optional capability (LPIPS, face backends, deepface models, "
+                        "priors, Ray, Flower, Chromium): status, where giaudit looks, the command that enables it. "
+                        "With --config: exit 0 when everything the config needs is ready, else 1.")
+    dr.add_argument("--config", help="audit config (TOML) whose needs decide the exit code")
+    dr.add_argument("--json", action="store_true", help="print the table as JSON")
+    dr.set_defaults(func=_doctor)
+
+    w = sub.add_parser("weights", help="fetch published model weights (the only command that downloads)",
+                       description="Fetch model weights into the folders giaudit's loaders read. Audits and "
+                       "reports never download.")
+    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="WEIGHTS_COMMAND")
+    wf = wsub.add_parser("fetch", help="download (or copy) weights, verify their SHA-256, write them atomically",
+                         description="Download NAME... (or all) into $TORCH_HOME/hub/checkpoints or "
+                         "$DEEPFACE_HOME/.deepface/weights, verify the pinned SHA-256, resume interrupted "
+                         "transfers (HTTP Range).")
+    wf.add_argument("names", nargs="+", metavar="NAME", help="lpips-alexnet, deepface-age, deepface-gender, "
+                    "deepface-race, deepface-vggface, deepface-facenet, or all")
+    wf.add_argument("--from", dest="source", metavar="DIR_OR_URL",
+                    help="a local folder holding the files (no network) or a mirror base URL (URL/<file>)")
+    wf.add_argument("--dest", help="write every file into this folder instead of the loaders' folders "
+                    "(e.g. to carry them to an air-gapped machine)")
+    wf.add_argument("--engine", help="deepface engine the files are for: tensorflow, pytorch or onnx "
+                    "(default: the one deepface runs on)")
+    wf.add_argument("--sha256", metavar="HEX", help="expected SHA-256 (one NAME only; e.g. a private mirror's file)")
+    wf.add_argument("--allow-unpinned", action="store_true",
+                    help="fetch files that have no published SHA-256 (the hash is printed, not checked)")
+    wf.set_defaults(func=_weights_fetch)
+    wl = wsub.add_parser("list", help="the weight names, files, destinations and hash sources",
+                         description="List every weight name with its file, pinned hash and destination.")
+    wl.add_argument("--engine", help="deepface engine: tensorflow, pytorch or onnx")
+    wl.set_defaults(func=_weights_list)
     return p
 
 
