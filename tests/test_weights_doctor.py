@@ -55,7 +55,7 @@ class _Server:
             def log_message(self, *_args) -> None:  # keep pytest output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:  # http.server calls it by this name
                 name = self.path.rsplit("/", 1)[-1]
                 rng = self.headers.get("Range")
                 server.requests.append((name, rng))
@@ -281,7 +281,7 @@ def test_registry_names_agree_with_the_loaders():
 
 def test_only_cli_and_doctor_reach_the_downloader():
     pattern = re.compile(r"^\s*(from giaudit\.weights|import giaudit\.weights|from giaudit import .*\bweights\b)",
-                         re.M)
+                         re.MULTILINE)
     users = sorted(str(p.relative_to(REPO)) for p in (REPO / "giaudit").rglob("*.py") if pattern.search(p.read_text()))
     assert users == ["giaudit/cli.py", "giaudit/doctor.py"]
 
