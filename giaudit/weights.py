@@ -375,9 +375,12 @@ def fetch_main(requested: list[str], *, source: str | None = None, dest: str | N
 
 def list_main(*, engine: str | None = None, out: Callable[[str], None] = print) -> int:
     """`giaudit weights list`: every name, its file, destination and hash source."""
+    eng: str | None = engine
     try:
-        eng: str | None = _engine(engine)
+        eng = _engine(engine)
     except ConfigError:
+        if engine is not None:      # a misspelt --engine is the user's error; "deepface absent" is not
+            raise
         eng = None
     for name in names():
         entry = LPIPS_ALEXNET if name == LPIPS_ALEXNET.name else (deepface_file(name, eng) if eng else None)

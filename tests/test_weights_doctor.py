@@ -5,9 +5,11 @@ is pinned through `--sha256`, the override a private mirror would use.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
+import json
 import re
 import socket
 import threading
@@ -235,12 +237,51 @@ def test_from_dir_works_with_no_network(homes, tmp_path, alexnet_bytes, monkeypa
     assert "--from" in capsys.readouterr().err
 
 
+def test_complete_part_file_is_finished_on_416(homes, server, alexnet_bytes):
+    server.files[ALEXNET_FILE] = alexnet_bytes
+    part = checkpoints_dir() / f"{ALEXNET_FILE}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(alexnet_bytes)
+    res = weights.fetch(weights.LPIPS_ALEXNET, source=server.url, sha256=_sha(alexnet_bytes))
+    assert res.path.read_bytes() == alexnet_bytes and _files(part.parent) == [ALEXNET_FILE]
+    assert server.requests == [(ALEXNET_FILE, f"bytes={len(alexnet_bytes)}-")]
+
+
+def test_all_fetches_what_it_can_verify_and_names_what_it_skipped(homes, tmp_path, alexnet_bytes, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr(weights, "LPIPS_ALEXNET", dataclasses.replace(weights.LPIPS_ALEXNET,
+                                                                      sha256=_sha(alexnet_bytes)))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / ALEXNET_FILE).write_bytes(alexnet_bytes)
+    assert main(["weights", "fetch", "all", "--engine", "pytorch", "--from", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "lpips-alexnet: fetched" in out and "skipped deepface-age, deepface-gender" in out
+    assert "--allow-unpinned" in out and load_lpips().available
+
+
+def test_report_notes_name_the_fix():
+    from giaudit.metrics.faces import FaceAnalysis, FaceAnalyzer, semantic_metrics
+
+    class Detector(FaceAnalyzer):
+        name = "stub"
+        provides = frozenset({"detection"})
+
+        def analyze(self, images, *, what=()):  # type: ignore[no-untyped-def]
+            return [FaceAnalysis(detected=True) for _ in images]
+
+    images = torch.rand(2, 1, 8, 8).numpy()
+    notes = semantic_metrics(images, images, analyzer=Detector()).notes
+    assert any(n.startswith("race: unavailable") and "giaudit weights fetch deepface-race" in n for n in notes)
+
+
 def test_user_errors_exit_2_with_one_line(homes, capsys):
     for argv, needle in [(["weights", "fetch", "alexnet"], "unknown name 'alexnet'"),
                          (["weights", "fetch", "deepface-race", "--engine", "pytorch"], "--allow-unpinned"),
                          (["weights", "fetch", "deepface-race", "--engine", "caffe"], "--engine"),
                          (["weights", "fetch", "all", "--engine", "tf", "--sha256", "0" * 64], "exactly one"),
-                         (["weights", "fetch", "lpips-alexnet", "--sha256", "xyz"], "64 hex")]:
+                         (["weights", "fetch", "lpips-alexnet", "--sha256", "xyz"], "64 hex"),
+                         (["weights", "list", "--engine", "caffe"], "--engine")]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and needle in err, (argv, err)
@@ -304,8 +345,6 @@ def test_doctor_lists_lpips_missing_then_ready(homes, alexnet_bytes, capsys):
     folder.mkdir(parents=True)
     (folder / ALEXNET_FILE).write_bytes(alexnet_bytes)
     assert main(["doctor", "--json"]) == 0
-    import json
-
     rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["capabilities"]}
     assert rows["lpips-alexnet"]["status"] == "ready" and rows["lpips-alexnet"]["enable"] == ""
 
