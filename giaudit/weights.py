@@ -219,6 +219,7 @@ def _download(url: str, part: Path, log: Callable[[str], None]) -> None:
         if have and resp.status == 206:
             crange = resp.headers.get("Content-Range", "")
             if not crange.startswith(f"bytes {have}-"):
+                part.unlink()   # the body is some other range: start over on the next attempt
                 raise _Short(f"server answered Range bytes={have}- with Content-Range {crange!r}")
             mode = "ab"
             log(f"  resuming {part.name} at {have} bytes")
@@ -301,7 +302,7 @@ def fetch(entry: WeightFile, *, source: str | os.PathLike[str] | None = None,
         sha256 = sha256.strip().lower()
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ConfigError(f"--sha256: {sha256!r} is not a SHA-256 (64 hex digits)")
-        entry = replace(entry, sha256=sha256, hash_source="given on the command line")
+        entry = replace(entry, sha256=sha256, size=None, hash_source="given on the command line")
     if entry.sha256 is None and not allow_unpinned:
         raise ConfigError(f"{entry.name}: {entry.file} has no pinned SHA-256 ({entry.hash_source})")
     folder = Path(dest).expanduser() if dest is not None else entry.dest_dir()
