@@ -87,13 +87,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
     if not args.config:
         return doctor_main(as_json=args.json)
-    from giaudit.attacks import attack_options
+    from giaudit.attacks import ATTACKS
     from giaudit.config import load_config
 
     spec = load_config(args.config)
     # The priors the config's attacks load: their own option, else the attack's default.
-    priors = [p for name, opts in spec.attacks.items()
-              if isinstance(p := {**attack_options(name), **opts}.get("prior"), str)]
+    defaults = {name: {k: o.default for k, o in ATTACKS.options(name).items()} for name in spec.attacks}
+    priors = [p for name, opts in spec.attacks.items() if isinstance(p := {**defaults[name], **opts}.get("prior"), str)]
     return doctor_main(needed=needs(spec.output, priors), priors=priors, config=args.config, as_json=args.json)
 
 

@@ -27,8 +27,9 @@ import inspect
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from giaudit.errors import GiauditError
 from giaudit.metrics.faces import backend_status
@@ -166,8 +167,8 @@ def check_prior(spec: str) -> Check:
         prior = load_prior(spec)
     except Exception as exc:  # unreadable or mismatched checkpoint
         return Check(key, label, BROKEN, _error(exc), str(path), enable)
-    c = prior.config
-    return Check(key, label, READY, f"{c.channels}x{c.size}x{c.size}, latent {c.latent_dim}", str(path), "")
+    c, h, w = prior.image_shape
+    return Check(key, label, READY, f"{prior.kind}, {c}x{h}x{w}", str(path), "")
 
 
 def _package_row(key: str, label: str, module: str, dist: str, enable: str) -> Check:

@@ -36,9 +36,9 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 from giaudit.errors import ConfigError, GiauditError
 from giaudit.metrics.faces.base import FaceBackendUnavailable

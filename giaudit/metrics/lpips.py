@@ -243,7 +243,7 @@ def _load_trunk(trunk: nn.Module, path: Path) -> None:
     trunk.load_state_dict(wanted, strict=True)
 
 
-def import_lpips():  # type: ignore[no-untyped-def]
+def import_lpips() -> types.ModuleType:
     """The lpips package (imported with the torchvision stand-in when needed); raises ImportError."""
     return _import_lpips()
 
