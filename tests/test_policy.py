@@ -87,10 +87,18 @@ def test_min_rule_and_missing_metric(results_dir):
 
 
 def test_metric_absent_everywhere_fails_with_list(results_dir, tmp_path, capsys):
-    p = _write(tmp_path, "[rules]\npsnr.max = 15\n")
+    # A known metric these records did not measure (no semantic backend ran) fails the rule, listing what is there.
+    p = _write(tmp_path, "[rules]\ngender_accuracy.max = 0.6\n")
     assert check_main(results_dir, p) == 1
     out = capsys.readouterr().out
-    assert "no record has metric 'psnr'" in out and "psnr_db_worst" in out
+    assert "no record has metric 'gender_accuracy'" in out and "psnr_db_worst" in out
+
+
+def test_unknown_metric_is_bad_input(results_dir, tmp_path, capsys):
+    p = _write(tmp_path, "[rules]\npsnr.max = 15\n")
+    assert check_main(results_dir, p) == 2
+    err = capsys.readouterr().err
+    assert "rules.psnr: unknown metric 'psnr'" in err and "psnr_db" in err
 
 
 @pytest.mark.parametrize("text, key", [
