@@ -9,6 +9,7 @@ again skips what is done (same record id and config hash).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import platform
 import re
@@ -35,13 +36,8 @@ from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
 from giaudit.scenario.client import Scenario, pretrain
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
+from giaudit.training import TrainingRun, TrainingSettings, stable_seed, train
 from giaudit.types import Capability, ClientProtocol, Observation, ThreatModel, disclosed_values
-
-
-def stable_seed(*parts: Any) -> int:
-    """A stable 62-bit seed from parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
 
 
 @lru_cache(maxsize=4)
@@ -115,7 +111,7 @@ def _progress_bar(desc: str, total: int, enabled: bool) -> Any:
 
 
 def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
-              defense_label: str | None = None) -> ResultsStore:
+              defense_label: str | None = None, training: TrainingSettings | None = None) -> ResultsStore:
     """Run every (attack, seed) of `spec`, writing each record as it finishes; return the store."""
     torch.set_flush_denormal(True)  # denormals slowed some runs 40x (performance.md)
     out = Path(out_dir)
@@ -128,43 +124,110 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     lpips_metric = _lpips(spec)
     analyzer, analyzer_note = _analyzer(spec)
     scen_name = scenario_name(spec)
+    training = training or TrainingSettings()
+    runs: dict[int, TrainingRun] = {}
     for seed in spec.seeds:
-        todo = []
-        for attack_name in spec.attacks:
-            rid = _safe(f"{spec.name}__{label}__{attack_name}__s{seed}")
-            chash = config_hash({**{k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")},
-                                 "attack": {attack_name: dict(spec.attacks[attack_name])}, "seed": seed})
-            if not store.has(rid, chash):
-                todo.append((attack_name, rid, chash))
-        if not todo:
-            continue
-        start = time.perf_counter()
-        scenario, _held = build_scenario(spec, seed)
-        obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(stable_seed("batch", seed)))
-        setup_s = time.perf_counter() - start
-        for attack_name, rid, chash in todo:
-            budget_kw, options = spec.budget_and_options(attack_name)
-            attack = build_attack(attack_name, **options)
-            budget = Budget(**budget_kw)
-            rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed))
-            wants = attack.others_wanted()
-            if wants:
-                # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
-                others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
-                    stable_seed("meta", seed, i)))[0] for i in range(wants)]
-                attack.prepare(others)
-            bar = _progress_bar(f"{attack_name} seed {seed}", budget.iterations * budget.restarts, show_progress)
-            t0 = time.perf_counter()
-            try:
-                rec = attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update)
-            finally:
-                bar.close()
-            attack_s = time.perf_counter() - t0
-            record = _record(spec, out, rid, chash, scen_name, label, attack_name, seed, attack, obs, truth, rec,
-                             lpips_metric, analyzer, {"setup_s": setup_s, "attack_s": attack_s},
-                             analyzer_note)
-            store.add(record)
+        for round_ in checkpoints(spec):
+            todo = []
+            for attack_name in spec.attacks:
+                at = "" if round_ is None else f"__r{round_}"
+                rid = _safe(f"{spec.name}__{label}__{attack_name}__s{seed}{at}")
+                chash = config_hash({**{k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")},
+                                     "attack": {attack_name: dict(spec.attacks[attack_name])}, "seed": seed,
+                                     **({} if round_ is None else {"round": round_, "training": training.as_dict()})})
+                if not store.has(rid, chash):
+                    todo.append((attack_name, rid, chash))
+            if not todo:
+                continue
+            start = time.perf_counter()
+            scenario, _held = build_scenario(spec, seed)
+            train_info: dict[str, Any] = {}
+            if round_ is not None:
+                if seed not in runs:
+                    runs[seed] = checkpoint_training(spec, seed, training)
+                train_info = at_checkpoint(scenario, runs[seed], round_)
+            cells = simulate_clients(scenario, defense, seed, clients_per_seed(spec))
+            setup_s = time.perf_counter() - start
+            for attack_name, rid, chash in todo:
+                budget_kw, options = spec.budget_and_options(attack_name)
+                attack = build_attack(attack_name, **options)
+                budget = Budget(**budget_kw)
+                wants = attack.others_wanted()
+                if wants:
+                    # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
+                    others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
+                        stable_seed("meta", seed, i)))[0] for i in range(wants)]
+                    attack.prepare(others)
+                recs = []
+                t0 = time.perf_counter()
+                for c, (obs, _truth) in enumerate(cells):
+                    # The same attack start for a client under every defense: paired comparisons across defenses.
+                    rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed, *((c,) if c else ())))
+                    bar = _progress_bar(f"{attack_name} seed {seed}" + (f" client {c}" if len(cells) > 1 else ""),
+                                        budget.iterations * budget.restarts, show_progress)
+                    try:
+                        recs.append(attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update))
+                    finally:
+                        bar.close()
+                attack_s = time.perf_counter() - t0
+                record = _record(spec, out, rid, chash, scen_name, label, attack_name, seed, attack,
+                                 [o for o, _ in cells], [t for _, t in cells], recs,
+                                 lpips_metric, analyzer, {"setup_s": setup_s, "attack_s": attack_s},
+                                 analyzer_note, train_info)
+                store.add(record)
     return store
+
+
+# ---- several private batches per seed, and attacks at checkpoints of the federated training -------------------
+
+def clients_per_seed(spec: AuditSpec) -> int:
+    return int(spec.scenario.get("clients_per_seed", 1))
+
+
+def checkpoints(spec: AuditSpec) -> list[int | None]:
+    """The training rounds whose update is attacked; [None]: the scenario's (initial or pretrained) model."""
+    rounds = spec.scenario.get("checkpoints")
+    return [None] if not rounds else [int(r) for r in rounds]
+
+
+def simulate_clients(scenario: Scenario, defense: Chain, seed: int, n: int) -> list[tuple[Observation, Any]]:
+    """`n` clients' observations and private batches for one seed (client 0 draws the batch a one-client audit
+    draws, so `clients_per_seed = 1` reproduces earlier runs)."""
+    return [scenario.simulate(defense, generator=torch.Generator().manual_seed(
+        stable_seed("batch", seed, *((c,) if c else ())))) for c in range(n)]
+
+
+def training_data(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset, ImageDataset]:
+    """The scenario, the federation's training data (every image not held out: the audited client's pool and
+    the other clients' data) and the held-out split the accuracy is measured on."""
+    scenario, held = build_scenario(spec, seed)
+    data = load_data(spec)
+    split_gen = torch.Generator().manual_seed(stable_seed("split", seed))
+    _pool, held_idx = split_indices(len(data), spec.data["holdout"], split_gen, spec.data["pool_every"])
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[held_idx] = False
+    return scenario, data.subset(torch.nonzero(mask).flatten()), held
+
+
+def checkpoint_training(spec: AuditSpec, seed: int, settings: TrainingSettings) -> TrainingRun:
+    """The federated training (the configured defenses on every client) up to the last checkpoint."""
+    scenario, train_set, held = training_data(spec, seed)
+    rounds = [int(r) for r in spec.scenario["checkpoints"]]
+    return train(scenario.model, train_set, held, scenario.protocol, scenario.batch_size,
+                 [dict(d) for d in spec.defenses], settings, seed, rounds=max(rounds), keep=rounds)
+
+
+def at_checkpoint(scenario: Scenario, run: TrainingRun, round_: int) -> dict[str, Any]:
+    """Put the global model of round `round_` into the scenario; the record's training info."""
+    state = run.states[round_]
+    model = copy.deepcopy(scenario.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:  # a defense changed the architecture (DP-SGD's GroupNorm): load what matches
+        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
+    model.train(scenario.model.training)
+    scenario.model = model
+    return {"round": round_, "held_out_accuracy": run.accuracy_at(round_)}
 
 
 def _lpips(spec: AuditSpec) -> Any:
@@ -184,14 +247,12 @@ def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
         return None, f"semantic metrics unavailable: {exc}"
 
 
-def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
-            seed: int, attack: Attack, obs: Observation, truth: Any, rec: Any, lpips_metric: Any, analyzer: Any,
-            timings: dict[str, float], analyzer_note: str | None = None) -> AuditRecord:
-    t0 = time.perf_counter()
+def _evaluate_one(truth: Any, rec: Any, lpips_metric: Any,
+                  analyzer: Any) -> tuple[dict[str, float], list[dict[str, Any]], list[str], Any]:
     ev = evaluate(rec, truth, lpips=lpips_metric)
     metrics = dict(ev.aggregate)
     per_image = [dict(p) for p in ev.per_image]
-    notes = list(ev.notes) + ([analyzer_note] if analyzer_note else [])
+    notes = list(ev.notes)
     if analyzer is not None:
         sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer,
                                labels_meta=[truth.meta[p["truth_index"]] for p in per_image] if truth.meta else None)
@@ -200,7 +261,50 @@ def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, la
         for row, extra in zip(per_image, sem.per_image):
             row.update(extra)
         notes.extend(sem.notes)
-    images_file = save_images(out, rid, ev.original, ev.reconstruction)
+    for row, img in zip(per_image, ev.original):
+        # Identifies the private image, so comparisons pair the same image across defenses.
+        row["image_key"] = hashlib.sha256(numpy.ascontiguousarray(img).tobytes()).hexdigest()[:16]
+    return metrics, per_image, notes, ev
+
+
+_MIN_IS_WORST = ("mse_worst", "lpips_worst", "age_abs_error_worst")
+
+
+def _merge_metrics(parts: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
+    """Aggregates over several clients' images: means and rates weighted by images, worst cases over all."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        vals = [(p[key], n) for p, n in zip(parts, sizes) if key in p and p[key] is not None]
+        if key.endswith("_worst"):
+            out[key] = (min if key in _MIN_IS_WORST else max)(v for v, _ in vals)
+        else:
+            out[key] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1)
+    return out
+
+
+def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
+            seed: int, attack: Attack, obs_list: list[Observation], truths: list[Any], recs: list[Any],
+            lpips_metric: Any, analyzer: Any, timings: dict[str, float], analyzer_note: str | None = None,
+            training: dict[str, Any] | None = None) -> AuditRecord:
+    t0 = time.perf_counter()
+    parts, per_image, notes, originals, reconstructions = [], [], [], [], []
+    for c, (truth, rec) in enumerate(zip(truths, recs)):
+        m, rows, n, ev = _evaluate_one(truth, rec, lpips_metric, analyzer)
+        parts.append(m)
+        per_image += [{**row, "client": c} if len(recs) > 1 else row for row in rows]
+        notes += [x for x in n if x not in notes]
+        originals.append(ev.original)
+        reconstructions.append(ev.reconstruction)
+    metrics = _merge_metrics(parts, [len(t.labels) for t in truths])
+    if len(recs) > 1:
+        per_image.sort(key=lambda p: (p["mse"], -p["ssim"], p["client"], p["truth_index"]))
+        for r, row in enumerate(per_image):
+            row["rank"] = r + 1
+    notes += [analyzer_note] if analyzer_note else []
+    images_file = save_images(out, rid, numpy.concatenate(originals), numpy.concatenate(reconstructions))
+    obs, rec = obs_list[0], recs[0]
     tr = rec.trace
     threat = threat_summary(obs.threat, attack, rec.label_source, obs)
     return AuditRecord(
@@ -210,6 +314,7 @@ def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, la
         timings={**timings, "metrics_s": time.perf_counter() - t0, "iterations": tr.iterations,
                  "restarts": len(tr.restart_losses), "workers": tr.extra.get("workers", 1)},
         trace={"losses": list(tr.losses), "restart_losses": list(tr.restart_losses), "best_restart": tr.best_restart,
-               "stopped_early": tr.stopped_early,
+               "stopped_early": tr.stopped_early, **({"clients": len(recs)} if len(recs) > 1 else {}),
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
-        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes), images_file=images_file)
+        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes), images_file=images_file,
+        training=dict(training or {}))

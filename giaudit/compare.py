@@ -16,7 +16,6 @@ each mean with a 95 % Student-t confidence half-width over seeds. Written to
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -24,20 +23,31 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import t as student_t
+
 from giaudit.attacks import ATTACKS
 from giaudit.audit import run_audit
 from giaudit.config import demo_config_path, load_config
 from giaudit.defenses import load_defense_file
 from giaudit.errors import ConfigError
-from giaudit.io import atomic_write_text
 from giaudit.report.compare import render_compare
-from giaudit.results import AuditRecord, config_hash, disclosed_value
-from giaudit.utility import UtilitySettings, utility_for_spec
+from giaudit.results import AuditRecord, disclosed_value
+from giaudit.stats import paired_test, summary, wilson_interval
+from giaudit.utility import (
+    UtilityCache,
+    UtilitySettings,
+    baseline,
+    pooled_accuracy,
+    run_utility,
+    spent_epsilon,
+    with_dp_noise,
+    with_dp_rounds,
+)
 
-METRICS = (  # (column prefix, record metric for the mean, record metric for the worst case, worst = max?)
-    ("psnr_db", "psnr_db_mean", "psnr_db_worst", True),
-    ("ssim", "ssim_mean", "ssim_worst", True),
-    ("lpips", "lpips_mean", "lpips_worst", False),
+METRICS = (  # (column prefix, per-image key, worst = max?)
+    ("psnr_db", "psnr_db", True),
+    ("ssim", "ssim", True),
+    ("lpips", "lpips", False),
 )
 
 
@@ -50,46 +60,87 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     m = sum(vals) / n
     if n < 2:
         return m, math.nan
-    from scipy.stats import t
-
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    return m, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return m, float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", label).strip("-") or "defense"
 
 
+def _round(r: AuditRecord) -> int | None:
+    v = r.training.get("round") if r.training else None
+    return None if v is None else int(v)
+
+
+def image_values(records: Sequence[AuditRecord], key: str) -> dict[tuple[Any, ...], float]:
+    """Per-image values keyed by what identifies the image and the attack start: (seed, client, round, image)."""
+    out: dict[tuple[Any, ...], float] = {}
+    for r in records:
+        for row in r.per_image:
+            v = row.get(key)
+            if v is None:
+                continue
+            ident = row.get("image_key", row.get("truth_index"))
+            out[(r.seed, row.get("client", 0), _round(r), ident)] = float(v)
+    return out
+
+
 def summarise(records: Sequence[AuditRecord], utilities: Mapping[str, Sequence[Mapping[str, Any]]],
-              order: Sequence[str], attacks: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per defense x attack (in preset order, then attack order) from saved records."""
+              order: Sequence[str], attacks: Sequence[str], reference: str | None = None) -> list[dict[str, Any]]:
+    """One row per defense x attack (x checkpoint round) from saved records, statistics over images.
+
+    `reference`: the defense the paired test compares against (the preset without defenses)."""
     rows = []
     for label in order:
         util = list(utilities.get(label, []))
-        acc_m, acc_ci = mean_ci([u["accuracy"] for u in util])
-        base_m, _ = mean_ci([u["baseline_accuracy"] for u in util])
-        drop_m, drop_ci = mean_ci([u["baseline_accuracy"] - u["accuracy"] for u in util])
+        base_runs = list(utilities.get(reference, [])) if reference else []
+        acc, acc_lo, acc_hi = pooled_accuracy(util)
+        base_acc = pooled_accuracy(base_runs)[0] if base_runs else math.nan
+        eps_u, delta_u = (spent_epsilon(util[0].get("spent", {})) if util else (None, None))
         for attack in attacks:
-            recs = sorted((r for r in records if r.defense == label and r.attack == attack), key=lambda r: r.seed)
-            if not recs:
-                continue
-            row: dict[str, Any] = {"defense": label, "attack": attack, "seeds": len(recs),
-                                   "sok_class": recs[0].threat.get("sok_class")}
-            for prefix, mean_key, worst_key, worst_is_max in METRICS:
-                vals = [r.metrics[mean_key] for r in recs if mean_key in r.metrics]
-                row[f"{prefix}_mean"], row[f"{prefix}_ci95"] = mean_ci(vals)
-                worst = [r.metrics[worst_key] for r in recs if worst_key in r.metrics]
-                row[f"{prefix}_worst"] = (max(worst) if worst_is_max else min(worst)) if worst else math.nan
-            row["label_accuracy_mean"], row["label_accuracy_ci95"] = mean_ci(
-                [r.metrics["label_accuracy"] for r in recs if "label_accuracy" in r.metrics])
-            for key in ("epsilon", "delta"):
-                found = [v for v in (disclosed_value(r, key) for r in recs) if v is not None]
-                row[key] = float(found[0]) if found else None
-            row["utility_accuracy_mean"], row["utility_accuracy_ci95"] = acc_m, acc_ci
-            row["utility_baseline_accuracy"] = base_m
-            row["utility_drop_mean"], row["utility_drop_ci95"] = drop_m, drop_ci
-            row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
-            rows.append(row)
+            mine = [r for r in records if r.defense == label and r.attack == attack]
+            for round_ in sorted({_round(r) for r in mine}, key=lambda v: -1 if v is None else v):
+                recs = sorted((r for r in mine if _round(r) == round_), key=lambda r: r.seed)
+                row: dict[str, Any] = {"defense": label, "attack": attack, "round": round_,
+                                       "seeds": len({r.seed for r in recs}),
+                                       "images": sum(max(len(r.per_image), 1) for r in recs),
+                                       "sok_class": recs[0].threat.get("sok_class")}
+                for prefix, key, worst_is_max in METRICS:
+                    vals = list(image_values(recs, key).values())
+                    row.update(summary(vals, worst="max" if worst_is_max else "min").as_dict(prefix))
+                la = [(r.metrics["label_accuracy"], max(len(r.per_image), 1)) for r in recs
+                      if "label_accuracy" in r.metrics]
+                n_la = sum(n for _, n in la)
+                row["label_accuracy_mean"] = sum(v * n for v, n in la) / n_la if n_la else math.nan
+                row["label_accuracy_low"], row["label_accuracy_high"] = (
+                    wilson_interval(int(round(row["label_accuracy_mean"] * n_la)), n_la) if n_la else (math.nan,) * 2)
+                if reference and label != reference:
+                    ref = image_values([r for r in records if r.defense == reference and r.attack == attack
+                                        and _round(r) == round_], "psnr_db")
+                    got = image_values(recs, "psnr_db")
+                    common = sorted(set(ref) & set(got), key=str)
+                    test = paired_test([got[k] for k in common], [ref[k] for k in common])
+                    row.update(paired_n=test.n_pairs, paired_p=test.p_value, paired_too_few=test.too_few,
+                               paired_median_diff=test.median_difference, paired_note=test.describe())
+                else:
+                    row.update(paired_n=None, paired_p=None, paired_too_few=None, paired_median_diff=None,
+                               paired_note="reference" if label == reference else "")
+                found = [v for v in (disclosed_value(r, "epsilon") for r in recs) if v is not None]
+                row["epsilon"] = eps_u if eps_u is not None else (float(found[0]) if found else None)
+                row["delta"] = delta_u if delta_u is not None else next(
+                    (disclosed_value(r, "delta") for r in recs if disclosed_value(r, "delta") is not None), None)
+                row["epsilon_source"] = "utility training" if eps_u is not None else (
+                    "audited update" if found else None)
+                row["utility_accuracy_mean"], row["utility_accuracy_low"], row["utility_accuracy_high"] = (
+                    acc, acc_lo, acc_hi)
+                row["utility_baseline_accuracy"] = base_acc
+                row["utility_drop_mean"] = base_acc - acc if base_runs and util else math.nan
+                row["utility_rounds"] = util[0]["rounds"] if util else None
+                accs = [r.training.get("held_out_accuracy") for r in recs if r.training]
+                row["model_accuracy"] = accs[0] if accs else None
+                row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
+                rows.append(row)
     return rows
 
 
@@ -107,27 +158,24 @@ def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[
     return out
 
 
-def _utility(spec: Any, label: str, tables: list[dict[str, Any]], seed: int, settings: UtilitySettings,
-             run_dir: Path, baseline: Mapping[int, float]) -> dict[str, Any]:
-    """The defense's utility for one seed, cached in run_dir/utility.json (keyed by a hash of what it depends on)."""
-    key = config_hash({"data": dict(spec.data), "scenario": dict(spec.scenario), "defenses": tables,
-                       "settings": settings.__dict__, "seed": seed, "baseline": baseline.get(seed)})
-    path = run_dir / "utility.json"
-    cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
-        cache[key] = utility_for_spec(spec, tables, seed, settings, baseline_accuracy=baseline.get(seed))
-        atomic_write_text(path, json.dumps(cache, indent=1))
-    return cache[key]
-
-
 def run_compare(defense_files: list[Path], *, base_config: Path | None = None, attacks: list[str] | None = None,
                 seeds: int = 3, out_dir: Path, show_progress: bool = True,
-                utility: UtilitySettings | None = None) -> Path:
-    """Run every preset on the same scenario, measure utility, write the comparison; return compare.html."""
+                utility: UtilitySettings | None = None, clients_per_seed: int = 8,
+                cache: UtilityCache | None = None) -> Path:
+    """Run every preset on the same scenario, measure utility, write the comparison; return compare.html.
+
+    Utility first: the no-defense baseline fixes the training length R (target accuracy or budget), every
+    preset trains R rounds (DP-SGD accounted over exactly those rounds), and the audited update of a DP preset
+    carries the noise its training used. Then each preset's audit, `clients_per_seed` private batches per seed
+    (unless the base config sets scenario.clients_per_seed), the same images and attack starts under every
+    preset, so leakage is compared image by image.
+    """
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
     if seeds < 1:
         raise ConfigError("--seeds: must be >= 1")
+    if clients_per_seed < 1:
+        raise ConfigError("--clients-per-seed: must be >= 1")
     presets = [load_defense_file(f) for f in defense_files]  # every preset is validated before anything runs
     labels = [label for label, _ in presets]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
@@ -135,32 +183,44 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
         raise ConfigError(f"compare: label {dupes[0]!r} is used by two presets; labels must be unique")
     base = load_config(base_config) if base_config is not None else load_config(demo_config_path())
     chosen = _select_attacks(base, attacks)
-    spec = base.replace(seeds=list(range(seeds)), attacks=chosen)
+    scenario = {**base.scenario, "clients_per_seed": base.scenario.get("clients_per_seed", clients_per_seed)}
+    spec = base.replace(seeds=list(range(seeds)), attacks=chosen, scenario=scenario)
     settings = utility or UtilitySettings()
     out = Path(out_dir)
+    cache = cache if cache is not None else UtilityCache(out)
     start = time.perf_counter()
 
-    baseline: dict[int, float] = {}
-    base_dir = out / "_utility_baseline"
-    for seed in spec.seeds:
-        baseline[seed] = _utility(spec, "none", [], seed, settings, base_dir, {})["accuracy"]
-
+    rounds, base_runs = baseline(spec, spec.seeds, settings, cache)
+    reference = next((label for label, tables in presets if not tables), None)
     records: list[AuditRecord] = []
     utilities: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
+    audited: dict[str, list[dict[str, Any]]] = {}
     for label, tables in presets:
         t0 = time.perf_counter()
+        trained = with_dp_rounds(tables, rounds)
+        if not tables:
+            utilities[label] = [base_runs[s] for s in spec.seeds]
+        else:
+            utilities[label] = [run_utility(spec, trained, s, settings, rounds=rounds, cache=cache)
+                                for s in spec.seeds]
+        audited[label] = with_dp_noise(trained, utilities[label][0].get("spent", {}))
         run_dir = out / safe_label(label)
-        store = run_audit(spec.replace(defenses=tables), run_dir, show_progress=show_progress, defense_label=label)
+        store = run_audit(spec.replace(defenses=audited[label]), run_dir, show_progress=show_progress,
+                          defense_label=label, training=settings)
         records += [r for r in store.records if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
-        utilities[label] = [_utility(spec, label, tables, seed, settings, run_dir, baseline) for seed in spec.seeds]
         timings[label] = time.perf_counter() - t0
 
-    rows = summarise(records, utilities, labels, list(chosen))
+    rows = summarise(records, utilities, labels, list(chosen), reference)
     meta = {"base_config": str(base_config) if base_config else "embedded demo (giaudit/assets/demo.toml)",
             "scenario": records[0].scenario if records else "", "seeds": list(spec.seeds),
-            "attacks": {k: dict(v) for k, v in chosen.items()}, "utility": settings.__dict__,
-            "presets": {label: {"file": str(f), "defenses": tables}
+            "clients_per_seed": spec.scenario.get("clients_per_seed", 1),
+            "checkpoints": spec.scenario.get("checkpoints"), "reference": reference,
+            "attacks": {k: dict(v) for k, v in chosen.items()}, "utility": settings.as_dict(),
+            "utility_rounds": rounds, "utility_baseline_reached": bool(base_runs[spec.seeds[0]]["reached_target"]),
+            "utility_cached": sum(bool(u.get("cached")) for us in utilities.values() for u in us),
+            "utility_curves": {label: us[0].get("curve", []) for label, us in utilities.items()},
+            "presets": {label: {"file": str(f), "defenses": tables, "audited": audited[label]}
                         for f, (label, tables) in zip(defense_files, presets)},
             "wall_s": time.perf_counter() - start, "preset_wall_s": timings,
             "notes": sorted({n for r in records for n in r.notes})}

@@ -70,9 +70,17 @@ class ScenarioSection:
     local_steps: int = 1
     local_lr: float = 0.1
     local_batch_size: int | None = None
+    clients_per_seed: int | None = None   # private batches attacked per seed (default 1; compare: 8)
+    checkpoints: list[int] | None = None  # rounds of the federated training whose update is attacked
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, sorted(MODELS))
+        check_number("clients_per_seed", self.clients_per_seed, low=1)
+        if self.checkpoints is not None:
+            if not self.checkpoints or not all(type(r) is int and r >= 0 for r in self.checkpoints):
+                raise ParamError("checkpoints", "expected a non-empty list of rounds >= 0, e.g. [0, 50, 200]")
+            if list(self.checkpoints) != sorted(set(self.checkpoints)):
+                raise ParamError("checkpoints", "rounds must be increasing and distinct")
         check_choice("bn_mode", self.bn_mode, ("train", "eval"))
         check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
         for key in ("batch_size", "local_steps", "local_batch_size", "width"):

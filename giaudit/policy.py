@@ -362,8 +362,8 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
                 chosen[k] = rule
         for rule in chosen.values():
             seen.add(rule)
-            base = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
-                        defense=defense, attack=attack)
+            base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
+                                        defense=defense, attack=attack)
             keys = [resolve_metric(r.metrics, rule.metric) for r in group]
             if not any(resolve_metric(r.metrics, rule.metric) for r in records):
                 continue  # reported once below
@@ -414,5 +414,5 @@ def check_main(results_path: str | os.PathLike[str], policy_path: str | os.PathL
     return 0 if verdict.passed else 1
 
 
-__all__ = ["PER_IMAGE_KEYS", "Policy", "Rule", "RuleResult", "Verdict", "check", "check_main", "load_policy", "parse_policy",
-           "is_rate", "resolve_metric"]
+__all__ = ["PER_IMAGE_KEYS", "Policy", "Rule", "RuleResult", "Verdict", "check", "check_main", "is_rate",
+           "load_policy", "parse_policy", "resolve_metric"]

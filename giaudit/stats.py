@@ -32,12 +32,12 @@ MIN_SAMPLES = 10   # values needed before a bootstrap interval is read as a clai
 MIN_PAIRS = 5      # non-zero paired differences needed before a Wilcoxon p < 0.05 is possible (2^-5 = 0.031)
 
 
-def _clean(values: Sequence[float | None]) -> np.ndarray:
+def _clean(values: Sequence[float | None] | np.ndarray) -> np.ndarray:
     arr = np.asarray([float(v) for v in values if v is not None], dtype=np.float64)
     return arr[np.isfinite(arr)]
 
 
-def bootstrap_mean(values: Sequence[float | None], *, confidence: float = 0.95, resamples: int = 2000,
+def bootstrap_mean(values: Sequence[float | None] | np.ndarray, *, confidence: float = 0.95, resamples: int = 2000,
                    seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): the percentile-bootstrap interval of the mean at `confidence` (nan when empty;
     low = high = the value for one value)."""

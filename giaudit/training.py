@@ -40,8 +40,8 @@ from torch.func import functional_call, grad, vmap
 from giaudit.data import ImageDataset
 from giaudit.defenses import Chain, ClientStep, build_chain
 from giaudit.defenses.base import default_compute
-from giaudit.fl import classification_loss
 from giaudit.errors import ConfigError
+from giaudit.fl import classification_loss
 from giaudit.types import ClientProtocol, SharedUpdate
 
 
