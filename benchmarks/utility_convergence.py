@@ -30,18 +30,21 @@ def main() -> None:
                                                       str(REPO / "defenses" / "dpsgd-eps8.toml")])
     ap.add_argument("--write-cache", help="also write every entry into this folder")
     ap.add_argument("--max-rounds", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, help="each training client's batch (default: the scenario's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     spec = load_config(args.config)
-    settings = UtilitySettings(max_rounds=args.max_rounds)
+    settings = UtilitySettings(max_rounds=args.max_rounds, batch_size=args.batch_size)
     cache = UtilityCache(Path(args.write_cache).parent / "_bench" if args.write_cache else None)
     if args.write_cache:
         cache.write_dirs.insert(0, Path(args.write_cache))
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     rounds, base = baseline(spec, seeds, settings, cache)
-    print(f"baseline: {rounds} rounds x {settings.clients} clients, {time.perf_counter() - t0:.0f} s wall")
+    batch = args.batch_size or "of the scenario"
+    print(f"baseline: {rounds} rounds x {settings.clients} clients (batch {batch}), "
+          f"{time.perf_counter() - t0:.0f} s wall")
     for seed, r in base.items():
         print(f"  none seed {seed}: acc {r['accuracy']:.3f} [{r['accuracy_low']:.3f}, {r['accuracy_high']:.3f}] "
               f"after {r['rounds']} rounds ({r['train_s']:.0f} s{', cached' if r['cached'] else ''}); "

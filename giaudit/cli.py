@@ -69,7 +69,8 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
     out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
-                      attacks=attacks, seeds=args.seeds, out_dir=Path(args.out), show_progress=not args.no_progress)
+                      attacks=attacks, seeds=args.seeds, out_dir=Path(args.out), show_progress=not args.no_progress,
+                      clients_per_seed=args.clients_per_seed)
     print(f"comparison report: {out}")
     return 0
 
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="base audit config (default: the embedded demo)")
     c.add_argument("--attacks", help="comma-separated attack names (default: those of the config)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    c.add_argument("--clients-per-seed", type=int, default=8, help="private batches attacked per seed, the same "
+                   "under every preset (default 8; scenario.clients_per_seed in the config wins)")
     c.add_argument("--out", default="reports/compare", help="output folder (default reports/compare)")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c.set_defaults(func=_compare)

@@ -1,18 +1,27 @@
 """`giaudit compare`: the same scenario and attacks under each defense preset, on privacy and utility.
 
 For every preset (a ``label`` and ``[[defenses]]`` tables, see
-`giaudit.defenses.registry.load_defense_file`) the base audit config (default:
-the embedded demo) is run through `giaudit.audit.run_audit` into
-``out_dir/<label>/`` (resumable: finished records are skipped), and the
-defense's utility is measured per seed (`giaudit.utility`, cached in
-``out_dir/<label>/utility.json``). The comparison is computed from the saved
-records only (no metric is recomputed): one row per defense x attack with
-PSNR / SSIM / LPIPS mean and worst case (the most leaked image over all
-seeds), label accuracy, epsilon where the defense defines one, and utility,
-each mean with a 95 % Student-t confidence half-width over seeds. Written to
+`giaudit.defenses.registry.load_defense_file`):
+
+1. Utility (`giaudit.utility`): the no-defense baseline trains until it
+   reaches the target accuracy or the round budget, fixing the training
+   length R; the preset trains R rounds with its defenses on every client
+   (DP-SGD accounted over exactly those R rounds). Cached by content hash.
+2. Leakage: the base audit config (default: the embedded demo) is run through
+   `giaudit.audit.run_audit` into ``out_dir/<label>/`` (resumable) with
+   ``clients_per_seed`` private batches per seed; a DP-SGD preset's audited
+   update carries the noise multiplier its training used.
+
+The comparison is computed from the saved records only (no metric is
+recomputed): one row per defense x attack (x checkpoint round) with per-image
+statistics (`giaudit.stats`: mean and bootstrap 95 % interval, 95th
+percentile, worst image) for PSNR / SSIM / LPIPS, label accuracy with its
+Wilson interval, a one-sided paired Wilcoxon test of per-image PSNR against
+the preset without defenses (same images, seeds and attack starts), epsilon
+and utility with the Wilson interval of the held-out test. Written to
 ``out_dir``: ``compare.csv`` (+ ``compare.parquet``), ``compare.md``,
-``compare.html`` (with the privacy-utility plot embedded) and
-``compare_privacy_utility.png``.
+``compare.html`` and the plots (privacy-utility; leakage over training when
+the base config sets ``scenario.checkpoints``).
 """
 from __future__ import annotations
 

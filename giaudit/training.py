@@ -62,6 +62,7 @@ class TrainingSettings:
     eval_every: int = 50                    # rounds between held-out evaluations
     server_lr: float | None = None          # FedSGD server step; None: the protocol's local_lr
     eval_limit: int | None = None           # held-out images used for the accuracy (None: all)
+    batch_size: int | None = None           # each training client's batch (None: the scenario's)
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -72,6 +73,8 @@ class TrainingSettings:
             raise ConfigError("utility.eval_every: must be >= 1")
         if self.server_lr is not None and self.server_lr <= 0:
             raise ConfigError("utility.server_lr: must be > 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("utility.batch_size: must be >= 1")
         if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError("utility.target_accuracy: must be in (0, 1]")
 
@@ -122,6 +125,7 @@ def train(model: nn.Module, pool: ImageDataset, held_out: ImageDataset, protocol
     `keep`: rounds whose global model state is returned (0 = the starting model); each is also evaluated.
     """
     start = time.perf_counter()
+    batch_size = settings.batch_size or batch_size
     k = pool.spec.num_classes
     chains = [client_chain(tables) for _ in range(settings.clients)]
     global_model = copy.deepcopy(model)
