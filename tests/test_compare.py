@@ -199,3 +199,16 @@ def test_leakage_over_training_checkpoints(tmp_path, base):
     assert {r.training["round"] for r in store.records} == {0, 4} and all(len(r.per_image) == 2 for r in store.records)
     assert all({p["client"] for p in r.per_image} == {0, 1} and p["image_key"] for r in store.records
                for p in r.per_image)
+
+
+@pytest.mark.parametrize("scenario, message", [
+    ({"checkpoints": [50, 0]}, "scenario.checkpoints: rounds must be increasing"),
+    ({"checkpoints": []}, "scenario.checkpoints: expected a non-empty list"),
+    ({"checkpoints": [-1]}, "scenario.checkpoints: expected a non-empty list"),
+    ({"clients_per_seed": 0}, "scenario.clients_per_seed"),
+])
+def test_bad_scenario_options_name_the_key(scenario, message):
+    from giaudit.config import parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"scenario": scenario})
