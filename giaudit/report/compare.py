@@ -129,8 +129,9 @@ def leakage_over_training_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None
     pts = [r for r in rows if r.get("round") is not None and _ok(r.get("psnr_db_mean"))]
     if not pts:
         return None
-    fig = new_figure((10.0, 4.2))
+    fig = new_figure((11.0, 4.2))
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig.subplots_adjust(wspace=0.55)
     acc_ax = ax.twinx()
     series = list(dict.fromkeys((str(r["defense"]), str(r["attack"])) for r in pts))
     for d, a in series:
