@@ -29,8 +29,16 @@ from giaudit.attacks import Attack, Budget, build_attack
 from giaudit.config import AuditSpec
 from giaudit.data import ImageDataset, load_dataset, split_indices
 from giaudit.defenses import Chain, build_chain
+from giaudit.metrics.attributes import AttributeClassifier, score_attributes
 from giaudit.metrics.evaluate import evaluate
-from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer, semantic_metrics
+from giaudit.metrics.faces import (
+    FaceBackendUnavailable,
+    Gallery,
+    get_analyzer,
+    identity_gallery,
+    originals_gallery,
+    semantic_metrics,
+)
 from giaudit.metrics.lpips import load_lpips
 from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
 from giaudit.scenario.client import Scenario, pretrain
@@ -47,7 +55,7 @@ def _dataset(items: tuple[tuple[str, Any], ...]) -> ImageDataset:
     data.pop("holdout", None)
     data.pop("pool_every", None)
     if source != "folder":
-        for key in ("label_parser", "label_field", "path", "limit"):
+        for key in ("label_parser", "label_field", "path") + (("limit",) if source != "lfw_subset" else ()):
             data.pop(key, None)
     return load_dataset(source, **data)
 
@@ -123,6 +131,8 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     label = defense_label or label
     lpips_metric = _lpips(spec)
     analyzer, analyzer_note = _analyzer(spec)
+    classifiers = {name: AttributeClassifier.load(folder) for name, folder in
+                   (spec.output.get("attributes") or {}).items()}
     scen_name = scenario_name(spec)
     training = training or TrainingSettings()
     runs: dict[int, TrainingRun] = {}
@@ -147,6 +157,8 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
                     runs[seed] = checkpoint_training(spec, seed, training)
                 train_info = at_checkpoint(scenario, runs[seed], round_)
             cells = simulate_clients(scenario, defense, seed, clients_per_seed(spec))
+            galleries = [_gallery(spec, analyzer, scenario, t, seed) if analyzer is not None else None
+                         for _, t in cells]
             setup_s = time.perf_counter() - start
             for attack_name, rid, chash in todo:
                 budget_kw, options = spec.budget_and_options(attack_name)
@@ -173,7 +185,7 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
                 record = _record(spec, out, rid, chash, scen_name, label, attack_name, seed, attack,
                                  [o for o, _ in cells], [t for _, t in cells], recs,
                                  lpips_metric, analyzer, {"setup_s": setup_s, "attack_s": attack_s},
-                                 analyzer_note, train_info)
+                                 analyzer_note, train_info, galleries=galleries, classifiers=classifiers)
                 store.add(record)
     return store
 
@@ -247,20 +259,62 @@ def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
         return None, f"semantic metrics unavailable: {exc}"
 
 
-def _evaluate_one(truth: Any, rec: Any, lpips_metric: Any,
-                  analyzer: Any) -> tuple[dict[str, float], list[dict[str, Any]], list[str], Any]:
+def has_identities(spec: AuditSpec) -> bool:
+    """The data's labels are people (one subfolder per person, as ORL): re-identify against identities."""
+    return spec.data["source"] == "folder" and spec.data.get("label_parser") == "subfolder"
+
+
+@lru_cache(maxsize=2)
+def _identity_gallery(analyzer: Any, items: tuple[tuple[str, Any], ...]) -> Gallery:
+    data = _dataset(items)
+    pool_every = int(dict(items)["pool_every"])
+    idx = torch.arange(len(data))
+    outside = idx[idx % pool_every != 0] if pool_every > 1 else idx
+    return identity_gallery(analyzer, data.images[outside].numpy(), data.labels[outside].tolist())
+
+
+def _gallery(spec: AuditSpec, analyzer: Any, scenario: Scenario, truth: Any, seed: int) -> Gallery | None:
+    """Re-identification candidates for this batch (None when the backend has no identity model)."""
+    if "identity" not in analyzer.provides:
+        return None
+    if has_identities(spec):
+        # Enrolment photos: images outside the client pool (every photo but the attacked ones when pool_every = 1).
+        return _identity_gallery(analyzer, tuple(sorted(spec.data.items())))
+    n = int(spec.output.get("reid_gallery") or 100)
+    pool = scenario.pool.images
+    gen = torch.Generator().manual_seed(stable_seed("gallery", seed))
+    order = torch.randperm(len(pool), generator=gen)
+    batch = truth.images.reshape(truth.images.shape[0], -1)
+    keep = [int(i) for i in order if not bool((pool[i].reshape(1, -1) == batch).all(1).any())][: n - 1]
+    if not keep:
+        return None
+    return originals_gallery(analyzer, pool[keep].numpy(), len(keep) + 1)
+
+
+def _evaluate_one(truth: Any, rec: Any, lpips_metric: Any, analyzer: Any, *, gallery: Gallery | None = None,
+                  identities: bool = False, classifiers: dict[str, AttributeClassifier] | None = None
+                  ) -> tuple[dict[str, float], list[dict[str, Any]], list[str], Any]:
     ev = evaluate(rec, truth, lpips=lpips_metric)
     metrics = dict(ev.aggregate)
     per_image = [dict(p) for p in ev.per_image]
     notes = list(ev.notes)
+    metas = [truth.meta[p["truth_index"]] for p in per_image] if truth.meta else []
+    labels = [int(truth.labels[p["truth_index"]]) for p in per_image]
     if analyzer is not None:
-        sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer,
-                               labels_meta=[truth.meta[p["truth_index"]] for p in per_image] if truth.meta else None)
+        sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer, labels_meta=metas or None,
+                               gallery=gallery, identities=labels if identities else None)
         metrics.update(sem.aggregate)
         metrics.update({f"reference_{k}": v for k, v in sem.reference.items()})
         for row, extra in zip(per_image, sem.per_image):
             row.update(extra)
         notes.extend(sem.notes)
+    if classifiers:
+        agg, rows, ref, attr_notes = score_attributes(ev.original, ev.reconstruction, metas, labels, classifiers)
+        metrics.update(agg)
+        metrics.update({f"reference_{k}": v for k, v in ref.items()})
+        for row, extra in zip(per_image, rows):
+            row.update(extra)
+        notes.extend(attr_notes)
     for row, img in zip(per_image, ev.original):
         # Identifies the private image, so comparisons pair the same image across defenses.
         row["image_key"] = hashlib.sha256(numpy.ascontiguousarray(img).tobytes()).hexdigest()[:16]
@@ -279,6 +333,10 @@ def _merge_metrics(parts: list[dict[str, float]], sizes: list[int]) -> dict[str,
         vals = [(p[key], n) for p, n in zip(parts, sizes) if key in p and p[key] is not None]
         if key.endswith("_worst"):
             out[key] = (min if key in _MIN_IS_WORST else max)(v for v, _ in vals)
+        elif key in ("reid_scored", "reference_reid_scored"):  # counts add up (rates are weighted below)
+            out[key] = sum(v for v, _ in vals)
+        elif key in ("reid_gallery_size", "reference_reid_gallery_size"):
+            out[key] = min(v for v, _ in vals)
         else:
             out[key] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1)
     return out
@@ -287,11 +345,14 @@ def _merge_metrics(parts: list[dict[str, float]], sizes: list[int]) -> dict[str,
 def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
             seed: int, attack: Attack, obs_list: list[Observation], truths: list[Any], recs: list[Any],
             lpips_metric: Any, analyzer: Any, timings: dict[str, float], analyzer_note: str | None = None,
-            training: dict[str, Any] | None = None) -> AuditRecord:
+            training: dict[str, Any] | None = None, *, galleries: list[Gallery | None] | None = None,
+            classifiers: dict[str, AttributeClassifier] | None = None) -> AuditRecord:
     t0 = time.perf_counter()
     parts, per_image, notes, originals, reconstructions = [], [], [], [], []
     for c, (truth, rec) in enumerate(zip(truths, recs)):
-        m, rows, n, ev = _evaluate_one(truth, rec, lpips_metric, analyzer)
+        m, rows, n, ev = _evaluate_one(truth, rec, lpips_metric, analyzer,
+                                       gallery=galleries[c] if galleries else None,
+                                       identities=has_identities(spec), classifiers=classifiers)
         parts.append(m)
         per_image += [{**row, "client": c} if len(recs) > 1 else row for row in rows]
         notes += [x for x in n if x not in notes]

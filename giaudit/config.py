@@ -104,10 +104,16 @@ class OutputSection:
     lpips: bool = True
     semantic: str | bool = False
     policy: str | None = None
+    attributes: dict[str, str] | None = None  # attribute name -> folder of `giaudit attribute train`
+    reid_gallery: int | None = None           # re-identification gallery size N without identities (100)
 
     def __post_init__(self) -> None:
         if self.semantic is True or (isinstance(self.semantic, str) and self.semantic not in ("offline", "deepface")):
             raise ParamError("semantic", "must be false, 'offline' or 'deepface'")
+        check_number("reid_gallery", self.reid_gallery, low=2)
+        for name, folder in (self.attributes or {}).items():
+            if not isinstance(folder, str) or not name.replace("_", "").isalnum():
+                raise ParamError(f"attributes.{name}", "expected NAME = \"folder of giaudit attribute train\"")
 
 
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
@@ -232,6 +238,12 @@ def _resolve_paths(source: str, data: dict[str, Any], output: dict[str, Any]) ->
         if not path.is_dir():
             raise ConfigError(f"{source}: data.path: folder {path} does not exist; point it at an image folder")
         data["path"] = str(path)
+    for name, folder in (output.get("attributes") or {}).items():
+        p = _resolve(source, folder)
+        if not (p / "classifier.json").is_file():
+            raise ConfigError(f"{source}: output.attributes.{name}: {p} holds no classifier.json; train one with "
+                              f"`giaudit attribute train --data DATA --label {name} --out {folder}`")
+        output["attributes"] = {**output["attributes"], name: str(p)}
     if "policy" in output:
         p = _resolve(source, output["policy"])
         if not p.is_file():

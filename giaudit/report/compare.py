@@ -18,8 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
+from giaudit.report.templating import environment
 from giaudit.results import write_table
 
 COLUMNS = (  # (header, key of the value, (low key, high key) or None, decimals)
@@ -237,11 +240,7 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
         md += ["![leakage over training](compare_leakage_over_training.png)", ""]
     md += ["## Presets", ""] + [f"- **{k}** ({v['file']}): `{json.dumps(v['defenses'])}`" for k, v in presets.items()]
     atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f2f2f2}td:nth-child(n+3){text-align:right}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Defense comparison</title>"
-             f"<style>{style}</style></head><body><h1>Defense comparison</h1><ul>"
+    parts = ["<h1>Defense comparison</h1><ul>"
              + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>", _table_html(rows),
              f"<p>{html.escape(READING)}</p>"]
     if notes:
@@ -252,7 +251,9 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
         parts.append(f"<h2>Leakage over training</h2><img alt='leakage over training' src='{png_data_uri(over)}'>")
     parts.append("<h2>Presets</h2><ul>" + "".join(
         f"<li><b>{html.escape(k)}</b> ({html.escape(str(v['file']))}): <code>{html.escape(json.dumps(v['defenses']))}"
-        "</code></li>" for k, v in presets.items()) + "</ul></body></html>")
+        "</code></li>" for k, v in presets.items()) + "</ul>")
     path = out / "compare.html"
-    atomic_write_text(path, "\n".join(parts))
+    # The shell (head, styles) is the audit report's base template.
+    atomic_write_text(path, environment().get_template("compare.html").render(body=Markup("\n".join(parts)
+                                                                                         )))
     return path
