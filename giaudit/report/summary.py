@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from giaudit.metrics.faces import wilson_interval
 from giaudit.results import AuditRecord, disclosed_value
@@ -50,7 +50,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return m, t975(len(vals) - 1) * sd / math.sqrt(len(vals))
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 

@@ -98,7 +98,7 @@ def identity_gallery(analyzer: FaceAnalyzer, images: np.ndarray, identities: Seq
     by_index = dict(zip(order, embs))
     keys, rows = [], []
     for key, idx in chosen.items():
-        got = [by_index[i] for i in idx if by_index[i] is not None]
+        got = [e for i in idx if (e := by_index[i]) is not None]
         if got:
             keys.append(key)
             rows.append(np.mean(np.stack(got).astype(np.float64), axis=0))

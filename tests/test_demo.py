@@ -1,0 +1,57 @@
+"""`giaudit demo`: three defenses x IG and GIAS, digit leakage, utility and the verdict in one report (tiny budgets)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import giaudit.demo as demo
+from giaudit.cli import main
+from giaudit.config import load_config
+from giaudit.utility import UtilitySettings
+
+
+@pytest.mark.slow
+def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path, monkeypatch) -> None:
+    real = load_config
+
+    def tiny(path):  # the embedded config with a tiny budget, one seed
+        spec = real(path)
+        return spec.replace(seeds=[0], attacks={k: {**dict(v), "iterations": 4} for k, v in spec.attacks.items()})
+
+    monkeypatch.setattr(demo, "load_config", tiny)
+    monkeypatch.setattr(demo, "DEMO_UTILITY", UtilitySettings(rounds=2, clients=2))
+    res = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None)
+    store = res["store"]
+    assert {(r.defense, r.attack) for r in store.records} == {(d, a) for d in ("none", "noise", "dpsgd")
+                                                             for a in ("ig", "gias")}
+    assert all("attribute_digit_accuracy" in r.metrics for r in store.records)
+    doc = res["html"].read_text()
+    assert "Policy verdict:" in doc and "privacy-utility trade-off" in doc and "Model accuracy with the defense" in doc
+    assert "Digit inferred (originals, chance)" in doc and "Under dpsgd (ε = 8)" in doc
+    assert (tmp_path / "demo" / "figures" / "privacy_utility.png").is_file()
+    # A second run resumes: nothing is attacked or trained again.
+    again = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None)
+    assert again["wall_s"] < res["wall_s"]
+
+
+def test_demo_faces_says_how_to_install_the_backend(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(demo, "backend_status", lambda name: "dlib missing")
+    assert main(["demo", "--faces", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and 'pip install "giaudit[faces]"' in out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("labels", [("none", "noise", "dpsgd")])
+def test_demo_defenses_match_the_example_policy_scopes(labels) -> None:
+    assert tuple(label for label, _ in demo.DEMO_DEFENSES) == labels  # [defense.noise.rules] applies to "noise"
+
+
+def test_shipped_digit_classifier_left_out_the_demo_pool() -> None:
+    from giaudit.metrics.attributes import AttributeClassifier
+
+    clf = AttributeClassifier.load(demo.shipped_digit_classifier())
+    assert clf.config["data"] == "mnist5k" and clf.config["pool_every"] == 5
+    assert clf.config["heldout_accuracy"] > 0.9
+    assert load_config(demo.demo_config_path()).data["pool_every"] == 5
