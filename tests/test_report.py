@@ -94,7 +94,7 @@ def test_report_content(store: ResultsStore) -> None:
     r0, r1 = store.records
     worst = max(r0.metrics["psnr_db_worst"], r1.metrics["psnr_db_worst"])
     assert "PSNR (dB) worst, mean ± 95 % CI" in text and f"{worst:.1f}" in text
-    assert "Under noise, Inverting Gradients's most leaked image was" in text
+    assert "Under noise, Inverting Gradients's most leaked image" in text
     assert "Verified as same person" in text  # the only identity figure these records hold
     # The per-record table, read from the records, not recomputed, with human column names.
     for h in ("PSNR (dB) mean / worst", "SSIM mean / worst", "LPIPS mean / best", "labels recovered (source)"):

@@ -234,13 +234,13 @@ def _reid(recs: Sequence[AuditRecord]) -> dict[str, Any]:
 def _quality(ssim_worst: float, psnr_worst: float) -> str:
     if _finite(ssim_worst):
         if ssim_worst >= 0.6:
-            return "a recognisable copy"
+            return "was a recognisable copy"
         if ssim_worst >= 0.3:
-            return "a partial likeness"
-        return "little resemblance"
+            return "was a partial likeness"
+        return "bore little resemblance"
     if _finite(psnr_worst):
-        return "a close copy" if psnr_worst >= 20 else "little resemblance"
-    return "no measurable result"
+        return "was a close copy" if psnr_worst >= 20 else "bore little resemblance"
+    return "could not be measured"
 
 
 def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
@@ -259,14 +259,14 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
         parts.append(f"{attack} re-identified {v['reid_hits']} of {v['reid_n']} faces among "
                      f"{v['reid_gallery_size']} (chance {chance:.2f})")
         q = _quality(v.get("ssim_worst", math.nan), v.get("psnr_db_worst", math.nan))
-        parts.append(f"its closest image was {q}")
+        parts.append(f"its closest image {q}")
     else:
         q = _quality(v.get("ssim_worst", math.nan), v.get("psnr_db_worst", math.nan))
         if _finite(v.get("psnr_db_worst")):
-            parts.append(f"{attack}'s most leaked image was {q} ({v['psnr_db_worst']:.1f} dB, SSIM "
+            parts.append(f"{attack}'s most leaked image {q} ({v['psnr_db_worst']:.1f} dB, SSIM "
                          f"{v.get('ssim_worst', math.nan):.2f})")
         else:
-            parts.append(f"{attack} produced {q}")
+            parts.append(f"{attack}'s reconstruction {q}")
     for a in attrs:
         s = v.get(f"attr_{a}") or {}
         acc, ref, chance = s.get("accuracy"), s.get("reference"), s.get("chance")
