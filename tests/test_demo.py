@@ -20,7 +20,7 @@ def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path,
         return spec.replace(seeds=[0], attacks={k: {**dict(v), "iterations": 4} for k, v in spec.attacks.items()})
 
     monkeypatch.setattr(demo, "load_config", tiny)
-    monkeypatch.setattr(demo, "DEMO_UTILITY", UtilitySettings(rounds=2, clients=2))
+    monkeypatch.setattr(demo, "DEMO_UTILITY", UtilitySettings(clients=2, max_rounds=2, target_accuracy=None, eval_every=2))
     res = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None)
     store = res["store"]
     assert {(r.defense, r.attack) for r in store.records} == {(d, a) for d in ("none", "noise", "dpsgd")
