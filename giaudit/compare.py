@@ -32,8 +32,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import t as student_t
-
 from giaudit.attacks import ATTACKS
 from giaudit.audit import run_audit
 from giaudit.config import demo_config_path, load_config
@@ -41,12 +39,11 @@ from giaudit.defenses import load_defense_file
 from giaudit.errors import ConfigError
 from giaudit.report.compare import render_compare
 from giaudit.results import AuditRecord, disclosed_value
-from giaudit.stats import paired_test, summary, wilson_interval
+from giaudit.stats import mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
 from giaudit.utility import (
     UtilityCache,
     UtilitySettings,
     baseline,
-    pooled_accuracy,
     run_utility,
     spent_epsilon,
     with_dp_noise,
@@ -58,19 +55,6 @@ METRICS = (  # (column prefix, per-image key, worst = max?)
     ("ssim", "ssim", True),
     ("lpips", "lpips", False),
 )
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t confidence interval (nan for one value)."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return math.nan, math.nan
-    n = len(vals)
-    m = sum(vals) / n
-    if n < 2:
-        return m, math.nan
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    return m, float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def safe_label(label: str) -> str:

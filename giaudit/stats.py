@@ -22,7 +22,7 @@ reported with a `too_few` flag that the report spells out.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -79,6 +79,31 @@ def summary(values: Sequence[float | None], *, worst: Literal["max", "min"] = "m
     w = float(x.max()) if worst == "max" else float(x.min())
     q = float(np.percentile(x, percentile if worst == "max" else 100.0 - percentile))
     return Summary(int(x.size), m, lo, hi, w, q, x.size < MIN_SAMPLES)
+
+
+def mean_ci(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % Student-t interval (nan for fewer than two values): for
+    quantities with one value per seed (times), not per-image leakage, which `summary` bootstraps."""
+    x = _clean(values)
+    if x.size == 0:
+        return math.nan, math.nan
+    m = float(x.mean())
+    if x.size < 2:
+        return m, math.nan
+    from scipy.stats import t as student_t
+
+    return m, float(student_t.ppf(0.975, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+
+
+def pooled_accuracy(runs: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
+    """Accuracy over several runs' held-out tests (``accuracy``, ``n_test`` each), with the Wilson 95 %
+    interval of the pooled counts."""
+    if not runs:
+        return math.nan, math.nan, math.nan
+    correct = sum(round(float(r["accuracy"]) * int(r["n_test"])) for r in runs)
+    n = sum(int(r["n_test"]) for r in runs)
+    lo, hi = wilson_interval(int(correct), n)
+    return correct / n, lo, hi
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -42,7 +42,7 @@ from giaudit.config import AuditSpec
 from giaudit.errors import ConfigError
 from giaudit.io import atomic_write_text
 from giaudit.results import config_hash
-from giaudit.stats import wilson_interval
+from giaudit.stats import pooled_accuracy, wilson_interval
 from giaudit.training import TrainingSettings, train
 
 UtilitySettings = TrainingSettings  # the name compare's callers know
@@ -155,16 +155,6 @@ def baseline(spec: AuditSpec, seeds: Sequence[int], settings: TrainingSettings,
     for seed in seeds[1:]:
         out[seed] = run_utility(spec, [], seed, settings, rounds=rounds, cache=cache)
     return rounds, out
-
-
-def pooled_accuracy(runs: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
-    """Accuracy over all seeds' held-out tests, with the Wilson 95 % interval of the pooled counts."""
-    if not runs:
-        return float("nan"), float("nan"), float("nan")
-    correct = sum(round(r["accuracy"] * r["n_test"]) for r in runs)
-    n = sum(int(r["n_test"]) for r in runs)
-    lo, hi = wilson_interval(int(correct), n)
-    return correct / n, lo, hi
 
 
 __all__ = ["UtilityCache", "UtilitySettings", "baseline", "pooled_accuracy", "run_utility", "spent_epsilon",

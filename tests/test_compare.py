@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from giaudit.audit import training_data
-from giaudit.compare import mean_ci, run_compare
+from giaudit.compare import run_compare
+from giaudit.stats import mean_ci
 from giaudit.config import load_config
 from giaudit.errors import ConfigError
 from giaudit.results import load_results

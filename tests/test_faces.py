@@ -195,7 +195,8 @@ def test_deepface_adapter_on_generated_weights(tmp_path, utk64, monkeypatch):
 def test_orl_reidentification_originals_and_noise():
     """Originals against their own people's gallery: rank-1 >= 0.9; noise: within the Wilson interval of chance."""
     from giaudit.data import load_folder
-    from giaudit.metrics.faces import identity_gallery, wilson_interval
+    from giaudit.metrics.faces import identity_gallery
+    from giaudit.stats import wilson_interval
 
     torch.set_num_threads(1)
     ds = load_folder(_data("orl"), size=32)  # the size audits use
@@ -219,7 +220,7 @@ def test_orl_reidentification_originals_and_noise():
 
 
 def test_wilson_interval_and_ranks():
-    from giaudit.metrics.faces import wilson_interval
+    from giaudit.stats import wilson_interval
     from giaudit.metrics.faces.reid import rank_of
 
     lo, hi = wilson_interval(0, 10)

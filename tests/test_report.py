@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from giaudit.metrics.faces import wilson_interval
+from giaudit.stats import wilson_interval
 from giaudit.report import figures, render
 from giaudit.report.render import config_as_text, md_escape
 from giaudit.report.summary import summarise
@@ -93,7 +93,7 @@ def test_report_content(store: ResultsStore) -> None:
         'id="details"')
     r0, r1 = store.records
     worst = max(r0.metrics["psnr_db_worst"], r1.metrics["psnr_db_worst"])
-    assert "PSNR (dB) worst, mean ± 95 % CI" in text and f"{worst:.1f}" in text
+    assert "PSNR (dB) worst; mean (95 % CI)" in text and f"{worst:.1f}" in text
     assert "Under noise, Inverting Gradients's most leaked image" in text
     assert "Verified as same person" in text  # the only identity figure these records hold
     # The per-record table, read from the records, not recomputed, with human column names.
@@ -123,7 +123,7 @@ def test_report_content(store: ResultsStore) -> None:
     assert "Oracle outside the SoK classes: **true labels given to the attacker**" in md
     assert "SoK class C" in md and "| record | seed | PSNR (dB) mean / worst |" in md
     assert md.index("## What the server could learn") < md.index("## Threat model")
-    assert "| Defense / attack | PSNR (dB) worst, mean ± 95 % CI |" in md
+    assert "| Defense / attack | PSNR (dB) worst; mean (95 % CI) |" in md
     imgs = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
     assert len(imgs) == 4 and all((store.run_dir / p).is_file() for p in imgs)
     assert "gaussian &lt;b&gt;noise&lt;/b&gt;" in md
@@ -217,8 +217,8 @@ def test_summary_aggregates_over_seeds(tmp_path: Path) -> None:
     assert "Re-identified (rank-1), 95 % CI, chance" in headers
     assert "Race inferred (originals, chance)" in headers and "Gender inferred (originals, chance)" in headers
     assert not any("cosine" in h for h in headers)  # raw mean cosine is not a headline figure
-    util = {"none": [{"accuracy": 0.9, "baseline_accuracy": 0.9}], "dpsgd-eps8": [{"accuracy": 0.7,
-                                                                                   "baseline_accuracy": 0.9}]}
+    util = {"none": [{"accuracy": 0.9, "baseline_accuracy": 0.9, "n_test": 1000}],
+            "dpsgd-eps8": [{"accuracy": 0.7, "baseline_accuracy": 0.9, "n_test": 1000}]}
     with_util = summarise(store.records, util)
     assert with_util.rows[2].values["utility_accuracy_mean"] == pytest.approx(0.7)
     assert "Model accuracy with the defense" in [h for _, h in with_util.columns]

@@ -498,7 +498,7 @@ def _strongest(grids: Sequence[Grid], limit: int = 6) -> list[Grid]:
 
 
 def _utility_png(summary: Summary) -> bytes | None:
-    rows = [dict(r.values, psnr_db_ci95=r.values.get("psnr_db_ci95")) for r in summary.rows]
+    rows = [dict(r.values) for r in summary.rows]
     if not any(_finite(r.get("utility_accuracy_mean")) for r in rows):
         return None
     return privacy_utility_png(rows)

@@ -4,15 +4,17 @@ Every figure is read from the saved records (no metric is recomputed) and
 aggregated over the records of a (defense, attack):
 
 - PSNR / SSIM / LPIPS: the worst case (the most leaked image over all
-  records: highest PSNR / SSIM, lowest LPIPS) and the mean of the records'
-  means with its 95 % Student-t half-width over records.
+  records: highest PSNR / SSIM, lowest LPIPS) and the mean over every
+  reconstructed image with its 95 % bootstrap interval over images
+  (`giaudit.stats.summary`, the statistics `compare` and policies use).
 - Label recovery: the mean label accuracy.
 - Re-identification: rank-1 hits pooled over all scored reconstructions,
   with the 95 % Wilson interval and chance 1/N (N = gallery size).
 - Attributes: accuracy on the reconstructions next to the same classifier on
   the originals (the reference) and chance.
 - ε (δ) where the defense discloses it (DP-SGD).
-- Utility (optional, from a comparison): held-out accuracy with the defense.
+- Utility (optional, from a comparison): held-out accuracy with the defense, pooled over seeds with its
+  Wilson interval.
 """
 from __future__ import annotations
 
@@ -22,32 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from giaudit.metrics.faces import wilson_interval
 from giaudit.results import AuditRecord, disclosed_value
+from giaudit.stats import pooled_accuracy, summary, wilson_interval
 
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 MISSING = "—"
-
-
-def t975(dof: int) -> float:
-    """The 97.5 % quantile of Student's t (table, normal beyond 30 degrees of freedom)."""
-    if dof >= 30:
-        return 1.96 if dof > 120 else _T975[30]
-    keys = sorted(_T975)
-    return _T975[max(k for k in keys if k <= dof)]
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95 % Student-t half-width (nan for fewer than two values)."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return math.nan, math.nan
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, math.nan
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return m, t975(len(vals) - 1) * sd / math.sqrt(len(vals))
 
 
 def _finite(v: Any) -> TypeGuard[float]:
@@ -89,11 +69,10 @@ ATTACK_NAMES = {"ig": "Inverting Gradients", "dlg": "DLG", "idlg": "iDLG", "gias
 
 
 def _image_stats(recs: Sequence[AuditRecord], base: str, worst_is_max: bool) -> dict[str, float]:
-    means = [r.metrics.get(f"{base}_mean") for r in recs]
-    worsts = [float(w) for r in recs if _finite(w := r.metrics.get(f"{base}_worst"))]
-    m, ci = mean_ci([float(v) for v in means if _finite(v)])
-    worst = (max(worsts) if worst_is_max else min(worsts)) if worsts else math.nan
-    return {"mean": m, "ci95": ci, "worst": worst}
+    """Mean over every reconstructed image with its bootstrap interval, and the most leaked image."""
+    values = [row.get(base) for r in recs for row in r.per_image]
+    s = summary([float(v) for v in values if _finite(v)], worst="max" if worst_is_max else "min")
+    return {"mean": s.mean, "ci_low": s.ci_low, "ci_high": s.ci_high, "worst": s.worst, "n": s.n}
 
 
 def _image_cell(s: Mapping[str, float], decimals: int) -> Cell:
@@ -101,9 +80,9 @@ def _image_cell(s: Mapping[str, float], decimals: int) -> Cell:
         return Cell(MISSING)
     worst = f"{s['worst']:.{decimals}f}" if _finite(s["worst"]) else MISSING
     mean = f"{s['mean']:.{decimals}f}" if _finite(s["mean"]) else MISSING
-    if _finite(s["ci95"]):
-        mean += f" ± {s['ci95']:.{decimals}f}"
-    return Cell(worst, [f"mean {mean}"])
+    if _finite(s["ci_low"]) and _finite(s["ci_high"]):
+        mean += f" [{s['ci_low']:.{decimals}f}, {s['ci_high']:.{decimals}f}]"
+    return Cell(worst, [f"mean {mean} over {int(s['n'])} images"])
 
 
 def _attribute_names(records: Sequence[AuditRecord]) -> list[str]:
@@ -128,9 +107,8 @@ def _attr_keys(name: str, records: Sequence[AuditRecord]) -> tuple[str, str | No
 
 
 def _mean_of(recs: Sequence[AuditRecord], key: str | None) -> float:
-    if key is None:
-        return math.nan
-    return mean_ci([float(v) for r in recs if _finite(v := r.metrics.get(key))])[0]
+    vals = [float(v) for r in recs if key is not None and _finite(v := r.metrics.get(key))]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def summarise(records: Sequence[AuditRecord], utility: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
@@ -141,10 +119,10 @@ def summarise(records: Sequence[AuditRecord], utility: Mapping[str, Sequence[Map
     has_lpips = any("lpips_mean" in r.metrics for r in records)
     has_reid = any("reid_rank1" in r.metrics for r in records)
     has_match = any("identity_match_rate" in r.metrics for r in records)
-    columns: list[tuple[str, str]] = [("setting", "Defense / attack"), ("psnr", "PSNR (dB) worst, mean ± 95 % CI"),
-                                      ("ssim", "SSIM (0–1) worst, mean ± CI")]
+    columns: list[tuple[str, str]] = [("setting", "Defense / attack"), ("psnr", "PSNR (dB) worst; mean (95 % CI)"),
+                                      ("ssim", "SSIM (0–1) worst; mean (95 % CI)")]
     if has_lpips:
-        columns.append(("lpips", "LPIPS (0–1, low = close) best, mean ± CI"))
+        columns.append(("lpips", "LPIPS (0–1, low = close) best; mean (95 % CI)"))
     columns.append(("labels", "Labels recovered"))
     if has_reid:
         columns.append(("reid", "Re-identified (rank-1), 95 % CI, chance"))
@@ -169,9 +147,11 @@ def summarise(records: Sequence[AuditRecord], utility: Mapping[str, Sequence[Map
         cells["setting"] = Cell(defense, setting)
         psnr, ssim = _image_stats(recs, "psnr_db", True), _image_stats(recs, "ssim", True)
         lpips = _image_stats(recs, "lpips", False)
-        values.update({f"psnr_db_{k}": v for k, v in psnr.items()})
-        values.update({f"ssim_{k}": v for k, v in ssim.items()})
-        values.update({f"lpips_{k}": v for k, v in lpips.items()})
+        for prefix, stats_ in (("psnr_db", psnr), ("ssim", ssim), ("lpips", lpips)):
+            # The same keys as compare's table rows, so one privacy-utility plot serves both reports.
+            values.update({f"{prefix}_mean": stats_["mean"], f"{prefix}_ci_low": stats_["ci_low"],
+                           f"{prefix}_ci_high": stats_["ci_high"], f"{prefix}_worst": stats_["worst"],
+                           f"{prefix}_n": stats_["n"]})
         cells["psnr"], cells["ssim"], cells["lpips"] = _image_cell(psnr, 1), _image_cell(ssim, 2), _image_cell(lpips, 2)
         lab = _mean_of(recs, "label_accuracy")
         values["label_accuracy"] = lab
@@ -198,14 +178,21 @@ def summarise(records: Sequence[AuditRecord], utility: Mapping[str, Sequence[Map
                 [f"chance {pct(chance)}"] if _finite(chance) else [])
             cells[f"attr:{a}"] = Cell(pct(acc), [" · ".join(detail)] if detail else [])
         if utility:
-            util = list(utility.get(defense, []))
-            acc_m, acc_ci = mean_ci([float(u["accuracy"]) for u in util if "accuracy" in u])
-            base = mean_ci([float(u["baseline_accuracy"]) for u in util if "baseline_accuracy" in u])[0]
-            values.update(utility_accuracy_mean=acc_m, utility_accuracy_ci95=acc_ci, utility_baseline_accuracy=base)
-            cells["utility"] = Cell(pct(acc_m, 1) + (f" ± {100 * acc_ci:.1f}" if _finite(acc_ci) else ""),
+            util = [u for u in utility.get(defense, []) if "accuracy" in u and "n_test" in u]
+            acc_m, acc_lo, acc_hi = pooled_accuracy(util)
+            base = _mean_of_runs(util, "baseline_accuracy")
+            values.update(utility_accuracy_mean=acc_m, utility_accuracy_low=acc_lo, utility_accuracy_high=acc_hi,
+                          utility_baseline_accuracy=base)
+            interval = f" [{pct(acc_lo, 1)}, {pct(acc_hi, 1)}]" if _finite(acc_lo) else ""
+            cells["utility"] = Cell(pct(acc_m, 1) + interval,
                                     [f"undefended {pct(base, 1)}"] if _finite(base) else [])
         rows.append(SummaryRow(defense, attack, cells, finding(values, attrs), values))
     return Summary(columns, rows)
+
+
+def _mean_of_runs(runs: Sequence[Mapping[str, Any]], key: str) -> float:
+    vals = [float(u[key]) for u in runs if _finite(u.get(key))]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def _reid(recs: Sequence[AuditRecord]) -> dict[str, Any]:
@@ -289,4 +276,4 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
     return f"{where}, " + "; ".join(parts) + "."
 
 
-__all__ = ["Cell", "Summary", "SummaryRow", "summarise", "finding", "mean_ci", "t975", "ATTACK_NAMES"]
+__all__ = ["Cell", "Summary", "SummaryRow", "summarise", "finding", "ATTACK_NAMES"]

@@ -28,7 +28,6 @@ from giaudit.metrics.faces.reid import (
     Gallery,
     identity_gallery,
     originals_gallery,
-    wilson_interval,
 )
 from giaudit.metrics.faces.semantic import SemanticResult, semantic_metrics
 
@@ -66,5 +65,5 @@ def backend_status(name: str = "offline", **options: Any) -> str | None:
 __all__ = [
     "BACKENDS", "CAPABILITIES", "GENDERS", "RACES", "FaceAnalysis", "FaceAnalyzer", "FaceBackendUnavailable",
     "Gallery", "SemanticResult", "backend_status", "get_analyzer", "identity_gallery", "originals_gallery",
-    "semantic_metrics", "to_rgb_uint8", "wilson_interval",
+    "semantic_metrics", "to_rgb_uint8",
 ]

@@ -20,12 +20,11 @@ Two galleries, chosen by the data:
   to 99 other people's images".
 
 Rates over many records are reported with a 95 % Wilson score interval
-(`wilson_interval`), which stays inside [0, 1] and is sensible for the 0/1
-outcomes of batch-1 audits.
+(`giaudit.stats.wilson_interval`), which stays inside [0, 1] and is sensible
+for the 0/1 outcomes of batch-1 audits.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -134,16 +133,5 @@ def reid_rank(analyzer: FaceAnalyzer, gallery: Gallery, embedding: np.ndarray | 
     return rank_of(distances(analyzer, embedding, cands), 0)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial rate (nan, nan for n = 0)."""
-    if n <= 0:
-        return math.nan, math.nan
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 __all__ = ["GALLERY_KINDS", "Gallery", "distances", "identity_gallery", "originals_gallery", "rank_of",
-           "reid_rank", "wilson_interval"]
+           "reid_rank"]
