@@ -55,3 +55,21 @@ def test_shipped_digit_classifier_left_out_the_demo_pool() -> None:
     assert clf.config["data"] == "mnist5k" and clf.config["pool_every"] == 5
     assert clf.config["heldout_accuracy"] > 0.9
     assert load_config(demo.demo_config_path()).data["pool_every"] == 5
+
+
+def test_the_demo_utility_ships_converged(monkeypatch) -> None:
+    """The demo reads every utility result from giaudit/assets/utility: no training at run time, and the
+    no-defense baseline is the converged one (>= 0.95 on the seed that fixes the training length)."""
+    import giaudit.utility as utility
+
+    def no_training(*_a, **_k):
+        raise AssertionError("the demo trained: regenerate giaudit/assets/utility (see giaudit/demo.py)")
+
+    monkeypatch.setattr(utility, "train", no_training)
+    spec = demo.load_config(demo.demo_config_path())
+    util, audited = demo.measure_utility(spec, demo.DEMO_DEFENSES, utility.UtilityCache(None, use_user_cache=False))
+    assert util["none"][0]["accuracy"] >= 0.95 and util["none"][0]["reached_target"]
+    dp = util["dpsgd"][0]
+    assert dp["epsilon"] == pytest.approx(8.0, abs=0.05)  # the preset's target, spent over exactly this training
+    assert audited["dpsgd"][0]["noise_multiplier"] == pytest.approx(next(iter(dp["spent"].values()))[
+        "dp_noise_multiplier"])

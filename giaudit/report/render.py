@@ -405,14 +405,20 @@ def _disclosures(records: Sequence[AuditRecord]) -> Table:
     return Table(["record", "defense", "disclosed to the server"], rows)
 
 
-def _defense_configs(config: Mapping[str, Any]) -> list[str]:
-    out = []
-    for table in config.get("defenses") or ():
-        if isinstance(table, Mapping):
-            name = table.get("name", "?")
-            params = {k: v for k, v in table.items() if k != "name"}
-            out.append(f"{name}" + (f" ({_kv_line(params)})" if params else ""))
-    return out
+def _defense_configs(config: Mapping[str, Any], by_label: Any = None) -> list[str]:
+    """The configured chain, or, for a run that audited several chains under labels (the demo,
+    ``meta["defense_tables"]``), one line per label."""
+    def chain(tables: Any) -> str:
+        parts = []
+        for table in tables or ():
+            if isinstance(table, Mapping):
+                params = {k: v for k, v in table.items() if k != "name"}
+                parts.append(f"{table.get('name', '?')}" + (f" ({_kv_line(params)})" if params else ""))
+        return " → ".join(parts) or "no defense"
+
+    if isinstance(by_label, Mapping) and by_label:
+        return [f"{label}: {chain(tables)}" for label, tables in by_label.items()]
+    return [line for table in config.get("defenses") or () if (line := chain([table])) != "no defense"]
 
 
 def _safe_name(text: str) -> str:
@@ -539,7 +545,7 @@ def collect(store: ResultsStore, verdict: Any = None,
         created=str(meta["created"]) if meta.get("created") else None,
         n_records=len(records),
         threats=_threat_groups(records),
-        defense_configs=_defense_configs(config),
+        defense_configs=_defense_configs(config, meta.get("defense_tables")),
         disclosures=_disclosures(records),
         metrics=_metric_table(records),
         notes=_notes(records),

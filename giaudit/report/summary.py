@@ -138,8 +138,13 @@ def summarise(records: Sequence[AuditRecord], utility: Mapping[str, Sequence[Map
         values: dict[str, Any] = {"defense": defense, "attack": attack, "records": len(recs),
                                   "seeds": len({r.seed for r in recs})}
         cells: dict[str, Cell] = {}
-        eps = next((v for v in (disclosed_value(r, "epsilon") for r in recs) if v is not None), None)
-        delta = next((v for v in (disclosed_value(r, "delta") for r in recs) if v is not None), None)
+        # Beside a utility figure, epsilon is the accountant's for that training (its rounds and sampling
+        # rate); otherwise what the audited client's defense disclosed.
+        trained = [u for u in (utility or {}).get(defense, []) if u.get("epsilon") is not None]
+        eps = trained[0]["epsilon"] if trained else next(
+            (v for v in (disclosed_value(r, "epsilon") for r in recs) if v is not None), None)
+        delta = trained[0].get("delta") if trained else next(
+            (v for v in (disclosed_value(r, "delta") for r in recs) if v is not None), None)
         values["epsilon"], values["delta"] = eps, delta
         setting = [f"{ATTACK_NAMES.get(attack, attack)} · {values['seeds']} seed{'s' if values['seeds'] != 1 else ''}"]
         if _finite(eps):
