@@ -33,6 +33,7 @@ from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer, semantic
 from giaudit.metrics.lpips import load_lpips
 from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
 from giaudit.scenario.client import Scenario, pretrain
+from giaudit.scenario.diffusion import DiffusionScenario, diffusion_global_model
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
 from giaudit.types import Capability, ClientProtocol, Observation, ThreatModel, disclosed_values
@@ -65,7 +66,7 @@ def scenario_name(spec: AuditSpec) -> str:
     return f"{spec.data['source']}{spec.data['size']}-{s['model']}-{s['protocol']}-b{s['batch_size']}"
 
 
-def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
+def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario | DiffusionScenario, ImageDataset]:
     """The global model (initialised, optionally pretrained) and the client's pool; plus the held-out split."""
     data = load_data(spec)
     split_gen = torch.Generator().manual_seed(stable_seed("split", seed))
@@ -73,15 +74,19 @@ def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
     pool, held = data.subset(pool_idx), data.subset(held_idx)
     s = spec.scenario
     gen = torch.Generator().manual_seed(stable_seed("model", seed))
+    t = spec.threat
+    threat = threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
+                          surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
+                          true_labels=t["true_labels"], diffusion_noise=t.get("diffusion_noise", False))
+    protocol = ClientProtocol(s["protocol"], s["local_steps"], float(s["local_lr"]), s.get("local_batch_size"))
+    if s["model"] == "ddpm_unet":
+        unet, schedule = diffusion_global_model(data.spec, s.get("diffusion_prior"), s.get("width"),
+                                                s["pretrain_steps"], gen)
+        return DiffusionScenario(unet, schedule, pool, protocol, s["batch_size"], threat), held
     model = build_model(s["model"], channels=data.spec.channels, num_classes=data.spec.num_classes,
                         size=data.spec.height, width=s.get("width"), generator=gen)
     pretrain(model, pool, s["pretrain_steps"], gen)
     model.train(s["bn_mode"] == "train")
-    protocol = ClientProtocol(s["protocol"], s["local_steps"], float(s["local_lr"]), s.get("local_batch_size"))
-    t = spec.threat
-    threat = threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
-                          surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
-                          true_labels=t["true_labels"])
     return Scenario(model, pool, protocol, s["batch_size"], threat), held
 
 

@@ -70,9 +70,12 @@ class ScenarioSection:
     local_steps: int = 1
     local_lr: float = 0.1
     local_batch_size: int | None = None
+    diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, sorted(MODELS))
+        if self.diffusion_prior is not None and self.model != "ddpm_unet":
+            raise ParamError("diffusion_prior", "only used with scenario.model = 'ddpm_unet'")
         check_choice("bn_mode", self.bn_mode, ("train", "eval"))
         check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
         for key in ("batch_size", "local_steps", "local_batch_size", "width"):
@@ -88,6 +91,9 @@ class ThreatSection:
     surrogate_data: bool = True
     bn_statistics: bool = False
     true_labels: bool = False
+    # ddpm_unet only: the server fixed the client's timesteps and noise (unset = false; kept out of the
+    # canonical config when unset so existing config hashes do not change)
+    diffusion_noise: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

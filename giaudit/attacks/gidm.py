@@ -50,6 +50,7 @@ class GIDM(Attack):
     name: ClassVar[str] = "gidm"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
+    uses_client_noise: ClassVar[bool] = True   # GIDM uses the t and eps the server fixed
 
     def __init__(self, *, latent_iterations: int | None = None, pixel_iterations: int | None = None,
                  sampler: str = "global", sampler_steps: int = 5, latent_lr: float = 0.05,
@@ -82,6 +83,14 @@ class GIDM(Attack):
         return p
 
     # -- hooks ---------------------------------------------------------------------------------
+    def used_capabilities(self, obs: Observation) -> frozenset[Capability]:
+        used = set(self.requires)
+        if obs.diffusion is not None and obs.diffusion.timesteps is not None and self.uses_client_noise:
+            used.add(Capability.DIFFUSION_NOISE)
+        if self._prior is not None and self.phase_budgets(Budget())[0] != 0:
+            used.add(Capability.SURROGATE_DATA)
+        return frozenset(used)
+
     def labels_for(self, obs: Observation, generator: torch.Generator) -> tuple[Tensor, str]:
         # A DDPM has no labels; the batch size is all the attack needs.
         n = obs.batch_size

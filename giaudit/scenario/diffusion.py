@@ -24,9 +24,10 @@ from torch import nn
 from giaudit.defenses.base import Chain, ClientStep, Defense, default_compute
 from giaudit.errors import ConfigError
 from giaudit.fl_diffusion import diffusion_update, draw
+from giaudit.priors.ddpm import DDPMConfig, build_unet, load_ddpm, make_scheduler
 from giaudit.scenario.data import ImageDataset
 from giaudit.threat import observe
-from giaudit.types import ClientProtocol, DiffusionInfo, GroundTruth, Observation, SharedUpdate, ThreatModel
+from giaudit.types import ClientProtocol, DataSpec, DiffusionInfo, GroundTruth, Observation, SharedUpdate, ThreatModel
 
 
 @dataclass
@@ -67,3 +68,22 @@ class DiffusionScenario:
                       threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
                       labels=batch.labels, bn_statistics=None, disclosed=defense.disclose(update), diffusion=info)
         return obs, truth
+
+
+def diffusion_global_model(spec: DataSpec, prior: str | None, width: int | None, pretrain_steps: int,
+                           generator: torch.Generator) -> tuple[nn.Module, torch.Tensor]:
+    """The global noise predictor: a pretrained DDPM prior (`scenario.diffusion_prior`) or a fresh UNet."""
+    if pretrain_steps:
+        raise ConfigError("scenario.pretrain_steps: not used with scenario.model = 'ddpm_unet'; set "
+                          "scenario.diffusion_prior to a trained DDPM (e.g. 'mnist32_ddpm') instead")
+    if prior is not None:
+        p = load_ddpm(prior)
+        if (p.config.channels, p.config.size, p.config.size) != spec.shape:
+            raise ConfigError(f"scenario.diffusion_prior: {p.name} makes {p.config.channels}x{p.config.size}x"
+                              f"{p.config.size} images, the data are {'x'.join(map(str, spec.shape))}; "
+                              "set data.size / data.channels to match")
+        return p.unet, p.alphas_cumprod
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    config = DDPMConfig(size=spec.height, channels=spec.channels,
+                        block_out_channels=(width or 32, 2 * (width or 32), 2 * (width or 32)))
+    return build_unet(config, seed), make_scheduler(config).alphas_cumprod.float()
