@@ -16,7 +16,7 @@ import torch
 from giaudit.priors.ddpm import load_ddpm
 from giaudit.priors.quality import confident_share, digit_classifier
 from giaudit.priors.train import save_grid
-from giaudit.scenario.data import load_mnist5k
+from giaudit.data import load_mnist5k
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from giaudit.attacks._common.update import minibatches
+from giaudit.fl import minibatches
 from giaudit.types import ClientProtocol
 
 

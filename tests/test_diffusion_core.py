@@ -12,7 +12,7 @@ from giaudit.errors import ConfigError, DataError
 from giaudit.fl_diffusion import diffusion_update, draw
 from giaudit.priors.ddpm import (DDPMConfig, DDPMPrior, build_unet, ddim_sample, load_ddpm, make_scheduler,
                                  save_ddpm, untrained_ddpm)
-from giaudit.scenario.data import ImageDataset
+from giaudit.data import ImageDataset
 from giaudit.scenario.diffusion import DiffusionScenario
 from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol, DataSpec

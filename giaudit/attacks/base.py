@@ -145,10 +145,6 @@ class Attack(Configurable):
     def prepare(self, others: Sequence[Observation]) -> None:
         """Learn from other clients' observations before attacking (GIML's meta-learning); default: nothing."""
 
-    def used_capabilities(self, obs: Observation) -> frozenset[Capability]:
-        """Capabilities this attack used on `obs` (the report's threat summary); at least `requires`."""
-        return self.requires
-
     def labels_for(self, obs: Observation, generator: torch.Generator) -> tuple[Tensor, str]:
         """The labels the attack uses and where they came from (attacks on unlabelled models override)."""
         return recover_labels(obs, self.label_method, generator)

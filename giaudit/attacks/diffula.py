@@ -30,16 +30,17 @@ reverse process by a DDIM schedule with that many steps.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from giaudit.attacks._common.distances import cosine_distance
-from giaudit.attacks.base import Attack, Budget, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
 from giaudit.errors import ConfigError
 from giaudit.priors.ddpm import as_ddpm, ddpm_denoise, from_model
+from giaudit.registry import check_number
 from giaudit.types import Capability, Observation
 
 
@@ -103,8 +104,8 @@ def tau_schedule(s: float, t_max: int, t_min: int, jitter: int, generator: torch
     return int(min(max(round(base + j), 1), t_cap - 1))
 
 
+@ATTACKS.register("diffula")
 class DiffULA(Attack):
-    name: ClassVar[str] = "diffula"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
 
@@ -113,25 +114,23 @@ class DiffULA(Attack):
                  zeta_end: float = 1.0, window_width: float = 0.4, t_star: int = 200,
                  denoise_steps: int | None = None, augmentations: int | None = None) -> None:
         super().__init__(labels=labels)
-        if lr <= 0:
-            raise ConfigError("attack.lr: must be > 0")
-        if not 0 < t_min <= t_max:
-            raise ConfigError("attack.t_min / attack.t_max: need 0 < t_min <= t_max")
-        if t_star < 0 or t_jitter < 0 or window_width <= 0 or zeta_start <= 0 or zeta_end <= 0:
-            raise ConfigError("attack.t_star / t_jitter must be >= 0; window_width, zeta_start, zeta_end > 0")
-        if augmentations is not None and augmentations < 1:
-            raise ConfigError("attack.augmentations: must be >= 1 (default: the batch size)")
+        check_number("lr", lr, low=0.0, strict_low=True)
+        check_number("t_min", t_min, low=1)
+        check_number("t_max", t_max, low=t_min)
+        for key, v in (("t_star", t_star), ("t_jitter", t_jitter)):
+            check_number(key, v, low=0)
+        for key, v in (("window_width", window_width), ("zeta_start", zeta_start), ("zeta_end", zeta_end)):
+            check_number(key, v, low=0.0, strict_low=True)
+        check_number("augmentations", augmentations, low=1)
+        check_number("denoise_steps", denoise_steps, low=1)
         self.prior_spec, self.lr = prior, lr
         self.t_max, self.t_min, self.t_jitter, self.t_star = t_max, t_min, t_jitter, t_star
         self.zeta_start, self.zeta_end, self.window_width = zeta_start, zeta_end, window_width
         self.denoise_steps, self.augmentations = denoise_steps, augmentations
-        self.prior = as_ddpm(prior)
+        self.prior = as_ddpm(prior, where="prior")
 
-    def params(self) -> Mapping[str, Any]:
-        return {**super().params(), "lr": self.lr, "t_max": self.t_max, "t_min": self.t_min,
-                "t_jitter": self.t_jitter, "zeta": f"{self.zeta_start}->{self.zeta_end}",
-                "window_width": self.window_width, "t_star": self.t_star, "denoise_steps": self.denoise_steps,
-                "augmentations": self.augmentations, "user_level": True, **self.prior.describe()}
+    def provenance(self) -> dict[str, Any]:
+        return {"user_level": True, **self.prior.describe()}
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:

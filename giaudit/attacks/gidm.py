@@ -27,16 +27,17 @@ The trace keeps each phase's losses (`extra["phase_losses"]`).
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES
-from giaudit.attacks.base import Attack, Budget, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
 from giaudit.errors import ConfigError, ThreatModelError
 from giaudit.fl_diffusion import diffusion_update
 from giaudit.priors.ddpm import as_ddpm, ddim_sample, from_model
+from giaudit.registry import check_choice, check_number
 from giaudit.types import Capability, DiffusionInfo, Observation
 
 
@@ -46,8 +47,8 @@ def diffusion_info(obs: Observation, attack: str) -> DiffusionInfo:
     return obs.diffusion
 
 
+@ATTACKS.register("gidm")
 class GIDM(Attack):
-    name: ClassVar[str] = "gidm"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
     uses_client_noise: ClassVar[bool] = True   # GIDM uses the t and eps the server fixed
@@ -56,40 +57,33 @@ class GIDM(Attack):
                  sampler: str = "global", sampler_steps: int = 5, latent_lr: float = 0.05,
                  pixel_lr: float = 0.02, distance: str = "l2", assume_t: int | None = None) -> None:
         super().__init__()
-        if distance not in DISTANCES:
-            raise ConfigError(f"attack.distance: {distance!r} unknown; known: {', '.join(DISTANCES)}")
-        for key, v in (("latent_iterations", latent_iterations), ("pixel_iterations", pixel_iterations)):
-            if v is not None and v < 0:
-                raise ConfigError(f"attack.{key}: must be >= 0")
-        if sampler_steps < 1:
-            raise ConfigError("attack.sampler_steps: must be >= 1")
-        if latent_lr <= 0 or pixel_lr <= 0:
-            raise ConfigError("attack.latent_lr / attack.pixel_lr: must be > 0")
-        if assume_t is not None and assume_t < 0:
-            raise ConfigError("attack.assume_t: must be a timestep >= 0")
+        check_choice("distance", distance, DISTANCES)
+        check_number("latent_iterations", latent_iterations, low=0)
+        check_number("pixel_iterations", pixel_iterations, low=0)
+        check_number("sampler_steps", sampler_steps, low=1)
+        check_number("latent_lr", latent_lr, low=0.0, strict_low=True)
+        check_number("pixel_lr", pixel_lr, low=0.0, strict_low=True)
+        check_number("assume_t", assume_t, low=0)
         self.latent_iterations, self.pixel_iterations = latent_iterations, pixel_iterations
         self.sampler, self.sampler_steps = sampler, sampler_steps
         self.latent_lr, self.pixel_lr, self.distance, self.assume_t = latent_lr, pixel_lr, distance, assume_t
         # A prior sampler is loaded once, when the attack is built (a wrong path fails at config time).
-        self._prior = None if sampler == "global" else as_ddpm(sampler)
+        self._prior = None if sampler == "global" else as_ddpm(sampler, where="sampler")
 
-    def params(self) -> Mapping[str, Any]:
-        p: dict[str, Any] = {"latent_iterations": self.latent_iterations, "pixel_iterations": self.pixel_iterations,
-                             "sampler": self.sampler, "sampler_steps": self.sampler_steps,
-                             "latent_lr": self.latent_lr, "pixel_lr": self.pixel_lr, "distance": self.distance,
-                             "assume_t": self.assume_t, "optimiser": "Adam"}
+    def provenance(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"optimiser": "Adam", "sampler_used": "global model" if self._prior is None else "prior"}
         if self._prior is not None:
             p.update(self._prior.describe())
         return p
 
     # -- hooks ---------------------------------------------------------------------------------
-    def used_capabilities(self, obs: Observation) -> frozenset[Capability]:
-        used = set(self.requires)
+    def capabilities_used(self, obs: Observation) -> set[Capability]:
+        used = super().capabilities_used(obs)
         if obs.diffusion is not None and obs.diffusion.timesteps is not None and self.uses_client_noise:
             used.add(Capability.DIFFUSION_NOISE)
-        if self._prior is not None and self.phase_budgets(Budget())[0] != 0:
+        if self._prior is not None and self.latent_iterations != 0:
             used.add(Capability.SURROGATE_DATA)
-        return frozenset(used)
+        return used
 
     def labels_for(self, obs: Observation, generator: torch.Generator) -> tuple[Tensor, str]:
         # A DDPM has no labels; the batch size is all the attack needs.

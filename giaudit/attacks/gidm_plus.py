@@ -19,15 +19,15 @@ parametrisation; the choices above are ours.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES
-from giaudit.attacks.base import Budget, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Budget, Progress, RestartResult
 from giaudit.attacks.gidm import GIDM, diffusion_info
-from giaudit.errors import ConfigError
+from giaudit.registry import check_number
 from giaudit.fl_diffusion import diffusion_update
 from giaudit.priors.ddpm import ddim_sample, from_model
 from giaudit.types import Capability, Observation
@@ -39,8 +39,8 @@ def timestep_grid(num_train_timesteps: int, k: int) -> Tensor:
         0, num_train_timesteps - 1)
 
 
+@ATTACKS.register("gidm_plus")
 class GIDMPlus(GIDM):
-    name: ClassVar[str] = "gidm_plus"
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
     uses_client_noise: ClassVar[bool] = False  # estimates t and eps itself
@@ -51,19 +51,12 @@ class GIDMPlus(GIDM):
                  eps_lr: float = 0.05, temperature_end: float = 0.3, alternate: bool = True) -> None:
         super().__init__(latent_iterations=latent_iterations, pixel_iterations=pixel_iterations, sampler=sampler,
                          sampler_steps=sampler_steps, latent_lr=latent_lr, pixel_lr=pixel_lr, distance=distance)
-        if t_grid < 2:
-            raise ConfigError("attack.t_grid: must be >= 2 timesteps")
-        if t_lr <= 0 or eps_lr <= 0:
-            raise ConfigError("attack.t_lr / attack.eps_lr: must be > 0")
-        if not 0 < temperature_end <= 1:
-            raise ConfigError("attack.temperature_end: must be in (0, 1]")
+        check_number("t_grid", t_grid, low=2)
+        check_number("t_lr", t_lr, low=0.0, strict_low=True)
+        check_number("eps_lr", eps_lr, low=0.0, strict_low=True)
+        check_number("temperature_end", temperature_end, low=0.0, high=1.0, strict_low=True)
         self.t_grid, self.t_lr, self.eps_lr = t_grid, t_lr, eps_lr
         self.temperature_end, self.alternate = temperature_end, alternate
-
-    def params(self) -> Mapping[str, Any]:
-        p = {k: v for k, v in super().params().items() if k != "assume_t"}
-        return {**p, "t_grid": self.t_grid, "t_lr": self.t_lr, "eps_lr": self.eps_lr,
-                "temperature_end": self.temperature_end, "alternate": self.alternate}
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:

@@ -19,8 +19,8 @@ is not implemented"). `build_unet` therefore gives every attention module the
 classic `AttnProcessor` (UNet2DModel has no `set_attn_processor`, so it is set
 per module), and `load_ddpm` does the same.
 
-Checkpoints mirror `giaudit.priors.io`: a folder with ``unet.safetensors`` +
-``config.json``, or a flat ``NAME.safetensors`` + ``NAME.json``; no pickles.
+Checkpoints go through the prior protocol (`giaudit.priors.base`, `giaudit.priors.io`): a folder with
+``generator.safetensors`` + ``config.json``, or a flat ``NAME.safetensors`` + ``NAME.json``; no pickles.
 The JSON holds ``"format": "giaudit-ddpm/1"``, the architecture (``unet``)
 and the training record (``training``).
 
@@ -44,15 +44,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from giaudit.errors import ConfigError, DataError
-from giaudit.priors.io import ASSETS
+from giaudit.errors import ConfigError, DataError, ParamError
+from giaudit.priors.base import register_format
+from giaudit.priors.io import load_prior, save_prior, shipped_priors
 from giaudit.priors.train import _load_images, _threads, save_grid
 
 FORMAT = "giaudit-ddpm/1"
@@ -169,6 +168,15 @@ class DDPMPrior:
             t = torch.tensor([int(t)] * x_t.shape[0])
         return self.unet(x_t, t).sample
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.channels, self.config.size, self.config.size)
+
+    def to_document(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        state = {k: v.detach().contiguous().clone() for k, v in self.unet.state_dict().items()}
+        return state, {"format": FORMAT, "kind": "ddpm", "name": self.name, "unet": self.config.to_dict(),
+                       "training": self.training}
+
     def describe(self) -> dict[str, Any]:
         t = self.training
         return {"prior": self.name or "unnamed", "prior_kind": "ddpm", "prior_data": t.get("data", "none (untrained)"),
@@ -242,80 +250,59 @@ def ddpm_denoise(prior: DDPMPrior, x: Tensor, t_start: int, *, generator: torch.
 
 
 # ---------------------------------------------------------------------------------------------- save / load
+# Through the prior protocol of `giaudit.priors.base`: `save_prior` / `load_prior` of `giaudit.priors.io` write
+# and read any prior kind (same layouts, atomic writes, errors naming the file); this module registers the
+# loader of its format.
 
-def _paths(path: Path) -> tuple[Path, Path]:
-    if path.suffix == ".safetensors":
-        return path, path.with_suffix(".json")
-    return path / "unet.safetensors", path / "config.json"
+def _load_document(doc: Mapping[str, Any], state: dict[str, Tensor], where: str) -> "DDPMPrior":
+    if "unet" not in doc:
+        raise DataError(f"{where}: its config has no unet section")
+    config = DDPMConfig.from_dict(doc["unet"], where=where)
+    unet = build_unet(config)
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(f"{where}: weights do not match the UNet config ({exc})") from exc
+    return DDPMPrior(unet.eval(), config, dict(doc.get("training", {})), name=str(doc["name"]))
+
+
+register_format(FORMAT, _load_document)
 
 
 def save_ddpm(prior: DDPMPrior, out: str | os.PathLike[str]) -> Path:
-    """Write the checkpoint atomically (weights, then config, each via a temporary file and rename)."""
-    out = Path(out)
-    weights, cfg = _paths(out)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in prior.unet.state_dict().items()}
-    tmp_w = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT})
-    os.replace(tmp_w, weights)
-    doc = {"format": FORMAT, "kind": "ddpm", "name": prior.name, "unet": prior.config.to_dict(),
-           "training": prior.training}
-    tmp = cfg.with_name(cfg.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cfg)
-    return out
+    """Write the checkpoint atomically (`giaudit.priors.io.save_prior`); returns the path to load."""
+    return save_prior(prior, out)
 
 
 def shipped_ddpm_priors() -> dict[str, Path]:
     """Shipped DDPM priors (flat layout in ``giaudit/priors/assets``) by name."""
     out = {}
-    if ASSETS.is_dir():
-        for p in sorted(ASSETS.glob("*.safetensors")):
-            j = p.with_suffix(".json")
-            try:
-                if j.is_file() and json.loads(j.read_text()).get("format") == FORMAT:
-                    out[p.stem] = p
-            except (OSError, json.JSONDecodeError):
-                continue
+    for name, p in shipped_priors().items():
+        try:
+            if json.loads(p.with_suffix(".json").read_text()).get("format") == FORMAT:
+                out[name] = p
+        except (OSError, json.JSONDecodeError):
+            continue
     return out
 
 
-def load_ddpm(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> DDPMPrior:
+def load_ddpm(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+              where: str = "prior") -> DDPMPrior:
     """Load a DDPM prior by shipped name (``mnist32_ddpm``) or path; the UNet is returned in eval mode."""
-    shipped = shipped_ddpm_priors()
-    if isinstance(name_or_path, str) and name_or_path in shipped:
-        path = shipped[name_or_path]
-    else:
-        path = Path(name_or_path).expanduser()
-    weights, cfg_path = _paths(path)
-    if not weights.is_file() or not cfg_path.is_file():
-        raise ConfigError(f"prior: {str(name_or_path)!r} is neither a shipped DDPM prior "
-                          f"({', '.join(shipped) or 'none'}) nor a checkpoint ({weights.name} + {cfg_path.name} "
-                          f"not found at {path}); train one with `giaudit prior train --kind ddpm`")
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{cfg_path}: unreadable DDPM prior config ({exc}); re-save the prior") from exc
-    if not isinstance(doc, Mapping) or doc.get("format") != FORMAT or "unet" not in doc:
-        raise DataError(f"{cfg_path}: not a giaudit DDPM prior config (expected format {FORMAT!r})")
-    config = DDPMConfig.from_dict(doc["unet"], where=str(cfg_path))
-    unet = build_unet(config)
-    try:
-        state = load_file(str(weights), device=str(device))
-        unet.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
-        raise DataError(f"{weights}: corrupt or does not match the UNet config in {cfg_path.name} ({exc})") from exc
-    unet.to(device).eval()
-    name = doc.get("name") or (path.stem if path.suffix == ".safetensors" else path.name)
-    return DDPMPrior(unet, config, dict(doc.get("training", {})), name=str(name))
+    prior = load_prior(name_or_path, device=device, where=where)
+    if not isinstance(prior, DDPMPrior):
+        raise ParamError(where, f"{str(name_or_path)!r} is a {prior.kind} prior; a DDPM prior is needed "
+                         f"(shipped: {', '.join(shipped_ddpm_priors()) or 'none'}; train one with "
+                         "`giaudit prior train --kind ddpm`)")
+    return prior
 
 
-def as_ddpm(spec: "str | os.PathLike[str] | DDPMPrior") -> DDPMPrior:
+def as_ddpm(spec: "str | os.PathLike[str] | DDPMPrior", where: str = "prior") -> DDPMPrior:
     if isinstance(spec, DDPMPrior):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
-        raise ConfigError(f"attack.prior: expected a DDPM prior name or path, got {type(spec).__name__}")
-    return load_ddpm(spec)
+        raise ParamError(where, f"expected a DDPM prior name or path, got {type(spec).__name__}")
+    return load_ddpm(spec, where=where)
 
 
 def untrained_ddpm(config: DDPMConfig | None = None, seed: int = 0) -> DDPMPrior:

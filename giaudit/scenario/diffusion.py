@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from giaudit.defenses.base import Chain, ClientStep, Defense, default_compute
 from giaudit.errors import ConfigError
 from giaudit.fl_diffusion import diffusion_update, draw
 from giaudit.priors.ddpm import DDPMConfig, build_unet, load_ddpm, make_scheduler
-from giaudit.scenario.data import ImageDataset
+from giaudit.data import ImageDataset
 from giaudit.threat import observe
 from giaudit.types import ClientProtocol, DataSpec, DiffusionInfo, GroundTruth, Observation, SharedUpdate, ThreatModel
 
@@ -39,10 +40,10 @@ class DiffusionScenario:
     batch_size: int
     threat: ThreatModel
 
-    def simulate(self, defenses: Defense | None = None,
+    def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        defense = defenses or Chain(())
+        defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
         step = defense.configure(ClientStep(self.protocol, self.batch_size, self.pool.spec.num_classes,
                                             context={"pool": self.pool, "model": self.model}))
         if step.compute is not default_compute or step.context.get("model", self.model) is not self.model:
@@ -61,12 +62,12 @@ class DiffusionScenario:
         client_model = copy.deepcopy(self.model)
         tensors = diffusion_update(client_model, batch.images, d.timesteps, d.noise, self.alphas_cumprod,
                                    step.protocol)
-        kind = "gradient" if step.protocol.name == "fedsgd" else "delta"
+        kind: Literal["gradient", "delta"] = "gradient" if step.protocol.name == "fedsgd" else "delta"
         update = defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), gen)
         info = DiffusionInfo(self.alphas_cumprod.clone(), d.timesteps.clone(), d.noise.clone())
         obs = observe(model=copy.deepcopy(self.model), update=update, data_spec=self.pool.spec,
                       threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
-                      labels=batch.labels, bn_statistics=None, disclosed=defense.disclose(update), diffusion=info)
+                      labels=batch.labels, bn_statistics=None, disclosed=defense.disclosures(update), diffusion=info)
         return obs, truth
 
 
