@@ -42,10 +42,14 @@ from giaudit.metrics.faces import (
 from giaudit.metrics.lpips import load_lpips
 from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
 from giaudit.scenario.client import Scenario, pretrain
+from giaudit.scenario.diffusion import DiffusionScenario, diffusion_global_model
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
 from giaudit.training import TrainingRun, TrainingSettings, stable_seed, train
 from giaudit.types import Capability, ClientProtocol, Observation, ThreatModel, disclosed_values
+
+# The classifier client (FedSGD / FedAvg) or the federated DDPM client (issue 10): both simulate().
+AnyScenario = Scenario | DiffusionScenario
 
 
 @lru_cache(maxsize=4)
@@ -69,7 +73,7 @@ def scenario_name(spec: AuditSpec) -> str:
     return f"{spec.data['source']}{spec.data['size']}-{s['model']}-{s['protocol']}-b{s['batch_size']}"
 
 
-def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
+def build_scenario(spec: AuditSpec, seed: int) -> tuple[AnyScenario, ImageDataset]:
     """The global model (initialised, optionally pretrained) and the client's pool; plus the held-out split."""
     data = load_data(spec)
     split_gen = torch.Generator().manual_seed(stable_seed("split", seed))
@@ -77,15 +81,19 @@ def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
     pool, held = data.subset(pool_idx), data.subset(held_idx)
     s = spec.scenario
     gen = torch.Generator().manual_seed(stable_seed("model", seed))
+    t = spec.threat
+    threat = threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
+                          surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
+                          true_labels=t["true_labels"], diffusion_noise=t.get("diffusion_noise", False))
+    protocol = ClientProtocol(s["protocol"], s["local_steps"], float(s["local_lr"]), s.get("local_batch_size"))
+    if s["model"] == "ddpm_unet":
+        unet, schedule = diffusion_global_model(data.spec, s.get("diffusion_prior"), s.get("width"),
+                                                s["pretrain_steps"], gen)
+        return DiffusionScenario(unet, schedule, pool, protocol, s["batch_size"], threat), held
     model = build_model(s["model"], channels=data.spec.channels, num_classes=data.spec.num_classes,
                         size=data.spec.height, width=s.get("width"), generator=gen)
     pretrain(model, pool, s["pretrain_steps"], gen)
     model.train(s["bn_mode"] == "train")
-    protocol = ClientProtocol(s["protocol"], s["local_steps"], float(s["local_lr"]), s.get("local_batch_size"))
-    t = spec.threat
-    threat = threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
-                          surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
-                          true_labels=t["true_labels"])
     return Scenario(model, pool, protocol, s["batch_size"], threat), held
 
 
@@ -202,14 +210,14 @@ def checkpoints(spec: AuditSpec) -> list[int | None]:
     return [None] if not rounds else [int(r) for r in rounds]
 
 
-def simulate_clients(scenario: Scenario, defense: Chain, seed: int, n: int) -> list[tuple[Observation, Any]]:
+def simulate_clients(scenario: AnyScenario, defense: Chain, seed: int, n: int) -> list[tuple[Observation, Any]]:
     """`n` clients' observations and private batches for one seed (client 0 draws the batch a one-client audit
     draws, so `clients_per_seed = 1` reproduces earlier runs)."""
     return [scenario.simulate(defense, generator=torch.Generator().manual_seed(
         stable_seed("batch", seed, *((c,) if c else ())))) for c in range(n)]
 
 
-def training_data(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset, ImageDataset]:
+def training_data(spec: AuditSpec, seed: int) -> tuple[AnyScenario, ImageDataset, ImageDataset]:
     """The scenario, the federation's training data (every image not held out: the audited client's pool and
     the other clients' data) and the held-out split the accuracy is measured on."""
     scenario, held = build_scenario(spec, seed)
@@ -229,7 +237,7 @@ def checkpoint_training(spec: AuditSpec, seed: int, settings: TrainingSettings) 
                  [dict(d) for d in spec.defenses], settings, seed, rounds=max(rounds), keep=rounds)
 
 
-def at_checkpoint(scenario: Scenario, run: TrainingRun, round_: int) -> dict[str, Any]:
+def at_checkpoint(scenario: AnyScenario, run: TrainingRun, round_: int) -> dict[str, Any]:
     """Put the global model of round `round_` into the scenario; the record's training info."""
     state = run.states[round_]
     model = copy.deepcopy(scenario.model)
@@ -273,7 +281,7 @@ def _identity_gallery(analyzer: Any, items: tuple[tuple[str, Any], ...]) -> Gall
     return identity_gallery(analyzer, data.images[outside].numpy(), data.labels[outside].tolist())
 
 
-def _gallery(spec: AuditSpec, analyzer: Any, scenario: Scenario, truth: Any, seed: int) -> Gallery | None:
+def _gallery(spec: AuditSpec, analyzer: Any, scenario: AnyScenario, truth: Any, seed: int) -> Gallery | None:
     """Re-identification candidates for this batch (None when the backend has no identity model)."""
     if "identity" not in analyzer.provides:
         return None

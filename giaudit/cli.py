@@ -20,6 +20,7 @@ from giaudit.demo import run_demo
 from giaudit.errors import GiauditError
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.policy import check, check_main, load_policy
+from giaudit.priors.ddpm import add_ddpm_arguments, cli_train_ddpm
 from giaudit.priors.train import add_train_arguments, cli_train
 from giaudit.report import render
 from giaudit.results import ResultsStore, load_results
@@ -100,6 +101,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prior_train(args: argparse.Namespace) -> int:
+    if args.kind == "ddpm":
+        return cli_train_ddpm(args)
     return cli_train(args)
 
 
@@ -205,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prior", help="generative priors", description="Train and inspect generative priors.")
     psub = pr.add_subparsers(dest="prior_command", required=True, metavar="PRIOR_COMMAND")
-    pt = psub.add_parser("train", help="train a GAN prior on CPU", description="Train a DCGAN prior and save it as "
+    pt = psub.add_parser("train", help="train a GAN or DDPM prior on CPU",
+                         description="Train a DCGAN (or, with --kind ddpm, a DDPM) prior and save it as "
                          "safetensors + JSON config.")
     add_train_arguments(pt)
+    add_ddpm_arguments(pt)
     pt.set_defaults(func=_prior_train)
 
     dr = sub.add_parser("doctor", help="which optional capabilities are ready here, and how to enable each",

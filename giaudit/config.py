@@ -72,6 +72,7 @@ class ScenarioSection:
     local_batch_size: int | None = None
     clients_per_seed: int | None = None   # private batches attacked per seed (default 1; compare: 8)
     checkpoints: list[int] | None = None  # rounds of the federated training whose update is attacked
+    diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, sorted(MODELS))
@@ -81,6 +82,8 @@ class ScenarioSection:
                 raise ParamError("checkpoints", "expected a non-empty list of rounds >= 0, e.g. [0, 50, 200]")
             if list(self.checkpoints) != sorted(set(self.checkpoints)):
                 raise ParamError("checkpoints", "rounds must be increasing and distinct")
+        if self.diffusion_prior is not None and self.model != "ddpm_unet":
+            raise ParamError("diffusion_prior", "only used with scenario.model = 'ddpm_unet'")
         check_choice("bn_mode", self.bn_mode, ("train", "eval"))
         check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
         for key in ("batch_size", "local_steps", "local_batch_size", "width"):
@@ -96,6 +99,9 @@ class ThreatSection:
     surrogate_data: bool = True
     bn_statistics: bool = False
     true_labels: bool = False
+    # ddpm_unet only: the server fixed the client's timesteps and noise (unset = false; kept out of the
+    # canonical config when unset so existing config hashes do not change)
+    diffusion_noise: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

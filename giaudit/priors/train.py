@@ -226,11 +226,13 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of `giaudit prior train` (and of `python -m giaudit.priors.train`)."""
     ap.add_argument("--data", required=True, help="mnist5k | digits | lfw_subset | an image folder")
     ap.add_argument("--out", required=True, type=Path, help="a folder, or NAME.safetensors")
-    ap.add_argument("--steps", type=int, default=2000, help="generator steps (default 2000)")
+    ap.add_argument("--steps", type=int, default=None, help="generator steps (default 2000; ddpm: 100000, "
+                    "normally stopped by --minutes)")
     ap.add_argument("--size", type=int, default=32, help="image size in pixels, 28..64 (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latent-dim", type=int, default=32)
-    ap.add_argument("--width", type=int, default=16, help="generator width (default 16)")
+    ap.add_argument("--width", type=int, default=None, help="generator width (default 16; ddpm: UNet base "
+                    "channels, default 32)")
     ap.add_argument("--loss", choices=LOSSES, default="gan", help="gan (spectral-norm critic) or wgan-gp")
     ap.add_argument("--holdout-mod", type=int, default=5,
                     help="leave out images whose index is a multiple of this (the audit's client pool; 0 keeps all)")
@@ -242,8 +244,8 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def cli_train(a: argparse.Namespace) -> int:
-    path = train_main(a.data, a.out, steps=a.steps, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
-                      width=a.width, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
+    path = train_main(a.data, a.out, steps=a.steps or 2000, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
+                      width=a.width or 16, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
                       sample_every=a.sample_every, show_progress=not a.no_progress)
     print(f"prior: {path}")
     return 0
