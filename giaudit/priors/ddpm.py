@@ -52,7 +52,7 @@ from torch import Tensor
 from giaudit.errors import ConfigError, DataError, ParamError
 from giaudit.priors.base import register_format
 from giaudit.priors.io import load_prior, save_prior, shipped_priors
-from giaudit.priors.train import _load_images, _threads, save_grid
+from giaudit.priors.train import _threads, save_grid, training_images
 
 FORMAT = "giaudit-ddpm/1"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -402,14 +402,8 @@ def train_main(data: str, out: Path, *, steps: int = 100_000, minutes: float | N
                checkpoint_minutes: float = 5.0, name: str | None = None, show_progress: bool = True) -> Path:
     """Train a DDPM prior on `data` (holding out every `holdout_mod`-th image, the audit pool) and save it."""
     out = Path(out)
-    if holdout_mod < 0:
-        raise ConfigError("--holdout-mod: must be >= 0")
     with _threads(threads):
-        images = _load_images(data, size, channels, limit)
-        if holdout_mod:
-            images = images[torch.arange(images.shape[0]) % holdout_mod != 0]
-        if images.shape[0] < batch_size:
-            raise DataError(f"--data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
+        images = training_images(data, size, channels, limit, holdout_mod, batch_size)
         config = DDPMConfig(size=size, channels=int(images.shape[1]),
                             block_out_channels=(width, 2 * width, 2 * width))
         flat = out.suffix == ".safetensors"

@@ -43,6 +43,20 @@ from giaudit.priors.io import Prior, save_prior
 LOSSES = ("gan", "wgan-gp")
 
 
+def training_images(data: str, size: int, channels: int | None, limit: int | None, holdout_mod: int,
+                    batch_size: int) -> Tensor:
+    """A prior's training images: `data` without every `holdout_mod`-th image (the audit pool; 0 keeps all),
+    at least one batch of them."""
+    if holdout_mod < 0:
+        raise ConfigError("--holdout-mod: must be >= 0")
+    images = _load_images(data, size, channels, limit)
+    if holdout_mod:
+        images = images[torch.arange(images.shape[0]) % holdout_mod != 0]
+    if images.shape[0] < batch_size:
+        raise DataError(f"--data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
+    return images
+
+
 def _load_images(data: str, size: int, channels: int | None, limit: int | None) -> Tensor:
     """A data source name (mnist5k, digits, lfw_subset) or an image folder -> images N,C,H,W in [0,1]."""
     if data in D.SOURCES and data != "folder":
@@ -190,15 +204,8 @@ def train_main(data: str, out: Path, *, steps: int = 2000, size: int = 32, seed:
     draw client batches the prior never saw.
     """
     out = Path(out)
-    if holdout_mod < 0:
-        raise ConfigError("--holdout-mod: must be >= 0")
     with _threads(threads):
-        images = _load_images(data, size, channels, limit)
-        if holdout_mod:
-            keep = torch.arange(images.shape[0]) % holdout_mod != 0
-            images = images[keep]
-        if images.shape[0] < batch_size:
-            raise DataError(f"--data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
+        images = training_images(data, size, channels, limit, holdout_mod, batch_size)
         config = GeneratorConfig(size=size, channels=int(images.shape[1]), latent_dim=latent_dim, width=width)
         flat = out.suffix == ".safetensors"
         stem = out.with_suffix("") if flat else out
