@@ -183,15 +183,19 @@ def breaching_payloads(obs: Observation, labels: Tensor) -> tuple[list[dict], li
 
 
 def run_breaching(breaching: Any, obs: Observation, labels: Tensor, init: Tensor, iterations: int, lr: float,
-                  tv_weight: float) -> tuple[Tensor, float]:
-    """One breaching IG reconstruction from `init`. Returns (images, wall seconds of reconstruct())."""
+                  tv_weight: float, with_loss: bool = False) -> Any:
+    """One breaching IG reconstruction from `init`. Returns (images, wall seconds of reconstruct()), and with
+    `with_loss` also breaching's own lowest objective value (what it keeps its best iterate by)."""
     cfg = breaching_config(breaching, iterations, lr, tv_weight)
     attacker = breaching.attacks.prepare_attack(obs.model, nn.CrossEntropyLoss(), cfg)
     payload, shared = breaching_payloads(obs, labels)
     start = time.perf_counter()
-    out, _ = attacker.reconstruct(payload, shared, {}, initial_data=init.clone())
+    out, stats = attacker.reconstruct(payload, shared, {}, initial_data=init.clone())
     wall = time.perf_counter() - start
-    return out["data"].detach().clamp(0, 1), wall
+    images = out["data"].detach().clamp(0, 1)
+    if with_loss:
+        return images, wall, min(stats["Trial_0_Val"])
+    return images, wall
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +248,17 @@ def psnr(rec: Tensor, truth: Tensor) -> float:
     return float(np.mean([10 * math.log10(1.0 / max(mse[r, c], 1e-12)) for r, c in zip(rows, cols)]))
 
 
-def giaudit_initial_images(attack: InvertingGradients, obs: Observation, seed: int) -> Tensor:
-    """The first restart's starting images, drawn as `Attack.reconstruct` draws them.
+def giaudit_initial_images(attack: InvertingGradients, obs: Observation, seed: int, k: int = 1) -> Tensor:
+    """The first restart's starting images (or, with k > 1, the k restarts' stacked), drawn as
+    `Attack.reconstruct` draws them.
 
     Checked against giaudit itself in `check_same_problem` (a one-iteration
     constant-lr run from this start must return this start).
     """
     gen = torch.Generator().manual_seed(seed)
-    s = int(torch.randint(0, 2**62, (1,), generator=gen)[0])  # oracle labels consume no randomness
-    return attack.initial_images(obs, obs.batch_size, torch.Generator().manual_seed(s))
+    seeds = [int(s) for s in torch.randint(0, 2**62, (k,), generator=gen)]  # oracle labels consume no randomness
+    starts = [attack.initial_images(obs, obs.batch_size, torch.Generator().manual_seed(s)) for s in seeds]
+    return starts[0] if k == 1 else torch.stack(starts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +481,53 @@ def measure_time_to_quality(breaching: Any, model_name: str, batch: int, args: a
                          best_iterate, probe_len, psnr(init, truth.images), runs)
 
 
+@dataclass
+class Restarts:
+    model: str
+    batch: int
+    k: int
+    iterations: int
+    breaching_psnr: float          # of the restart breaching ranks first by its own objective
+    breaching_s: float             # K runs of N iterations, one after the other (breaching runs restarts serially)
+    breaching_losses: list[float]
+    giaudit_psnr: float            # of the restart giaudit ranks first by its own matching loss
+    giaudit_s: float
+    giaudit_iterations: int        # summed over restarts
+    halving: int
+    workers: int
+    cuts: list[Any] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.breaching_s / self.giaudit_s
+
+    @property
+    def met(self) -> bool:
+        return self.giaudit_psnr >= self.breaching_psnr and self.speedup >= 2.0
+
+
+def measure_restarts(breaching: Any, model_name: str, batch: int, args: argparse.Namespace) -> Restarts:
+    """Best-of-K: breaching's K full runs vs giaudit's successive halving of K restarts, the same K starts.
+
+    Each library ranks its restarts by its own objective; the ground truth only scores the image it returns.
+    """
+    obs, truth = make_problem(model_name, batch, args.seed)
+    labels, k, n = obs.labels, args.k, args.iterations
+    attack = InvertingGradients(labels="oracle", lr=args.lr, tv_weight=args.tv_weight, schedule="plateau")
+    starts = giaudit_initial_images(attack, obs, args.seed, k)
+    b_runs = [run_breaching(breaching, obs, labels, starts[i], n, args.lr, args.tv_weight, with_loss=True)
+              for i in range(k)]
+    b_best = min(range(k), key=lambda i: b_runs[i][2])
+    patience = args.patience if args.patience is not None else max(5, n // 40)
+    budget = Budget(iterations=int(math.ceil(args.cap_factor * n)), restarts=k, patience=patience,
+                    halving=args.halving, workers=args.workers)
+    rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(args.seed))
+    log = rec.trace.extra["halving"]
+    return Restarts(model_name, batch, k, n, psnr(b_runs[b_best][0], truth.images), sum(r[1] for r in b_runs),
+                    [float(r[2]) for r in b_runs], psnr(rec.images, truth.images), rec.trace.wall_s,
+                    log["total_iterations"], args.halving, rec.trace.extra["workers"], log["cuts"])
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
@@ -495,11 +548,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tv-weight", type=float, default=1e-4, help="total-variation weight, both libraries")
     p.add_argument("--patience", type=int, default=None, help="giaudit plateau patience (default max(5, N/40))")
     p.add_argument("--restarts", type=int, default=1, help="giaudit restarts (parallel, one process per core)")
+    p.add_argument("--restart-cases", default="resnet18:1",
+                   help="model:batch list for the best-of-K comparison (3); 'none' skips it")
+    p.add_argument("--k", type=int, default=4, help="restarts in the best-of-K comparison")
+    p.add_argument("--halving", type=int, default=None,
+                   help="giaudit's first successive-halving cut, in iterations (default N/16)")
+    p.add_argument("--workers", type=int, default=None, help="giaudit processes for restarts (default: cores)")
     p.add_argument("--cap-factor", type=float, default=2.0, help="giaudit probe budget = cap-factor x N")
     p.add_argument("--max-confirm", type=int, default=5, help="confirmation runs before giving up")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+    p.add_argument("--bn-mode", choices=("train", "eval"), default="eval",
                    help="BatchNorm mode of the attacked model (both libraries get the same module)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
     p.add_argument("--malloc-tuning", action="store_true",
@@ -513,16 +572,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.repeats = 1 if args.quick else 3
     if args.timing_iterations < 3:
         p.error("--timing-iterations must be >= 3")
-    cases = []
-    for item in args.cases.split(","):
-        try:
-            name, b = item.strip().split(":")
-            cases.append((name, int(b)))
-        except ValueError:
-            p.error(f"--cases: {item!r} is not model:batch (e.g. resnet18:1)")
-        if name not in ("resnet18", "convnet"):
-            p.error(f"--cases: model {name!r}; this benchmark covers resnet18 and convnet")
-    args.case_list = cases
+    if args.halving is None:
+        args.halving = max(1, args.iterations // 16)
+
+    def case_list(option: str, text: str) -> list[tuple[str, int]]:
+        cases = []
+        for item in ([] if text.strip() == "none" else text.split(",")):
+            try:
+                name, b = item.strip().split(":")
+                cases.append((name, int(b)))
+            except ValueError:
+                p.error(f"{option}: {item!r} is not model:batch (e.g. resnet18:1)")
+            if name not in ("resnet18", "convnet"):
+                p.error(f"{option}: model {name!r}; this benchmark covers resnet18 and convnet")
+        return cases
+
+    args.case_list = case_list("--cases", args.cases)
+    args.restart_case_list = case_list("--restart-cases", args.restart_cases)
     return args
 
 
@@ -585,6 +651,20 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         results["time_to_quality"] = [{**asdict(r), "speedup": r.speedup, "trivial": r.trivial} for r in rows2]
 
+    if args.restart_case_list:
+        print(f"\n## (3) best-of-K, K={args.k}: breaching's K runs of N={args.iterations} (ranked by its objective) vs "
+              f"giaudit's successive halving (first cut {args.halving} its, ranked by its matching loss), same K "
+              "starts; target: giaudit dB >= breaching dB in <= half the wall time")
+        print(f"{'model':<9} {'batch':>5} {'brch dB':>8} {'brch s':>8} {'gia dB':>8} {'gia s':>8} "
+              f"{'gia its':>8} {'speed-up':>8}")
+        rows3 = []
+        for name, b in args.restart_case_list:
+            r3 = measure_restarts(breaching, name, b, args)
+            rows3.append(r3)
+            print(f"{name:<9} {b:>5} {r3.breaching_psnr:>8.2f} {r3.breaching_s:>8.1f} {r3.giaudit_psnr:>8.2f} "
+                  f"{r3.giaudit_s:>8.1f} {r3.giaudit_iterations:>8} {r3.speedup:>8.2f}", flush=True)
+        results["restarts"] = [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows3]
+
     print("\n## targets")
     for r in results.get("per_iteration", []):
         print(f"per-iteration {r['model']}:{r['batch']}: ratio {r['ratio']:.2f} "
@@ -594,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         verdict = ("n/a, trivial target" if r["trivial"] else
                    "MET" if (not math.isnan(s) and s >= 2.0) else "missed")
         print(f"time-to-quality {r['model']}:{r['batch']}: speed-up {_fmt(s, '.2f')} {verdict} (>= 2.0)")
+    for r in results.get("restarts", []):
+        print(f"best-of-{r['k']} {r['model']}:{r['batch']}: {r['giaudit_psnr']:.2f} vs {r['breaching_psnr']:.2f} dB, "
+              f"speed-up {r['speedup']:.2f} {'MET' if r['met'] else 'missed'} (same or better dB, >= 2.0)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=float))

@@ -211,7 +211,7 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
 def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:
     """The attack's table, validated by building the attack and its budget now (before any data loads)."""
     where = f"{source}: attacks.{name}"
-    ATTACKS.get(name, where)
+    cls = ATTACKS.get(name, where)
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: must be a table")
     budget = {k: v for k, v in table.items() if k in BUDGET_KEYS}
@@ -221,6 +221,10 @@ def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:
             known = list(BUDGET_KEYS) + list(ATTACKS.options(name))
             raise ConfigError(f"{where}.{key}: unknown option; {name} takes: {', '.join(known)}")
     built = build_from(Budget, budget, where)
+    if built.halving is not None and not cls.pausable():
+        pausable = ", ".join(n for n in ATTACKS.names() if ATTACKS[n].pausable())
+        raise ConfigError(f"{where}.halving: {name} cannot pause its restarts, so they cannot be halved; "
+                          f"remove the key (attacks that can: {pausable})")
     ATTACKS.build(name, options_, where)
     out = dict(table)
     out.update({k: getattr(built, k) for k in budget})

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
-from giaudit.attacks._common.optimise import adam_descent
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
+from giaudit.attacks._common.optimise import PhaseSteps, adam_steps, at_most
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, Progress, RestartResult, drive
 from giaudit.errors import ConfigError, ParamError
 from giaudit.priors.generator import Generator
 from giaudit.priors.io import Prior, as_prior
@@ -131,6 +131,12 @@ class GIAS(PriorAttack):
                       budget: Budget, progress: Progress | None, losses: list[float],
                       z_l2: float | None = None) -> tuple[Tensor, float, bool]:
         """GI-z: Adam on z with `gen` fixed. Returns (best z, its matching loss, stalled early)."""
+        return drive(self.latent_steps(obs, labels, gen, z0, iters, budget, losses, z_l2), progress)
+
+    def latent_steps(self, obs: Observation, labels: Tensor, gen: nn.Module, z0: Tensor, iters: int,
+                     budget: Budget, losses: list[float],
+                     z_l2: float | None = None) -> PhaseSteps:
+        """`latent_search` as a generator (one yield per step), so a restart can be paused."""
         z = z0.clone().requires_grad_(True)
         l2 = self.z_l2 if z_l2 is None else z_l2
 
@@ -140,13 +146,13 @@ class GIAS(PriorAttack):
                 loss = loss + l2 * z.pow(2).mean()
             return match, loss, z
 
-        return adam_descent([z], step, lr=self.lr_z, iterations=iters, budget=budget, progress=progress,
-                            losses=losses, start=z.detach().clone())
+        return (yield from adam_steps([z], step, lr=self.lr_z, iterations=iters, budget=budget, losses=losses,
+                                      start=z.detach().clone()))
 
-    def parameter_search(self, obs: Observation, labels: Tensor, gen: nn.Module, z: Tensor, iters: int,
-                         budget: Budget, progress: Progress | None,
-                         losses: list[float]) -> tuple[Tensor, float, bool]:
-        """GI-z+theta: one copy of the generator weights per image, z fixed. Returns (best images, loss, stalled)."""
+    def parameter_steps(self, obs: Observation, labels: Tensor, gen: nn.Module, z: Tensor, iters: int,
+                        budget: Budget, losses: list[float]) -> PhaseSteps:
+        """GI-z+theta: one copy of the generator weights per image, z fixed; a generator (one yield per step)
+        that returns (best images, loss, stalled)."""
         names = [n for n, _ in gen.named_parameters()]
         buffers = dict(gen.named_buffers())
         copies = [[p.detach().clone().requires_grad_(True) for p in gen.parameters()] for _ in range(z.shape[0])]
@@ -162,18 +168,17 @@ class GIAS(PriorAttack):
 
         with torch.no_grad():
             start = render()
-        return adam_descent([p for c in copies for p in c], step, lr=self.lr_theta, iterations=iters,
-                            budget=budget, progress=progress, losses=losses, start=start)
+        return (yield from adam_steps([p for c in copies for p in c], step, lr=self.lr_theta, iterations=iters,
+                                      budget=budget, losses=losses, start=start))
 
-    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
-                    progress: Progress | None) -> RestartResult:
+    def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         n = obs.batch_size or labels.numel()
         gen = self.generator_for(obs)
         z0 = torch.randn((n, gen.config.latent_dim), generator=generator)
         iters = budget.iterations
         n_z = iters if self.mode == "z" else max(1, int(round(iters * self.z_fraction)))
         losses: list[float] = []
-        z, z_loss, stalled = self.latent_search(obs, labels, gen, z0, n_z, budget, progress, losses)
+        z, z_loss, stalled = yield from self.latent_steps(obs, labels, gen, z0, n_z, budget, losses)
         used_z = len(losses)
         extra: dict[str, Any] = {"mode": self.mode, "z_iterations": used_z, "z_phase_loss": z_loss,
                                  **self.prior.describe()}
@@ -183,7 +188,8 @@ class GIAS(PriorAttack):
             return RestartResult(x, labels, losses, z_loss, stalled, extra)
         # Iterations the latent search left unused (plateau) go to the parameter search.
         n_t = iters - used_z
-        x, t_loss, stalled = self.parameter_search(obs, labels, gen, z, n_t, budget, progress, losses)
+        # What a paused restart is ranked by: the best of both phases so far.
+        x, t_loss, stalled = yield from at_most(self.parameter_steps(obs, labels, gen, z, n_t, budget, losses), z_loss)
         if z_loss <= t_loss:  # the parameter search never beat its starting point
             with torch.no_grad():
                 x = gen(z)

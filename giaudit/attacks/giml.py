@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from giaudit.attacks.base import ATTACKS, Budget, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Budget, Descent, Progress
 from giaudit.attacks.gias import GIAS, frozen_copy, gan_prior
 from giaudit.attacks.labels import recover_labels
 from giaudit.errors import ConfigError
@@ -186,9 +186,8 @@ class GIML(GIAS):
             self.meta_source = "the target update only (observe_many was not called)"
         return super().reconstruct(obs, budget=budget, rng=rng, progress=progress)
 
-    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
-                    progress: Progress | None) -> RestartResult:
-        r = super().run_restart(obs, labels, budget, generator, progress)
+    def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
+        r = yield from super().descend(obs, labels, budget, generator)
         r.extra.update({"meta_losses": list(self.meta_losses), "meta_source": self.meta_source,
                         "meta_wall_s": round(self.meta_wall_s, 2)})
         return r

@@ -15,12 +15,15 @@ DLG its L-BFGS closure: not the same shape.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 from torch import Tensor
 
-from giaudit.attacks.base import Budget, Plateau, Progress
+from giaudit.attacks.base import Budget, Plateau, Progress, drive
+
+# A phase as a generator: yields the best value so far after each step, returns (best state, value, stalled).
+PhaseSteps = Generator[float, None, tuple[Tensor, float, bool]]
 
 # One step's objective: (value recorded and ranked, loss to differentiate, state kept when the value is the best).
 Step = Callable[[], tuple[Tensor, Tensor, Tensor]]
@@ -36,9 +39,10 @@ def milestones(n: int) -> set[int]:
     return {int(n * f) for f in (3 / 8, 5 / 8, 7 / 8)} - {0}
 
 
-def adam_descent(params: Sequence[Tensor], step: Step, *, lr: float, iterations: int, budget: Budget,
-                 progress: Progress | None, losses: list[float], start: Tensor) -> tuple[Tensor, float, bool]:
-    """Adam on `params` for at most `iterations` steps; returns (best state, its value, stalled early).
+def adam_steps(params: Sequence[Tensor], step: Step, *, lr: float, iterations: int, budget: Budget,
+               losses: list[float], start: Tensor) -> PhaseSteps:
+    """Adam on `params` for at most `iterations` steps, as a generator that yields the best value so far
+    after every step (so restarts can be paused and halved); returns (best state, its value, stalled early).
 
     `step()` evaluates the objective at the current `params`. The value is recorded (appended to
     `losses`) and compared BEFORE the optimiser moves, so the state kept is the one that value belongs
@@ -60,8 +64,7 @@ def adam_descent(params: Sequence[Tensor], step: Step, *, lr: float, iterations:
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        if progress is not None:
-            progress(1)
+        yield best
         plateau.update(v)
         if it + 1 in marks:
             drop_lr(opt)
@@ -69,3 +72,20 @@ def adam_descent(params: Sequence[Tensor], step: Step, *, lr: float, iterations:
             stalled = True
             break
     return best_state, best, stalled
+
+
+def at_most(steps: PhaseSteps, floor: float) -> PhaseSteps:
+    """A later phase's steps, yielding the best value over this phase and the earlier ones (`floor`)."""
+    while True:
+        try:
+            v = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield min(floor, v)
+
+
+def adam_descent(params: Sequence[Tensor], step: Step, *, lr: float, iterations: int, budget: Budget,
+                 progress: Progress | None, losses: list[float], start: Tensor) -> tuple[Tensor, float, bool]:
+    """`adam_steps` run to its end: (best state, its value, stalled early)."""
+    return drive(adam_steps(params, step, lr=lr, iterations=iterations, budget=budget, losses=losses, start=start),
+                 progress)

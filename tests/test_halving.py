@@ -1,0 +1,95 @@
+"""Successive halving of restarts (issue 12): the cut follows the attack's own loss, and processes do not matter.
+
+No ground truth is involved: a restart's rank is the lowest matching loss it
+has reached, which the attack computes from the observation alone.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from giaudit.attacks import Budget, build_attack
+from giaudit.errors import ThreatModelError
+from giaudit.scenario import Scenario, build_model
+from giaudit.threat import threat_model
+from giaudit.types import ClientProtocol
+
+
+@pytest.fixture(scope="module")
+def obs(mnist32):
+    g = torch.Generator().manual_seed(5)
+    m = build_model("lenet_relu", channels=1, num_classes=10, size=32, generator=g)
+    return Scenario(m, mnist32, ClientProtocol(), 2, threat_model()).simulate(generator=g)[0]
+
+
+def _halved(obs, workers):
+    attack = build_attack("ig")
+    budget = Budget(iterations=80, restarts=5, halving=8, workers=workers)
+    return attack, budget, attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(11))
+
+
+def test_cut_keeps_the_lowest_loss_and_matches_independent_restarts(obs):
+    attack, budget, rec = _halved(obs, workers=1)
+    log = rec.trace.extra["halving"]
+    assert [c["at"] for c in log["cuts"]] == [8, 16]          # 5 -> 2 -> 1
+    # Replay every restart alone with the same seed: its best loss after `at` iterations is what the cut saw.
+    gen = torch.Generator().manual_seed(11)
+    labels, _ = attack.labels_for(obs, gen)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=gen)]
+    alone = [attack.run_restart(obs, labels, Budget(iterations=80), torch.Generator().manual_seed(s), None)
+             for s in seeds]
+    for cut in log["cuts"]:
+        seen = {int(i): v for i, v in cut["losses"].items()}
+        for i, v in seen.items():
+            assert v == pytest.approx(min(alone[i].losses[:cut["at"]]), rel=1e-5, abs=1e-7)
+        lowest = min(seen, key=lambda i: seen[i])
+        assert lowest in cut["kept"], "the restart with the lowest matching loss was discarded"
+        assert len(cut["kept"]) == max(1, len(seen) // 2)
+    winner = rec.trace.best_restart
+    assert winner == log["cuts"][-1]["kept"][0]
+    assert rec.trace.losses == pytest.approx(alone[winner].losses, rel=1e-5, abs=1e-7)
+    # Halving did less work than five full restarts, and the winner ran its whole schedule.
+    assert log["total_iterations"] < 5 * 80 and log["restart_iterations"][winner] == len(alone[winner].losses)
+    assert rec.trace.restart_losses[winner] == min(rec.trace.restart_losses)
+
+
+def test_parallel_equals_serial(obs):
+    _, _, serial = _halved(obs, workers=1)
+    _, _, parallel = _halved(obs, workers=2)
+    assert parallel.trace.extra["workers"] == 2
+    assert serial.trace.best_restart == parallel.trace.best_restart
+    assert [c["kept"] for c in serial.trace.extra["halving"]["cuts"]] == \
+        [c["kept"] for c in parallel.trace.extra["halving"]["cuts"]]
+    assert torch.allclose(serial.images, parallel.images, atol=1e-4)
+    assert math.isclose(serial.trace.restart_losses[serial.trace.best_restart],
+                        parallel.trace.restart_losses[parallel.trace.best_restart], rel_tol=1e-4)
+
+
+def test_attack_without_pausable_restarts_says_so(obs):
+    attack = build_attack("dlg")
+    assert not attack.pausable()
+    with pytest.raises(ThreatModelError, match="halving"):
+        attack.reconstruct(obs, budget=Budget(iterations=3, restarts=2, halving=1, workers=1))
+
+
+def test_gias_restarts_halve_through_both_phases(mnist32):
+    """The prior attacks share the descent loop, so they halve too: the winner equals its restart run alone."""
+    g = torch.Generator().manual_seed(5)
+    m = build_model("lenet_relu", channels=1, num_classes=10, size=32, generator=g)
+    obs = Scenario(m, mnist32, ClientProtocol(), 1, threat_model(surrogate_data=True)).simulate(generator=g)[0]
+    attack = build_attack("gias", prior="mnist32")
+    assert attack.pausable()
+    budget = Budget(iterations=24, restarts=3, halving=4, workers=1)
+    rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(2))
+    log = rec.trace.extra["halving"]
+    assert [c["at"] for c in log["cuts"]] == [4]
+    gen = torch.Generator().manual_seed(2)
+    labels, _ = attack.labels_for(obs, gen)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (3,), generator=gen)]
+    alone = attack.run_restart(obs, labels, Budget(iterations=24), torch.Generator().manual_seed(
+        seeds[rec.trace.best_restart]), None)
+    assert rec.trace.extra["theta_iterations"] > 0          # the winner went through the parameter phase
+    assert rec.trace.losses == pytest.approx(alone.losses, rel=1e-5, abs=1e-7)
+    assert torch.allclose(rec.images, alone.images.clamp(0, 1), atol=1e-5)
