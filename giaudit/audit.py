@@ -14,6 +14,7 @@ import platform
 import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -28,10 +29,12 @@ from giaudit.attacks import Attack, Budget, build_attack
 from giaudit.config import AuditSpec
 from giaudit.data import ImageDataset, load_dataset, split_indices
 from giaudit.defenses import Chain, build_chain
+from giaudit.engine import Engine, LocalEngine, in_worker
+from giaudit.io import atomic_write_bytes
 from giaudit.metrics.evaluate import evaluate
 from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer, semantic_metrics
 from giaudit.metrics.lpips import load_lpips
-from giaudit.results import AuditRecord, ResultsStore, config_hash, save_images
+from giaudit.results import AuditRecord, ResultsStore, config_hash, images_file, images_npz
 from giaudit.scenario.client import Scenario, pretrain
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
@@ -114,63 +117,117 @@ def _progress_bar(desc: str, total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, leave=False, file=sys.stderr)
 
 
-def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
-              defense_label: str | None = None) -> ResultsStore:
-    """Run every (attack, seed) of `spec`, writing each record as it finishes; return the store."""
+@dataclass(frozen=True)
+class Cell:
+    """One (scenario, defense, attack, seed) cell: an idempotent task keyed by its record id and config hash."""
+
+    spec: AuditSpec
+    label: str
+    attack: str
+    seed: int
+    record_id: str
+    config_hash: str
+    show_progress: bool = False
+
+
+@dataclass(frozen=True)
+class CellResult:
+    record: AuditRecord
+    images: bytes | None  # the .npz of matched originals and reconstructions; the driver writes it
+
+
+def plan_cells(spec: AuditSpec, label: str, show_progress: bool = False) -> list[Cell]:
+    """Every cell of `spec` under the defense `label`, seed by seed, in the config's attack order."""
+    cells = []
+    for seed in spec.seeds:
+        for attack_name in spec.attacks:
+            rid = _safe(f"{spec.name}__{label}__{attack_name}__s{seed}")
+            chash = config_hash({**{k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")},
+                                 "attack": {attack_name: dict(spec.attacks[attack_name])}, "seed": seed})
+            cells.append(Cell(spec, label, attack_name, seed, rid, chash, show_progress))
+    return cells
+
+
+def run_cell(cell: Cell) -> CellResult:
+    """Compute one cell from its own seeds (the same record whichever process or machine runs it)."""
     torch.set_flush_denormal(True)  # denormals slowed some runs 40x (performance.md)
+    spec, seed, attack_name = cell.spec, cell.seed, cell.attack
+    start = time.perf_counter()
+    _label, defense = build_defense(spec)
+    scenario, _held = build_scenario(spec, seed)
+    obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(stable_seed("batch", seed)))
+    setup_s = time.perf_counter() - start
+    budget_kw, options = spec.budget_and_options(attack_name)
+    attack = build_attack(attack_name, **options)
+    budget = Budget(**budget_kw)
+    rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed))
+    wants = attack.others_wanted()
+    if wants:
+        # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
+        others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
+            stable_seed("meta", seed, i)))[0] for i in range(wants)]
+        attack.prepare(others)
+    bar = _progress_bar(f"{attack_name} seed {seed}", budget.iterations * budget.restarts,
+                        cell.show_progress and not in_worker())
+    t0 = time.perf_counter()
+    try:
+        rec = attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update)
+    finally:
+        bar.close()
+    attack_s = time.perf_counter() - t0
+    analyzer, analyzer_note = _analyzer(spec)
+    return _record(spec, cell.record_id, cell.config_hash, scenario_name(spec), cell.label, attack_name, seed,
+                   attack, obs, truth, rec, _lpips(spec), analyzer, {"setup_s": setup_s, "attack_s": attack_s},
+                   analyzer_note)
+
+
+def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
+              defense_label: str | None = None, engine: Engine | None = None) -> ResultsStore:
+    """Run every (attack, seed) cell of `spec` on `engine` (default: local processes), writing each record as it
+    finishes; cells whose record is already in `out_dir` (same id and config hash) are skipped. Return the store."""
     out = Path(out_dir)
     store = ResultsStore.open(out)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     store.meta = {**store.meta, "name": spec.name, "config": spec.raw, "versions": versions(),
                   "command": " ".join(sys.argv), "created": store.meta.get("created") or now, "updated": now}
-    label, defense = build_defense(spec)
-    label = defense_label or label
-    lpips_metric = _lpips(spec)
-    analyzer, analyzer_note = _analyzer(spec)
-    scen_name = scenario_name(spec)
-    for seed in spec.seeds:
-        todo = []
-        for attack_name in spec.attacks:
-            rid = _safe(f"{spec.name}__{label}__{attack_name}__s{seed}")
-            chash = config_hash({**{k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")},
-                                 "attack": {attack_name: dict(spec.attacks[attack_name])}, "seed": seed})
-            if not store.has(rid, chash):
-                todo.append((attack_name, rid, chash))
-        if not todo:
-            continue
-        start = time.perf_counter()
-        scenario, _held = build_scenario(spec, seed)
-        obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(stable_seed("batch", seed)))
-        setup_s = time.perf_counter() - start
-        for attack_name, rid, chash in todo:
-            budget_kw, options = spec.budget_and_options(attack_name)
-            attack = build_attack(attack_name, **options)
-            budget = Budget(**budget_kw)
-            rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed))
-            wants = attack.others_wanted()
-            if wants:
-                # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
-                others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
-                    stable_seed("meta", seed, i)))[0] for i in range(wants)]
-                attack.prepare(others)
-            bar = _progress_bar(f"{attack_name} seed {seed}", budget.iterations * budget.restarts, show_progress)
-            t0 = time.perf_counter()
-            try:
-                rec = attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update)
-            finally:
-                bar.close()
-            attack_s = time.perf_counter() - t0
-            record = _record(spec, out, rid, chash, scen_name, label, attack_name, seed, attack, obs, truth, rec,
-                             lpips_metric, analyzer, {"setup_s": setup_s, "attack_s": attack_s},
-                             analyzer_note)
-            store.add(record)
+    label, _defense = build_defense(spec)
+    cells = plan_cells(spec, defense_label or label, show_progress)
+    todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
+    engine = engine or LocalEngine()
+    if todo:
+        _warm(spec)
+    for _i, result in engine.map(run_cell, todo, desc=f"{spec.name} cells", show_progress=show_progress):
+        write_cell(out, store, result)
+    order = {c.record_id: i for i, c in enumerate(cells)}
+    store.records.sort(key=lambda r: order.get(r.record_id, -1))
+    store.meta["last_run"] = {"engine": engine.name, "cells": len(cells),
+                              "computed": [c.record_id for c in todo]}
+    store.flush()
     return store
+
+
+def write_cell(out: Path, store: ResultsStore, result: CellResult) -> None:
+    """The driver's side of a finished cell: its images file, then its record (both atomic)."""
+    if result.images is not None and result.record.images_file:
+        atomic_write_bytes(out / result.record.images_file, result.images)
+    store.add(result.record)
+
+
+def _warm(spec: AuditSpec) -> None:
+    """Load the dataset once in the driver, so forked local workers share it instead of each reading it."""
+    if not spec.scenario.get("capture"):
+        load_data(spec)
 
 
 def _lpips(spec: AuditSpec) -> Any:
     if not spec.output.get("lpips", True):
         return None
-    return load_lpips()
+    return _cached_lpips()
+
+
+@lru_cache(maxsize=1)
+def _cached_lpips() -> Any:
+    return load_lpips()  # once per process: every cell a worker runs reuses it
 
 
 def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
@@ -178,15 +235,20 @@ def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
     backend = spec.output.get("semantic")
     if not backend:
         return None, None
+    return _cached_analyzer(str(backend))
+
+
+@lru_cache(maxsize=2)
+def _cached_analyzer(backend: str) -> tuple[Any, str | None]:
     try:
         return get_analyzer(backend), None
     except FaceBackendUnavailable as exc:
         return None, f"semantic metrics unavailable: {exc}"
 
 
-def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
+def _record(spec: AuditSpec, rid: str, chash: str, scen_name: str, label: str, attack_name: str,
             seed: int, attack: Attack, obs: Observation, truth: Any, rec: Any, lpips_metric: Any, analyzer: Any,
-            timings: dict[str, float], analyzer_note: str | None = None) -> AuditRecord:
+            timings: dict[str, float], analyzer_note: str | None = None) -> CellResult:
     t0 = time.perf_counter()
     ev = evaluate(rec, truth, lpips=lpips_metric)
     metrics = dict(ev.aggregate)
@@ -200,10 +262,10 @@ def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, la
         for row, extra in zip(per_image, sem.per_image):
             row.update(extra)
         notes.extend(sem.notes)
-    images_file = save_images(out, rid, ev.original, ev.reconstruction)
+    images = images_npz(ev.original, ev.reconstruction)
     tr = rec.trace
     threat = threat_summary(obs.threat, attack, rec.label_source, obs)
-    return AuditRecord(
+    return CellResult(AuditRecord(
         record_id=rid, config_hash=chash, scenario=scen_name, defense=label, attack=attack_name, seed=seed,
         threat=threat, attack_params=dict(attack.params()), label_source=rec.label_source, metrics=metrics,
         per_image=tuple(per_image),
@@ -212,4 +274,4 @@ def _record(spec: AuditSpec, out: Path, rid: str, chash: str, scen_name: str, la
         trace={"losses": list(tr.losses), "restart_losses": list(tr.restart_losses), "best_restart": tr.best_restart,
                "stopped_early": tr.stopped_early,
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
-        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes), images_file=images_file)
+        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes), images_file=images_file(rid)), images)

@@ -28,6 +28,7 @@ from giaudit.attacks import ATTACKS
 from giaudit.audit import run_audit
 from giaudit.config import demo_config_path, load_config
 from giaudit.defenses import load_defense_file
+from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
 from giaudit.io import atomic_write_text
 from giaudit.report.compare import render_compare
@@ -107,22 +108,42 @@ def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[
     return out
 
 
-def _utility(spec: Any, label: str, tables: list[dict[str, Any]], seed: int, settings: UtilitySettings,
-             run_dir: Path, baseline: Mapping[int, float]) -> dict[str, Any]:
-    """The defense's utility for one seed, cached in run_dir/utility.json (keyed by a hash of what it depends on)."""
-    key = config_hash({"data": dict(spec.data), "scenario": dict(spec.scenario), "defenses": tables,
-                       "settings": settings.__dict__, "seed": seed, "baseline": baseline.get(seed)})
-    path = run_dir / "utility.json"
-    cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
-        cache[key] = utility_for_spec(spec, tables, seed, settings, baseline_accuracy=baseline.get(seed))
-        atomic_write_text(path, json.dumps(cache, indent=1))
-    return cache[key]
+def _utility_key(spec: Any, tables: list[dict[str, Any]], seed: int, settings: UtilitySettings,
+                 baseline: float | None) -> str:
+    return config_hash({"data": dict(spec.data), "scenario": dict(spec.scenario), "defenses": tables,
+                        "settings": settings.__dict__, "seed": seed, "baseline": baseline})
+
+
+def _utility_task(job: tuple[Any, list[dict[str, Any]], int, UtilitySettings, float | None]) -> dict[str, Any]:
+    """One utility training (an engine task: the same result in any process)."""
+    spec, tables, seed, settings, baseline = job
+    return utility_for_spec(spec, tables, seed, settings, baseline_accuracy=baseline)
+
+
+def _utilities(engine: Engine, jobs: list[tuple[Any, list[dict[str, Any]], int, UtilitySettings, Path,
+                                                float | None]],
+               show_progress: bool) -> list[dict[str, Any]]:
+    """Each job's utility, cached in its run_dir/utility.json (keyed by a hash of what it depends on); the
+    missing ones run as engine tasks and only the driver writes the caches."""
+    caches: dict[Path, dict[str, Any]] = {}
+    keys = []
+    for spec, tables, seed, settings, run_dir, baseline in jobs:
+        path = run_dir / "utility.json"
+        if path not in caches:
+            caches[path] = json.loads(path.read_text()) if path.is_file() else {}
+        keys.append((path, _utility_key(spec, tables, seed, settings, baseline)))
+    missing = [i for i, (path, key) in enumerate(keys) if key not in caches[path]]
+    tasks = [(jobs[i][0], jobs[i][1], jobs[i][2], jobs[i][3], jobs[i][5]) for i in missing]
+    for j, result in engine.map(_utility_task, tasks, desc="utility", show_progress=show_progress):
+        path, key = keys[missing[j]]
+        caches[path][key] = result
+        atomic_write_text(path, json.dumps(caches[path], indent=1))
+    return [caches[path][key] for path, key in keys]
 
 
 def run_compare(defense_files: list[Path], *, base_config: Path | None = None, attacks: list[str] | None = None,
                 seeds: int = 3, out_dir: Path, show_progress: bool = True,
-                utility: UtilitySettings | None = None) -> Path:
+                utility: UtilitySettings | None = None, engine: Engine | None = None) -> Path:
     """Run every preset on the same scenario, measure utility, write the comparison; return compare.html."""
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
@@ -140,21 +161,29 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     out = Path(out_dir)
     start = time.perf_counter()
 
-    baseline: dict[int, float] = {}
-    base_dir = out / "_utility_baseline"
-    for seed in spec.seeds:
-        baseline[seed] = _utility(spec, "none", [], seed, settings, base_dir, {})["accuracy"]
+    engine = engine or LocalEngine()
+    with engine:  # one Ray instance (or cluster connection) for the whole comparison
+        base_dir = out / "_utility_baseline"
+        base_utils = _utilities(engine, [(spec, [], seed, settings, base_dir, None) for seed in spec.seeds],
+                                show_progress)
+        baseline = {seed: u["accuracy"] for seed, u in zip(spec.seeds, base_utils)}
 
-    records: list[AuditRecord] = []
-    utilities: dict[str, list[dict[str, Any]]] = {}
-    timings: dict[str, float] = {}
-    for label, tables in presets:
-        t0 = time.perf_counter()
-        run_dir = out / safe_label(label)
-        store = run_audit(spec.replace(defenses=tables), run_dir, show_progress=show_progress, defense_label=label)
-        records += [r for r in store.records if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
-        utilities[label] = [_utility(spec, label, tables, seed, settings, run_dir, baseline) for seed in spec.seeds]
-        timings[label] = time.perf_counter() - t0
+        records: list[AuditRecord] = []
+        utilities: dict[str, list[dict[str, Any]]] = {}
+        timings: dict[str, float] = {}
+        for label, tables in presets:
+            t0 = time.perf_counter()
+            run_dir = out / safe_label(label)
+            store = run_audit(spec.replace(defenses=tables), run_dir, show_progress=show_progress,
+                              defense_label=label, engine=engine)
+            records += [r for r in store.records
+                        if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
+            timings[label] = time.perf_counter() - t0
+        jobs = [(spec, tables, seed, settings, out / safe_label(label), baseline.get(seed))
+                for label, tables in presets for seed in spec.seeds]
+        flat = _utilities(engine, jobs, show_progress)
+        for k, (label, _tables) in enumerate(presets):
+            utilities[label] = flat[k * len(spec.seeds):(k + 1) * len(spec.seeds)]
 
     rows = summarise(records, utilities, labels, list(chosen))
     meta = {"base_config": str(base_config) if base_config else "embedded demo (giaudit/assets/demo.toml)",
