@@ -199,8 +199,6 @@ class RayEngine:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
-        if self.runtime_env:
-            kwargs["runtime_env"] = self.runtime_env
         if self.address:
             kwargs["address"] = self.address
         else:
@@ -219,6 +217,8 @@ class RayEngine:
         bar = _bar(desc, len(tasks), show_progress)
         try:
             remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(_call)
+            if self.runtime_env:  # e.g. {"env_vars": ...} or {"working_dir": ...} for the tasks of this engine
+                remote = remote.options(runtime_env=self.runtime_env)
             fn_ref = ray.put(fn)
             refs = {remote.remote(fn_ref, t): i for i, t in enumerate(tasks)}
             waiting = list(refs)
