@@ -35,6 +35,7 @@ from giaudit.metrics.evaluate import evaluate
 from giaudit.metrics.faces import FaceBackendUnavailable, get_analyzer, semantic_metrics
 from giaudit.metrics.lpips import load_lpips
 from giaudit.results import AuditRecord, ResultsStore, config_hash, images_file, images_npz
+from giaudit.scenario.capture import CaptureScenario
 from giaudit.scenario.client import Scenario, pretrain
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
@@ -65,6 +66,8 @@ def load_data(spec: AuditSpec) -> ImageDataset:
 
 def scenario_name(spec: AuditSpec) -> str:
     s = spec.scenario
+    if s.get("capture"):
+        return f"capture-{Path(s['capture']).name}"
     return f"{spec.data['source']}{spec.data['size']}-{s['model']}-{s['protocol']}-b{s['batch_size']}"
 
 
@@ -81,11 +84,23 @@ def build_scenario(spec: AuditSpec, seed: int) -> tuple[Scenario, ImageDataset]:
     pretrain(model, pool, s["pretrain_steps"], gen)
     model.train(s["bn_mode"] == "train")
     protocol = ClientProtocol(s["protocol"], s["local_steps"], float(s["local_lr"]), s.get("local_batch_size"))
+    return Scenario(model, pool, protocol, s["batch_size"], spec_threat(spec)), held
+
+
+def spec_threat(spec: AuditSpec) -> ThreatModel:
     t = spec.threat
-    threat = threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
-                          surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
-                          true_labels=t["true_labels"])
-    return Scenario(model, pool, protocol, s["batch_size"], threat), held
+    return threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
+                        surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
+                        true_labels=t["true_labels"])
+
+
+def cell_scenario(spec: AuditSpec, seed: int) -> Scenario | CaptureScenario:
+    """The simulated client of `spec`, or the captured real update when `scenario.capture` is set."""
+    s = spec.scenario
+    if s.get("capture"):
+        return CaptureScenario.build(s["capture"], s["model_factory"], spec_threat(spec), bn_mode=s["bn_mode"],
+                                     base=Path(spec.source).resolve().parent)
+    return build_scenario(spec, seed)[0]
 
 
 def build_defense(spec: AuditSpec) -> tuple[str, Chain]:
@@ -154,7 +169,7 @@ def run_cell(cell: Cell) -> CellResult:
     spec, seed, attack_name = cell.spec, cell.seed, cell.attack
     start = time.perf_counter()
     _label, defense = build_defense(spec)
-    scenario, _held = build_scenario(spec, seed)
+    scenario = cell_scenario(spec, seed)
     obs, truth = scenario.simulate(defense, generator=torch.Generator().manual_seed(stable_seed("batch", seed)))
     setup_s = time.perf_counter() - start
     budget_kw, options = spec.budget_and_options(attack_name)
@@ -250,19 +265,27 @@ def _record(spec: AuditSpec, rid: str, chash: str, scen_name: str, label: str, a
             seed: int, attack: Attack, obs: Observation, truth: Any, rec: Any, lpips_metric: Any, analyzer: Any,
             timings: dict[str, float], analyzer_note: str | None = None) -> CellResult:
     t0 = time.perf_counter()
-    ev = evaluate(rec, truth, lpips=lpips_metric)
-    metrics = dict(ev.aggregate)
-    per_image = [dict(p) for p in ev.per_image]
-    notes = list(ev.notes) + ([analyzer_note] if analyzer_note else [])
-    if analyzer is not None:
-        sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer,
-                               labels_meta=[truth.meta[p["truth_index"]] for p in per_image] if truth.meta else None)
-        metrics.update(sem.aggregate)
-        metrics.update({f"reference_{k}": v for k, v in sem.reference.items()})
-        for row, extra in zip(per_image, sem.per_image):
-            row.update(extra)
-        notes.extend(sem.notes)
-    images = images_npz(ev.original, ev.reconstruction)
+    metrics: dict[str, Any] = {}
+    per_image: list[dict[str, Any]] = []
+    notes = [analyzer_note] if analyzer_note else []
+    images: bytes | None = None
+    if truth is None:  # a capture without the client's batch: the server's view only, nothing to compare with
+        notes.append("no ground truth: the capture holds no client batch (capture with store_batch=True, as the "
+                     "data owner, to measure the leakage)")
+    else:
+        ev = evaluate(rec, truth, lpips=lpips_metric)
+        metrics = dict(ev.aggregate)
+        per_image = [dict(p) for p in ev.per_image]
+        notes = list(ev.notes) + notes
+        if analyzer is not None:
+            sem = semantic_metrics(ev.original, ev.reconstruction, analyzer=analyzer, labels_meta=[
+                truth.meta[p["truth_index"]] for p in per_image] if truth.meta else None)
+            metrics.update(sem.aggregate)
+            metrics.update({f"reference_{k}": v for k, v in sem.reference.items()})
+            for row, extra in zip(per_image, sem.per_image):
+                row.update(extra)
+            notes.extend(sem.notes)
+        images = images_npz(ev.original, ev.reconstruction)
     tr = rec.trace
     threat = threat_summary(obs.threat, attack, rec.label_source, obs)
     return CellResult(AuditRecord(
@@ -274,4 +297,5 @@ def _record(spec: AuditSpec, rid: str, chash: str, scen_name: str, label: str, a
         trace={"losses": list(tr.losses), "restart_losses": list(tr.restart_losses), "best_restart": tr.best_restart,
                "stopped_early": tr.stopped_early,
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
-        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes), images_file=images_file(rid)), images)
+        disclosed=disclosed_values(obs.disclosed), notes=tuple(notes),
+        images_file=images_file(rid) if images is not None else None), images)

@@ -70,8 +70,13 @@ class ScenarioSection:
     local_steps: int = 1
     local_lr: float = 0.1
     local_batch_size: int | None = None
+    capture: str | None = None        # a captured real update (giaudit.integrations.flower) instead of a simulation
+    model_factory: str | None = None  # with capture: "module:function" building the deployed model
 
     def __post_init__(self) -> None:
+        if (self.capture is None) != (self.model_factory is None):
+            raise ParamError("model_factory" if self.capture else "capture",
+                             "capture and model_factory go together (a captured update and its model)")
         check_choice("model", self.model, sorted(MODELS))
         check_choice("bn_mode", self.bn_mode, ("train", "eval"))
         check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
@@ -171,6 +176,8 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     threat = _section(source, "threat", config.get("threat"))
     output = _section(source, "output", config.get("output"))
     _resolve_paths(source, data, output)
+    if "capture" in scenario:
+        scenario["capture"] = str(_resolve(source, scenario["capture"]))
 
     defenses = config.get("defenses", [])
     if not isinstance(defenses, list) or not all(isinstance(d, Mapping) for d in defenses):
