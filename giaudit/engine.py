@@ -10,7 +10,8 @@ by a worker is never half-written by two processes.
 - ``local`` (default): one single-threaded worker process per core (forked,
   so the loaded modules and datasets are shared copy-on-write); one process
   per core beats two threads in one process on this kind of CPU
-  (performance.md). With one worker or one task it runs in the driver.
+  (performance.md). With one worker or one task it runs in the driver, also
+  single-threaded.
   A worker that dies (killed, out of memory) breaks the pool: the unfinished
   tasks are submitted again to a fresh pool, up to ``max_retries`` times.
 - ``ray``: every task is a Ray task (``num_cpus=1``, retried up to
@@ -123,9 +124,15 @@ class LocalEngine:
         if not tasks:
             return
         if self.workers <= 1 or len(tasks) == 1:
-            # In the driver, with its threads: per-iteration progress bars of the attack stay visible.
-            for i, task in enumerate(tasks):
-                yield i, fn(task)
+            # In the driver (per-iteration progress bars stay visible), single-threaded like every worker: the
+            # same arithmetic, and no threads spinning against each other on a busy machine.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for i, task in enumerate(tasks):
+                    yield i, fn(task)
+            finally:
+                torch.set_num_threads(threads)
             return
         bar = _bar(desc, len(tasks), show_progress)
         pending = dict(enumerate(tasks))

@@ -39,13 +39,22 @@ lpips = false
 """
 
 
-def _simulate(out: Path, dp: bool) -> Path:
+def _simulations(root: Path) -> tuple[Path, Path]:
+    """The example app without and with LocalDpMod, as two concurrent subprocesses (each starts its own Ray)."""
     pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'giaudit[flower]'")
-    cmd = [sys.executable, str(APP / "app.py"), "--out", str(out)] + (["--dp"] if dp else [])
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out / "round-1" / "client-0"
+    procs = [subprocess.Popen([sys.executable, str(APP / "app.py"), "--out", str(root / name)] + extra, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, extra in (("plain", []), ("dp", ["--dp"]))]
+    for proc in procs:
+        try:
+            _out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        assert proc.returncode == 0, err[-2000:]
+    return root / "plain" / "round-1" / "client-0", root / "dp" / "round-1" / "client-0"
 
 
 def _audit(tmp_path: Path, capture: Path, name: str, attack: str, options: str) -> dict[str, float]:
@@ -60,8 +69,7 @@ def _audit(tmp_path: Path, capture: Path, name: str, attack: str, options: str) 
 
 @pytest.fixture(scope="module")
 def captures(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flower")
-    return _simulate(root / "plain", dp=False), _simulate(root / "dp", dp=True)
+    return _simulations(tmp_path_factory.mktemp("flower"))
 
 
 ATTACK = ("ig", "iterations = 300\nlr = 0.1\ntv_weight = 1e-4")
