@@ -72,7 +72,7 @@ def captures(tmp_path_factory):
     return _simulations(tmp_path_factory.mktemp("flower"))
 
 
-ATTACK = ("ig", "iterations = 300\nlr = 0.1\ntv_weight = 1e-4")
+ATTACK = ("ig", "iterations = 600\nlr = 0.03\ntv_weight = 1e-4")
 
 
 def test_flower_capture_is_what_left_the_client_and_leaks_the_digit(tmp_path, captures):
