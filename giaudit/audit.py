@@ -1,11 +1,15 @@
 """The only orchestrator: config -> scenario -> defenses -> attacks -> metrics -> results -> report.
 
-For every seed the scenario draws one private batch and computes the client's
-(defended) update once; every configured attack then receives the same
-`Observation`, and only `evaluate` sees the `GroundTruth`. Each
-(scenario, defense, attack, seed) becomes one `AuditRecord`, written
-atomically as soon as it is finished, so a crashed or interrupted sweep run
-again skips what is done (same record id and config hash).
+Each (scenario, defense, attack, seed) is one `Cell`, an idempotent task
+keyed by its record id and config hash: `run_cell` builds the scenario, draws
+the seed's private batch and computes the client's (defended) update, the
+attack receives the `Observation`, and only `evaluate` sees the `GroundTruth`.
+A cell derives all its randomness from its own seeds, so it gives the same
+`AuditRecord` in whichever process or machine an engine (`giaudit.engine`:
+local processes or Ray) runs it. The driver writes each record atomically as
+soon as it arrives, so a crashed or interrupted sweep run again computes only
+the missing cells. The scenario is either simulated (`Scenario`) or a
+captured real update (`giaudit.scenario.capture`).
 """
 from __future__ import annotations
 
