@@ -14,7 +14,6 @@ captured real update (`giaudit.scenario.capture`).
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import re
 import sys
@@ -242,12 +241,7 @@ def _warm(spec: AuditSpec) -> None:
 def _lpips(spec: AuditSpec) -> Any:
     if not spec.output.get("lpips", True):
         return None
-    return _cached_lpips(os.environ.get("TORCH_HOME"))
-
-
-@lru_cache(maxsize=2)
-def _cached_lpips(_torch_home: str | None) -> Any:
-    return load_lpips()  # once per process (and weights folder): every cell a worker runs reuses it
+    return load_lpips()  # cached per process and weights file by giaudit.metrics.lpips
 
 
 def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
@@ -255,11 +249,6 @@ def _analyzer(spec: AuditSpec) -> tuple[Any, str | None]:
     backend = spec.output.get("semantic")
     if not backend:
         return None, None
-    return _cached_analyzer(str(backend), os.environ.get("DEEPFACE_HOME"))
-
-
-@lru_cache(maxsize=2)
-def _cached_analyzer(backend: str, _weights_home: str | None) -> tuple[Any, str | None]:
     try:
         return get_analyzer(backend), None
     except FaceBackendUnavailable as exc:
