@@ -213,8 +213,9 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     cells = plan_cells(spec, defense_label or label, show_progress)
     todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
     engine = engine or LocalEngine()
-    if todo:
-        _warm(spec)
+    if not todo:
+        return store  # nothing to do: the run folder is left untouched
+    _warm(spec)
     for _i, result in engine.map(run_cell, todo, desc=f"{spec.name} cells", show_progress=show_progress):
         write_cell(out, store, result)
     order = {c.record_id: i for i, c in enumerate(cells)}
