@@ -75,11 +75,11 @@ from torch import Tensor, nn  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 from giaudit.attacks._common.distances import cosine_distance  # noqa: E402
-from giaudit.fl import compute_update  # noqa: E402
 from giaudit.attacks.base import Budget  # noqa: E402
 from giaudit.attacks.ig import InvertingGradients  # noqa: E402
-from giaudit.scenario.client import Scenario  # noqa: E402
 from giaudit.data import ImageDataset  # noqa: E402
+from giaudit.fl import compute_update  # noqa: E402
+from giaudit.scenario.client import Scenario  # noqa: E402
 from giaudit.scenario.models import build_model  # noqa: E402
 from giaudit.threat import threat_model  # noqa: E402
 from giaudit.types import ClientProtocol, DataSpec, GroundTruth, Observation  # noqa: E402

@@ -35,12 +35,12 @@ from giaudit.attacks.ggl import GGL, functional_update_fn  # noqa: E402
 from giaudit.attacks.gias import GIAS  # noqa: E402
 from giaudit.attacks.giml import GIML  # noqa: E402
 from giaudit.attacks.ig import InvertingGradients  # noqa: E402
+from giaudit.data import ImageDataset, load_folder, load_mnist5k  # noqa: E402
 from giaudit.metrics.image import psnr, ssim  # noqa: E402
 from giaudit.metrics.matching import match  # noqa: E402
 from giaudit.priors import GeneratorConfig, load_prior, untrained_prior  # noqa: E402
 from giaudit.priors.train import train_prior  # noqa: E402
 from giaudit.scenario.client import Scenario  # noqa: E402
-from giaudit.data import ImageDataset, load_folder, load_mnist5k  # noqa: E402
 from giaudit.scenario.models import build_model  # noqa: E402
 from giaudit.threat import threat_model  # noqa: E402
 from giaudit.types import ClientProtocol  # noqa: E402

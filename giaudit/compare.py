@@ -1,22 +1,35 @@
 """`giaudit compare`: the same scenario and attacks under each defense preset, on privacy and utility.
 
 For every preset (a ``label`` and ``[[defenses]]`` tables, see
-`giaudit.defenses.registry.load_defense_file`) the base audit config (default:
-the embedded demo) is run through `giaudit.audit.run_audit` into
-``out_dir/<label>/`` (resumable: finished records are skipped), and the
-defense's utility is measured per seed (`giaudit.utility`, cached in
-``out_dir/<label>/utility.json``). The comparison is computed from the saved
-records only (no metric is recomputed): one row per defense x attack with
-PSNR / SSIM / LPIPS mean and worst case (the most leaked image over all
-seeds), label accuracy, epsilon where the defense defines one, and utility,
-each mean with a 95 % Student-t confidence half-width over seeds. Written to
+`giaudit.defenses.registry.load_defense_file`):
+
+1. Utility (`giaudit.utility`): the no-defense baseline trains until it
+   reaches the target accuracy or the round budget, fixing the training
+   length R; the preset trains R rounds with its defenses on every client
+   (DP-SGD accounted over exactly those R rounds). Cached by content hash.
+2. Leakage: the base audit config (default: the embedded demo) is run through
+   `giaudit.audit.run_audit` into ``out_dir/<label>/`` (resumable) with
+   ``clients_per_seed`` private batches per seed; a DP-SGD preset's audited
+   update carries the noise multiplier its training used.
+
+Both run on an engine (`giaudit.engine`, ``--engine local|ray``): every
+utility training and every audit cell is an idempotent task, and only the
+driver writes caches and records, so the files are the same whatever the
+engine.
+
+The comparison is computed from the saved records only (no metric is
+recomputed): one row per defense x attack (x checkpoint round) with per-image
+statistics (`giaudit.stats`: mean and bootstrap 95 % interval, 95th
+percentile, worst image) for PSNR / SSIM / LPIPS, label accuracy with its
+Wilson interval, a one-sided paired Wilcoxon test of per-image PSNR against
+the preset without defenses (same images, seeds and attack starts), epsilon
+and utility with the Wilson interval of the held-out test. Written to
 ``out_dir``: ``compare.csv`` (+ ``compare.parquet``), ``compare.md``,
-``compare.html`` (with the privacy-utility plot embedded) and
-``compare_privacy_utility.png``.
+``compare.html`` and the plots (privacy-utility; leakage over training when
+the base config sets ``scenario.checkpoints``).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -30,67 +43,95 @@ from giaudit.config import demo_config_path, load_config
 from giaudit.defenses import load_defense_file
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
-from giaudit.io import atomic_write_text
 from giaudit.report.compare import render_compare
-from giaudit.results import AuditRecord, config_hash, disclosed_value
-from giaudit.utility import UtilitySettings, utility_for_spec
+from giaudit.results import AuditRecord, disclosed_value
+from giaudit.stats import mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
+from giaudit.utility import UtilityCache, UtilitySettings, measure, spent_epsilon, with_dp_noise, with_dp_rounds
 
-METRICS = (  # (column prefix, record metric for the mean, record metric for the worst case, worst = max?)
-    ("psnr_db", "psnr_db_mean", "psnr_db_worst", True),
-    ("ssim", "ssim_mean", "ssim_worst", True),
-    ("lpips", "lpips_mean", "lpips_worst", False),
+METRICS = (  # (column prefix, per-image key, worst = max?)
+    ("psnr_db", "psnr_db", True),
+    ("ssim", "ssim", True),
+    ("lpips", "lpips", False),
 )
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t confidence interval (nan for one value)."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return math.nan, math.nan
-    n = len(vals)
-    m = sum(vals) / n
-    if n < 2:
-        return m, math.nan
-    from scipy.stats import t
-
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    return m, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", label).strip("-") or "defense"
 
 
+def _round(r: AuditRecord) -> int | None:
+    v = r.training.get("round") if r.training else None
+    return None if v is None else int(v)
+
+
+def image_values(records: Sequence[AuditRecord], key: str) -> dict[tuple[Any, ...], float]:
+    """Per-image values keyed by what identifies the image and the attack start: (seed, client, round, image)."""
+    out: dict[tuple[Any, ...], float] = {}
+    for r in records:
+        for row in r.per_image:
+            v = row.get(key)
+            if v is None:
+                continue
+            ident = row.get("image_key", row.get("truth_index"))
+            out[(r.seed, row.get("client", 0), _round(r), ident)] = float(v)
+    return out
+
+
 def summarise(records: Sequence[AuditRecord], utilities: Mapping[str, Sequence[Mapping[str, Any]]],
-              order: Sequence[str], attacks: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per defense x attack (in preset order, then attack order) from saved records."""
+              order: Sequence[str], attacks: Sequence[str], reference: str | None = None) -> list[dict[str, Any]]:
+    """One row per defense x attack (x checkpoint round) from saved records, statistics over images.
+
+    `reference`: the defense the paired test compares against (the preset without defenses)."""
     rows = []
     for label in order:
         util = list(utilities.get(label, []))
-        acc_m, acc_ci = mean_ci([u["accuracy"] for u in util])
-        base_m, _ = mean_ci([u["baseline_accuracy"] for u in util])
-        drop_m, drop_ci = mean_ci([u["baseline_accuracy"] - u["accuracy"] for u in util])
+        base_runs = list(utilities.get(reference, [])) if reference else []
+        acc, acc_lo, acc_hi = pooled_accuracy(util)
+        base_acc = pooled_accuracy(base_runs)[0] if base_runs else math.nan
+        eps_u, delta_u = (spent_epsilon(util[0].get("spent", {})) if util else (None, None))
         for attack in attacks:
-            recs = sorted((r for r in records if r.defense == label and r.attack == attack), key=lambda r: r.seed)
-            if not recs:
-                continue
-            row: dict[str, Any] = {"defense": label, "attack": attack, "seeds": len(recs),
-                                   "sok_class": recs[0].threat.get("sok_class")}
-            for prefix, mean_key, worst_key, worst_is_max in METRICS:
-                vals = [r.metrics[mean_key] for r in recs if mean_key in r.metrics]
-                row[f"{prefix}_mean"], row[f"{prefix}_ci95"] = mean_ci(vals)
-                worst = [r.metrics[worst_key] for r in recs if worst_key in r.metrics]
-                row[f"{prefix}_worst"] = (max(worst) if worst_is_max else min(worst)) if worst else math.nan
-            row["label_accuracy_mean"], row["label_accuracy_ci95"] = mean_ci(
-                [r.metrics["label_accuracy"] for r in recs if "label_accuracy" in r.metrics])
-            for key in ("epsilon", "delta"):
-                found = [v for v in (disclosed_value(r, key) for r in recs) if v is not None]
-                row[key] = float(found[0]) if found else None
-            row["utility_accuracy_mean"], row["utility_accuracy_ci95"] = acc_m, acc_ci
-            row["utility_baseline_accuracy"] = base_m
-            row["utility_drop_mean"], row["utility_drop_ci95"] = drop_m, drop_ci
-            row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
-            rows.append(row)
+            mine = [r for r in records if r.defense == label and r.attack == attack]
+            for round_ in sorted({_round(r) for r in mine}, key=lambda v: -1 if v is None else v):
+                recs = sorted((r for r in mine if _round(r) == round_), key=lambda r: r.seed)
+                row: dict[str, Any] = {"defense": label, "attack": attack, "round": round_,
+                                       "seeds": len({r.seed for r in recs}),
+                                       "images": sum(max(len(r.per_image), 1) for r in recs),
+                                       "sok_class": recs[0].threat.get("sok_class")}
+                for prefix, key, worst_is_max in METRICS:
+                    vals = list(image_values(recs, key).values())
+                    row.update(summary(vals, worst="max" if worst_is_max else "min").as_dict(prefix))
+                la = [(r.metrics["label_accuracy"], max(len(r.per_image), 1)) for r in recs
+                      if "label_accuracy" in r.metrics]
+                n_la = sum(n for _, n in la)
+                row["label_accuracy_mean"] = sum(v * n for v, n in la) / n_la if n_la else math.nan
+                row["label_accuracy_low"], row["label_accuracy_high"] = (
+                    wilson_interval(int(round(row["label_accuracy_mean"] * n_la)), n_la) if n_la else (math.nan,) * 2)
+                if reference and label != reference:
+                    ref = image_values([r for r in records if r.defense == reference and r.attack == attack
+                                        and _round(r) == round_], "psnr_db")
+                    got = image_values(recs, "psnr_db")
+                    common = sorted(set(ref) & set(got), key=str)
+                    test = paired_test([got[k] for k in common], [ref[k] for k in common])
+                    row.update(paired_n=test.n_pairs, paired_p=test.p_value, paired_too_few=test.too_few,
+                               paired_median_diff=test.median_difference, paired_note=test.describe())
+                else:
+                    row.update(paired_n=None, paired_p=None, paired_too_few=None, paired_median_diff=None,
+                               paired_note="reference" if label == reference else "")
+                found = [v for v in (disclosed_value(r, "epsilon") for r in recs) if v is not None]
+                row["epsilon"] = eps_u if eps_u is not None else (float(found[0]) if found else None)
+                row["delta"] = delta_u if delta_u is not None else next(
+                    (disclosed_value(r, "delta") for r in recs if disclosed_value(r, "delta") is not None), None)
+                row["epsilon_source"] = "utility training" if eps_u is not None else (
+                    "audited update" if found else None)
+                row["utility_accuracy_mean"], row["utility_accuracy_low"], row["utility_accuracy_high"] = (
+                    acc, acc_lo, acc_hi)
+                row["utility_baseline_accuracy"] = base_acc
+                row["utility_drop_mean"] = base_acc - acc if base_runs and util else math.nan
+                row["utility_rounds"] = util[0]["rounds"] if util else None
+                accs = [r.training.get("held_out_accuracy") for r in recs if r.training]
+                row["model_accuracy"] = accs[0] if accs else None
+                row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
+                rows.append(row)
     return rows
 
 
@@ -108,47 +149,27 @@ def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[
     return out
 
 
-def _utility_key(spec: Any, tables: list[dict[str, Any]], seed: int, settings: UtilitySettings,
-                 baseline: float | None) -> str:
-    return config_hash({"data": dict(spec.data), "scenario": dict(spec.scenario), "defenses": tables,
-                        "settings": settings.__dict__, "seed": seed, "baseline": baseline})
-
-
-def _utility_task(job: tuple[Any, list[dict[str, Any]], int, UtilitySettings, float | None]) -> dict[str, Any]:
-    """One utility training (an engine task: the same result in any process)."""
-    spec, tables, seed, settings, baseline = job
-    return utility_for_spec(spec, tables, seed, settings, baseline_accuracy=baseline)
-
-
-def _utilities(engine: Engine, jobs: list[tuple[Any, list[dict[str, Any]], int, UtilitySettings, Path,
-                                                float | None]],
-               show_progress: bool) -> list[dict[str, Any]]:
-    """Each job's utility, cached in its run_dir/utility.json (keyed by a hash of what it depends on); the
-    missing ones run as engine tasks and only the driver writes the caches."""
-    caches: dict[Path, dict[str, Any]] = {}
-    keys = []
-    for spec, tables, seed, settings, run_dir, baseline in jobs:
-        path = run_dir / "utility.json"
-        if path not in caches:
-            caches[path] = json.loads(path.read_text()) if path.is_file() else {}
-        keys.append((path, _utility_key(spec, tables, seed, settings, baseline)))
-    missing = [i for i, (path, key) in enumerate(keys) if key not in caches[path]]
-    tasks = [(jobs[i][0], jobs[i][1], jobs[i][2], jobs[i][3], jobs[i][5]) for i in missing]
-    for j, result in engine.map(_utility_task, tasks, desc="utility", show_progress=show_progress):
-        path, key = keys[missing[j]]
-        caches[path][key] = result
-        atomic_write_text(path, json.dumps(caches[path], indent=1))
-    return [caches[path][key] for path, key in keys]
-
-
 def run_compare(defense_files: list[Path], *, base_config: Path | None = None, attacks: list[str] | None = None,
                 seeds: int = 3, out_dir: Path, show_progress: bool = True,
-                utility: UtilitySettings | None = None, engine: Engine | None = None) -> Path:
-    """Run every preset on the same scenario, measure utility, write the comparison; return compare.html."""
+                utility: UtilitySettings | None = None, clients_per_seed: int = 8,
+                cache: UtilityCache | None = None, engine: Engine | None = None) -> Path:
+    """Run every preset on the same scenario, measure utility, write the comparison; return compare.html.
+
+    Utility first: the no-defense baseline fixes the training length R (target accuracy or budget), every
+    preset trains R rounds (DP-SGD accounted over exactly those rounds), and the audited update of a DP preset
+    carries the noise its training used. Then each preset's audit, `clients_per_seed` private batches per seed
+    (unless the base config sets scenario.clients_per_seed), the same images and attack starts under every
+    preset, so leakage is compared image by image.
+
+    Every utility training and every audit cell is a task on `engine` (default: local processes, one per
+    core); the records and caches written are the same whatever the engine.
+    """
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
     if seeds < 1:
         raise ConfigError("--seeds: must be >= 1")
+    if clients_per_seed < 1:
+        raise ConfigError("--clients-per-seed: must be >= 1")
     presets = [load_defense_file(f) for f in defense_files]  # every preset is validated before anything runs
     labels = [label for label, _ in presets]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
@@ -156,40 +177,43 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
         raise ConfigError(f"compare: label {dupes[0]!r} is used by two presets; labels must be unique")
     base = load_config(base_config) if base_config is not None else load_config(demo_config_path())
     chosen = _select_attacks(base, attacks)
-    spec = base.replace(seeds=list(range(seeds)), attacks=chosen)
+    scenario = {**base.scenario, "clients_per_seed": base.scenario.get("clients_per_seed", clients_per_seed)}
+    spec = base.replace(seeds=list(range(seeds)), attacks=chosen, scenario=scenario)
     settings = utility or UtilitySettings()
     out = Path(out_dir)
+    cache = cache if cache is not None else UtilityCache(out)
     start = time.perf_counter()
 
     engine = engine or LocalEngine()
+    reference = next((label for label, tables in presets if not tables), None)
+    records: list[AuditRecord] = []
+    timings: dict[str, float] = {}
+    audited: dict[str, list[dict[str, Any]]] = {}
     with engine:  # one Ray instance (or cluster connection) for the whole comparison
-        base_dir = out / "_utility_baseline"
-        base_utils = _utilities(engine, [(spec, [], seed, settings, base_dir, None) for seed in spec.seeds],
-                                show_progress)
-        baseline = {seed: u["accuracy"] for seed, u in zip(spec.seeds, base_utils)}
-
-        records: list[AuditRecord] = []
-        utilities: dict[str, list[dict[str, Any]]] = {}
-        timings: dict[str, float] = {}
+        # Utility first (the baseline fixes R; every other training is an engine task, all at once) ...
+        rounds, base_runs, utilities = measure(spec, spec.seeds, presets, settings, cache, engine,
+                                               show_progress=show_progress)
+        # ... then each preset's audit cells, a DP preset's update carrying the noise its training used.
         for label, tables in presets:
             t0 = time.perf_counter()
+            audited[label] = with_dp_noise(with_dp_rounds(tables, rounds), utilities[label][0].get("spent", {}))
             run_dir = out / safe_label(label)
-            store = run_audit(spec.replace(defenses=tables), run_dir, show_progress=show_progress,
-                              defense_label=label, engine=engine)
+            store = run_audit(spec.replace(defenses=audited[label]), run_dir, show_progress=show_progress,
+                              defense_label=label, training=settings, engine=engine)
             records += [r for r in store.records
                         if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
             timings[label] = time.perf_counter() - t0
-        jobs = [(spec, tables, seed, settings, out / safe_label(label), baseline.get(seed))
-                for label, tables in presets for seed in spec.seeds]
-        flat = _utilities(engine, jobs, show_progress)
-        for k, (label, _tables) in enumerate(presets):
-            utilities[label] = flat[k * len(spec.seeds):(k + 1) * len(spec.seeds)]
 
-    rows = summarise(records, utilities, labels, list(chosen))
+    rows = summarise(records, utilities, labels, list(chosen), reference)
     meta = {"base_config": str(base_config) if base_config else "embedded demo (giaudit/assets/demo.toml)",
             "scenario": records[0].scenario if records else "", "seeds": list(spec.seeds),
-            "attacks": {k: dict(v) for k, v in chosen.items()}, "utility": settings.__dict__,
-            "presets": {label: {"file": str(f), "defenses": tables}
+            "clients_per_seed": spec.scenario.get("clients_per_seed", 1),
+            "checkpoints": spec.scenario.get("checkpoints"), "reference": reference,
+            "attacks": {k: dict(v) for k, v in chosen.items()}, "utility": settings.as_dict(),
+            "utility_rounds": rounds, "utility_baseline_reached": bool(base_runs[spec.seeds[0]]["reached_target"]),
+            "utility_cached": sum(bool(u.get("cached")) for us in utilities.values() for u in us),
+            "utility_curves": {label: us[0].get("curve", []) for label, us in utilities.items()},
+            "presets": {label: {"file": str(f), "defenses": tables, "audited": audited[label]}
                         for f, (label, tables) in zip(defense_files, presets)},
             "wall_s": time.perf_counter() - start, "preset_wall_s": timings,
             "notes": sorted({n for r in records for n in r.notes})}

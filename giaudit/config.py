@@ -70,6 +70,9 @@ class ScenarioSection:
     local_steps: int = 1
     local_lr: float = 0.1
     local_batch_size: int | None = None
+    clients_per_seed: int | None = None   # private batches attacked per seed (default 1; compare: 8)
+    checkpoints: list[int] | None = None  # rounds of the federated training whose update is attacked
+    diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
     capture: str | None = None        # a captured real update (giaudit.integrations.flower) instead of a simulation
     model_factory: str | None = None  # with capture: "module:function" building the deployed model
 
@@ -77,7 +80,26 @@ class ScenarioSection:
         if (self.capture is None) != (self.model_factory is None):
             raise ParamError("model_factory" if self.capture else "capture",
                              "capture and model_factory go together (a captured update and its model)")
+        if self.capture is not None:
+            # One captured update is one client at one round: nothing to draw per seed, no training to replay.
+            if self.clients_per_seed not in (None, 1):
+                raise ParamError("clients_per_seed", "a capture holds one client's update; remove "
+                                 "scenario.clients_per_seed (or set it to 1) when scenario.capture is set")
+            if self.checkpoints is not None:
+                raise ParamError("checkpoints", "a capture is one round of a real training; remove "
+                                 "scenario.checkpoints when scenario.capture is set (capture each round instead)")
+            if self.diffusion_prior is not None:
+                raise ParamError("diffusion_prior", "the captured model comes from scenario.model_factory; "
+                                 "remove scenario.diffusion_prior when scenario.capture is set")
         check_choice("model", self.model, sorted(MODELS))
+        check_number("clients_per_seed", self.clients_per_seed, low=1)
+        if self.checkpoints is not None:
+            if not self.checkpoints or not all(type(r) is int and r >= 0 for r in self.checkpoints):
+                raise ParamError("checkpoints", "expected a non-empty list of rounds >= 0, e.g. [0, 50, 200]")
+            if list(self.checkpoints) != sorted(set(self.checkpoints)):
+                raise ParamError("checkpoints", "rounds must be increasing and distinct")
+        if self.diffusion_prior is not None and self.model != "ddpm_unet":
+            raise ParamError("diffusion_prior", "only used with scenario.model = 'ddpm_unet'")
         check_choice("bn_mode", self.bn_mode, ("train", "eval"))
         check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
         for key in ("batch_size", "local_steps", "local_batch_size", "width"):
@@ -93,6 +115,9 @@ class ThreatSection:
     surrogate_data: bool = True
     bn_statistics: bool = False
     true_labels: bool = False
+    # ddpm_unet only: the server fixed the client's timesteps and noise (unset = false; kept out of the
+    # canonical config when unset so existing config hashes do not change)
+    diffusion_noise: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,10 +126,16 @@ class OutputSection:
     lpips: bool = True
     semantic: str | bool = False
     policy: str | None = None
+    attributes: dict[str, str] | None = None  # attribute name -> folder of `giaudit attribute train`
+    reid_gallery: int | None = None           # re-identification gallery size N without identities (100)
 
     def __post_init__(self) -> None:
         if self.semantic is True or (isinstance(self.semantic, str) and self.semantic not in ("offline", "deepface")):
             raise ParamError("semantic", "must be false, 'offline' or 'deepface'")
+        check_number("reid_gallery", self.reid_gallery, low=2)
+        for name, folder in (self.attributes or {}).items():
+            if not isinstance(folder, str) or not name.replace("_", "").isalnum():
+                raise ParamError(f"attributes.{name}", "expected NAME = \"folder of giaudit attribute train\"")
 
 
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
@@ -231,6 +262,12 @@ def _resolve_paths(source: str, data: dict[str, Any], output: dict[str, Any]) ->
         if not path.is_dir():
             raise ConfigError(f"{source}: data.path: folder {path} does not exist; point it at an image folder")
         data["path"] = str(path)
+    for name, folder in (output.get("attributes") or {}).items():
+        p = _resolve(source, folder)
+        if not (p / "classifier.json").is_file():
+            raise ConfigError(f"{source}: output.attributes.{name}: {p} holds no classifier.json; train one with "
+                              f"`giaudit attribute train --data DATA --label {name} --out {folder}`")
+        output["attributes"] = {**output["attributes"], name: str(p)}
     if "policy" in output:
         p = _resolve(source, output["policy"])
         if not p.is_file():

@@ -101,13 +101,15 @@ def load_digits(size: int | None = 32, channels: int | None = None) -> ImageData
     return _finish(images, torch.from_numpy(d.target), "digits", size, channels, 10)
 
 
-def load_lfw_subset(size: int | None = 32, channels: int | None = None) -> ImageDataset:
+def load_lfw_subset(size: int | None = 32, channels: int | None = None, limit: int | None = None) -> ImageDataset:
     path = _package_dir("skimage") / "data" / "lfw_subset.npy"
     if not path.is_file():
         raise DataError(f"{path}: lfw_subset.npy missing from scikit-image; reinstall scikit-image")
     arr = np.load(path).astype(np.float32)
     images = torch.from_numpy(arr).view(-1, 1, arr.shape[1], arr.shape[2])
     labels = torch.cat([torch.ones(100), torch.zeros(arr.shape[0] - 100)]).long()
+    if limit is not None:  # limit = 100: the faces only
+        images, labels = images[:limit], labels[:limit]
     return _finish(images, labels, "lfw_subset", size, channels, 2)
 
 

@@ -1,7 +1,8 @@
 """Engines: where the independent tasks of a sweep run.
 
 A sweep is a list of idempotent tasks (one per (scenario, defense, attack,
-seed) cell, plus utility trainings): each task is a picklable top-level
+seed[, checkpoint round]) cell, plus the utility trainings and the
+federated trainings that checkpoints come from): each task is a picklable top-level
 function applied to a picklable argument, derives all its randomness from its
 own seeds and returns its result to the driver. Only the driver writes files,
 so the records on disk are the same whatever the engine, and a cell finished

@@ -9,6 +9,7 @@ an attack and never reads the report).
 
 Format::
 
+    confidence = 0.95            # optional: judge means and rates at their interval's bound
     [rules]                      # every record
     psnr_db.max = 15             # metric.max / metric.min (inclusive bounds)
     identity_match_rate.max = 0.05
@@ -24,9 +25,24 @@ absent there, ``<metric>_worst`` is used, the most-leaked image of the record
 (max PSNR/SSIM, min MSE/LPIPS), so ``psnr_db.max = 15`` bounds the best
 reconstruction an attacker got. Write ``psnr_db_mean`` to bound the average.
 
-Scopes: for each record and each (metric, bound), the most specific rule
-wins: attack scope over defense scope over [rules], so a scope can relax as
-well as tighten a global bound.
+What a rule judges: records are grouped by (defense, attack), all seeds,
+clients and checkpoints together. A worst-case rule (one that resolves to
+``<metric>_worst``, e.g. ``psnr_db.max``) holds per image: the most leaked
+image of the group decides. A rule on a mean or a rate (``psnr_db_mean``,
+``identity_match_rate``, ``label_accuracy``) is judged on the aggregate over
+all the group's images (per-image values where records keep them, else the
+records' values weighted by their image counts), so ``identity_match_rate.max
+= 0.05`` over 40 images with one match passes (0.025) instead of failing on
+the one record that matched. With a top-level ``confidence = 0.95`` the
+aggregate is replaced by its interval's bound on the rule's side: the Wilson
+bound for rates, the bootstrap bound for means (one match in 40 then fails:
+its Wilson upper bound is 0.13). Each result says which basis it used and on
+how many samples. A defense's verdict is the worst over all attacks run
+(`Verdict.by_defense` names the attack).
+
+Scopes: for each (defense, attack) and each (metric, bound), the most
+specific rule wins: attack scope over defense scope over [rules], so a scope
+can relax as well as tighten a global bound.
 
 Missing metrics fail closed: a rule whose metric a record lacks FAILS for that
 record (a gate must not pass what was not measured), unless the rule says
@@ -51,6 +67,7 @@ from giaudit.errors import ConfigError, GiauditError
 from giaudit.io import read_toml
 from giaudit.metrics import METRIC_NAMES, is_metric
 from giaudit.results import load_results
+from giaudit.stats import bootstrap_mean, wilson_interval
 
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
@@ -74,6 +91,7 @@ class Rule:
 class Policy:
     rules: tuple[Rule, ...]
     source: str = "<policy>"
+    confidence: float | None = None  # judge means and rates at this interval's bound (e.g. 0.95)
 
 
 @dataclass(frozen=True)
@@ -87,14 +105,24 @@ class RuleResult:
     record_id: str | None
     key: str | None = None       # the aggregate actually read (e.g. psnr_db_worst)
     message: str = ""
+    defense: str | None = None   # the (defense, attack) judged
+    attack: str | None = None
+    basis: str = ""              # "worst image", "mean over images", "Wilson upper 95% bound over images ..."
+    samples: int | None = None   # images (or records) the judgement rests on
+
+    @property
+    def status(self) -> str:
+        return "SKIP" if self.message.startswith("skipped") else ("PASS" if self.passed else "FAIL")
 
     def line(self) -> str:
-        status = "SKIP" if self.message.startswith("skipped") else ("PASS" if self.passed else "FAIL")
         where = "" if self.scope == "all" else f" [{self.scope}]"
         rule = f"{self.metric}.{self.op} = {self.threshold:g}{where}"
-        rec = self.record_id or "(all records)"
+        group = f"{self.defense} / {self.attack}" if self.defense is not None else "(all records)"
+        rec = f"{group} {self.record_id}" if self.record_id and self.defense is not None else (
+            self.record_id or group)
         meas = f"{self.key} = {self.measured:.4g}" if self.measured is not None else self.message
-        return f"{status}  {rule:<40} {rec}: {meas}"
+        how = f" [{self.basis}, n = {self.samples}]" if self.basis else ""
+        return f"{self.status}  {rule:<40} {rec}: {meas}{how}"
 
 
 @dataclass(frozen=True)
@@ -108,10 +136,36 @@ class Verdict:
         return [r for r in self.rules if not r.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "policy": self.policy_source, "rules": [asdict(r) for r in self.rules]}
+        return {"passed": self.passed, "policy": self.policy_source, "rules": [asdict(r) for r in self.rules],
+                "defenses": self.by_defense()}
+
+    def by_defense(self) -> dict[str, dict[str, Any]]:
+        """The default verdict of each defense: the worst over every attack run, naming that attack.
+
+        A defense fails when any attack breaks a rule; its worst attack is the first failing one, else the one
+        closest to its threshold."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.rules:
+            if r.defense is None or r.status == "SKIP":
+                continue
+            d = out.setdefault(r.defense, {"passed": True, "worst_attack": None, "worst_rule": None,
+                                           "_margin": math.inf})
+            margin = (-math.inf if not r.passed else
+                      abs(r.threshold - r.measured) / max(abs(r.threshold), 1e-12) if r.measured is not None
+                      else math.inf)
+            if not r.passed:
+                d["passed"] = False
+            if margin < d["_margin"]:
+                d.update(_margin=margin, worst_attack=r.attack, worst_rule=r.line())
+        for d in out.values():
+            d.pop("_margin")
+        return out
 
     def format(self) -> str:
         lines = [r.line() for r in self.rules]
+        for defense, d in self.by_defense().items():
+            lines.append(f"defense {defense}: {'PASS' if d['passed'] else 'FAIL'} "
+                         f"(worst attack: {d['worst_attack']})")
         n_fail = len(self.failures)
         lines.append(f"verdict: {'PASS' if self.passed else 'FAIL'} "
                      f"({n_fail} of {len(self.rules)} rule checks failed; policy {self.policy_source})")
@@ -154,7 +208,13 @@ def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     rules: list[Rule] = []
+    confidence = data.get("confidence")
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                                   or not 0.5 <= confidence < 1.0):
+        raise ConfigError(f"{source}: confidence must be a number in [0.5, 1), e.g. 0.95; got {confidence!r}")
     for top, value in data.items():
+        if top == "confidence":
+            continue
         if top == "rules":
             rules += _parse_rules(value, "rules", "all", source)
         elif top in SCOPE_KINDS:
@@ -167,11 +227,11 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
                     raise ConfigError(f"{source}: {bad}: expected only a [{top}.{name}.rules] table")
                 rules += _parse_rules(sub["rules"], f"{top}.{name}.rules", f"{top}:{name}", source)
         else:
-            raise ConfigError(f"{source}: unknown key {top!r}; a policy has [rules], [attack.NAME.rules] "
-                              "and [defense.NAME.rules]")
+            raise ConfigError(f"{source}: unknown key {top!r}; a policy has confidence, [rules], "
+                              "[attack.NAME.rules] and [defense.NAME.rules]")
     if not rules:
         raise ConfigError(f"{source}: the policy has no rules; add e.g. [rules] psnr_db.max = 15")
-    return Policy(tuple(rules), source)
+    return Policy(tuple(rules), source, None if confidence is None else float(confidence))
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -181,6 +241,12 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 # ---- checking --------------------------------------------------------------------------
 
+# A rule on a mean or rate reads per-image values where the records keep them (psnr_db_mean -> each image's
+# psnr_db), so its interval is over images; otherwise the records' values weighted by their image counts.
+PER_IMAGE_KEYS = {"mse": "mse", "psnr_db": "psnr_db", "ssim": "ssim", "lpips": "lpips",
+                  "identity_match_rate": "identity_match", "identity_similarity": "identity_similarity"}
+
+
 def resolve_metric(metrics: Mapping[str, Any], metric: str) -> str | None:
     """The aggregate key a rule on ``metric`` reads: exact name, else ``<metric>_worst``."""
     if metric in metrics:
@@ -188,6 +254,12 @@ def resolve_metric(metrics: Mapping[str, Any], metric: str) -> str | None:
     if f"{metric}_worst" in metrics:
         return f"{metric}_worst"
     return None
+
+
+def is_rate(key: str) -> bool:
+    """A share of images (Wilson interval) rather than a mean of continuous values (bootstrap)."""
+    base = key.removeprefix("reference_").removesuffix("_mean")
+    return base.endswith("_rate") or base.endswith("_accuracy") or base == "face_detection_batch"
 
 
 def _specificity(scope: str) -> int:
@@ -201,39 +273,114 @@ def _applies(rule: Rule, record: Any) -> bool:
     return str(getattr(record, kind)) == name
 
 
+def _value(record: Any, key: str) -> float:
+    try:
+        return float(record.metrics[key])
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _images(record: Any) -> int:
+    return max(len(record.per_image), 1)
+
+
+def _passes(value: float, rule: Rule) -> bool:
+    return math.isfinite(value) and (value <= rule.threshold if rule.op == "max" else value >= rule.threshold)
+
+
+def _judge_worst(group: list[Any], rule: Rule, key: str, base: dict[str, Any]) -> RuleResult:
+    """A worst-case rule holds for every image: the most leaked image over the group decides."""
+    vals = [(_value(r, key), r) for r in group]
+    bad = [(v, r) for v, r in vals if not math.isfinite(v)]
+    if bad:
+        return RuleResult(**base, measured=bad[0][0], passed=False, record_id=bad[0][1].record_id,
+                          basis="worst image", samples=sum(_images(r) for r in group),
+                          message="measured value is not finite")
+    pick = max if (rule.op == "max") else min
+    value, rec = pick(vals, key=lambda vr: vr[0])
+    return RuleResult(**base, measured=value, passed=_passes(value, rule), record_id=rec.record_id,
+                      basis="worst image", samples=sum(_images(r) for r in group))
+
+
+def _judge_aggregate(group: list[Any], rule: Rule, key: str, base: dict[str, Any],
+                     confidence: float | None) -> RuleResult:
+    """A rule on a mean or a rate is judged on all images of the (defense, attack), at the interval's bound
+    when the policy asks for confidence."""
+    per_key = PER_IMAGE_KEYS.get(key.removesuffix("_mean")) if not key.startswith("reference_") else None
+    images = [row.get(per_key) for r in group for row in r.per_image] if per_key else []
+    if per_key and images and all(v is not None for v in images) and all(r.per_image for r in group):
+        values = [float(v) for v in images]
+        n, mean = len(values), sum(values) / len(values)
+        unit = "images"
+    else:
+        weights = [_images(r) for r in group]
+        raw = [_value(r, key) for r in group]
+        n = sum(weights)
+        mean = sum(w * v for w, v in zip(weights, raw)) / n
+        values = raw
+        unit = "images" if any(r.per_image for r in group) else "records"
+    if not math.isfinite(mean):
+        return RuleResult(**base, measured=mean, passed=False, record_id=None, basis="aggregate", samples=n,
+                          message="measured value is not finite")
+    if confidence is None:
+        return RuleResult(**base, measured=mean, passed=_passes(mean, rule), record_id=None,
+                          basis=f"mean over {unit}", samples=n)
+    if is_rate(key):
+        lo, hi = wilson_interval(int(round(mean * n)), n, confidence)
+        how = "Wilson"
+    else:
+        _, lo, hi = bootstrap_mean(values, confidence=confidence)
+        how = "bootstrap"
+    bound = hi if rule.op == "max" else lo
+    side = "upper" if rule.op == "max" else "lower"
+    return RuleResult(**base, measured=bound, passed=_passes(bound, rule), record_id=None,
+                      basis=f"{how} {side} {confidence:.0%} bound over {unit} (mean {mean:.4g})", samples=n)
+
+
 def check(records: Sequence[Any], policy: Policy) -> Verdict:
-    """Check every record (giaudit.results.AuditRecord) against the rules that apply to it."""
+    """Judge every (defense, attack) of the records (giaudit.results.AuditRecord) against the rules that apply.
+
+    Worst-case rules (a metric that resolves to ``<metric>_worst``, e.g. ``psnr_db.max``) hold per image: the
+    most leaked image of all the group's records decides. Rules on means and rates (``psnr_db_mean``,
+    ``identity_match_rate``, ``label_accuracy``) are judged on the aggregate over all the group's images,
+    or on its interval's bound when the policy sets ``confidence``.
+    """
     results: list[RuleResult] = []
     records = list(records)
     available = sorted({k for r in records for k in r.metrics})
     seen: set[Rule] = set()
+    groups: dict[tuple[str, str], list[Any]] = {}
     for record in records:
+        groups.setdefault((str(record.defense), str(record.attack)), []).append(record)
+    for (defense, attack), group in groups.items():
         chosen: dict[tuple[str, str], Rule] = {}
         for rule in policy.rules:
-            if not _applies(rule, record):
+            if not _applies(rule, group[0]):
                 continue
             k = (rule.metric, rule.op)
             if k not in chosen or _specificity(rule.scope) >= _specificity(chosen[k].scope):
                 chosen[k] = rule
         for rule in chosen.values():
             seen.add(rule)
-            key = resolve_metric(record.metrics, rule.metric)
-            base = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
-                        record_id=record.record_id, key=key)
-            if key is None:
-                if not any(resolve_metric(r.metrics, rule.metric) for r in records):
-                    continue  # reported once below
+            base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
+                                        defense=defense, attack=attack)
+            keys = [resolve_metric(r.metrics, rule.metric) for r in group]
+            if not any(resolve_metric(r.metrics, rule.metric) for r in records):
+                continue  # reported once below
+            missing = [r for r, key in zip(group, keys) if key is None]
+            if missing:
                 skip = rule.missing == "skip"
-                results.append(RuleResult(**base, measured=None, passed=skip,
-                                          message=("skipped: " if skip else "") + f"{rule.metric} not measured"))
+                results.append(RuleResult(**base, measured=None, passed=skip, record_id=missing[0].record_id,
+                                          key=None, samples=len(missing),
+                                          message=("skipped: " if skip else "") + f"{rule.metric} not measured"
+                                          + (f" in {len(missing)} of {len(group)} records" if len(group) > 1
+                                             else "")))
                 continue
-            try:
-                value = float(record.metrics[key])
-            except (TypeError, ValueError):
-                value = math.nan
-            ok = math.isfinite(value) and (value <= rule.threshold if rule.op == "max" else value >= rule.threshold)
-            results.append(RuleResult(**base, measured=value, passed=ok,
-                                      message="" if math.isfinite(value) else "measured value is not finite"))
+            key = next(k for k in keys if k is not None)
+            if key.endswith("_worst"):
+                results.append(_judge_worst(group, rule, key, {**base, "key": key}))
+            else:
+                results.append(_judge_aggregate(group, rule, key, {**base, "key": key}, policy.confidence))
     for rule in policy.rules:
         if not any(resolve_metric(r.metrics, rule.metric) for r in records):
             skip = rule.missing == "skip"
@@ -267,5 +414,5 @@ def check_main(results_path: str | os.PathLike[str], policy_path: str | os.PathL
     return 0 if verdict.passed else 1
 
 
-__all__ = ["Policy", "Rule", "RuleResult", "Verdict", "check", "check_main", "load_policy", "parse_policy",
-           "resolve_metric"]
+__all__ = ["PER_IMAGE_KEYS", "Policy", "Rule", "RuleResult", "Verdict", "check", "check_main", "is_rate",
+           "load_policy", "parse_policy", "resolve_metric"]

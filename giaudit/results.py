@@ -51,6 +51,9 @@ class AuditRecord:
     disclosed: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()    # e.g. "LPIPS unavailable: ..."
     images_file: str | None = None  # relative to the run folder
+    # Leakage over training: {"round": r, "held_out_accuracy": a} when the attacked update was taken at
+    # round r of the federated training (scenario.checkpoints); empty for an audit of the scenario's model.
+    training: Mapping[str, Any] = field(default_factory=dict)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -101,6 +104,8 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
         "sok_class": record.threat.get("sok_class"), "oracles": "; ".join(record.threat.get("oracles", [])),
         "label_source": record.label_source,
     }
+    if record.training:
+        row.update({"round": record.training.get("round"), "model_accuracy": record.training.get("held_out_accuracy")})
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
     for where, params in record.disclosed.items():

@@ -12,17 +12,28 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor, nn
 
 from giaudit.errors import ThreatModelError
-from giaudit.types import Capability, ClientProtocol, DataSpec, Disclosure, Observation, SharedUpdate, ThreatModel
+from giaudit.types import (
+    Capability,
+    ClientProtocol,
+    DataSpec,
+    DiffusionInfo,
+    Disclosure,
+    Observation,
+    SharedUpdate,
+    ThreatModel,
+)
 
 
 def threat_model(*, batch_size: bool = True, training_details: bool = True, surrogate_data: bool = False,
-                 bn_statistics: bool = False, true_labels: bool = False) -> ThreatModel:
+                 bn_statistics: bool = False, true_labels: bool = False,
+                 diffusion_noise: bool = False) -> ThreatModel:
     flags = {
         Capability.BATCH_SIZE: batch_size,
         Capability.TRAINING_DETAILS: training_details,
         Capability.SURROGATE_DATA: surrogate_data,
         Capability.BN_STATISTICS: bn_statistics,
         Capability.TRUE_LABELS: true_labels,
+        Capability.DIFFUSION_NOISE: diffusion_noise,
     }
     return ThreatModel(frozenset(c for c, on in flags.items() if on))
 
@@ -30,9 +41,11 @@ def threat_model(*, batch_size: bool = True, training_details: bool = True, surr
 def observe(*, model: nn.Module, update: SharedUpdate, data_spec: DataSpec, threat: ThreatModel,
             batch_size: int, protocol: ClientProtocol, labels: Tensor | None,
             bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None,
-            disclosed: Sequence[Disclosure] = ()) -> Observation:
+            disclosed: Sequence[Disclosure] = (), diffusion: DiffusionInfo | None = None) -> Observation:
     """Build the attacker's view; withheld extras are None."""
     g = threat.granted
+    if diffusion is not None and Capability.DIFFUSION_NOISE not in g:
+        diffusion = DiffusionInfo(diffusion.alphas_cumprod)
     return Observation(
         model=model,
         update=update,
@@ -43,6 +56,7 @@ def observe(*, model: nn.Module, update: SharedUpdate, data_spec: DataSpec, thre
         labels=labels.clone() if (labels is not None and Capability.TRUE_LABELS in g) else None,
         bn_statistics=bn_statistics if Capability.BN_STATISTICS in g else None,
         disclosed=tuple(disclosed),
+        diffusion=diffusion,
     )
 
 

@@ -58,6 +58,7 @@ class Capability(str, enum.Enum):
     SURROGATE_DATA = "surrogate_data"  # a prior trained on the same distribution (class D)
     BN_STATISTICS = "bn_statistics"    # the client's batch-norm batch statistics (class E)
     TRUE_LABELS = "true_labels"        # oracle outside the SoK table
+    DIFFUSION_NOISE = "diffusion_noise"  # the server fixed the diffusion client's timesteps t and noise eps
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,19 @@ def disclosed_values(disclosures: Sequence[Disclosure]) -> dict[str, dict[str, A
 
 
 @dataclass(frozen=True)
+class DiffusionInfo:
+    """The diffusion scenario's public schedule, and the client's t and eps when the server fixed them."""
+
+    alphas_cumprod: Tensor                 # T, the model's noise schedule (public: part of the model)
+    timesteps: Tensor | None = None        # N, only with Capability.DIFFUSION_NOISE
+    noise: Tensor | None = None            # N,C,H,W, only with Capability.DIFFUSION_NOISE
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.numel())
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything the attacker may use, nothing more.
 
@@ -160,6 +174,7 @@ class Observation:
     labels: Tensor | None = None           # only with Capability.TRUE_LABELS
     bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None = None  # (mean, var) per BN layer
     disclosed: tuple[Disclosure, ...] = ()
+    diffusion: DiffusionInfo | None = None  # set by the diffusion scenario (scenario.model = "ddpm_unet")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,12 @@ def mnist32():
 
 
 @pytest.fixture(autouse=True)
+def _private_utility_cache(monkeypatch, tmp_path_factory):
+    """Utility results a test computes never land in the user's ~/.cache."""
+    monkeypatch.setenv("GIAUDIT_CACHE", str(tmp_path_factory.getbasetemp() / "giaudit-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Any attempt to open a network socket fails the test."""
     import socket

@@ -17,6 +17,8 @@ from giaudit.audit import run_audit
 from giaudit.config import load_config
 from giaudit.engine import KILL_ONCE_ENV, LocalEngine, RayEngine
 from giaudit.results import AuditRecord, ResultsStore, load_results
+from giaudit.training import TrainingSettings
+from giaudit.utility import UtilityCache, measure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,6 +134,41 @@ def test_interrupted_driver_computes_only_the_missing_cells_when_run_again(tmp_p
     assert len(again.records) == 8
     for rid, rec in first.items():  # untouched: same timings, so not recomputed
         assert next(r for r in again.records if r.record_id == rid).timings == rec.timings
+
+
+def test_checkpoint_and_multi_client_cells_give_the_serial_records(tmp_path):
+    """scenario.checkpoints and clients_per_seed: one cell per (seed, round, attack) holding every client; the
+    seed's training is a task of its own; two processes give the serial run's records."""
+    cfg = tmp_path / "ckpt.toml"
+    cfg.write_text(BASE.replace("seeds = [0, 1]", "seeds = [0]").replace(
+        'batch_size = 1\n[threat]', 'batch_size = 1\nclients_per_seed = 2\ncheckpoints = [0, 3]\n[threat]'))
+    spec = load_config(cfg)
+    small = TrainingSettings(max_rounds=3, clients=2, eval_every=3, target_accuracy=None, eval_limit=50)
+    serial = run_audit(spec, tmp_path / "serial", show_progress=False, training=small, engine=LocalEngine(1))
+    local = run_audit(spec, tmp_path / "local", show_progress=False, training=small, engine=LocalEngine(2))
+    _same(serial.records, local.records)
+    assert [r.record_id for r in local.records] == [f"eng__none__{a}__s0__r{r}" for r in (0, 3) for a in ("ig", "dlg")]
+    assert all(r.trace["clients"] == 2 and {p["client"] for p in r.per_image} == {0, 1} for r in local.records)
+    assert {r.training["round"] for r in local.records} == {0, 3}
+    assert all(r.training["held_out_accuracy"] is not None for r in local.records)
+
+
+def test_utility_trainings_are_engine_tasks_and_only_the_driver_writes_the_cache(tmp_path):
+    """The baseline's first seed fixes R, then the other trainings run on the engine together: the same numbers
+    as in one process, cached once by the driver, and read back on the next call."""
+    spec = _spec(tmp_path, "none")
+    small = TrainingSettings(max_rounds=4, clients=2, eval_every=2, target_accuracy=None, eval_limit=50)
+    defenses = [("none", []), ("noise", [{"name": "noise", "sigma": 0.5}])]
+    serial = measure(spec, [0, 1], defenses, small, UtilityCache(tmp_path / "a", use_user_cache=False),
+                     LocalEngine(1))
+    cache = UtilityCache(tmp_path / "b", use_user_cache=False)
+    local = measure(spec, [0, 1], defenses, small, cache, LocalEngine(2))
+    assert serial[0] == local[0] == 4
+    for label, _tables in defenses:
+        assert [u["accuracy"] for u in serial[2][label]] == [u["accuracy"] for u in local[2][label]]
+    assert len(list((tmp_path / "b" / "_utility").glob("*.json"))) == 4  # 2 baseline + 2 noise runs
+    again = measure(spec, [0, 1], defenses, small, cache, LocalEngine(2))
+    assert all(u["cached"] for us in again[2].values() for u in us)
 
 
 # -- Ray -------------------------------------------------------------------------------------------------

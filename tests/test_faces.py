@@ -187,3 +187,45 @@ def test_deepface_adapter_on_generated_weights(tmp_path, utk64, monkeypatch):
     assert sem.aggregate["identity_match_rate"] == 1.0
     assert set(sem.aggregate) >= {"race_accuracy", "gender_accuracy", "age_abs_error", "face_detection_batch"}
     assert sem.aggregate["race_accuracy"] == sem.reference["race_accuracy"]
+
+
+# ---- re-identification (issue 9): ORL's people as the gallery --------------------------
+
+@needs_offline
+def test_orl_reidentification_originals_and_noise():
+    """Originals against their own people's gallery: rank-1 >= 0.9; noise: within the Wilson interval of chance."""
+    from giaudit.data import load_folder
+    from giaudit.metrics.faces import identity_gallery
+    from giaudit.stats import wilson_interval
+
+    torch.set_num_threads(1)
+    ds = load_folder(_data("orl"), size=32)  # the size audits use
+    keep_people = ds.labels < 20             # 20 of the 40 people keep the test near half a minute
+    idx = np.flatnonzero(keep_people.numpy())
+    pool = idx[idx % 5 == 0]                 # the audited pool (data.pool_every = 5) ...
+    rest = idx[idx % 5 != 0]                 # ... and the enrolment photos the gallery is made of
+    an = get_analyzer("offline")
+    gallery = identity_gallery(an, ds.images[rest].numpy(), ds.labels[rest].tolist(), per_identity=2)
+    assert gallery.size == 20 and gallery.kind == "identities"
+    x = ds.images[pool].numpy()
+    noise = np.random.default_rng(0).random(x.shape).astype(np.float32)
+    res = semantic_metrics(x, noise, analyzer=an, gallery=gallery, identities=ds.labels[pool].tolist())
+    # reference = the originals themselves against the gallery
+    assert res.reference["reid_rank1"] >= 0.9, res.reference
+    n = int(res.aggregate["reid_scored"])
+    assert n == len(pool) and res.aggregate["reid_gallery_size"] == 20
+    lo, hi = wilson_interval(round(res.aggregate["reid_rank1"] * n), n)
+    assert lo <= 1 / 20 <= hi, (res.aggregate["reid_rank1"], lo, hi)
+    assert all("reid_rank" in p for p in res.per_image)
+
+
+def test_wilson_interval_and_ranks():
+    from giaudit.stats import wilson_interval
+    from giaudit.metrics.faces.reid import rank_of
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35
+    lo, hi = wilson_interval(5, 10)
+    assert lo < 0.5 < hi and hi - 0.5 == pytest.approx(0.5 - lo)
+    assert np.isnan(wilson_interval(0, 0)[0])
+    assert rank_of(np.array([0.5, 0.1, 0.5, 0.9]), 0) == 2  # ties favour the true candidate

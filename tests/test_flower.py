@@ -120,3 +120,20 @@ def test_capture_checked_against_the_model_factory(tmp_path):
     obs, truth = scen.simulate()
     assert truth is None and obs.update.kind == "delta"
     assert all(torch.allclose(t, torch.full_like(t, 0.01), atol=1e-6) for t in obs.update.tensors)
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"clients_per_seed": 4}, "scenario.clients_per_seed"),
+    ({"checkpoints": [0, 10]}, "scenario.checkpoints"),
+    ({"model_factory": None}, "scenario.model_factory"),
+])
+def test_capture_excludes_what_needs_a_simulation(tmp_path, extra, key):
+    """A capture is one client's update at one round: per-seed clients and training checkpoints are refused,
+    naming the key (and a capture needs its model factory)."""
+    from giaudit.config import parse_config
+    from giaudit.errors import ConfigError
+
+    scenario = {"capture": str(tmp_path), "model_factory": "task:make_model", **extra}
+    scenario = {k: v for k, v in scenario.items() if v is not None}
+    with pytest.raises(ConfigError, match=key):
+        parse_config({"scenario": scenario})

@@ -51,10 +51,11 @@ def test_verdict_fields_and_mean_key(results_dir):
     records = load_results(results_dir).records
     v = check(records, parse_policy({"rules": {"psnr_db_mean": {"max": 15}}}))
     assert not v.passed
-    by_rec = {r.record_id: r for r in v.rules}
-    assert by_rec["scn__noise__ig__s0"].passed and by_rec["scn__noise__ig__s0"].measured == 11.0
-    bad = by_rec["scn__noise__dlg__s0"]
+    by_attack = {r.attack: r for r in v.rules}
+    assert by_attack["ig"].passed and by_attack["ig"].measured == 11.0 and by_attack["ig"].defense == "noise"
+    bad = by_attack["dlg"]
     assert not bad.passed and bad.key == "psnr_db_mean" and bad.threshold == 15 and bad.op == "max"
+    assert bad.basis == "mean over records" and bad.samples == 1
 
 
 def test_scopes_override_global(results_dir):
@@ -67,16 +68,16 @@ def test_scopes_override_global(results_dir):
     tighter = parse_policy({"rules": {"ssim": {"max": 0.5}}, "defense": {"noise": {"rules": {"ssim": {"max": 0.3}}}},
                             "attack": {"ig": {"rules": {"ssim": {"max": 0.2}}}}})
     v = check(records, tighter)
-    res = {r.record_id: r for r in v.rules}
+    res = {r.attack: r for r in v.rules}
     # ig: attack scope wins (0.25 > 0.2 fails); dlg: defense scope (0.45 > 0.3 fails)
-    assert res["scn__noise__ig__s0"].scope == "attack:ig" and not res["scn__noise__ig__s0"].passed
-    assert res["scn__noise__dlg__s0"].scope == "defense:noise" and not res["scn__noise__dlg__s0"].passed
+    assert res["ig"].scope == "attack:ig" and not res["ig"].passed and res["ig"].record_id == "scn__noise__ig__s0"
+    assert res["dlg"].scope == "defense:noise" and not res["dlg"].passed
 
 
 def test_min_rule_and_missing_metric(results_dir):
     records = load_results(results_dir).records
     v = check(records, parse_policy({"rules": {"label_accuracy": {"min": 0.6}}}))
-    assert [r.passed for r in sorted(v.rules, key=lambda r: r.record_id)] == [True, False]  # dlg 1.0, ig 0.5
+    assert [r.passed for r in sorted(v.rules, key=lambda r: str(r.attack))] == [True, False]  # dlg 1.0, ig 0.5
     # identity_match_rate is only on dlg: ig fails closed, unless missing = "skip"
     v = check(records, parse_policy({"rules": {"identity_match_rate": {"max": 0.05}}}))
     assert not v.passed and any("not measured" in r.message for r in v.failures)
@@ -133,3 +134,50 @@ def test_example_policy_loads_and_resolves():
     assert resolve_metric({"psnr_db_worst": 1.0, "psnr_db_mean": 0.5}, "psnr_db") == "psnr_db_worst"
     assert resolve_metric({"psnr_db_worst": 1.0, "psnr_db_mean": 0.5}, "psnr_db_mean") == "psnr_db_mean"
     assert resolve_metric({"ssim_mean": 1.0}, "ssim") is None
+
+
+def _rate_records(matches: int, n: int = 40) -> list[AuditRecord]:
+    return [_record("ig", "noise", i, identity_match_rate=1.0 if i < matches else 0.0, psnr_db_worst=10.0 + i)
+            for i in range(n)]
+
+
+def test_rates_are_judged_on_the_aggregate_and_at_a_confidence_bound():
+    rule = {"rules": {"identity_match_rate": {"max": 0.05}}}
+    one = check(_rate_records(1), parse_policy(rule))
+    assert one.passed and len(one.rules) == 1  # one judgement for the (defense, attack), not 40
+    r = one.rules[0]
+    assert r.measured == pytest.approx(0.025) and r.samples == 40 and r.basis == "mean over records"
+    three = check(_rate_records(3), parse_policy(rule))
+    assert not three.passed and three.rules[0].measured == pytest.approx(0.075)
+    sure = check(_rate_records(1), parse_policy({"confidence": 0.95, **rule}))
+    assert not sure.passed  # the Wilson upper bound of 1 in 40 is 0.13 > 0.05
+    r = sure.rules[0]
+    assert r.measured == pytest.approx(0.1288, abs=2e-4) and "Wilson upper 95% bound" in r.basis
+    assert "n = 40" in r.line()
+    # a worst-case rule stays per image: the most leaked image of the 40 records decides
+    worst = check(_rate_records(1), parse_policy({"rules": {"psnr_db": {"max": 45}}}))
+    assert not worst.passed and worst.rules[0].measured == 49.0 and worst.rules[0].basis == "worst image"
+    assert worst.rules[0].record_id == "scn__noise__ig__s39"
+
+
+def test_means_use_per_image_values_and_bootstrap_bound():
+    recs = [AuditRecord(
+        record_id=f"r{s}", config_hash="h", scenario="scn", defense="none", attack="ig", seed=s,
+        threat={}, attack_params={}, label_source="idlg", metrics={"psnr_db_mean": 12.0, "psnr_db_worst": 14.0},
+        per_image=tuple({"psnr_db": 10.0 + i} for i in range(5)), timings={}, trace={}) for s in range(4)]
+    v = check(recs, parse_policy({"rules": {"psnr_db_mean": {"max": 12.5}}}))
+    assert v.passed and v.rules[0].samples == 20 and v.rules[0].basis == "mean over images"
+    v = check(recs, parse_policy({"confidence": 0.95, "rules": {"psnr_db_mean": {"max": 12.5}}}))
+    assert not v.passed and 12.0 < v.rules[0].measured < 13.5 and "bootstrap upper" in v.rules[0].basis
+    with pytest.raises(ConfigError, match="confidence"):
+        parse_policy({"confidence": 95, "rules": {"psnr_db": {"max": 1}}})
+
+
+def test_a_defense_verdict_is_the_worst_over_attacks(results_dir):
+    records = load_results(results_dir).records
+    v = check(records, parse_policy({"rules": {"psnr_db": {"max": 18}}}))
+    assert v.by_defense() == {"noise": {"passed": False, "worst_attack": "dlg", "worst_rule": v.failures[0].line()}}
+    assert "defense noise: FAIL (worst attack: dlg)" in v.format()
+    ok = check(records, parse_policy({"rules": {"psnr_db": {"max": 30}}}))
+    assert ok.by_defense()["noise"] == {"passed": True, "worst_attack": "dlg",
+                                        "worst_rule": next(r.line() for r in ok.rules if r.attack == "dlg")}

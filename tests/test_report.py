@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -15,9 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from giaudit.stats import wilson_interval
 from giaudit.report import figures, render
 from giaudit.report.render import config_as_text, md_escape
-from giaudit.results import AuditRecord, ResultsStore, load_results, save_images
+from giaudit.report.summary import summarise
+from giaudit.results import AuditRecord, ResultsStore, load_images, load_results, save_images
 
 CONFIG = {
     "name": "unit <run>",
@@ -84,18 +88,26 @@ def test_report_content(store: ResultsStore) -> None:
     # Defense disclosure, escaped (the user string holds markup).
     assert "gaussian &lt;b&gt;noise&lt;/b&gt;" in doc and "<b>noise</b>" not in doc
     assert "unit &lt;run&gt;" in doc and "unit <run>" not in doc
-    # The metric table, read from the records, not recomputed.
-    for h in ("PSNR dB mean / worst", "SSIM mean / worst", "LPIPS mean / worst", "label accuracy (source)"):
-        assert f"<th>{html.escape(h)}</th>" in doc
+    # The summary leads: one row for (noise, ig) aggregated over both seeds, with a finding sentence.
+    assert doc.index('id="summary"') < doc.index('id="strongest"') < doc.index('id="threat"') < doc.index(
+        'id="details"')
     r0, r1 = store.records
+    worst = max(r0.metrics["psnr_db_worst"], r1.metrics["psnr_db_worst"])
+    assert "PSNR (dB) worst; mean (95 % CI)" in text and f"{worst:.1f}" in text
+    assert "Under noise, Inverting Gradients's most leaked image" in text
+    assert "Verified as same person" in text  # the only identity figure these records hold
+    # The per-record table, read from the records, not recomputed, with human column names.
+    for h in ("PSNR (dB) mean / worst", "SSIM mean / worst", "LPIPS mean / best", "labels recovered (source)"):
+        assert f"<th>{html.escape(h)}</th>" in doc
     assert f"{r0.metrics['psnr_db_mean']:.2f} / {r0.metrics['psnr_db_worst']:.2f}" in text
-    assert "0.1500 / 0.1000" in text and "100 % (oracle)" in text
+    assert "0.150 / 0.100" in text and "100 % (oracle)" in text
     assert "unavailable (see notes)" in text and "LPIPS unavailable: place alexnet-owt-7be5be79.pth" in text
-    # Extra metric keys get columns (semantic metrics, MSE).
-    assert "<th>identity_match_rate</th>" in doc and "<th>mse mean / worst</th>" in doc
-    # Images embedded: two grids and the loss curves, every one a decodable PNG.
+    # Extra metric keys get human columns (semantic metrics, MSE), never raw keys.
+    assert "<th>verified as same person</th>" in doc and "<th>MSE mean / lowest</th>" in doc
+    assert "identity_match_rate" not in text.split("Config (TOML)")[0]
+    # Images embedded: the strongest grid, two record grids and the loss curves, each a decodable PNG.
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', doc)
-    assert len(uris) == 3
+    assert len(uris) == 4
     for u in uris:
         img = Image.open(io.BytesIO(base64.b64decode(u)))
         assert img.format == "PNG" and img.width > 100
@@ -109,9 +121,11 @@ def test_report_content(store: ResultsStore) -> None:
 
     md = md_path.read_text()
     assert "Oracle outside the SoK classes: **true labels given to the attacker**" in md
-    assert "SoK class C" in md and "| scenario | defense | attack | seed |" in md
+    assert "SoK class C" in md and "| record | seed | PSNR (dB) mean / worst |" in md
+    assert md.index("## What the server could learn") < md.index("## Threat model")
+    assert "| Defense / attack | PSNR (dB) worst; mean (95 % CI) |" in md
     imgs = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
-    assert len(imgs) == 3 and all((store.run_dir / p).is_file() for p in imgs)
+    assert len(imgs) == 4 and all((store.run_dir / p).is_file() for p in imgs)
     assert "gaussian &lt;b&gt;noise&lt;/b&gt;" in md
 
 
@@ -122,7 +136,8 @@ def test_report_verdict_and_out_dir(store: ResultsStore, tmp_path: Path) -> None
     html_path, md_path = render(store, out, verdict=SimpleNamespace(passed=False, rules=[rule, ok]))
     assert html_path.parent == out and (out / "figures" / "loss_curves.png").is_file()
     doc = html_path.read_text()
-    assert '<div class="banner fail">Policy verdict: FAIL</div>' in doc
+    assert '<div class="banner fail">Policy verdict: FAIL' in doc and "1 of 2 rules failed: psnr_db" in doc
+    assert doc.index("Policy verdict") < doc.index('id="summary"')
     assert "<td>psnr_db</td><td>worst</td><td>&lt;=</td>" in doc and '<td class="num">31.5</td>' in doc
     assert "## Policy verdict: **FAIL**" in md_path.read_text()
     _, _ = render(store, out, verdict=SimpleNamespace(passed=True, rules=[ok]))
@@ -159,6 +174,89 @@ def test_helpers() -> None:
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _semantic_store(tmp_path: Path) -> ResultsStore:
+    """Records of a face run with every summary column: re-identification, attributes, ε, three defenses."""
+    s = ResultsStore.open(tmp_path / "faces")
+    s.meta = {"config": CONFIG}
+    rng = np.random.default_rng(3)
+    for d_i, defense in enumerate(("none", "dpsgd-eps8", "noise-0.01")):
+        for attack in ("ig", "gias"):
+            for seed in range(3):
+                base = _record(tmp_path / "faces", rng, seed, lpips=True, extra={
+                    "identity_match_rate": 0.5, "identity_similarity": 0.8, "reid_rank1": float(seed == 0),
+                    "reid_rank5": 1.0, "reid_gallery_size": 100.0, "reid_scored": 1.0,
+                    "attribute_race_accuracy": 0.4, "attribute_race_chance": 0.42,
+                    "reference_attribute_race_accuracy": 0.7, "gender_accuracy": 1.0, "face_detection_rate": 1.0,
+                    "age_abs_error": 7.0, "reference_age_abs_error": 5.0, "reference_gender_accuracy": 0.9})
+                disclosed = {"0:dpsgd": {"epsilon": 8.0, "delta": 1e-5}} if d_i == 1 else {}
+                rid = f"faces__{defense}__{attack}__s{seed}"
+                s.add(dataclasses.replace(base, record_id=rid, defense=defense, attack=attack, disclosed=disclosed,
+                                          images_file=save_images(tmp_path / "faces", rid, *load_images(
+                                              tmp_path / "faces", base))))
+    return load_results(tmp_path / "faces")
+
+
+def test_summary_aggregates_over_seeds(tmp_path: Path) -> None:
+    store = _semantic_store(tmp_path)
+    summ = summarise(store.records)
+    assert [(r.defense, r.attack) for r in summ.rows][:2] == [("none", "ig"), ("none", "gias")]
+    row = summ.rows[2]  # dpsgd-eps8, ig
+    v = row.values
+    assert v["reid_hits"] == 1 and v["reid_n"] == 3 and v["reid_chance"] == pytest.approx(0.01)
+    lo, hi = wilson_interval(1, 3)
+    assert (v["reid_ci_low"], v["reid_ci_high"]) == (lo, hi) and lo < 1 / 3 < hi
+    assert v["epsilon"] == 8.0 and "ε = 8" in row.cells["setting"].text()
+    assert v["attr_race"] == {"accuracy": pytest.approx(0.4), "reference": pytest.approx(0.7),
+                              "chance": pytest.approx(0.42)}
+    assert "re-identified 1 of 3 faces among 100 (chance 0.01)" in row.finding
+    assert row.finding.startswith("Under dpsgd-eps8 (ε = 8)") and "race read right for 40 % (originals 70 %, chance" \
+        " 42 %)" in row.finding
+    headers = [h for _, h in summ.columns]
+    assert "Re-identified (rank-1), 95 % CI, chance" in headers
+    assert "Race inferred (originals, chance)" in headers and "Gender inferred (originals, chance)" in headers
+    assert not any("cosine" in h for h in headers)  # raw mean cosine is not a headline figure
+    util = {"none": [{"accuracy": 0.9, "baseline_accuracy": 0.9, "n_test": 1000}],
+            "dpsgd-eps8": [{"accuracy": 0.7, "baseline_accuracy": 0.9, "n_test": 1000}]}
+    with_util = summarise(store.records, util)
+    assert with_util.rows[2].values["utility_accuracy_mean"] == pytest.approx(0.7)
+    assert "Model accuracy with the defense" in [h for _, h in with_util.columns]
+
+
+def _chromium(html_path: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "profile"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args, html_path.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+_PROBE = """<script>window.addEventListener('load', () => {
+  const top = (id) => { const e = document.getElementById(id);
+    return e ? Math.round(e.getBoundingClientRect().bottom) : -1; };
+  document.title = JSON.stringify({scroll: document.documentElement.scrollWidth, inner: window.innerWidth,
+    verdict: top('verdict'), summary: top('summary-table')});
+});</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's `chromium` is not installed (apt-get install chromium)")
+def test_report_first_screen_in_chromium(tmp_path: Path) -> None:
+    """Verdict and summary table inside the first 1280x900 viewport; no horizontal overflow."""
+    store = _semantic_store(tmp_path)
+    rule = SimpleNamespace(metric="psnr_db", scope="worst", op="<=", threshold=20.0, measured=31.5, passed=False)
+    html_path, _ = render(store, verdict=SimpleNamespace(passed=False, rules=[rule] * 9))
+    probe = tmp_path / "probe.html"
+    probe.write_text(html_path.read_text().replace("</body>", _PROBE + "</body>"))
+    proc = _chromium(probe, tmp_path, "--window-size=1280,900", "--dump-dom")
+    m = re.search(r"<title>(\{.*?\})</title>", html.unescape(proc.stdout))
+    assert m, f"no measurement from chromium (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    got = json.loads(m.group(1))
+    assert got["scroll"] <= got["inner"], got
+    assert 0 < got["verdict"] < got["summary"] <= 900, got
+    shot = tmp_path / "first_screen.png"
+    _chromium(html_path, tmp_path, "--window-size=1280,900", f"--screenshot={shot}")
+    assert shot.is_file()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's `chromium` is not installed (apt-get install chromium)")

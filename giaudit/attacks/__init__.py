@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from giaudit.attacks import dlg, ggl, gias, giml, ig  # noqa: F401 (registers the attacks)
+from giaudit.attacks import diffula, dlg, ggl, gias, gidm, gidm_plus, giml, ig  # noqa: F401 (registers the attacks)
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Reconstruction
 
 

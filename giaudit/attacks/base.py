@@ -145,6 +145,10 @@ class Attack(Configurable):
     def prepare(self, others: Sequence[Observation]) -> None:
         """Learn from other clients' observations before attacking (GIML's meta-learning); default: nothing."""
 
+    def labels_for(self, obs: Observation, generator: torch.Generator) -> tuple[Tensor, str]:
+        """The labels the attack uses and where they came from (attacks on unlabelled models override)."""
+        return recover_labels(obs, self.label_method, generator)
+
     # -- shared work ---------------------------------------------------------------------------
     def protocol_for(self, obs: Observation) -> ClientProtocol:
         """The client step the attacker mirrors: FedSGD unless it knows the training details."""
@@ -172,7 +176,7 @@ class Attack(Configurable):
         check(self.name, self.requires, obs.threat)
         gen = rng if rng is not None else torch.Generator().manual_seed(0)
         start = time.perf_counter()
-        labels, source = recover_labels(obs, self.label_method, gen)
+        labels, source = self.labels_for(obs, gen)
         # The attacker works on its own copy: BN layers in train mode move their
         # running statistics on every forward.
         obs_local = dataclasses.replace(obs, model=copy.deepcopy(obs.model))

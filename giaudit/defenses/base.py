@@ -72,6 +72,10 @@ class Defense:
         """How a server that knows this defense replays it on a trial update; None: it cannot."""
         return None
 
+    def spent(self, rounds: int) -> Mapping[str, Any]:
+        """What a client running this defense for `rounds` rounds has spent (DP-SGD: its epsilon); {}: nothing."""
+        return {}
+
     def describe(self) -> str:
         return self.name
 

@@ -239,6 +239,22 @@ class DPSGD(RegisteredDefense):
     def replay_rule(self) -> ReplayRule:
         return DPClipReplay(self.max_grad_norm)
 
+    def spent(self, rounds: int) -> Mapping[str, Any]:
+        """Opacus's accountant for exactly `rounds` rounds of this (configured) client: the epsilon a training
+        of that length spends at the noise and sampling rate the client step uses."""
+        acc = self._accounting
+        if not acc:
+            return {}
+        per_round = acc["dp_steps"] // self.rounds
+        steps, sigma, rate = rounds * per_round, acc["dp_noise_multiplier"], acc["dp_sample_rate"]
+        out: dict[str, Any] = {"dp_sample_rate": rate, "dp_steps": steps, "dp_noise_multiplier": sigma,
+                               "delta": self.delta, "dp_accountant": self.accountant, "epsilon": None}
+        if self.delta and sigma > 0 and steps > 0:
+            out["epsilon"] = _epsilon(sigma, rate, steps, float(self.delta), self.accountant)[0]
+        elif self.delta:
+            out["epsilon"] = 0.0 if steps == 0 else math.inf
+        return out
+
     def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
         return {"dp_max_grad_norm": self.max_grad_norm, "delta": self.delta, "dp_accountant": self.accountant,
                 "dp_rounds": self.rounds, **self._accounting}

@@ -5,9 +5,13 @@ pairs reconstructed with private images (`match`), measures each pair (`mse`,
 `psnr`, `ssim`, optionally LPIPS via `load_lpips`) and ranks them most leaked
 first. Note: `giaudit.metrics.evaluate` the *function* shadows the submodule
 of the same name as a package attribute; import the dataclass with
-``from giaudit.metrics.evaluate import Evaluation`` (which works) rather than
+``import re
+
+from giaudit.metrics.evaluate import Evaluation`` (which works) rather than
 ``import giaudit.metrics.evaluate as m``.
 """
+import re
+
 from giaudit.metrics.evaluate import PSNR_CAP_DB, Evaluation, evaluate
 from giaudit.metrics.image import mse, psnr, ssim
 from giaudit.metrics.lpips import LPIPSMetric, load_lpips
@@ -20,7 +24,10 @@ METRIC_NAMES = (
     "mse", "psnr_db", "ssim", "lpips", "label_accuracy",
     "face_detection_rate", "face_detection_batch", "identity_similarity", "identity_match_rate",
     "gender_accuracy", "race_accuracy", "age_abs_error",
+    "reid_rank1", "reid_rank5", "reid_gallery_size", "reid_scored",
 )
+# Attribute classifiers (`giaudit attribute train`) add attribute_NAME_accuracy and attribute_NAME_chance.
+_ATTRIBUTE = re.compile(r"^attribute_[A-Za-z0-9_]+_(accuracy|chance)$")
 
 
 def is_metric(name: str) -> bool:
@@ -28,7 +35,7 @@ def is_metric(name: str) -> bool:
     base = name.removeprefix("reference_")
     for suffix in ("_mean", "_worst"):
         base = base.removesuffix(suffix)
-    return base in METRIC_NAMES
+    return base in METRIC_NAMES or bool(_ATTRIBUTE.match(base))
 
 
 __all__ = [

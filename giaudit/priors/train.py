@@ -43,6 +43,20 @@ from giaudit.priors.io import Prior, save_prior
 LOSSES = ("gan", "wgan-gp")
 
 
+def training_images(data: str, size: int, channels: int | None, limit: int | None, holdout_mod: int,
+                    batch_size: int) -> Tensor:
+    """A prior's training images: `data` without every `holdout_mod`-th image (the audit pool; 0 keeps all),
+    at least one batch of them."""
+    if holdout_mod < 0:
+        raise ConfigError("--holdout-mod: must be >= 0")
+    images = _load_images(data, size, channels, limit)
+    if holdout_mod:
+        images = images[torch.arange(images.shape[0]) % holdout_mod != 0]
+    if images.shape[0] < batch_size:
+        raise DataError(f"--data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
+    return images
+
+
 def _load_images(data: str, size: int, channels: int | None, limit: int | None) -> Tensor:
     """A data source name (mnist5k, digits, lfw_subset) or an image folder -> images N,C,H,W in [0,1]."""
     if data in D.SOURCES and data != "folder":
@@ -190,15 +204,8 @@ def train_main(data: str, out: Path, *, steps: int = 2000, size: int = 32, seed:
     draw client batches the prior never saw.
     """
     out = Path(out)
-    if holdout_mod < 0:
-        raise ConfigError("--holdout-mod: must be >= 0")
     with _threads(threads):
-        images = _load_images(data, size, channels, limit)
-        if holdout_mod:
-            keep = torch.arange(images.shape[0]) % holdout_mod != 0
-            images = images[keep]
-        if images.shape[0] < batch_size:
-            raise DataError(f"--data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
+        images = training_images(data, size, channels, limit, holdout_mod, batch_size)
         config = GeneratorConfig(size=size, channels=int(images.shape[1]), latent_dim=latent_dim, width=width)
         flat = out.suffix == ".safetensors"
         stem = out.with_suffix("") if flat else out
@@ -226,11 +233,13 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of `giaudit prior train` (and of `python -m giaudit.priors.train`)."""
     ap.add_argument("--data", required=True, help="mnist5k | digits | lfw_subset | an image folder")
     ap.add_argument("--out", required=True, type=Path, help="a folder, or NAME.safetensors")
-    ap.add_argument("--steps", type=int, default=2000, help="generator steps (default 2000)")
+    ap.add_argument("--steps", type=int, default=None, help="generator steps (default 2000; ddpm: 100000, "
+                    "normally stopped by --minutes)")
     ap.add_argument("--size", type=int, default=32, help="image size in pixels, 28..64 (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latent-dim", type=int, default=32)
-    ap.add_argument("--width", type=int, default=16, help="generator width (default 16)")
+    ap.add_argument("--width", type=int, default=None, help="generator width (default 16; ddpm: UNet base "
+                    "channels, default 32)")
     ap.add_argument("--loss", choices=LOSSES, default="gan", help="gan (spectral-norm critic) or wgan-gp")
     ap.add_argument("--holdout-mod", type=int, default=5,
                     help="leave out images whose index is a multiple of this (the audit's client pool; 0 keeps all)")
@@ -242,8 +251,8 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def cli_train(a: argparse.Namespace) -> int:
-    path = train_main(a.data, a.out, steps=a.steps, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
-                      width=a.width, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
+    path = train_main(a.data, a.out, steps=a.steps or 2000, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
+                      width=a.width or 16, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
                       sample_every=a.sample_every, show_progress=not a.no_progress)
     print(f"prior: {path}")
     return 0

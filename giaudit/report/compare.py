@@ -1,9 +1,13 @@
-"""The defense comparison report: one table (defense x attack) and a privacy-utility plot.
+"""The defense comparison report: a table (defense x attack), a privacy-utility plot, leakage over training.
 
 Rendered from the rows `giaudit.compare.summarise` computed from saved
 records; nothing is recomputed here. Leakage is read as PSNR / SSIM (higher =
-more leaked) and LPIPS (lower = more leaked); "worst" is the most leaked image
-over all seeds. Every mean carries its 95 % confidence half-width over seeds.
+more leaked) and LPIPS (lower = more leaked), over images: the mean with its
+bootstrap 95 % interval, the 95th percentile and the worst (most leaked)
+image. The paired column is the one-sided Wilcoxon signed-rank p-value that
+the defense's per-image PSNR is lower than the reference's on the same images
+and attack starts. Utility is the held-out accuracy with the Wilson 95 %
+interval of the pooled test.
 """
 from __future__ import annotations
 
@@ -14,21 +18,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
+from giaudit.report.templating import environment
 from giaudit.results import write_table
 
-COLUMNS = (  # (header, key of the mean, key of the CI half-width or None, decimals)
-    ("PSNR dB", "psnr_db_mean", "psnr_db_ci95", 2),
+COLUMNS = (  # (header, key of the value, (low key, high key) or None, decimals)
+    ("images", "images", None, 0),
+    ("PSNR dB [95% CI]", "psnr_db_mean", ("psnr_db_ci_low", "psnr_db_ci_high"), 2),
+    ("PSNR p95", "psnr_db_p95", None, 2),
     ("PSNR worst", "psnr_db_worst", None, 2),
-    ("SSIM", "ssim_mean", "ssim_ci95", 3),
+    ("paired vs ref.", "paired_p", None, 3),
+    ("SSIM [95% CI]", "ssim_mean", ("ssim_ci_low", "ssim_ci_high"), 3),
     ("SSIM worst", "ssim_worst", None, 3),
-    ("LPIPS", "lpips_mean", "lpips_ci95", 3),
-    ("LPIPS worst", "lpips_worst", None, 3),
-    ("label acc.", "label_accuracy_mean", "label_accuracy_ci95", 2),
+    ("LPIPS", "lpips_mean", ("lpips_ci_low", "lpips_ci_high"), 3),
+    ("label acc.", "label_accuracy_mean", ("label_accuracy_low", "label_accuracy_high"), 2),
     ("ε (δ)", "epsilon", None, 2),
-    ("utility acc.", "utility_accuracy_mean", "utility_accuracy_ci95", 3),
-    ("acc. drop", "utility_drop_mean", "utility_drop_ci95", 3),
+    ("utility acc. [95% CI]", "utility_accuracy_mean", ("utility_accuracy_low", "utility_accuracy_high"), 3),
+    ("acc. drop", "utility_drop_mean", None, 3),
     ("attack s", "attack_s_mean", None, 1),
 )
 
@@ -43,7 +52,19 @@ def _num(v: Any) -> float | None:
     return f
 
 
-def cell(row: Mapping[str, Any], key: str, ci: str | None, decimals: int) -> str:
+def _ok(v: Any) -> bool:
+    f = _num(v)
+    return f is not None and math.isfinite(f)
+
+
+def cell(row: Mapping[str, Any], key: str, ci: tuple[str, str] | None, decimals: int) -> str:
+    if key == "paired_p":
+        note = str(row.get("paired_note") or "")
+        v = _num(row.get(key))
+        if v is None or math.isnan(v):
+            return note or "–"
+        few = " (too few)" if row.get("paired_too_few") else ""
+        return f"p = {v:.2g}, n = {row.get('paired_n')}{few}"
     v = _num(row.get(key))
     if v is None or math.isnan(v):
         return "–"
@@ -52,71 +73,135 @@ def cell(row: Mapping[str, Any], key: str, ci: str | None, decimals: int) -> str
     text = f"{v:.{decimals}f}"
     if key == "epsilon" and row.get("delta") is not None:
         text += f" ({float(row['delta']):.0e})"
-    c = _num(row.get(ci)) if ci else None
-    if c is not None and not math.isnan(c):
-        text += f" ± {c:.{decimals}f}"
+    if ci and _ok(row.get(ci[0])) and _ok(row.get(ci[1])):
+        text += f" [{float(row[ci[0]]):.{decimals}f}, {float(row[ci[1]]):.{decimals}f}]"
+    if key == "psnr_db_mean" and row.get("psnr_db_too_few"):
+        text += " (few images)"
     return text
 
 
+def _final_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows of the scenario's model, or with checkpoints those of the last round (the trained model)."""
+    last: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for r in rows:
+        k = (str(r["defense"]), str(r["attack"]))
+        if k not in last or (r.get("round") or -1) > (last[k].get("round") or -1):
+            last[k] = r
+    return list(last.values())
+
+
 def privacy_utility_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """PSNR mean (leakage) against utility accuracy, one marker per defense x attack."""
-    points = [r for r in rows if _num(r.get("utility_accuracy_mean")) is not None
-              and _num(r.get("psnr_db_mean")) is not None
-              and not math.isnan(float(r["psnr_db_mean"])) and not math.isnan(float(r["utility_accuracy_mean"]))]
+    """PSNR mean over images (bootstrap 95 % CI) against utility accuracy (Wilson 95 % CI)."""
+    points = [r for r in _final_rows(rows) if _ok(r.get("utility_accuracy_mean")) and _ok(r.get("psnr_db_mean"))]
     if not points:
         return None
     fig = new_figure((7.0, 4.6))
     ax = fig.add_subplot(1, 1, 1)
     markers = "osD^v<>P*X"
     attacks = list(dict.fromkeys(r["attack"] for r in points))
+
+    def err(r: Mapping[str, Any], mean: str, lo: str, hi: str) -> tuple[float, float]:
+        m = float(r[mean])
+        return ((m - float(r[lo])) if _ok(r.get(lo)) else 0.0, (float(r[hi]) - m) if _ok(r.get(hi)) else 0.0)
+
     for i, attack in enumerate(attacks):
         pts = [r for r in points if r["attack"] == attack]
-        xerr = [0.0 if math.isnan(_num(r.get("utility_accuracy_ci95")) or math.nan)
-                else float(r["utility_accuracy_ci95"]) for r in pts]
-        yerr = [0.0 if math.isnan(_num(r.get("psnr_db_ci95")) or math.nan) else float(r["psnr_db_ci95"]) for r in pts]
+        xe = [err(r, "utility_accuracy_mean", "utility_accuracy_low", "utility_accuracy_high") for r in pts]
+        ye = [err(r, "psnr_db_mean", "psnr_db_ci_low", "psnr_db_ci_high") for r in pts]
         ax.errorbar([float(r["utility_accuracy_mean"]) for r in pts], [float(r["psnr_db_mean"]) for r in pts],
-                    xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3, label=attack, alpha=0.85)
+                    xerr=[[a for a, _ in xe], [b for _, b in xe]], yerr=[[a for a, _ in ye], [b for _, b in ye]],
+                    fmt=markers[i % len(markers)], capsize=3, label=attack, alpha=0.85)
         for r in pts:
             ax.annotate(str(r["defense"]), (float(r["utility_accuracy_mean"]), float(r["psnr_db_mean"])),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    base = [b for b in (_num(r.get("utility_baseline_accuracy")) for r in points)
-            if b is not None and not math.isnan(b)]
+    base = [float(r["utility_baseline_accuracy"]) for r in points if _ok(r.get("utility_baseline_accuracy"))]
     if base:
-        ax.axvline(sum(base) / len(base), color="grey", ls="--", lw=0.8, label="no-defense utility")
-    ax.set_xlabel("utility: held-out accuracy after short federated training (higher is better)")
+        ax.axvline(base[0], color="grey", ls="--", lw=0.8, label="no-defense utility")
+    ax.set_xlabel("utility: held-out accuracy after federated training (higher is better)")
     ax.set_ylabel("leakage: reconstruction PSNR dB (lower is better)")
-    ax.set_title("Privacy-utility trade-off (mean ± 95 % CI over seeds)")
-    ax.set_xlim(0.0, 1.0)  # accuracies; wide CIs over few seeds would otherwise stretch the axis
+    ax.set_title("Privacy-utility trade-off (mean, 95 % CI over images / held-out test)")
     ax.set_ylim(bottom=0.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure_to_png(fig)
 
 
+def leakage_over_training_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """PSNR (95 % CI) and label accuracy of each defense x attack against the training round it was taken at,
+    with the model's held-out accuracy at that round."""
+    pts = [r for r in rows if r.get("round") is not None and _ok(r.get("psnr_db_mean"))]
+    if not pts:
+        return None
+    fig = new_figure((11.0, 4.2))
+    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig.subplots_adjust(wspace=0.55)
+    acc_ax = ax.twinx()
+    series = list(dict.fromkeys((str(r["defense"]), str(r["attack"])) for r in pts))
+    for d, a in series:
+        rs = sorted((r for r in pts if (str(r["defense"]), str(r["attack"])) == (d, a)), key=lambda r: r["round"])
+        x = [int(r["round"]) for r in rs]
+        y = [float(r["psnr_db_mean"]) for r in rs]
+        lo = [float(r["psnr_db_ci_low"]) if _ok(r.get("psnr_db_ci_low")) else v for r, v in zip(rs, y)]
+        hi = [float(r["psnr_db_ci_high"]) if _ok(r.get("psnr_db_ci_high")) else v for r, v in zip(rs, y)]
+        line = ax.plot(x, y, marker="o", label=f"{d} / {a}")[0]
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        ax2.plot(x, [float(r["label_accuracy_mean"]) if _ok(r.get("label_accuracy_mean")) else math.nan
+                     for r in rs], marker="s", color=line.get_color(), label=f"{d} / {a}")
+        accs = [float(r["model_accuracy"]) if _ok(r.get("model_accuracy")) else math.nan for r in rs]
+        acc_ax.plot(x, accs, ls=":", color=line.get_color(), alpha=0.7)
+    ax.set_xlabel("training round of the attacked update")
+    ax.set_ylabel("reconstruction PSNR dB (mean, 95 % CI)")
+    acc_ax.set_ylabel("model held-out accuracy (dotted)")
+    acc_ax.set_ylim(0.0, 1.0)
+    ax.set_title("Leakage over training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax2.set_xlabel("training round of the attacked update")
+    ax2.set_ylabel("label recovery accuracy")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.grid(alpha=0.3)
+    return figure_to_png(fig)
+
+
+def _head(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    rounds = any(r.get("round") is not None for r in rows)
+    return ["defense", "attack"] + (["round", "model acc."] if rounds else []) + [c[0] for c in COLUMNS]
+
+
+def _cells(r: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    rounds = any(x.get("round") is not None for x in rows)
+    extra = [str(r.get("round")), cell(r, "model_accuracy", None, 3)] if rounds else []
+    return [str(r["defense"]), str(r["attack"])] + extra + [cell(r, k, ci, d) for _, k, ci, d in COLUMNS]
+
+
 def _table_md(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = ["defense", "attack", "seeds"] + [c[0] for c in COLUMNS]
+    head = _head(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["defense"]), str(r["attack"]), str(r["seeds"])] + [cell(r, k, ci, d) for _, k, ci, d in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cells(r, rows)) + " |")
     return "\n".join(lines)
 
 
 def _table_html(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = ["defense", "attack", "seeds"] + [c[0] for c in COLUMNS]
+    head = _head(rows)
     out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in rows:
-        cells = [str(r["defense"]), str(r["attack"]), str(r["seeds"])] + [cell(r, k, ci, d) for _, k, ci, d in COLUMNS]
+        cells = _cells(r, rows)
         out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
-READING = ("Leakage: PSNR and SSIM are higher, LPIPS lower, when the attacker recovered more; *worst* is the most "
-           "leaked image over all seeds. Label acc. is the attacker's label-recovery accuracy. ε is Opacus's "
-           "accountant at the configured δ (DP-SGD only). Utility is the held-out accuracy after a short federated "
-           "training with the defense on every client; acc. drop is the paired difference to the same training "
-           "without it (positive = the defense costs accuracy). ± is the 95 % Student-t half-width over seeds.")
+READING = ("Leakage is measured per image (every private batch of every seed and client): PSNR and SSIM are "
+           "higher, LPIPS lower, when the attacker recovered more; the bracket is the bootstrap 95 % interval of "
+           "the mean over images, p95 the 95th percentile and worst the most leaked image. Paired vs ref. is the "
+           "one-sided Wilcoxon signed-rank p-value that the defense's per-image PSNR is lower than the reference's "
+           "on the same images and attack starts (n pairs; 'too few' when fewer than 5 pairs differ, so no claim "
+           "at 5 % is possible). Label acc. carries its Wilson 95 % interval. ε is Opacus's accountant for exactly "
+           "the utility training's rounds and sampling rate, at δ (DP-SGD only). Utility is the held-out accuracy "
+           "after the federated training with the defense on every client, with the Wilson 95 % interval of the "
+           "held-out test pooled over seeds; acc. drop is the difference to the same training without defenses "
+           "(positive = the defense costs accuracy).")
 
 
 def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], out_dir: Path) -> Path:
@@ -130,11 +215,19 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
     png = privacy_utility_png(rows)
     if png is not None:
         atomic_write_bytes(out / "compare_privacy_utility.png", png)
+    over = leakage_over_training_png(rows)
+    if over is not None:
+        atomic_write_bytes(out / "compare_leakage_over_training.png", over)
     settings = meta.get("utility", {})
+    target = settings.get("target_accuracy")
+    reached = "reached" if meta.get("utility_baseline_reached") else "did not reach"
     facts = [f"Scenario: {meta.get('scenario', '')} (base config: {meta.get('base_config', '')})",
-             f"Seeds: {', '.join(str(s) for s in meta.get('seeds', []))}; "
-             f"attacks: {', '.join(meta.get('attacks', {}))}",
-             f"Utility training: {settings.get('rounds')} rounds x {settings.get('clients')} clients",
+             f"Seeds: {', '.join(str(s) for s in meta.get('seeds', []))} x {meta.get('clients_per_seed', 1)} "
+             f"private batches each; attacks: {', '.join(meta.get('attacks', {}))}; paired reference: "
+             f"{meta.get('reference') or 'none (no preset without defenses)'}",
+             f"Utility training: {meta.get('utility_rounds')} rounds x {settings.get('clients')} clients "
+             f"(the no-defense baseline {reached} the target {target} within the budget of "
+             f"{settings.get('max_rounds')} rounds; {meta.get('utility_cached', 0)} runs from the cache)",
              f"Wall time: {float(meta.get('wall_s', 0.0)):.0f} s"]
     presets = meta.get("presets", {})
     notes = [str(n) for n in meta.get("notes", [])]
@@ -143,22 +236,24 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
         md += ["Notes from the runs:", "", *[f"- {n}" for n in notes], ""]
     if png is not None:
         md += ["![privacy-utility](compare_privacy_utility.png)", ""]
+    if over is not None:
+        md += ["![leakage over training](compare_leakage_over_training.png)", ""]
     md += ["## Presets", ""] + [f"- **{k}** ({v['file']}): `{json.dumps(v['defenses'])}`" for k, v in presets.items()]
     atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f2f2f2}td:nth-child(n+3){text-align:right}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Defense comparison</title>"
-             f"<style>{style}</style></head><body><h1>Defense comparison</h1><ul>"
+    parts = ["<h1>Defense comparison</h1><ul>"
              + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>", _table_html(rows),
              f"<p>{html.escape(READING)}</p>"]
     if notes:
         parts.append("<p>Notes from the runs:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     if png is not None:
         parts.append(f"<img alt='privacy-utility plot' src='{png_data_uri(png)}'>")
+    if over is not None:
+        parts.append(f"<h2>Leakage over training</h2><img alt='leakage over training' src='{png_data_uri(over)}'>")
     parts.append("<h2>Presets</h2><ul>" + "".join(
         f"<li><b>{html.escape(k)}</b> ({html.escape(str(v['file']))}): <code>{html.escape(json.dumps(v['defenses']))}"
-        "</code></li>" for k, v in presets.items()) + "</ul></body></html>")
+        "</code></li>" for k, v in presets.items()) + "</ul>")
     path = out / "compare.html"
-    atomic_write_text(path, "\n".join(parts))
+    # The shell (head, styles) is the audit report's base template.
+    atomic_write_text(path, environment().get_template("compare.html").render(body=Markup("\n".join(parts)
+                                                                                         )))
     return path

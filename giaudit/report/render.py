@@ -30,10 +30,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
+
+from jinja2 import Environment
+from markupsafe import Markup
 
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.report import figures
+from giaudit.report.compare import privacy_utility_png
+from giaudit.report.summary import Summary, summarise
+from giaudit.report.templating import environment
 from giaudit.results import AuditRecord, ResultsStore, load_images, load_results
 
 # Names of the SoK classes (Carletti et al., Table of attacker capabilities).
@@ -115,6 +121,11 @@ class ReportData:
     command: str | None
     verdict_passed: bool | None
     verdict_rules: Table | None
+    summary: Summary = field(default_factory=lambda: Summary([], []))
+    strongest: list[Grid] = field(default_factory=list)
+    verdict_failed: list[str] = field(default_factory=list)
+    utility_png: bytes | None = None
+    scenario: str = ""
 
 
 # --------------------------------------------------------------------------- formatting helpers
@@ -123,7 +134,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return _is_number(v) and math.isfinite(float(v))
 
 
@@ -282,6 +293,43 @@ def _threat_groups(records: Sequence[AuditRecord]) -> list[ThreatGroup]:
     return list(groups.values())
 
 
+# Human names (with units) for metric keys in the per-record table; x_mean / x_worst share a column.
+HUMAN = {
+    "mse": "MSE mean / lowest",
+    "face_detection_rate": "faces detected",
+    "face_detection_batch": "batch has a detected face",
+    "identity_match_rate": "verified as same person",
+    "identity_similarity": "embedding cosine (raw)",
+    "reid_rank1": "re-identified rank-1",
+    "reid_rank5": "re-identified rank-5",
+    "reid_gallery_size": "gallery size N",
+    "reid_scored": "reconstructions ranked",
+    "gender_accuracy": "gender read correctly",
+    "race_accuracy": "race read correctly",
+    "age_abs_error": "age error (years)",
+}
+_PERCENT_KEYS = re.compile(r"(_rate|_batch|_accuracy|_chance|reid_rank\d)$")
+
+
+def human_metric(key: str) -> str:
+    ref = key.startswith("reference_")
+    base = key.removeprefix("reference_")
+    m = re.match(r"^attribute_(.+)_(accuracy|chance)$", base)
+    if m:
+        name = m.group(1).replace("_", " ") + (" inferred" if m.group(2) == "accuracy" else " chance")
+    else:
+        name = HUMAN.get(base, base.replace("_", " "))
+    return f"{name} (originals)" if ref else name
+
+
+def _metric_value(key: str, v: Any) -> str:
+    if v is None:
+        return _MISSING
+    if _PERCENT_KEYS.search(key.removeprefix("reference_")) and _finite(v):
+        return f"{100 * float(v):.0f} %"
+    return fmt_num(v)
+
+
 def _extra_metric_columns(records: Sequence[AuditRecord]) -> list[tuple[str, tuple[str, ...]]]:
     """Columns for metric keys beyond the fixed ones: x_mean and x_worst share a column."""
     keys: list[str] = []
@@ -291,15 +339,16 @@ def _extra_metric_columns(records: Sequence[AuditRecord]) -> list[tuple[str, tup
                 keys.append(k)
     cols: list[tuple[str, tuple[str, ...]]] = []
     used: set[str] = set()
-    for k in sorted(keys):
+    for k in sorted(keys, key=lambda k: (k.startswith("reference_"), k)):
         if k in used:
             continue
         if k.endswith("_mean") and k[: -len("_mean")] + "_worst" in keys:
             base = k[: -len("_mean")]
-            cols.append((f"{base} mean / worst", (k, base + "_worst")))
+            name = human_metric(base)
+            cols.append((name if " / " in name else f"{name} mean / worst", (k, base + "_worst")))
             used.update((k, base + "_worst"))
         else:
-            cols.append((k, (k,)))
+            cols.append((human_metric(k), (k,)))
             used.add(k)
     return cols
 
@@ -310,12 +359,12 @@ def _lpips_note(record: AuditRecord) -> bool:
 
 def _metric_table(records: Sequence[AuditRecord]) -> Table:
     extras = _extra_metric_columns(records)
-    headers = ["scenario", "defense", "attack", "seed", "PSNR dB mean / worst", "SSIM mean / worst",
-               "LPIPS mean / worst", "label accuracy (source)", "time"] + [h for h, _ in extras]
+    headers = ["record", "seed", "PSNR (dB) mean / worst", "SSIM mean / worst",
+               "LPIPS mean / best", "labels recovered (source)", "attack time"] + [h for h, _ in extras]
     rows = []
     for r in records:
         m = r.metrics
-        lp = _pair(m, _LPIPS, 4)
+        lp = _pair(m, _LPIPS, 3)
         if lp == _MISSING and _lpips_note(r):
             lp = "unavailable (see notes)"
         acc = m.get("label_accuracy")
@@ -325,13 +374,14 @@ def _metric_table(records: Sequence[AuditRecord]) -> Table:
         time_s = f"{float(total):.1f} s" if total is not None and _finite(total) else _MISSING
         if _finite(t.get("iterations")):
             time_s += f", {int(t['iterations'])} it"
-        row = [r.scenario, r.defense, r.attack, str(r.seed), _pair(m, _PSNR, 2), _pair(m, _SSIM, 4), lp,
+        row = [f"{r.defense} · {r.attack}", str(r.seed), _pair(m, _PSNR, 2), _pair(m, _SSIM, 3), lp,
                f"{acc_s} ({r.label_source})", time_s]
         for _, keys in extras:
             vals = [m.get(k) for k in keys]
-            row.append(" / ".join(fmt_num(v) for v in vals) if any(v is not None for v in vals) else _MISSING)
+            row.append(" / ".join(_metric_value(k, v) for k, v in zip(keys, vals))
+                       if any(v is not None for v in vals) else _MISSING)
         rows.append(row)
-    return Table(headers, rows, numeric={3, 4, 5, 6, 8, *range(9, len(headers))})
+    return Table(headers, rows, numeric={1, 2, 3, 4, 6, *range(7, len(headers))})
 
 
 def _notes(records: Sequence[AuditRecord]) -> list[tuple[str, list[str]]]:
@@ -355,14 +405,20 @@ def _disclosures(records: Sequence[AuditRecord]) -> Table:
     return Table(["record", "defense", "disclosed to the server"], rows)
 
 
-def _defense_configs(config: Mapping[str, Any]) -> list[str]:
-    out = []
-    for table in config.get("defenses") or ():
-        if isinstance(table, Mapping):
-            name = table.get("name", "?")
-            params = {k: v for k, v in table.items() if k != "name"}
-            out.append(f"{name}" + (f" ({_kv_line(params)})" if params else ""))
-    return out
+def _defense_configs(config: Mapping[str, Any], by_label: Any = None) -> list[str]:
+    """The configured chain, or, for a run that audited several chains under labels (the demo,
+    ``meta["defense_tables"]``), one line per label."""
+    def chain(tables: Any) -> str:
+        parts = []
+        for table in tables or ():
+            if isinstance(table, Mapping):
+                params = {k: v for k, v in table.items() if k != "name"}
+                parts.append(f"{table.get('name', '?')}" + (f" ({_kv_line(params)})" if params else ""))
+        return " → ".join(parts) or "no defense"
+
+    if isinstance(by_label, Mapping) and by_label:
+        return [f"{label}: {chain(tables)}" for label, tables in by_label.items()]
+    return [line for table in config.get("defenses") or () if (line := chain([table])) != "no defense"]
 
 
 def _safe_name(text: str) -> str:
@@ -433,8 +489,33 @@ def _verdict(verdict: Any) -> tuple[bool | None, Table | None]:
                                        numeric={3, 4})
 
 
-def collect(store: ResultsStore, verdict: Any = None) -> ReportData:
-    """Everything the report shows, read from the store (no metric is recomputed)."""
+def _strongest(grids: Sequence[Grid], limit: int = 6) -> list[Grid]:
+    """The most leaked record of each (defense, attack), most leaked first (by worst-case PSNR)."""
+    best: dict[tuple[str, str], Grid] = {}
+    for g in grids:
+        if g.png is None:
+            continue
+        key = (g.record.defense, g.record.attack)
+        p = g.record.metrics.get("psnr_db_worst")
+        if key not in best or (_finite(p) and float(p) > float(best[key].record.metrics.get("psnr_db_worst") or -1e9)):
+            best[key] = g
+    order = sorted(best.values(), key=lambda g: -float(g.record.metrics.get("psnr_db_worst") or -1e9))
+    return order[:limit]
+
+
+def _utility_png(summary: Summary) -> bytes | None:
+    rows = [dict(r.values) for r in summary.rows]
+    if not any(_finite(r.get("utility_accuracy_mean")) for r in rows):
+        return None
+    return privacy_utility_png(rows)
+
+
+def collect(store: ResultsStore, verdict: Any = None,
+            utility: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> ReportData:
+    """Everything the report shows, read from the store (no metric is recomputed).
+
+    ``utility`` (a comparison's per-seed utility results per defense label, each with ``accuracy`` and
+    ``baseline_accuracy``) adds a utility column and the privacy-utility plot."""
     meta = store.meta or {}
     raw_config = meta.get("config")
     config: Mapping[str, Any] = raw_config if isinstance(raw_config, Mapping) else {}
@@ -452,6 +533,11 @@ def collect(store: ResultsStore, verdict: Any = None) -> ReportData:
         command = shlex.join(str(c) for c in command)
     loss_png, loss_msg = _loss_curves(records)
     passed, rules = _verdict(verdict)
+    grids = _grids(store, records)
+    summary = summarise(records, utility)
+    failed = [f"{getattr(r, 'metric', '')} {getattr(r, 'op', '')} {fmt_num(getattr(r, 'threshold', None))} "
+              f"({getattr(r, 'scope', '')}): measured {fmt_num(getattr(r, 'measured', None))}"
+              for r in (getattr(verdict, "rules", ()) or ()) if not getattr(r, "passed", False)]
     return ReportData(
         title=f"giaudit report: {run_name}",
         run_name=run_name,
@@ -459,11 +545,11 @@ def collect(store: ResultsStore, verdict: Any = None) -> ReportData:
         created=str(meta["created"]) if meta.get("created") else None,
         n_records=len(records),
         threats=_threat_groups(records),
-        defense_configs=_defense_configs(config),
+        defense_configs=_defense_configs(config, meta.get("defense_tables")),
         disclosures=_disclosures(records),
         metrics=_metric_table(records),
         notes=_notes(records),
-        grids=_grids(store, records),
+        grids=grids,
         loss_png=loss_png,
         loss_message=loss_msg,
         versions=versions,
@@ -477,6 +563,11 @@ def collect(store: ResultsStore, verdict: Any = None) -> ReportData:
         command=str(command) if command else None,
         verdict_passed=passed,
         verdict_rules=rules,
+        summary=summary,
+        strongest=_strongest(grids),
+        verdict_failed=failed,
+        utility_png=_utility_png(summary),
+        scenario=", ".join(dict.fromkeys(r.scenario for r in records)),
     )
 
 
@@ -492,171 +583,11 @@ def threat_sentences(g: ThreatGroup) -> dict[str, Any]:
     return {"letter": letter, "name": name, "sees": sees, "oracles": list(g.oracles)}
 
 
-# --------------------------------------------------------------------------- HTML
-
-_CSS = """
-:root { --ink:#1f2933; --muted:#52606d; --line:#d9e2ec; --bg:#f5f7fa; --accent:#2f6fb3; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--ink);
-  font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1100px; margin: 0 auto; padding: 28px 28px 48px; background:#fff; min-height:100vh; }
-header { border-bottom: 3px solid var(--accent); margin-bottom: 18px; padding-bottom: 10px; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 19px; margin: 30px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 15px; margin: 20px 0 6px; }
-.muted { color: var(--muted); font-size: 13px; }
-.sok { display:inline-block; min-width: 30px; padding: 2px 9px; margin-right: 6px; border-radius: 6px;
-  background: var(--accent); color: #fff; font-weight: 700; text-align:center; }
-.oracle { background:#fff4e5; border-left: 4px solid #e8890c; padding: 6px 10px; margin: 8px 0; }
-.no-oracle { background:#eef7ee; border-left: 4px solid #3f9142; padding: 6px 10px; margin: 8px 0; }
-.threat { border:1px solid var(--line); border-radius: 8px; padding: 10px 14px; margin: 10px 0; }
-table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-size: 13px; }
-th, td { border-bottom: 1px solid var(--line); padding: 5px 8px; text-align: left; vertical-align: top; }
-th { background: #eef2f7; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tbody tr:nth-child(even) { background: #fafbfc; }
-.scroll { overflow-x: auto; }
-figure { margin: 14px 0 22px; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
-figcaption { font-size: 13px; color: var(--muted); margin-top: 4px; }
-pre { background: #f0f3f7; border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
-  overflow-x: auto; font: 12.5px/1.45 "SFMono-Regular", Menlo, Consolas, monospace; }
-code { font: 12.5px "SFMono-Regular", Menlo, Consolas, monospace; }
-.banner { font-size: 22px; font-weight: 800; padding: 12px 18px; border-radius: 8px; margin: 10px 0 6px;
-  letter-spacing: .04em; }
-.pass { background: #e3f4e4; color: #1e6b22; border: 2px solid #3f9142; }
-.fail { background: #fde8e8; color: #9b1c1c; border: 2px solid #d64545; }
-td.pass, td.fail { font-weight: 700; border-width: 0 0 1px 0; border-radius: 0; }
-ul { margin: 4px 0; padding-left: 22px; }
-footer { margin-top: 36px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line);
-  padding-top: 8px; }
-"""
-
+# --------------------------------------------------------------------------- HTML and Markdown (jinja2)
 
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
-
-def _html_table(t: Table, *, cell_class: Mapping[str, str] | None = None) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in t.headers)
-    body = []
-    for row in t.rows:
-        cells = []
-        for i, c in enumerate(row):
-            classes = []
-            if i in t.numeric:
-                classes.append("num")
-            if cell_class and c in cell_class:
-                classes.append(cell_class[c])
-            cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f"<td{cls}>{_e(c)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
-
-
-def to_html(d: ReportData) -> str:
-    p: list[str] = []
-    p.append('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-             f"<title>{_e(d.title)}</title><style>{_CSS}</style></head><body><main>")
-    sub = [f"run <strong>{_e(d.run_name)}</strong>", f"{d.n_records} record{'s' if d.n_records != 1 else ''}"]
-    if d.created:
-        sub.append(f"created {_e(d.created)}")
-    p.append(f'<header><h1>Gradient-inversion audit: {_e(d.run_name)}</h1>'
-             f'<div class="muted">{" · ".join(sub)} · folder <code>{_e(d.run_dir)}</code></div></header>')
-
-    if d.verdict_passed is not None:
-        word, cls = ("PASS", "pass") if d.verdict_passed else ("FAIL", "fail")
-        p.append(f'<section id="verdict"><div class="banner {cls}">Policy verdict: {word}</div>')
-        if d.verdict_rules is not None and d.verdict_rules.rows:
-            p.append(_html_table(d.verdict_rules, cell_class={"PASS": "pass", "FAIL": "fail"}))
-        p.append("</section>")
-
-    p.append('<section id="threat"><h2>Threat model</h2>')
-    p.append('<p class="muted">Classes of Carletti et al., “SoK: Gradient Inversion Attacks in Federated '
-             'Learning” (USENIX Security 2025); capabilities are cumulative from A to E.</p>')
-    if not d.threats:
-        p.append("<p>No records: nothing was attacked.</p>")
-    for tg in d.threats:
-        s = threat_sentences(tg)
-        p.append('<div class="threat">')
-        p.append(f'<div><span class="sok">{_e(s["letter"])}</span><strong>{_e(s["name"])}</strong></div>')
-        p.append("<div>The attacker sees:</div><ul>" + "".join(f"<li>{_e(x)}</li>" for x in s["sees"]) + "</ul>")
-        if s["oracles"]:
-            for o in s["oracles"]:
-                p.append(f'<div class="oracle">Oracle outside the SoK classes: <strong>{_e(o)}</strong></div>')
-        else:
-            p.append('<div class="no-oracle">No oracle: the attacker was given no part of the private batch.'
-                     '</div>')
-        p.append(f'<div class="muted">Labels: {_e(", ".join(tg.label_sources))} · records: '
-                 f'{_e(", ".join(tg.record_ids))}</div></div>')
-    p.append("</section>")
-
-    p.append('<section id="defenses"><h2>Defenses</h2>')
-    if d.defense_configs:
-        p.append("<div>Configured, applied in order:</div><ul>"
-                 + "".join(f"<li><code>{_e(x)}</code></li>" for x in d.defense_configs) + "</ul>")
-    else:
-        p.append("<p>No defense configured in this run's config.</p>")
-    if d.disclosures.rows:
-        p.append("<h3>What each defense disclosed to the server</h3>" + _html_table(d.disclosures))
-    p.append("</section>")
-
-    p.append('<section id="metrics"><h2>Metrics</h2>'
-             '<p class="muted">Worst = most leaked pair (highest PSNR/SSIM, lowest LPIPS). Each reconstruction '
-             "is matched to one original by minimum pixel MSE before scoring.</p>")
-    if d.metrics.rows:
-        p.append(_html_table(d.metrics))
-    else:
-        p.append("<p>No records.</p>")
-    if d.notes:
-        p.append("<h3>Notes</h3><ul>" + "".join(
-            f"<li>{_e(n)} <span class=\"muted\">({_e(', '.join(ids))})</span></li>" for n, ids in d.notes)
-            + "</ul>")
-    p.append("</section>")
-
-    p.append('<section id="reconstructions"><h2>Reconstructions</h2>'
-             '<p class="muted">Original | reconstruction, most leaked first; captions give per-pair PSNR and '
-             "SSIM.</p>")
-    for g in d.grids:
-        r = g.record
-        p.append(f"<h3>{_e(r.record_id)}</h3>")
-        if g.png is not None:
-            p.append(f'<figure><img alt="{_e("original | reconstruction for " + r.record_id)}" '
-                     f'src="{figures.png_data_uri(g.png)}"><figcaption>{_e(r.scenario)} · defense '
-                     f"{_e(r.defense)} · attack {_e(r.attack)} · seed {_e(r.seed)}</figcaption></figure>")
-        else:
-            p.append(f'<p class="muted">{_e(g.message)}</p>')
-    p.append("</section>")
-
-    p.append('<section id="loss"><h2>Loss curves</h2>'
-             "<p class=\"muted\">The attacker's gradient-matching loss per iteration (log scale), one line per "
-             "record.</p>")
-    if d.loss_png is not None:
-        p.append(f'<figure><img alt="matching loss per iteration" src="{figures.png_data_uri(d.loss_png)}">'
-                 "</figure>")
-    else:
-        p.append(f"<p>{_e(d.loss_message)}</p>")
-    p.append("</section>")
-
-    p.append('<section id="reproducibility"><h2>Reproducibility</h2>')
-    p.append(f'<h3>Versions</h3><p class="muted">{_e(d.versions_source)}</p>'
-             + _html_table(Table(["package", "version"], [[k, v] for k, v in d.versions.items()])))
-    p.append(f"<h3>Seeds</h3><p><code>{_e(', '.join(str(s) for s in d.seeds) or _MISSING)}</code></p>")
-    p.append("<h3>Command</h3>" + (f"<pre>{_e(d.command)}</pre>" if d.command else "<p>not recorded</p>"))
-    if d.hashes.rows:
-        p.append("<h3>Config hashes</h3>" + _html_table(d.hashes))
-    p.append(f"<h3>Config ({_e(d.config_lang.upper())})</h3>"
-             + (f"<pre>{_e(d.config_text)}</pre>" if d.config_text else "<p>not recorded</p>"))
-    p.append("</section>")
-    p.append(f'<footer>Generated by giaudit {_e(d.versions.get("giaudit", ""))} from '
-             "results.json; no metric was recomputed.</footer>")
-    p.append("</main></body></html>\n")
-    return "\n".join(p)
-
-
-# --------------------------------------------------------------------------- Markdown
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~])")
 
@@ -683,84 +614,49 @@ def _md_code(text: str, lang: str = "") -> str:
     return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
 
 
+def _html_table(t: Table, *, cell_class: Mapping[str, str] | None = None) -> Markup:
+    head = "".join(f"<th>{_e(h)}</th>" for h in t.headers)
+    body = []
+    for row in t.rows:
+        cells = []
+        for i, c in enumerate(row):
+            classes = []
+            if i in t.numeric:
+                classes.append("num")
+            if cell_class and c in cell_class:
+                classes.append(cell_class[c])
+            cls = f' class="{" ".join(classes)}"' if classes else ""
+            cells.append(f"<td{cls}>{_e(c)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return Markup(f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+                  f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _environment() -> Environment:
+    env = environment()
+    env.filters.update(md=md_escape, md_table=_md_table, md_code=_md_code, html_table=_html_table,
+                       data_uri=figures.png_data_uri, num=fmt_num)
+    env.globals.update(threat_sentences=threat_sentences, MISSING=_MISSING)
+    return env
+
+
+ENV = _environment()
+
+
+def to_html(d: ReportData) -> str:
+    return ENV.get_template("report.html").render(d=d)
+
+
 def to_markdown(d: ReportData, figure_dir: str = "figures", loss_name: str = "loss_curves.png") -> str:
-    p: list[str] = [f"# Gradient-inversion audit: {md_escape(d.run_name)}", ""]
-    sub = [f"run **{md_escape(d.run_name)}**", f"{d.n_records} record{'s' if d.n_records != 1 else ''}"]
-    if d.created:
-        sub.append(f"created {md_escape(d.created)}")
-    p += [" · ".join(sub) + f" · folder `{d.run_dir.replace('`', '')}`", ""]
-
-    if d.verdict_passed is not None:
-        p += [f"## Policy verdict: **{'PASS' if d.verdict_passed else 'FAIL'}**", ""]
-        if d.verdict_rules is not None and d.verdict_rules.rows:
-            p += [_md_table(d.verdict_rules), ""]
-
-    p += ["## Threat model", "",
-          "Classes of Carletti et al., “SoK: Gradient Inversion Attacks in Federated Learning” "
-          "(USENIX Security 2025); capabilities are cumulative from A to E.", ""]
-    if not d.threats:
-        p += ["No records: nothing was attacked.", ""]
-    for tg in d.threats:
-        s = threat_sentences(tg)
-        p += [f"**SoK class {md_escape(s['letter'])}: {md_escape(s['name'])}.** The attacker sees:", ""]
-        p += [f"- {md_escape(x)}" for x in s["sees"]] + [""]
-        if s["oracles"]:
-            p += [f"Oracle outside the SoK classes: **{md_escape(o)}**" for o in s["oracles"]]
-        else:
-            p += ["No oracle: the attacker was given no part of the private batch."]
-        p += ["", f"Labels: {md_escape(', '.join(tg.label_sources))}; records: "
-                  f"{md_escape(', '.join(tg.record_ids))}", ""]
-
-    p += ["## Defenses", ""]
-    if d.defense_configs:
-        p += ["Configured, applied in order:", ""] + [f"- `{x.replace('`', '')}`" for x in d.defense_configs]
-    else:
-        p += ["No defense configured in this run's config."]
-    p.append("")
-    if d.disclosures.rows:
-        p += ["What each defense disclosed to the server:", "", _md_table(d.disclosures), ""]
-
-    p += ["## Metrics", "",
-          "Worst = most leaked pair (highest PSNR/SSIM, lowest LPIPS). Each reconstruction is matched to one "
-          "original by minimum pixel MSE before scoring.", ""]
-    p += [_md_table(d.metrics) if d.metrics.rows else "No records.", ""]
-    if d.notes:
-        p += ["Notes:", ""] + [f"- {md_escape(n)} ({md_escape(', '.join(ids))})" for n, ids in d.notes] + [""]
-
-    p += ["## Reconstructions", "",
-          "Original | reconstruction, most leaked first; captions give per-pair PSNR and SSIM.", ""]
-    for g in d.grids:
-        r = g.record
-        p += [f"### {md_escape(r.record_id)}", ""]
-        if g.png is not None:
-            p += [f"![original | reconstruction for {md_escape(r.record_id)}]({figure_dir}/{g.filename})", ""]
-        else:
-            p += [f"_{md_escape(g.message)}_", ""]
-
-    p += ["## Loss curves", "",
-          "The attacker's gradient-matching loss per iteration (log scale), one line per record.", ""]
-    p += [f"![matching loss per iteration]({figure_dir}/{loss_name})" if d.loss_png is not None
-          else md_escape(d.loss_message), ""]
-
-    p += ["## Reproducibility", "", f"Versions ({md_escape(d.versions_source)}):", "",
-          _md_table(Table(["package", "version"], [[k, v] for k, v in d.versions.items()])), "",
-          f"Seeds: `{', '.join(str(s) for s in d.seeds) or _MISSING}`", "", "Command:", "",
-          _md_code(d.command) if d.command else "not recorded", ""]
-    if d.hashes.rows:
-        p += ["Config hashes:", "", _md_table(d.hashes), ""]
-    p += [f"Config ({d.config_lang.upper()}):", "",
-          _md_code(d.config_text, d.config_lang) if d.config_text else "not recorded", ""]
-    p += ["---", f"Generated by giaudit {md_escape(d.versions.get('giaudit', ''))} from results.json; "
-                 "no metric was recomputed.", ""]
-    return "\n".join(p)
-
+    return ENV.get_template("report.md").render(d=d, figure_dir=figure_dir, loss_name=loss_name)
 
 # --------------------------------------------------------------------------- entry point
 
-_OWN_FIGURE = re.compile(r"^(grid_\d{3}_.*|loss_curves)\.png$")
+_OWN_FIGURE = re.compile(r"^(grid_\d{3}_.*|loss_curves|privacy_utility)\.png$")
 
 
-def render(store: ResultsStore, out_dir: str | Path | None = None, *, verdict: Any = None) -> tuple[Path, Path]:
+def render(store: ResultsStore, out_dir: str | Path | None = None, *, verdict: Any = None,
+           utility: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> tuple[Path, Path]:
     """Write report.html (self-contained) and report.md (+ figures/) and return their paths.
 
     `out_dir` defaults to the run folder. `verdict` (from the policy check) is an
@@ -768,7 +664,7 @@ def render(store: ResultsStore, out_dir: str | Path | None = None, *, verdict: A
     measured, passed); when given, the report opens with a PASS/FAIL banner.
     """
     out = Path(out_dir) if out_dir is not None else Path(store.run_dir)
-    data = collect(store, verdict)
+    data = collect(store, verdict, utility)
     fig_dir = out / "figures"
     written: set[str] = set()
     for g in data.grids:
@@ -778,6 +674,9 @@ def render(store: ResultsStore, out_dir: str | Path | None = None, *, verdict: A
     if data.loss_png is not None:
         atomic_write_bytes(fig_dir / "loss_curves.png", data.loss_png)
         written.add("loss_curves.png")
+    if data.utility_png is not None:
+        atomic_write_bytes(fig_dir / "privacy_utility.png", data.utility_png)
+        written.add("privacy_utility.png")
     # Figures of an earlier render of this folder (fewer or renamed records) would linger: drop only ours.
     if fig_dir.is_dir():
         for f in fig_dir.iterdir():
@@ -789,10 +688,10 @@ def render(store: ResultsStore, out_dir: str | Path | None = None, *, verdict: A
     return html_path, md_path
 
 
-def render_path(run_dir: str | Path, out_dir: str | Path | None = None, *, verdict: Any = None
-                ) -> tuple[Path, Path]:
+def render_path(run_dir: str | Path, out_dir: str | Path | None = None, *, verdict: Any = None,
+                utility: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> tuple[Path, Path]:
     """`render` for a run folder on disk (raises DataError when it holds no results.json)."""
-    return render(load_results(run_dir), out_dir, verdict=verdict)
+    return render(load_results(run_dir), out_dir, verdict=verdict, utility=utility)
 
 
 __all__ = ["render", "render_path", "collect", "to_html", "to_markdown", "config_as_text", "md_escape",

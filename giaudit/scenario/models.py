@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from giaudit.errors import ConfigError
+from giaudit.priors.ddpm import DDPMConfig, build_unet
 
 
 class LeNet(nn.Module):
@@ -114,6 +115,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet_relu": lambda c, k, s, w: LeNet(c, k, s, "relu"),
     "convnet": lambda c, k, s, w: ConvNet(c, k, w or 64, s),
     "resnet18": lambda c, k, s, w: ResNet18(c, k, w or 64),
+    # The federated DDPM noise predictor (giaudit.scenario.diffusion); width = the UNet's base channels.
+    "ddpm_unet": lambda c, k, s, w: build_unet(DDPMConfig(size=s, channels=c,
+                                                          block_out_channels=(w or 32, 2 * (w or 32), 2 * (w or 32)))),
 }
 
 

@@ -24,6 +24,11 @@ from giaudit.metrics.faces.base import (
     FaceBackendUnavailable,
     to_rgb_uint8,
 )
+from giaudit.metrics.faces.reid import (
+    Gallery,
+    identity_gallery,
+    originals_gallery,
+)
 from giaudit.metrics.faces.semantic import SemanticResult, semantic_metrics
 
 BACKENDS = ("offline", "deepface")
@@ -59,5 +64,6 @@ def backend_status(name: str = "offline", **options: Any) -> str | None:
 
 __all__ = [
     "BACKENDS", "CAPABILITIES", "GENDERS", "RACES", "FaceAnalysis", "FaceAnalyzer", "FaceBackendUnavailable",
-    "SemanticResult", "backend_status", "get_analyzer", "semantic_metrics", "to_rgb_uint8",
+    "Gallery", "SemanticResult", "backend_status", "get_analyzer", "identity_gallery", "originals_gallery",
+    "semantic_metrics", "to_rgb_uint8",
 ]

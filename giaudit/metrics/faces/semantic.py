@@ -23,7 +23,10 @@ Aggregates (keys): face_detection_rate, face_detection_batch,
 identity_similarity (mean cosine similarity of embeddings),
 identity_match_rate (share of pairs the backend verifies as the same person),
 gender_accuracy, race_accuracy (only when the backend has a race model),
-age_abs_error (years). Attributes of a reconstruction without a detected face
+age_abs_error (years); with a ``gallery`` (`giaudit.metrics.faces.reid`):
+reid_rank1 / reid_rank5 (share of reconstructions whose true person ranks
+first / in the first five), reid_gallery_size (N: chance is 1/N and 5/N) and
+reid_scored (how many reconstructions had an embedding to rank). Attributes of a reconstruction without a detected face
 are read from its whole frame (our images are face crops), so a poor
 reconstruction scores near chance rather than being dropped.
 
@@ -37,7 +40,7 @@ of one image.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,7 @@ import numpy as np
 
 from giaudit.errors import DataError
 from giaudit.metrics.faces.base import FaceAnalysis, FaceAnalyzer, check_images, cosine_similarity
+from giaudit.metrics.faces.reid import Gallery, reid_rank
 
 ATTRIBUTES = ("gender", "race", "age")
 
@@ -83,11 +87,14 @@ _KEY = {"gender": "gender_accuracy", "race": "race_accuracy", "age": "age_abs_er
 
 def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyzer: FaceAnalyzer,
                      labels_meta: Sequence[Mapping[str, Any]] | None = None,
-                     user_level: bool = False) -> SemanticResult:
+                     user_level: bool = False, gallery: Gallery | None = None,
+                     identities: Sequence[Hashable] | None = None) -> SemanticResult:
     """Face, identity and attribute leakage of ``reconstruction`` about ``original``.
 
     ``original``/``reconstruction``: float N,C,H,W in [0, 1] (C = 1 or 3).
     ``labels_meta``: one mapping per original (may be empty or lack keys).
+    ``gallery``: re-identification candidates; an ``identities`` gallery needs ``identities`` (the identity
+    of each original, as in ``gallery.keys``).
     """
     orig = check_images(original, "original")
     rec = check_images(reconstruction, "reconstruction")
@@ -100,6 +107,8 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
     if labels_meta is not None and len(labels_meta) not in (0, n):
         raise DataError(f"labels_meta: {len(labels_meta)} entries for {n} originals")
     metas: list[Mapping[str, Any] | None] = list(labels_meta) if labels_meta else [None] * n
+    if gallery is not None and gallery.kind == "identities" and (identities is None or len(identities) != n):
+        raise DataError("semantic metrics: an identity gallery needs one identity per original")
 
     provides = analyzer.provides
     what = [c for c in ("detection", "identity", *ATTRIBUTES) if c in provides or c == "detection"]
@@ -123,7 +132,7 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
 
     pairs = [(j, i) for j in range(r) for i in range(n)] if user_level else [(i, i) for i in range(n)]
     per_image: list[dict[str, Any]] = []
-    acc: dict[str, list[float]] = {k: [] for k in ("sim", "match", *attrs)}
+    acc: dict[str, list[float]] = {k: [] for k in ("sim", "match", "rank", *attrs)}
     for j, i in pairs:
         ar, ao = a_rec[j], a_orig[i]
         row: dict[str, Any] = {"recon_index": j, "truth_index": i, "face_detected": ar.detected,
@@ -135,6 +144,11 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
             row.update(identity_similarity=sim, identity_distance=dist, identity_match=bool(match))
             acc["sim"].append(sim)
             acc["match"].append(float(match))
+        if gallery is not None and "identity" in provides:
+            rank = reid_rank(analyzer, gallery, ar.embedding, ao.embedding, identities[i] if identities else None)
+            row["reid_rank"] = rank
+            if rank is not None:
+                acc["rank"].append(float(rank))
         for a in attrs:
             truth = _label(metas[i], a)
             if truth is None:
@@ -155,6 +169,9 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
     for a in attrs:
         if acc[a]:
             aggregate[_KEY[a]] = float(np.mean(acc[a]))
+    if gallery is not None and "identity" in provides:
+        aggregate.update(_reid_aggregate(acc["rank"], gallery))
+        notes.append(f"re-identification: {gallery.describe()}")
 
     reference: dict[str, float] = {
         "face_detection_rate": float(np.mean([x.detected for x in a_orig])),
@@ -175,4 +192,18 @@ def semantic_metrics(original: np.ndarray, reconstruction: np.ndarray, *, analyz
                   if (t := _label(m, a)) is not None and (p := _attr_value(x, a)) is not None]
         if scores:
             reference[_KEY[a]] = float(np.mean(scores))
+    if gallery is not None and gallery.kind == "identities" and "identity" in provides and identities:
+        # The originals against the same gallery: how well the backend re-identifies a perfect reconstruction.
+        ranks = [rank for x, ident in zip(a_orig, identities)
+                 if (rank := reid_rank(analyzer, gallery, x.embedding, None, ident)) is not None]
+        reference.update(_reid_aggregate([float(r) for r in ranks], gallery))
     return SemanticResult(aggregate, per_image, reference, notes)
+
+
+def _reid_aggregate(ranks: Sequence[float], gallery: Gallery) -> dict[str, float]:
+    out = {"reid_gallery_size": float(gallery.size), "reid_scored": float(len(ranks))}
+    if ranks:
+        r = np.asarray(ranks)
+        out["reid_rank1"] = float(np.mean(r <= 1))
+        out["reid_rank5"] = float(np.mean(r <= 5))
+    return out

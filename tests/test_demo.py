@@ -1,0 +1,75 @@
+"""`giaudit demo`: three defenses x IG and GIAS, digit leakage, utility and the verdict in one report (tiny budgets)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import giaudit.demo as demo
+from giaudit.cli import main
+from giaudit.config import load_config
+from giaudit.utility import UtilitySettings
+
+
+@pytest.mark.slow
+def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path, monkeypatch) -> None:
+    real = load_config
+
+    def tiny(path):  # the embedded config with a tiny budget, one seed
+        spec = real(path)
+        return spec.replace(seeds=[0], attacks={k: {**dict(v), "iterations": 4} for k, v in spec.attacks.items()})
+
+    monkeypatch.setattr(demo, "load_config", tiny)
+    monkeypatch.setattr(demo, "DEMO_UTILITY", UtilitySettings(clients=2, max_rounds=2, target_accuracy=None, eval_every=2))
+    res = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None)
+    store = res["store"]
+    assert {(r.defense, r.attack) for r in store.records} == {(d, a) for d in ("none", "noise", "dpsgd")
+                                                             for a in ("ig", "gias")}
+    assert all("attribute_digit_accuracy" in r.metrics for r in store.records)
+    doc = res["html"].read_text()
+    assert "Policy verdict:" in doc and "privacy-utility trade-off" in doc and "Model accuracy with the defense" in doc
+    assert "Digit inferred (originals, chance)" in doc and "Under dpsgd (ε = " in doc  # ε as accounted over the utility training
+    assert (tmp_path / "demo" / "figures" / "privacy_utility.png").is_file()
+    # A second run resumes: nothing is attacked or trained again.
+    again = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None)
+    assert again["wall_s"] < res["wall_s"]
+
+
+def test_demo_faces_says_how_to_install_the_backend(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(demo, "backend_status", lambda name: "dlib missing")
+    assert main(["demo", "--faces", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and 'pip install "giaudit[faces]"' in out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("labels", [("none", "noise", "dpsgd")])
+def test_demo_defenses_match_the_example_policy_scopes(labels) -> None:
+    assert tuple(label for label, _ in demo.DEMO_DEFENSES) == labels  # [defense.noise.rules] applies to "noise"
+
+
+def test_shipped_digit_classifier_left_out_the_demo_pool() -> None:
+    from giaudit.metrics.attributes import AttributeClassifier
+
+    clf = AttributeClassifier.load(demo.shipped_digit_classifier())
+    assert clf.config["data"] == "mnist5k" and clf.config["pool_every"] == 5
+    assert clf.config["heldout_accuracy"] > 0.9
+    assert load_config(demo.demo_config_path()).data["pool_every"] == 5
+
+
+def test_the_demo_utility_ships_converged(monkeypatch) -> None:
+    """The demo reads every utility result from giaudit/assets/utility: no training at run time, and the
+    no-defense baseline is the converged one (>= 0.95 on the seed that fixes the training length)."""
+    import giaudit.utility as utility
+
+    def no_training(*_a, **_k):
+        raise AssertionError("the demo trained: regenerate giaudit/assets/utility (see giaudit/demo.py)")
+
+    monkeypatch.setattr(utility, "train", no_training)
+    spec = demo.load_config(demo.demo_config_path())
+    util, audited = demo.measure_utility(spec, demo.DEMO_DEFENSES, utility.UtilityCache(None, use_user_cache=False))
+    assert util["none"][0]["accuracy"] >= 0.95 and util["none"][0]["reached_target"]
+    dp = util["dpsgd"][0]
+    assert dp["epsilon"] == pytest.approx(8.0, abs=0.05)  # the preset's target, spent over exactly this training
+    assert audited["dpsgd"][0]["noise_multiplier"] == pytest.approx(next(iter(dp["spent"].values()))[
+        "dp_noise_multiplier"])
