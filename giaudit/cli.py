@@ -17,6 +17,7 @@ from giaudit.audit import run_audit
 from giaudit.compare import run_compare
 from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
+from giaudit.engine import ENGINES, Engine, make_engine
 from giaudit.errors import GiauditError
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.policy import check, check_main, load_policy
@@ -28,11 +29,11 @@ from giaudit.results import ResultsStore, load_results
 
 def _audit(args: argparse.Namespace) -> int:
     spec = load_config(args.config)
-    return _run_and_report(spec, args.out, not args.no_progress)
+    return _run_and_report(spec, args.out, not args.no_progress, _engine(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    res = run_demo(args.out, faces=args.faces, show_progress=not args.no_progress)
+    res = run_demo(args.out, faces=args.faces, show_progress=not args.no_progress, engine=_engine(args))
     if res["html"] is None:
         return 0
     store = res["store"]
@@ -54,9 +55,21 @@ def _attribute_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_and_report(spec: AuditSpec, out: str | None, progress: bool) -> int:
+def _engine(args: argparse.Namespace) -> Engine:
+    return make_engine(args.engine, address=args.address, workers=args.workers)
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="where cells run: local (one single-threaded process per core, default) or ray")
+    p.add_argument("--address", help="ray: join this cluster (auto | HOST:PORT); default: start a local instance")
+    p.add_argument("--workers", type=int, help="local: processes (default: one per core); ray: CPUs of the "
+                   "local instance")
+
+
+def _run_and_report(spec: AuditSpec, out: str | None, progress: bool, engine: Engine) -> int:
     out_dir = Path(out or spec.output.get("dir") or f"reports/{spec.name}")
-    store = run_audit(spec, out_dir, show_progress=progress)
+    store = run_audit(spec, out_dir, show_progress=progress, engine=engine)
     verdict = None
     if spec.output.get("policy"):
         verdict = check(store.records, load_policy(spec.output["policy"]))
@@ -91,7 +104,7 @@ def _compare(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
     out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
                       attacks=attacks, seeds=args.seeds, out_dir=Path(args.out), show_progress=not args.no_progress,
-                      clients_per_seed=args.clients_per_seed)
+                      clients_per_seed=args.clients_per_seed, engine=_engine(args))
     print(f"comparison report: {out}")
     return 0
 
@@ -145,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("config", help="audit config (TOML); see examples/")
     a.add_argument("--out", help="run folder (default: output.dir of the config, else reports/<name>)")
     a.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_engine_arguments(a)
     a.set_defaults(func=_audit)
 
     d = sub.add_parser("demo", help="three defenses x IG and GIAS on digits, one report with the verdict "
@@ -156,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--faces", action="store_true", help="faces from scikit-image's lfw_subset with the offline face "
                    "backend (pip install \"giaudit[faces]\")")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_engine_arguments(d)
     d.set_defaults(func=_demo)
 
     r = sub.add_parser("report", help="re-render the report of a finished run",
@@ -175,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "under every preset (default 8; scenario.clients_per_seed in the config wins)")
     c.add_argument("--out", default="reports/compare", help="output folder (default reports/compare)")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_engine_arguments(c)
     c.set_defaults(func=_compare)
 
     k = sub.add_parser("check", help="check saved results against a policy (exit 0 pass, 1 fail, 2 bad input)",

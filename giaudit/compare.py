@@ -12,6 +12,11 @@ For every preset (a ``label`` and ``[[defenses]]`` tables, see
    ``clients_per_seed`` private batches per seed; a DP-SGD preset's audited
    update carries the noise multiplier its training used.
 
+Both run on an engine (`giaudit.engine`, ``--engine local|ray``): every
+utility training and every audit cell is an idempotent task, and only the
+driver writes caches and records, so the files are the same whatever the
+engine.
+
 The comparison is computed from the saved records only (no metric is
 recomputed): one row per defense x attack (x checkpoint round) with per-image
 statistics (`giaudit.stats`: mean and bootstrap 95 % interval, 95th
@@ -36,19 +41,12 @@ from giaudit.attacks import ATTACKS
 from giaudit.audit import run_audit
 from giaudit.config import demo_config_path, load_config
 from giaudit.defenses import load_defense_file
+from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
 from giaudit.report.compare import render_compare
 from giaudit.results import AuditRecord, disclosed_value
 from giaudit.stats import mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
-from giaudit.utility import (
-    UtilityCache,
-    UtilitySettings,
-    baseline,
-    run_utility,
-    spent_epsilon,
-    with_dp_noise,
-    with_dp_rounds,
-)
+from giaudit.utility import UtilityCache, UtilitySettings, measure, spent_epsilon, with_dp_noise, with_dp_rounds
 
 METRICS = (  # (column prefix, per-image key, worst = max?)
     ("psnr_db", "psnr_db", True),
@@ -154,7 +152,7 @@ def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[
 def run_compare(defense_files: list[Path], *, base_config: Path | None = None, attacks: list[str] | None = None,
                 seeds: int = 3, out_dir: Path, show_progress: bool = True,
                 utility: UtilitySettings | None = None, clients_per_seed: int = 8,
-                cache: UtilityCache | None = None) -> Path:
+                cache: UtilityCache | None = None, engine: Engine | None = None) -> Path:
     """Run every preset on the same scenario, measure utility, write the comparison; return compare.html.
 
     Utility first: the no-defense baseline fixes the training length R (target accuracy or budget), every
@@ -162,6 +160,9 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     carries the noise its training used. Then each preset's audit, `clients_per_seed` private batches per seed
     (unless the base config sets scenario.clients_per_seed), the same images and attack starts under every
     preset, so leakage is compared image by image.
+
+    Every utility training and every audit cell is a task on `engine` (default: local processes, one per
+    core); the records and caches written are the same whatever the engine.
     """
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
@@ -183,26 +184,25 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     cache = cache if cache is not None else UtilityCache(out)
     start = time.perf_counter()
 
-    rounds, base_runs = baseline(spec, spec.seeds, settings, cache)
+    engine = engine or LocalEngine()
     reference = next((label for label, tables in presets if not tables), None)
     records: list[AuditRecord] = []
-    utilities: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     audited: dict[str, list[dict[str, Any]]] = {}
-    for label, tables in presets:
-        t0 = time.perf_counter()
-        trained = with_dp_rounds(tables, rounds)
-        if not tables:
-            utilities[label] = [base_runs[s] for s in spec.seeds]
-        else:
-            utilities[label] = [run_utility(spec, trained, s, settings, rounds=rounds, cache=cache)
-                                for s in spec.seeds]
-        audited[label] = with_dp_noise(trained, utilities[label][0].get("spent", {}))
-        run_dir = out / safe_label(label)
-        store = run_audit(spec.replace(defenses=audited[label]), run_dir, show_progress=show_progress,
-                          defense_label=label, training=settings)
-        records += [r for r in store.records if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
-        timings[label] = time.perf_counter() - t0
+    with engine:  # one Ray instance (or cluster connection) for the whole comparison
+        # Utility first (the baseline fixes R; every other training is an engine task, all at once) ...
+        rounds, base_runs, utilities = measure(spec, spec.seeds, presets, settings, cache, engine,
+                                               show_progress=show_progress)
+        # ... then each preset's audit cells, a DP preset's update carrying the noise its training used.
+        for label, tables in presets:
+            t0 = time.perf_counter()
+            audited[label] = with_dp_noise(with_dp_rounds(tables, rounds), utilities[label][0].get("spent", {}))
+            run_dir = out / safe_label(label)
+            store = run_audit(spec.replace(defenses=audited[label]), run_dir, show_progress=show_progress,
+                              defense_label=label, training=settings, engine=engine)
+            records += [r for r in store.records
+                        if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
+            timings[label] = time.perf_counter() - t0
 
     rows = summarise(records, utilities, labels, list(chosen), reference)
     meta = {"base_config": str(base_config) if base_config else "embedded demo (giaudit/assets/demo.toml)",

@@ -73,8 +73,24 @@ class ScenarioSection:
     clients_per_seed: int | None = None   # private batches attacked per seed (default 1; compare: 8)
     checkpoints: list[int] | None = None  # rounds of the federated training whose update is attacked
     diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
+    capture: str | None = None        # a captured real update (giaudit.integrations.flower) instead of a simulation
+    model_factory: str | None = None  # with capture: "module:function" building the deployed model
 
     def __post_init__(self) -> None:
+        if (self.capture is None) != (self.model_factory is None):
+            raise ParamError("model_factory" if self.capture else "capture",
+                             "capture and model_factory go together (a captured update and its model)")
+        if self.capture is not None:
+            # One captured update is one client at one round: nothing to draw per seed, no training to replay.
+            if self.clients_per_seed not in (None, 1):
+                raise ParamError("clients_per_seed", "a capture holds one client's update; remove "
+                                 "scenario.clients_per_seed (or set it to 1) when scenario.capture is set")
+            if self.checkpoints is not None:
+                raise ParamError("checkpoints", "a capture is one round of a real training; remove "
+                                 "scenario.checkpoints when scenario.capture is set (capture each round instead)")
+            if self.diffusion_prior is not None:
+                raise ParamError("diffusion_prior", "the captured model comes from scenario.model_factory; "
+                                 "remove scenario.diffusion_prior when scenario.capture is set")
         check_choice("model", self.model, sorted(MODELS))
         check_number("clients_per_seed", self.clients_per_seed, low=1)
         if self.checkpoints is not None:
@@ -191,6 +207,8 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     threat = _section(source, "threat", config.get("threat"))
     output = _section(source, "output", config.get("output"))
     _resolve_paths(source, data, output)
+    if "capture" in scenario:
+        scenario["capture"] = str(_resolve(source, scenario["capture"]))
 
     defenses = config.get("defenses", [])
     if not isinstance(defenses, list) or not all(isinstance(d, Mapping) for d in defenses):

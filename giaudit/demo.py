@@ -27,13 +27,14 @@ from typing import Any
 
 from giaudit.audit import run_audit
 from giaudit.config import AuditSpec, demo_config_path, load_config
+from giaudit.engine import Engine, LocalEngine
 from giaudit.metrics.attributes import CONFIG as CLASSIFIER_JSON
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.metrics.faces import backend_status
 from giaudit.policy import check, load_policy
 from giaudit.report import render
 from giaudit.results import load_results
-from giaudit.utility import UtilityCache, UtilitySettings, baseline, run_utility, with_dp_noise, with_dp_rounds
+from giaudit.utility import UtilityCache, UtilitySettings, measure, with_dp_noise, with_dp_rounds
 
 DEMO_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = (
     ("none", []),
@@ -84,24 +85,25 @@ def _digit_classifier(out: Path, spec: AuditSpec, log: Callable[[str], None]) ->
     return folder
 
 
-def measure_utility(spec: AuditSpec, defenses: Sequence[tuple[str, list[dict[str, Any]]]], cache: UtilityCache
+def measure_utility(spec: AuditSpec, defenses: Sequence[tuple[str, list[dict[str, Any]]]], cache: UtilityCache,
+                    engine: Engine | None = None, *, show_progress: bool = False
                     ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """Each defense's utility per seed (beside the baseline's), and the tables to audit: DP-SGD's carry
-    exactly the noise its training used."""
-    rounds, base_runs = baseline(spec, spec.seeds, DEMO_UTILITY, cache)
+    exactly the noise its training used. Missing trainings run as tasks on `engine`."""
+    rounds, base_runs, runs = measure(spec, spec.seeds, defenses, DEMO_UTILITY, cache, engine,
+                                      show_progress=show_progress)
     utility, audited = {}, {}
     for label, tables in defenses:
-        trained = with_dp_rounds(tables, rounds)
-        runs = [base_runs[s] if not tables else run_utility(spec, trained, s, DEMO_UTILITY, rounds=rounds,
-                                                            cache=cache) for s in spec.seeds]
-        utility[label] = [{**u, "baseline_accuracy": base_runs[s]["accuracy"]} for u, s in zip(runs, spec.seeds)]
-        audited[label] = with_dp_noise(trained, runs[0].get("spent", {}))
+        utility[label] = [{**u, "baseline_accuracy": base_runs[s]["accuracy"]} for u, s in zip(runs[label], spec.seeds)]
+        audited[label] = with_dp_noise(with_dp_rounds(tables, rounds), runs[label][0].get("spent", {}))
     return utility, audited
 
 
 def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo; return {"html", "md", "passed", "wall_s", "store"} (None for html when faces are unavailable)."""
+             log: Callable[[str], None] = print, engine: Engine | None = None) -> dict[str, Any]:
+    """Run the demo; return {"html", "md", "passed", "wall_s", "store"} (None for html when faces are unavailable).
+
+    Utility trainings and audit cells run on `engine` (default: local processes, one per core)."""
     start = time.perf_counter()
     if faces:
         missing = backend_status("offline")
@@ -119,13 +121,17 @@ def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progres
                                                                                                    log))}})
     utility: dict[str, list[dict[str, Any]]] | None = None
     audited: dict[str, list[dict[str, Any]]] = {label: list(tables) for label, tables in defenses}
-    if not faces:
-        log("measuring each defense's utility (federated training to the baseline's target; shipped or cached) ...")
-        utility, audited = measure_utility(spec, defenses, UtilityCache(out_dir))
-    for label, _tables in defenses:
-        log(f"defense {label}: attacks {', '.join(spec.attacks)} on {len(spec.seeds)} seeds ...")
-        run_audit(spec.replace(defenses=audited[label]), out_dir, show_progress=show_progress, defense_label=label,
-                  training=DEMO_UTILITY)
+    engine = engine or LocalEngine()
+    with engine:
+        if not faces:
+            log("measuring each defense's utility (federated training to the baseline's target; shipped or "
+                "cached) ...")
+            utility, audited = measure_utility(spec, defenses, UtilityCache(out_dir), engine,
+                                               show_progress=show_progress)
+        for label, _tables in defenses:
+            log(f"defense {label}: attacks {', '.join(spec.attacks)} on {len(spec.seeds)} seeds ...")
+            run_audit(spec.replace(defenses=audited[label]), out_dir, show_progress=show_progress,
+                      defense_label=label, training=DEMO_UTILITY, engine=engine)
     store = load_results(out_dir)
     labels = [label for label, _ in defenses]
     store.records = [r for r in store.records if r.defense in labels and r.seed in spec.seeds

@@ -14,10 +14,12 @@ the records already present with the same config hash (resume).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,13 +69,23 @@ def disclosed_value(record: AuditRecord, key: str) -> Any:
     return None
 
 
-def save_images(run_dir: Path, record_id: str, original: np.ndarray, reconstruction: np.ndarray) -> str:
-    rel = f"images/{record_id}.npz"
+def images_file(record_id: str) -> str:
+    """Where a record's images live, relative to the run folder."""
+    return f"images/{record_id}.npz"
+
+
+def images_npz(original: np.ndarray, reconstruction: np.ndarray) -> bytes:
+    """The matched originals and reconstructions as the bytes of an .npz (a worker returns them to the driver)."""
     import io
 
     buf = io.BytesIO()
     np.savez_compressed(buf, original=original.astype(np.float32), reconstruction=reconstruction.astype(np.float32))
-    atomic_write_bytes(run_dir / rel, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_images(run_dir: Path, record_id: str, original: np.ndarray, reconstruction: np.ndarray) -> str:
+    rel = images_file(record_id)
+    atomic_write_bytes(run_dir / rel, images_npz(original, reconstruction))
     return rel
 
 
@@ -125,14 +137,36 @@ class ResultsStore:
         return any(r.record_id == record_id and r.config_hash == chash for r in self.records)
 
     def add(self, record: AuditRecord) -> None:
-        """Add (or replace) a record and rewrite the files atomically."""
-        self.records = [r for r in self.records if r.record_id != record.record_id] + [record]
-        self.flush()
+        """Add (or replace) a record and rewrite the files atomically.
+
+        Several processes may add records to one run folder (two drivers on the same sweep): under an
+        exclusive lock on ``.results.lock`` the records another process wrote since this store was read are
+        merged in before writing, so no writer drops another's records.
+        """
+        with _locked(self.run_dir):
+            path = self.run_dir / "results.json"
+            if path.is_file():
+                _meta, on_disk = _read(path)
+                known = {r.record_id for r in self.records}
+                self.records += [r for r in on_disk if r.record_id not in known]
+            self.records = [r for r in self.records if r.record_id != record.record_id] + [record]
+            self.flush()
 
     def flush(self) -> None:
         payload = {"schema": SCHEMA_VERSION, "meta": self.meta, "records": [asdict(r) for r in self.records]}
         atomic_write_text(self.run_dir / "results.json", json.dumps(payload, indent=1, default=_json_default))
         write_table(self.run_dir, [flatten(r) for r in self.records])
+
+
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".results.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_table(run_dir: Path, rows: list[dict[str, Any]], stem: str = "results") -> Path:

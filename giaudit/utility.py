@@ -28,17 +28,26 @@ hundred bytes of JSON) is stored under the hash of exactly those, in
 a release can ship the entries of its demo scenario
 (``benchmarks/utility_convergence.py --write-cache giaudit/assets/utility``)
 so `giaudit demo` shows utility without paying for the training.
+
+Engines (`giaudit.engine`): every training is an idempotent task
+(`compute_utility`, no file access); `run_utilities` looks each one up in the
+cache, runs the missing ones on the engine (local processes or Ray) and only
+the driver writes the cache entries. `measure` is the whole measurement
+compare and the demo share: the baseline's first seed fixes R, then the other
+baseline seeds and every defense's runs go to the engine at once.
 """
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from giaudit.audit import training_data
 from giaudit.config import AuditSpec
+from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
 from giaudit.io import atomic_write_text
 from giaudit.results import config_hash
@@ -118,15 +127,11 @@ def spent_epsilon(spent: Mapping[str, Mapping[str, Any]]) -> tuple[float | None,
     return None, None
 
 
-def run_utility(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: int, settings: TrainingSettings, *,
-                rounds: int, stop_at: float | None = None, cache: UtilityCache | None = None) -> dict[str, Any]:
+def compute_utility(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: int, settings: TrainingSettings,
+                    *, rounds: int, stop_at: float | None = None) -> dict[str, Any]:
     """Train with `tables` on every client for `rounds` rounds (or until `stop_at`); accuracy with its interval,
-    the curve and what the defenses' accountants say was spent. Cached by `utility_key`."""
+    the curve and what the defenses' accountants say was spent. No cache: the same result in any process."""
     key = utility_key(spec, tables, seed, settings, rounds, stop_at)
-    if cache is not None:
-        hit = cache.get(key)
-        if hit is not None:
-            return {**hit, "cached": True}
     scenario, train_set, held = training_data(spec, seed)
     if len(held) == 0:
         raise ConfigError("data.holdout: the held-out split is empty; set data.holdout > 0 to measure utility")
@@ -136,26 +141,89 @@ def run_utility(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: int,
     acc = run.curve[-1][1]
     lo, hi = wilson_interval(int(round(acc * n)), n)
     eps, delta = spent_epsilon(run.spent)
-    out = {"key": key, "seed": seed, "accuracy": acc, "accuracy_low": lo, "accuracy_high": hi, "n_test": n,
-           "rounds": run.rounds, "reached_target": stop_at is not None and acc >= stop_at,
-           "initial_accuracy": run.curve[0][1], "curve": run.curve, "spent": run.spent, "epsilon": eps,
-           "delta": delta, "train_s": run.train_s, "settings": settings.as_dict(), "train_images": len(train_set)}
-    if cache is not None:
-        cache.put(key, out)
-    return {**out, "cached": False}
+    return {"key": key, "seed": seed, "accuracy": acc, "accuracy_low": lo, "accuracy_high": hi, "n_test": n,
+            "rounds": run.rounds, "reached_target": stop_at is not None and acc >= stop_at,
+            "initial_accuracy": run.curve[0][1], "curve": run.curve, "spent": run.spent, "epsilon": eps,
+            "delta": delta, "train_s": run.train_s, "settings": settings.as_dict(), "train_images": len(train_set)}
+
+
+def run_utility(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: int, settings: TrainingSettings, *,
+                rounds: int, stop_at: float | None = None, cache: UtilityCache | None = None) -> dict[str, Any]:
+    """`compute_utility` in this process, cached by `utility_key`."""
+    return run_utilities([UtilityJob(spec, tuple(tables), seed, settings, rounds, stop_at)], cache)[0]
+
+
+@dataclass(frozen=True)
+class UtilityJob:
+    """One utility training: an idempotent engine task keyed by `utility_key`."""
+
+    spec: AuditSpec
+    tables: tuple[Mapping[str, Any], ...]
+    seed: int
+    settings: TrainingSettings
+    rounds: int
+    stop_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        return utility_key(self.spec, self.tables, self.seed, self.settings, self.rounds, self.stop_at)
+
+
+def _utility_task(job: UtilityJob) -> dict[str, Any]:
+    return compute_utility(job.spec, job.tables, job.seed, job.settings, rounds=job.rounds, stop_at=job.stop_at)
+
+
+def run_utilities(jobs: Sequence[UtilityJob], cache: UtilityCache | None = None, engine: Engine | None = None, *,
+                  show_progress: bool = False) -> list[dict[str, Any]]:
+    """Every job's result, in order: cached ones read (``cached: True``), the missing ones run as tasks on
+    `engine` (default: this process), and only this driver writes the cache."""
+    out: list[dict[str, Any] | None] = [None] * len(jobs)
+    missing: list[int] = []
+    for i, job in enumerate(jobs):
+        hit = cache.get(job.key) if cache is not None else None
+        if hit is not None:
+            out[i] = {**hit, "cached": True}
+        elif not any(jobs[j].key == job.key for j in missing):
+            missing.append(i)
+    engine = engine or LocalEngine(1)
+    for j, result in engine.map(_utility_task, [jobs[i] for i in missing], desc="utility",
+                                show_progress=show_progress):
+        if cache is not None:
+            cache.put(result["key"], result)
+        out[missing[j]] = {**result, "cached": False}
+    for i, job in enumerate(jobs):  # a job repeated in `jobs` shares its first occurrence's run
+        if out[i] is None:
+            out[i] = next(r for r in out if r is not None and r["key"] == job.key)
+    return [r for r in out if r is not None]
 
 
 def baseline(spec: AuditSpec, seeds: Sequence[int], settings: TrainingSettings,
-             cache: UtilityCache | None = None) -> tuple[int, dict[int, dict[str, Any]]]:
+             cache: UtilityCache | None = None, engine: Engine | None = None, *,
+             show_progress: bool = False) -> tuple[int, dict[int, dict[str, Any]]]:
     """The no-defense runs: the first seed trains until the target or the budget, fixing R; the others R rounds."""
-    first = run_utility(spec, [], seeds[0], settings, rounds=settings.max_rounds,
-                        stop_at=settings.target_accuracy, cache=cache)
+    rounds, base_runs, _ = measure(spec, seeds, [], settings, cache, engine, show_progress=show_progress)
+    return rounds, base_runs
+
+
+def measure(spec: AuditSpec, seeds: Sequence[int], defenses: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+            settings: TrainingSettings, cache: UtilityCache | None = None, engine: Engine | None = None, *,
+            show_progress: bool = False) -> tuple[int, dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The baseline (its first seed fixes R) and every (label, tables) defense's runs of R rounds per seed
+    (DP-SGD accounted over R; no defense: the baseline's runs). The first seed's baseline is one task; all
+    the other trainings are independent and go to `engine` together."""
+    first = run_utilities([UtilityJob(spec, (), seeds[0], settings, settings.max_rounds, settings.target_accuracy)],
+                          cache, engine, show_progress=show_progress)[0]
     rounds = int(first["rounds"])
-    out = {seeds[0]: first}
-    for seed in seeds[1:]:
-        out[seed] = run_utility(spec, [], seed, settings, rounds=rounds, cache=cache)
-    return rounds, out
+    jobs = [UtilityJob(spec, (), seed, settings, rounds) for seed in seeds[1:]]
+    trained = [(label, with_dp_rounds(tables, rounds)) for label, tables in defenses if tables]
+    jobs += [UtilityJob(spec, tuple(tables), seed, settings, rounds) for _label, tables in trained for seed in seeds]
+    results = iter(run_utilities(jobs, cache, engine, show_progress=show_progress))
+    base_runs = {seeds[0]: first, **{seed: next(results) for seed in seeds[1:]}}
+    per_defense = {label: [next(results) for _seed in seeds] for label, _tables in trained}
+    runs = {label: per_defense.get(label) or [base_runs[s] for s in seeds] for label, _tables in defenses}
+    return rounds, base_runs, runs
 
 
-__all__ = ["UtilityCache", "UtilitySettings", "baseline", "pooled_accuracy", "run_utility", "spent_epsilon",
-           "user_cache", "utility_key", "with_dp_noise", "with_dp_rounds"]
+__all__ = ["UtilityCache", "UtilityJob", "UtilitySettings", "baseline", "compute_utility", "measure",
+           "pooled_accuracy", "run_utilities", "run_utility", "spent_epsilon", "user_cache", "utility_key",
+           "with_dp_noise", "with_dp_rounds"]

@@ -1,0 +1,1 @@
+"""Integrations with real federated-learning stacks (optional extras, imported lazily)."""

@@ -1,0 +1,206 @@
+"""Engines: the same records on local processes and on Ray, retries of a killed worker, resume after an
+interrupted driver, and concurrent writers of one run folder."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from giaudit.audit import run_audit
+from giaudit.config import load_config
+from giaudit.engine import KILL_ONCE_ENV, LocalEngine, RayEngine
+from giaudit.results import AuditRecord, ResultsStore, load_results
+from giaudit.training import TrainingSettings
+from giaudit.utility import UtilityCache, measure
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = """
+name = "eng"
+seeds = [0, 1]
+[data]
+source = "digits"
+size = 16
+[scenario]
+model = "lenet_relu"
+protocol = "fedsgd"
+batch_size = 1
+[threat]
+batch_size = true
+[attacks.ig]
+iterations = 20
+[attacks.dlg]
+iterations = 2
+[output]
+lpips = false
+"""
+DEFENSES = {"none": "", "noise": '\n[[defenses]]\nname = "noise"\nsigma = 0.01\n'}
+
+
+def _spec(tmp_path: Path, defense: str, seeds: str = "[0, 1]"):
+    p = tmp_path / f"{defense}.toml"
+    p.write_text(BASE.replace("seeds = [0, 1]", f"seeds = {seeds}") + DEFENSES[defense])
+    return load_config(p)
+
+
+def _same(a: list[AuditRecord], b: list[AuditRecord]) -> None:
+    assert [r.record_id for r in a] == [r.record_id for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.config_hash == rb.config_hash and ra.label_source == rb.label_source
+        assert set(ra.metrics) == set(rb.metrics)
+        for k, v in ra.metrics.items():
+            assert rb.metrics[k] == pytest.approx(v, abs=1e-6, nan_ok=True), (ra.record_id, k)
+
+
+# -- local engine and the results store ------------------------------------------------------------------
+
+def _writer(run_dir: str, worker: int, n: int) -> None:
+    store = ResultsStore.open(run_dir)
+    for i in range(n):
+        store.add(AuditRecord(record_id=f"w{worker}-{i}", config_hash="h", scenario="s", defense="d", attack="a",
+                              seed=i, threat={}, attack_params={}, label_source="idlg",
+                              metrics={"psnr_db_mean": float(i)}, per_image=(), timings={}, trace={}))
+
+
+def test_concurrent_writers_never_drop_each_others_records(tmp_path):
+    """Four processes add records to one run folder at once: results.json ends up with all of them."""
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 6)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ids = {r.record_id for r in load_results(tmp_path).records}
+    assert ids == {f"w{w}-{i}" for w in range(4) for i in range(6)}
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_local_engine_resubmits_the_tasks_of_a_killed_worker(tmp_path, monkeypatch):
+    monkeypatch.setenv(KILL_ONCE_ENV, str(tmp_path))
+    out = dict(LocalEngine(2).map(_square, list(range(6)), show_progress=False))
+    assert out == {i: i * i for i in range(6)}
+    assert (tmp_path / "killed").is_file()  # a worker really died, and its task ran again
+
+
+def test_local_processes_give_the_records_of_the_serial_run(tmp_path):
+    spec = _spec(tmp_path, "noise", seeds="[0]")
+    serial = run_audit(spec, tmp_path / "serial", show_progress=False, engine=LocalEngine(1))
+    local = run_audit(spec, tmp_path / "local", show_progress=False, engine=LocalEngine(2))
+    _same(serial.records, local.records)
+    assert local.meta["last_run"]["engine"] == "local"
+
+
+def test_interrupted_driver_computes_only_the_missing_cells_when_run_again(tmp_path):
+    """Ctrl-C on `giaudit audit` mid-sweep, then the same command: finished records are kept as they are."""
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(BASE.replace("seeds = [0, 1]", "seeds = [0, 1, 2, 3]").replace("iterations = 20",
+                                                                                    "iterations = 150"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "giaudit.cli", "audit", str(cfg), "--out", str(out), "--no-progress",
+           "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    first: dict[str, AuditRecord] = {}
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "results.json").is_file():
+            try:
+                first = {r.record_id: r for r in load_results(out).records}
+            except Exception:  # noqa: BLE001 - a file being replaced; read it again
+                first = {}
+            if len(first) >= 2:
+                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the driver and its workers
+                break
+        time.sleep(0.05)
+    proc.communicate(timeout=60)
+    first = {r.record_id: r for r in load_results(out).records}
+    assert 2 <= len(first) < 8, "the sweep was not interrupted mid-way"
+
+    again = run_audit(load_config(cfg), out, show_progress=False, engine=LocalEngine(2))
+    computed = set(again.meta["last_run"]["computed"])
+    assert computed == {r.record_id for r in again.records} - set(first)
+    assert len(again.records) == 8
+    for rid, rec in first.items():  # untouched: same timings, so not recomputed
+        assert next(r for r in again.records if r.record_id == rid).timings == rec.timings
+
+
+def test_checkpoint_and_multi_client_cells_give_the_serial_records(tmp_path):
+    """scenario.checkpoints and clients_per_seed: one cell per (seed, round, attack) holding every client; the
+    seed's training is a task of its own; two processes give the serial run's records."""
+    cfg = tmp_path / "ckpt.toml"
+    cfg.write_text(BASE.replace("seeds = [0, 1]", "seeds = [0]").replace(
+        'batch_size = 1\n[threat]', 'batch_size = 1\nclients_per_seed = 2\ncheckpoints = [0, 3]\n[threat]'))
+    spec = load_config(cfg)
+    small = TrainingSettings(max_rounds=3, clients=2, eval_every=3, target_accuracy=None, eval_limit=50)
+    serial = run_audit(spec, tmp_path / "serial", show_progress=False, training=small, engine=LocalEngine(1))
+    local = run_audit(spec, tmp_path / "local", show_progress=False, training=small, engine=LocalEngine(2))
+    _same(serial.records, local.records)
+    assert [r.record_id for r in local.records] == [f"eng__none__{a}__s0__r{r}" for r in (0, 3) for a in ("ig", "dlg")]
+    assert all(r.trace["clients"] == 2 and {p["client"] for p in r.per_image} == {0, 1} for r in local.records)
+    assert {r.training["round"] for r in local.records} == {0, 3}
+    assert all(r.training["held_out_accuracy"] is not None for r in local.records)
+
+
+def test_utility_trainings_are_engine_tasks_and_only_the_driver_writes_the_cache(tmp_path):
+    """The baseline's first seed fixes R, then the other trainings run on the engine together: the same numbers
+    as in one process, cached once by the driver, and read back on the next call."""
+    spec = _spec(tmp_path, "none")
+    small = TrainingSettings(max_rounds=4, clients=2, eval_every=2, target_accuracy=None, eval_limit=50)
+    defenses = [("none", []), ("noise", [{"name": "noise", "sigma": 0.5}])]
+    serial = measure(spec, [0, 1], defenses, small, UtilityCache(tmp_path / "a", use_user_cache=False),
+                     LocalEngine(1))
+    cache = UtilityCache(tmp_path / "b", use_user_cache=False)
+    local = measure(spec, [0, 1], defenses, small, cache, LocalEngine(2))
+    assert serial[0] == local[0] == 4
+    for label, _tables in defenses:
+        assert [u["accuracy"] for u in serial[2][label]] == [u["accuracy"] for u in local[2][label]]
+    assert len(list((tmp_path / "b" / "_utility").glob("*.json"))) == 4  # 2 baseline + 2 noise runs
+    again = measure(spec, [0, 1], defenses, small, cache, LocalEngine(2))
+    assert all(u["cached"] for us in again[2].values() for u in us)
+
+
+# -- Ray -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'giaudit[ray]'")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_ray_sweep_gives_the_records_of_the_local_engine(tmp_path, ray_local):
+    """2 defenses x 2 attacks x 2 seeds: identical ids, metrics to 1e-6; then a killed worker is retried."""
+    for defense in DEFENSES:
+        spec = _spec(tmp_path, defense)
+        local = run_audit(spec, tmp_path / f"local-{defense}", show_progress=False, engine=LocalEngine(2))
+        on_ray = run_audit(spec, tmp_path / f"ray-{defense}", show_progress=False, engine=RayEngine())
+        assert on_ray.meta["last_run"]["engine"] == "ray" and len(on_ray.meta["last_run"]["computed"]) == 4
+        _same(local.records, on_ray.records)
+        assert json.loads((tmp_path / f"ray-{defense}" / "results.json").read_text())["records"]
+        assert all((tmp_path / f"ray-{defense}" / r.images_file).is_file() for r in on_ray.records if r.images_file)
+
+    # A task whose worker process dies on its first attempt is retried; nothing is lost.
+    marker = tmp_path / "kill"
+    marker.mkdir()
+    spec = _spec(tmp_path, "noise")
+    killed = run_audit(spec, tmp_path / "ray-killed", show_progress=False,
+                       engine=RayEngine(runtime_env={"env_vars": {KILL_ONCE_ENV: str(marker)}}))
+    assert (marker / "killed").is_file()
+    _same(load_results(tmp_path / "local-noise").records, killed.records)
