@@ -616,6 +616,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                "malloc_tuning": malloc_on, "threads": torch.get_num_threads()}
 
+    def save() -> None:
+        """Write what is measured so far (after every row: a stopped run keeps its figures), atomically."""
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(args.json.name + ".part")
+            tmp.write_text(json.dumps(results, indent=2, default=float))
+            os.replace(tmp, args.json)
+
     if not args.skip_per_iteration:
         print("\n## (1) per-iteration time, median ms [25th-75th pct]; ratio = breaching / giaudit (>1: giaudit "
               "faster; target >= 1.00)")
@@ -629,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             t = f"{r.breaching_ms:.1f} [{r.breaching_spread_ms[0]:.0f}-{r.breaching_spread_ms[1]:.0f}]"
             print(f"{name:<9} {b:>5} {g:>22} {t:>22} {r.ratio:>6.2f} {r.same_objective_abs_diff:>15.1e}",
                   flush=True)
-        results["per_iteration"] = [{**asdict(r), "ratio": r.ratio} for r in rows]
+            results["per_iteration"] = [{**asdict(r), "ratio": r.ratio} for r in rows]
+            save()
 
     if not args.skip_time_to_quality:
         print(f"\n## (2) time-to-quality: breaching's PSNR after N={args.iterations} iterations (step-lr), "
@@ -649,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<9} {b:>5} {r.breaching_psnr:>8.2f} {r.breaching_s:>8.1f} {_fmt(r.giaudit_psnr, '.2f'):>8} "
                   f"{_fmt(r.giaudit_s):>8} {r.giaudit_iterations:>8} {_fmt(r.speedup, '.2f'):>8}  {note}",
                   flush=True)
-        results["time_to_quality"] = [{**asdict(r), "speedup": r.speedup, "trivial": r.trivial} for r in rows2]
+            results["time_to_quality"] = [{**asdict(r), "speedup": r.speedup, "trivial": r.trivial} for r in rows2]
+            save()
 
     if args.restart_case_list:
         print(f"\n## (3) best-of-K, K={args.k}: breaching's K runs of N={args.iterations} (ranked by its objective) vs "
@@ -663,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
             rows3.append(r3)
             print(f"{name:<9} {b:>5} {r3.breaching_psnr:>8.2f} {r3.breaching_s:>8.1f} {r3.giaudit_psnr:>8.2f} "
                   f"{r3.giaudit_s:>8.1f} {r3.giaudit_iterations:>8} {r3.speedup:>8.2f}", flush=True)
-        results["restarts"] = [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows3]
+            results["restarts"] = [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows3]
+            save()
 
     print("\n## targets")
     for r in results.get("per_iteration", []):
@@ -678,8 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best-of-{r['k']} {r['model']}:{r['batch']}: {r['giaudit_psnr']:.2f} vs {r['breaching_psnr']:.2f} dB, "
               f"speed-up {r['speedup']:.2f} {'MET' if r['met'] else 'missed'} (same or better dB, >= 2.0)")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=float))
+        save()
         print(f"# figures written to {args.json}")
     return 0
 

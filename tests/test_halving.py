@@ -93,3 +93,10 @@ def test_gias_restarts_halve_through_both_phases(mnist32):
     assert rec.trace.extra["theta_iterations"] > 0          # the winner went through the parameter phase
     assert rec.trace.losses == pytest.approx(alone.losses, rel=1e-5, abs=1e-7)
     assert torch.allclose(rec.images, alone.images.clamp(0, 1), atol=1e-5)
+
+
+def test_an_error_inside_a_restart_process_reaches_the_caller(obs):
+    """A restart that fails in its worker process raises the attack's own error, not a broken pipe."""
+    attack = build_attack("ig", bn_weight=0.1)  # the observation carries no BN statistics
+    with pytest.raises(ThreatModelError, match="bn_statistics"):
+        attack.reconstruct(obs, budget=Budget(iterations=10, restarts=2, halving=2, workers=2))

@@ -130,7 +130,11 @@ def _descent_worker(conn: Connection, seed: int) -> None:
     while True:
         command, n = conn.recv()
         if command == "advance":
-            conn.send(steps.advance(n))
+            try:
+                conn.send(("ok", steps.advance(n)))
+            except Exception as exc:  # the driver raises it (a bad config must not surface as a broken pipe)
+                conn.send(("error", exc))
+                return
         elif command == "result":
             # Plain pickle (tensors by value): torch's reducers would pass file descriptors that die with us.
             conn.send_bytes(pickle.dumps(steps.result))
@@ -157,7 +161,7 @@ class _Steps:
     """Drives a `Descent`: advance n iterations at a time, remember the best loss and the final result."""
 
     def __init__(self, gen: Descent) -> None:
-        self.gen, self.done, self.best, self.count = gen, 0, math.inf, 0
+        self.gen, self.best, self.count = gen, math.inf, 0
         self.result: RestartResult | None = None
 
     def advance(self, n: int, progress: Progress | None = None) -> tuple[float, int, bool]:
@@ -348,7 +352,10 @@ class Attack(Configurable):
                 for ready in wait(list(running.values())):
                     i = by_conn[id(ready)]
                     before = counts[i]
-                    losses[i], counts[i], finished[i] = running.pop(i).recv()
+                    status, payload = running.pop(i).recv()
+                    if status == "error":
+                        raise payload
+                    losses[i], counts[i], finished[i] = payload
                     if progress is not None:
                         progress(counts[i] - before)
 
@@ -361,8 +368,12 @@ class Attack(Configurable):
                 keep = ranked[:max(1, len(ranked) // 2)]
                 cuts.append({"at": target, "kept": sorted(keep), "losses": {i: losses[i] for i in alive}})
                 for i in alive:
-                    if i not in keep:
-                        (conns[i].send(("stop", 0)) if conns else local[i].close())
+                    if i in keep:
+                        continue
+                    if conns:
+                        conns[i].send(("stop", 0))
+                    else:
+                        local[i].close()
                 alive = sorted(keep)
                 target *= 2
             (winner,) = alive
