@@ -315,7 +315,6 @@ class Attack(Configurable):
         k = len(seeds)
         losses = [math.inf] * k
         counts = [0] * k
-        finished = [False] * k
         alive = list(range(k))
         cuts: list[dict[str, Any]] = []
         conns: dict[int, Connection] = {}
@@ -339,7 +338,7 @@ class Attack(Configurable):
             """Bring each of `indices` to `target` iterations (or its end), at most `workers` at a time."""
             if not conns:
                 for i in indices:
-                    losses[i], counts[i], finished[i] = local[i].advance(target - counts[i], progress)
+                    losses[i], counts[i], _ = local[i].advance(target - counts[i], progress)
                 return
             queue = list(indices)
             running: dict[int, Connection] = {}
@@ -355,7 +354,7 @@ class Attack(Configurable):
                     status, payload = running.pop(i).recv()
                     if status == "error":
                         raise payload
-                    losses[i], counts[i], finished[i] = payload
+                    losses[i], counts[i], _ = payload
                     if progress is not None:
                         progress(counts[i] - before)
 

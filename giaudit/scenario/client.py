@@ -42,6 +42,23 @@ def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.
     return model
 
 
+def configure_client(pool: ImageDataset, model: nn.Module, protocol: ClientProtocol, batch_size: int,
+                     defenses: Chain | Defense | None, generator: torch.Generator | None
+                     ) -> tuple[torch.Generator, Chain, ClientStep]:
+    """The client's step as its defenses configure it, checked against its pool (every scenario starts here).
+
+    Returns the generator (seed 0 when none is given), the defenses as one chain, and the configured step.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
+    step = defense.configure(ClientStep(protocol, batch_size, pool.spec.num_classes,
+                                        context={"pool": pool, "model": model}))
+    if step.batch_size > len(pool):
+        raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
+                          f"({len(pool)} images)")
+    return gen, defense, step
+
+
 @dataclass
 class Scenario:
     model: nn.Module          # the global model, in the BN mode the client uses
@@ -52,13 +69,8 @@ class Scenario:
 
     def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
-        step = defense.configure(ClientStep(self.protocol, self.batch_size, self.pool.spec.num_classes,
-                                            context={"pool": self.pool, "model": self.model}))
-        if step.batch_size > len(self.pool):
-            raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
-                              f"({len(self.pool)} images)")
+        gen, defense, step = configure_client(self.pool, self.model, self.protocol, self.batch_size, defenses,
+                                              generator)
         # A defense may replace the global model (DP-SGD converting BatchNorm to
         # GroupNorm); the client trains, and the attacker observes, that model.
         global_model = step.context.get("model", self.model)

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from giaudit.data import ImageDataset
-from giaudit.defenses.base import Chain, ClientStep, Defense, default_compute
+from giaudit.defenses.base import Chain, Defense, default_compute
 from giaudit.errors import ConfigError
 from giaudit.fl_diffusion import diffusion_update, draw
 from giaudit.priors.ddpm import DDPMConfig, build_unet, load_ddpm, make_scheduler
+from giaudit.scenario.client import configure_client
 from giaudit.threat import observe
 from giaudit.types import ClientProtocol, DataSpec, DiffusionInfo, GroundTruth, Observation, SharedUpdate, ThreatModel
 
@@ -42,17 +43,12 @@ class DiffusionScenario:
 
     def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
-        step = defense.configure(ClientStep(self.protocol, self.batch_size, self.pool.spec.num_classes,
-                                            context={"pool": self.pool, "model": self.model}))
+        gen, defense, step = configure_client(self.pool, self.model, self.protocol, self.batch_size, defenses,
+                                              generator)
         if step.compute is not default_compute or step.context.get("model", self.model) is not self.model:
             raise ConfigError(f"defenses: {defense.describe()} changes how a classifier computes its update; "
                               "on scenario.model = 'ddpm_unet' only defenses that transform the shared update "
                               "(noise, clipping, sparsification, quantisation) apply")
-        if step.batch_size > len(self.pool):
-            raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
-                              f"({len(self.pool)} images)")
         idx = step.sampler(self.pool.labels, step.batch_size, gen)
         batch = self.pool.subset(idx)
         d = draw(len(idx), batch.images.shape[1:], int(self.alphas_cumprod.numel()), gen)
