@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from giaudit import __version__
-from giaudit.attacks import Attack, Budget, build_attack
+from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
 from giaudit.config import AuditSpec
 from giaudit.data import ImageDataset, load_dataset, split_indices
 from giaudit.defenses import Chain, build_chain
@@ -186,11 +186,19 @@ class CellResult:
     images: bytes | None  # the .npz of matched originals and reconstructions; the driver writes it
 
 
+def user_level_run(spec: AuditSpec) -> bool:
+    """The run holds a user-level attack (one representative image per user batch, e.g. DiffULA)."""
+    return any(ATTACKS[name].user_level for name in spec.attacks)
+
+
 def plan_cells(spec: AuditSpec, label: str, training: TrainingSettings | None = None,
                show_progress: bool = False) -> list[Cell]:
     """Every cell of `spec` under the defense `label`: seed by seed, checkpoint round by round, in the config's
     attack order."""
     training = training or TrainingSettings()
+    # With a user-level attack in the run every record is also scored at user level, which its hash records
+    # (only then, so the hashes of other runs stay as they were).
+    user = {"user_level": True} if user_level_run(spec) else {}
     cells = []
     for seed in spec.seeds:
         for round_ in checkpoints(spec):
@@ -199,6 +207,7 @@ def plan_cells(spec: AuditSpec, label: str, training: TrainingSettings | None = 
                 rid = _safe(f"{spec.name}__{label}__{attack_name}__s{seed}{at}")
                 chash = config_hash({**{k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")},
                                      "attack": {attack_name: dict(spec.attacks[attack_name])}, "seed": seed,
+                                     **user,
                                      **({} if round_ is None else {"round": round_, "training": training.as_dict()})})
                 cells.append(Cell(spec, label, attack_name, seed, rid, chash, round_,
                                   training if round_ is not None else None, show_progress=show_progress))
@@ -246,7 +255,7 @@ def run_cell(cell: Cell) -> CellResult:
     return _record(spec, cell.record_id, cell.config_hash, scenario_name(spec), cell.label, attack_name, seed,
                    attack, [o for o, _ in clients], [t for _, t in clients], recs, _lpips(spec), analyzer,
                    {"setup_s": setup_s, "attack_s": attack_s}, analyzer_note, train_info, galleries=galleries,
-                   classifiers=_classifiers(spec))
+                   classifiers=_classifiers(spec), user_level=user_level_run(spec))
 
 
 def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
@@ -428,9 +437,9 @@ def _gallery(spec: AuditSpec, analyzer: Any, scenario: AnyScenario | CaptureScen
 
 
 def _evaluate_one(truth: Any, rec: Any, lpips_metric: Any, analyzer: Any, *, gallery: Gallery | None = None,
-                  identities: bool = False, classifiers: dict[str, AttributeClassifier] | None = None
-                  ) -> tuple[dict[str, float], list[dict[str, Any]], list[str], Any]:
-    ev = evaluate(rec, truth, lpips=lpips_metric)
+                  identities: bool = False, classifiers: dict[str, AttributeClassifier] | None = None,
+                  user_level: bool = False) -> tuple[dict[str, float], list[dict[str, Any]], list[str], Any]:
+    ev = evaluate(rec, truth, lpips=lpips_metric, user_level=user_level)
     metrics = dict(ev.aggregate)
     per_image = [dict(p) for p in ev.per_image]
     notes = list(ev.notes)
@@ -482,7 +491,7 @@ def _record(spec: AuditSpec, rid: str, chash: str, scen_name: str, label: str, a
             seed: int, attack: Attack, obs_list: list[Observation], truths: list[Any], recs: list[Any],
             lpips_metric: Any, analyzer: Any, timings: dict[str, float], analyzer_note: str | None = None,
             training: dict[str, Any] | None = None, *, galleries: list[Gallery | None] | None = None,
-            classifiers: dict[str, AttributeClassifier] | None = None) -> CellResult:
+            classifiers: dict[str, AttributeClassifier] | None = None, user_level: bool = False) -> CellResult:
     t0 = time.perf_counter()
     parts, per_image, notes, originals, reconstructions = [], [], [], [], []
     metrics: dict[str, Any] = {}
@@ -494,7 +503,8 @@ def _record(spec: AuditSpec, rid: str, chash: str, scen_name: str, label: str, a
         for c, (truth, rec) in enumerate(zip(truths, recs)):
             m, rows, n, ev = _evaluate_one(truth, rec, lpips_metric, analyzer,
                                            gallery=galleries[c] if galleries else None,
-                                           identities=has_identities(spec), classifiers=classifiers)
+                                           identities=has_identities(spec), classifiers=classifiers,
+                                           user_level=user_level)
             parts.append(m)
             per_image += [{**row, "client": c} if len(recs) > 1 else row for row in rows]
             notes += [x for x in n if x not in notes]

@@ -143,3 +143,45 @@ def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote():
     print(f"DiffULA {hits}/{users} users' digit right, IG majority vote {hits_ig}/{users}")
     assert hits / users >= 0.4, (hits, hits_ig)
     assert hits > hits_ig, (hits, hits_ig)
+
+
+@needs_prior
+def test_a_run_with_diffula_scores_every_attack_at_user_level_too(tmp_path):
+    """DiffULA's record and IG's in the same run both carry the all-pairs user_ metrics (the fair comparison
+    of seed 003); a run without a user-level attack keeps its records and hashes as they were."""
+    from giaudit.audit import plan_cells, run_audit
+    from giaudit.config import load_config
+
+    base = """
+name = "ul"
+seeds = [0]
+[data]
+source = "mnist5k"
+size = 32
+[scenario]
+model = "lenet_relu"
+batch_size = 4
+[attacks.ig]
+iterations = 3
+[output]
+lpips = false
+"""
+    with_diffula = base + "[attacks.diffula]\niterations = 2\nt_star = 20\ndenoise_steps = 2\n"
+    (tmp_path / "a.toml").write_text(with_diffula)
+    (tmp_path / "b.toml").write_text(base)
+    spec = load_config(tmp_path / "a.toml")
+    store = run_audit(spec, tmp_path / "run", show_progress=False)
+    recs = {r.attack: r for r in store.records}
+    assert set(recs) == {"ig", "diffula"}
+    for r in recs.values():
+        assert {"user_mse_mean", "user_psnr_db_mean", "user_ssim_mean"} <= set(r.metrics), r.attack
+    d = recs["diffula"].metrics
+    assert d["user_psnr_db_mean"] == pytest.approx(d["psnr_db_mean"], rel=1e-4)
+    assert recs["ig"].metrics["user_psnr_db_mean"] <= recs["ig"].metrics["psnr_db_mean"] + 1e-6
+    plain = load_config(tmp_path / "b.toml")
+    ig_a = next(c for c in plan_cells(spec, "none") if c.attack == "ig")
+    ig_b = next(c for c in plan_cells(plain, "none") if c.attack == "ig")
+    assert ig_a.record_id == ig_b.record_id and ig_a.config_hash != ig_b.config_hash
+    store_b = run_audit(plain, tmp_path / "run_b", show_progress=False)
+    assert not any(k.startswith("user_") for r in store_b.records for k in r.metrics)
+    assert store_b.records[0].metrics["psnr_db_mean"] == recs["ig"].metrics["psnr_db_mean"]

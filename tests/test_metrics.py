@@ -110,6 +110,31 @@ def test_metric_input_errors():
 
 
 # ----------------------------------------------------------------------------- evaluate
+def test_user_level_scores_every_pair_and_do_not_flatter_a_sample_level_copy():
+    """A perfect sample-level reconstruction (a permuted copy) scores 100 dB on Hungarian pairs, but at user
+    level its mean over all pairs is that of comparing different images; a representative image repeated per
+    element scores the same both ways (its Hungarian pairs are all pairs)."""
+    g = _gen(4)
+    images = torch.rand(6, 1, 16, 16, generator=g)
+    labels = torch.zeros(6, dtype=torch.long)
+    unavailable = LPIPSMetric(None, "LPIPS unavailable: test")
+    truth = GroundTruth(images=images, labels=labels)
+    copy = Reconstruction(images=images.flip(0), labels=labels, label_source="oracle", trace=_trace())
+    ev = evaluate(copy, truth, lpips=unavailable, user_level=True)
+    pairs = [(i, j) for i in range(6) for j in range(6)]
+    by_hand = sum(min(float(psnr(images[i:i + 1], images[j:j + 1])), PSNR_CAP_DB) for i, j in pairs) / 36
+    assert ev.aggregate["psnr_db_mean"] == PSNR_CAP_DB
+    assert ev.aggregate["user_psnr_db_mean"] == pytest.approx(by_hand, rel=1e-5)
+    assert ev.aggregate["user_psnr_db_mean"] < 30
+    assert "user_lpips_mean" not in ev.aggregate
+    rep = Reconstruction(images=images.mean(0, keepdim=True).expand(6, -1, -1, -1).clone(), labels=labels,
+                         label_source="oracle", trace=_trace())
+    ev = evaluate(rep, truth, lpips=unavailable, user_level=True)
+    for k in ("mse", "psnr_db", "ssim"):
+        assert ev.aggregate[f"user_{k}_mean"] == pytest.approx(ev.aggregate[f"{k}_mean"], rel=1e-5), k
+    assert "user_psnr_db_mean" not in evaluate(rep, truth, lpips=unavailable).aggregate
+
+
 def test_evaluate_on_a_permuted_copy():
     g = _gen(3)
     images = torch.rand(5, 1, 28, 28, generator=g)

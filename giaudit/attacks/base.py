@@ -192,6 +192,9 @@ class Attack(Configurable):
 
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
+    # One representative image per user batch (DiffULA) rather than one image per sample: an audit that runs
+    # such an attack scores every attack of the run at user level as well (metrics.evaluate, user_ keys).
+    user_level: ClassVar[bool] = False
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False) -> None:
         check_choice("labels", labels, LABEL_METHODS)

@@ -25,6 +25,7 @@ METRIC_NAMES = (
     "face_detection_rate", "face_detection_batch", "identity_similarity", "identity_match_rate",
     "gender_accuracy", "race_accuracy", "age_abs_error",
     "reid_rank1", "reid_rank5", "reid_gallery_size", "reid_scored",
+    "user_mse", "user_psnr_db", "user_ssim", "user_lpips",
 )
 # Attribute classifiers (`giaudit attribute train`) add attribute_NAME_accuracy and attribute_NAME_chance.
 _ATTRIBUTE = re.compile(r"^attribute_[A-Za-z0-9_]+_(accuracy|chance)$")

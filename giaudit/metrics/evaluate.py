@@ -20,6 +20,13 @@ Conventions (from the defender's side, "worst" means "most leaked"):
   a note counts the capped pairs.
 - Reconstructed pixels are clamped to [0, 1] before scoring (that is the image
   anyone would look at); a note gives the share of values clamped.
+
+User level (DiffULA, seed 003: one client batch holds one user's images): with
+`user_level=True` the aggregate also holds `user_mse_mean`, `user_psnr_db_mean`,
+`user_ssim_mean` and `user_lpips_mean`, the means over *every* (reconstruction,
+original) pair. A representative image scores the same both ways; a sample-level
+attack's Hungarian pairs pick each reconstruction's best original, which the
+paper shows flatters it, so a user-level comparison reads the `user_` values.
 """
 from __future__ import annotations
 
@@ -75,9 +82,28 @@ def _labels(y: Tensor, n: int, what: str) -> Tensor:
     return y.long()
 
 
+def user_level_scores(rec: Tensor, orig: Tensor, lpips: LPIPSMetric | None) -> dict[str, float]:
+    """Means over every (reconstruction, original) pair of two [0, 1] batches (identical reconstructions,
+    e.g. a representative image repeated per batch element, are scored once)."""
+    distinct = [0]
+    for j in range(1, rec.shape[0]):
+        if not any(torch.equal(rec[j], rec[k]) for k in distinct):
+            distinct.append(j)
+    r, n = len(distinct), orig.shape[0]
+    a = rec[distinct].repeat_interleave(n, dim=0)
+    b = orig.repeat(r, 1, 1, 1)
+    out = {"user_mse_mean": float(mse(a, b).mean()),
+           "user_psnr_db_mean": float(psnr(a, b).clamp(max=PSNR_CAP_DB).mean()),
+           "user_ssim_mean": float(ssim(a, b).mean())}
+    if lpips is not None and lpips.available:
+        out["user_lpips_mean"] = float(lpips(a, b).mean())
+    return out
+
+
 def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
-             lpips: LPIPSMetric | None = None) -> Evaluation:
-    """Pair, measure and rank. `lpips=None` loads the default (`load_lpips()`)."""
+             lpips: LPIPSMetric | None = None, user_level: bool = False) -> Evaluation:
+    """Pair, measure and rank. `lpips=None` loads the default (`load_lpips()`). `user_level` adds the
+    all-pairs `user_` means (module docstring)."""
     orig = _images(truth.images, "ground-truth")
     rec = _images(reconstruction.images, "reconstruction")
     lo, hi = float(orig.min()), float(orig.max())
@@ -142,6 +168,8 @@ def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
         aggregate["lpips_mean"] = float(lp.mean())
         aggregate["lpips_worst"] = float(lp.min())
     aggregate["label_accuracy"] = label_accuracy(y_pred, y_true)
+    if user_level:
+        aggregate.update(user_level_scores(rec, orig, metric))
 
     idx = torch.tensor(order, dtype=torch.long)
     return Evaluation(
