@@ -237,3 +237,17 @@ def split_indices(n: int, holdout: float, generator: torch.Generator,
     perm = torch.randperm(n, generator=generator)
     k = int(round(n * holdout))
     return perm[k:], perm[:k]
+
+
+def digit_user(data: ImageDataset, candidates: torch.Tensor, digit: int, size: int,
+               generator: torch.Generator) -> ImageDataset:
+    """One user's batch for the user-level digit task (DiffULA, seed 003, made so labels do not give the
+    answer away): `size` images of `digit` drawn from the indices `candidates`, labelled with their parity
+    (the federated task is binary; the private attribute is the digit)."""
+    cand = candidates[data.labels[candidates] == digit]
+    if len(cand) < size:
+        raise DataError(f"digit_user: {len(cand)} images of digit {digit} to draw from, a user needs {size}")
+    idx = cand[torch.randperm(len(cand), generator=generator)[:size]]
+    spec = DataSpec(data.spec.channels, data.spec.height, data.spec.width, 2, data.spec.value_range,
+                    f"{data.spec.name}-parity")
+    return ImageDataset(data.images[idx], data.labels[idx] % 2, spec)

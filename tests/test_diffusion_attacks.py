@@ -110,26 +110,22 @@ def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote():
     and more often than the majority vote of IG's 16 reconstructions on the same batches."""
     from giaudit.attacks.diffula import DiffULA
     from giaudit.attacks.ig import InvertingGradients
-    from giaudit.data import ImageDataset, load_mnist5k
+    from giaudit.data import digit_user, load_mnist5k
     from giaudit.priors.quality import digit_classifier
     from giaudit.scenario.client import Scenario
     from giaudit.scenario.models import build_model
-    from giaudit.types import DataSpec
 
     data = load_mnist5k(size=32)
     pool_idx = torch.arange(0, len(data), 5)          # never seen by the prior
     clf_idx, user_idx = pool_idx[(pool_idx // 5) % 2 == 0], pool_idx[(pool_idx // 5) % 2 == 1]
     clf = digit_classifier(data.images[clf_idx], data.labels[clf_idx], steps=300)
-    spec = DataSpec(1, 32, 32, 2, (0.0, 1.0), "mnist-parity")
     diffula = DiffULA(prior=PRIOR, t_min=300, denoise_steps=10)
     ig = InvertingGradients()
     users, hits, hits_ig = 20, 0, 0
     for u in range(users):
         digit = u % 10
         g = torch.Generator().manual_seed(u)
-        cand = user_idx[data.labels[user_idx] == digit]
-        idx = cand[torch.randperm(len(cand), generator=g)[:16]]
-        user = ImageDataset(data.images[idx], data.labels[idx] % 2, spec)
+        user = digit_user(data, user_idx, digit, 16, g)
         model = build_model("lenet_relu", channels=1, num_classes=2, size=32,
                             generator=torch.Generator().manual_seed(1000 + u))
         obs, truth = Scenario(model, user, ClientProtocol(), 16, threat_model(surrogate_data=True)).simulate(

@@ -95,6 +95,32 @@ def test_gias_restarts_halve_through_both_phases(mnist32):
     assert torch.allclose(rec.images, alone.images.clamp(0, 1), atol=1e-5)
 
 
+def test_gidm_plus_restarts_halve_through_both_phases():
+    """GIDM and GIDM+ run on the same pausable two-phase loop: a halved GIDM+ run's winner (image, t, eps and
+    timestep distribution carried across the pause) equals its restart run alone."""
+    from giaudit.data import load_digits
+    from giaudit.priors.ddpm import DDPMConfig, untrained_ddpm
+    from giaudit.scenario.diffusion import DiffusionScenario
+
+    fed = untrained_ddpm(DDPMConfig(size=16, channels=1, block_out_channels=(8, 16), norm_num_groups=4), 0)
+    sc = DiffusionScenario(fed.unet, fed.alphas_cumprod, load_digits(size=16), ClientProtocol(), 1,
+                           threat_model(diffusion_noise=False))
+    obs = sc.simulate(generator=torch.Generator().manual_seed(5))[0]
+    attack = build_attack("gidm_plus", latent_iterations=4, pixel_iterations=8, sampler_steps=2)
+    assert attack.pausable() and build_attack("gidm").pausable()
+    rec = attack.reconstruct(obs, budget=Budget(iterations=12, restarts=4, halving=3, workers=1),
+                             rng=torch.Generator().manual_seed(2))
+    assert [c["at"] for c in rec.trace.extra["halving"]["cuts"]] == [3, 6]   # one cut inside each phase
+    gen = torch.Generator().manual_seed(2)
+    labels, _ = attack.labels_for(obs, gen)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (4,), generator=gen)]
+    alone = attack.run_restart(obs, labels, Budget(iterations=12), torch.Generator().manual_seed(
+        seeds[rec.trace.best_restart]), None)
+    assert rec.trace.losses == pytest.approx(alone.losses, rel=1e-5, abs=1e-7)
+    assert rec.trace.extra["t_probs"][0] == pytest.approx(alone.extra["t_probs"][0], rel=1e-5)
+    assert torch.allclose(rec.images, alone.images, atol=1e-5)
+
+
 def test_an_error_inside_a_restart_process_reaches_the_caller(obs):
     """A restart that fails in its worker process raises the attack's own error, not a broken pipe."""
     attack = build_attack("ig", bn_weight=0.1)  # the observation carries no BN statistics

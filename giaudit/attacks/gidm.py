@@ -27,18 +27,22 @@ The trace keeps each phase's losses (`extra["phase_losses"]`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, RestartResult
 from giaudit.errors import ConfigError, ThreatModelError
 from giaudit.fl_diffusion import diffusion_update
 from giaudit.priors.ddpm import as_ddpm, ddim_sample, from_model
 from giaudit.registry import check_choice, check_number
 from giaudit.types import Capability, DiffusionInfo, Observation
+
+# One update evaluation of a phase: (images, the phase's variable, iteration) -> (value, gradients by id).
+Evaluate = Callable[[Tensor, Tensor, int], tuple[float, dict[int, Tensor]]]
 
 
 def diffusion_info(obs: Observation, attack: str) -> DiffusionInfo:
@@ -124,58 +128,66 @@ class GIDM(Attack):
         return t, eps, f"assumed t={int(t[0])}, random eps"
 
     # -- the attack ----------------------------------------------------------------------------
-    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
-                    progress: Progress | None) -> RestartResult:
-        info = diffusion_info(obs, self.name)
+    def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         n = labels.numel()
-        lat_iters, pix_iters = self.phase_budgets(budget)
         t, eps, source = self.client_noise(obs, n, generator)
         distance = DISTANCES[self.distance]
         protocol = self.protocol_for(obs)
         target = obs.update.tensors
-        model, ac = obs.model, info.alphas_cumprod
+        model, ac = obs.model, diffusion_info(obs, self.name).alphas_cumprod
 
-        def match(x: Tensor) -> Tensor:
-            return distance(diffusion_update(model, x, t, eps, ac, protocol, create_graph=True), target)
+        def evaluate(x: Tensor, data: Tensor, i: int) -> tuple[float, dict[int, Tensor]]:
+            loss = distance(diffusion_update(model, x, t, eps, ac, protocol, create_graph=True), target)
+            (g,) = torch.autograd.grad(loss, data)
+            return float(loss.detach()), {id(data): g}
 
+        return (yield from self.two_phases(obs, labels, budget, generator, evaluate, {"t_eps": source}))
+
+    def two_phases(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+                   evaluate: Evaluate, extra: dict[str, Any],
+                   others: Sequence[tuple[torch.optim.Optimizer, Tensor]] = ()) -> Descent:
+        """Phase 1 (Adam on the sampler's initial noise `z`, through the DDIM sampler) then phase 2 (Adam on
+        the pixels, clamped to the data range, from phase 1's best image), one update evaluation per iteration.
+
+        `evaluate(x, data, i)` scores the images `x` (made from the phase's variable `data`) at iteration `i`
+        and returns (value, gradients by `id` of the variables it updates this iteration); `data` and each
+        variable of `others` (optimiser, tensor) with a gradient then take one step. Yields the best value so
+        far after each iteration (pausable restarts); the trace keeps each phase's losses."""
+        n = labels.numel()
+        lat_iters, pix_iters = self.phase_budgets(budget)
         phase_losses: dict[str, list[float]] = {"latent": [], "pixel": []}
         x_best = self.initial_images(obs, n, generator)
         best = float("inf")
-        extra: dict[str, Any] = {"t_eps": source}
+        i = 0
+
+        def step(x: Tensor, data: Tensor, opt: torch.optim.Optimizer, phase: str) -> None:
+            nonlocal best, x_best, i
+            value, grads = evaluate(x, data, i)
+            phase_losses[phase].append(value)
+            if value < best:  # before the step moves `data` (in phase 2 it is `x` itself)
+                best, x_best = value, x.detach().clone()
+            for o, var in ((opt, data), *others):
+                if id(var) in grads:
+                    var.grad = grads[id(var)]
+                    o.step()
+            i += 1
+
         if lat_iters:
             unet, sac, desc = self.sampler_for(obs)
             extra["sampler"] = desc
             z = torch.randn((n, *obs.data_spec.shape), generator=generator).requires_grad_(True)
             opt = torch.optim.Adam([z], lr=self.latent_lr)
             for _ in range(lat_iters):
-                x = from_model(ddim_sample(unet, sac, z, self.sampler_steps))
-                loss = match(x)
-                (g,) = torch.autograd.grad(loss, z)
-                value = float(loss.detach())
-                phase_losses["latent"].append(value)
-                if value < best:
-                    best, x_best = value, x.detach().clone()
-                z.grad = g
-                opt.step()
-                if progress is not None:
-                    progress(1)
+                step(from_model(ddim_sample(unet, sac, z, self.sampler_steps)), z, opt, "latent")
+                yield best
         lo, hi = obs.data_spec.value_range
         x = x_best.clamp(lo, hi).clone().requires_grad_(True)
-        best = float("inf") if pix_iters else best
+        floor, best = best, (float("inf") if pix_iters else best)
         opt = torch.optim.Adam([x], lr=self.pixel_lr)
         for _ in range(pix_iters):
-            loss = match(x)
-            (g,) = torch.autograd.grad(loss, x)
-            value = float(loss.detach())
-            phase_losses["pixel"].append(value)
-            if value < best:
-                best, x_best = value, x.detach().clone()
-            x.grad = g
-            opt.step()
+            step(x, x, opt, "pixel")
             with torch.no_grad():
                 x.clamp_(lo, hi)
-            if progress is not None:
-                progress(1)
+            yield min(floor, best)  # a paused restart is ranked by the best of both phases so far
         extra["phase_losses"] = phase_losses
-        losses = phase_losses["latent"] + phase_losses["pixel"]
-        return RestartResult(x_best, labels, losses, best, extra=extra)
+        return RestartResult(x_best, labels, phase_losses["latent"] + phase_losses["pixel"], best, extra=extra)

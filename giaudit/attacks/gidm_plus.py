@@ -19,16 +19,15 @@ parametrisation; the choices above are ours.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES
-from giaudit.attacks.base import ATTACKS, Budget, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Budget, Descent
 from giaudit.attacks.gidm import GIDM, diffusion_info
 from giaudit.fl_diffusion import diffusion_update
-from giaudit.priors.ddpm import ddim_sample, from_model
 from giaudit.registry import check_number
 from giaudit.types import Capability, Observation
 
@@ -58,12 +57,10 @@ class GIDMPlus(GIDM):
         self.t_grid, self.t_lr, self.eps_lr = t_grid, t_lr, eps_lr
         self.temperature_end, self.alternate = temperature_end, alternate
 
-    def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
-                    progress: Progress | None) -> RestartResult:
+    def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         info = diffusion_info(obs, self.name)
         n = labels.numel()
-        lat_iters, pix_iters = self.phase_budgets(budget)
-        total = max(1, lat_iters + pix_iters)
+        total = max(1, sum(self.phase_budgets(budget)))
         distance = DISTANCES[self.distance]
         protocol = self.protocol_for(obs)
         target = obs.update.tensors
@@ -71,69 +68,27 @@ class GIDMPlus(GIDM):
         grid = timestep_grid(info.num_train_timesteps, self.t_grid).expand(n, -1)
         eps = torch.randn((n, *obs.data_spec.shape), generator=generator).requires_grad_(True)
         logits = torch.zeros((n, self.t_grid), requires_grad=True)
-        opt_eps = torch.optim.Adam([eps], lr=self.eps_lr)
-        opt_t = torch.optim.Adam([logits], lr=self.t_lr)
-        step = 0
+        others = ((torch.optim.Adam([eps], lr=self.eps_lr), eps), (torch.optim.Adam([logits], lr=self.t_lr), logits))
 
-        def weights() -> Tensor:
-            tau = self.temperature_end ** (step / total)
+        def weights(i: int) -> Tensor:
+            tau = self.temperature_end ** (i / total)
             return torch.softmax(logits / tau, dim=1)
 
-        def evaluate(x: Tensor, data: Tensor) -> tuple[float, Tensor | None, Tensor | None, Tensor | None]:
-            """One update evaluation; gradients for the blocks updated this iteration."""
-            trial = diffusion_update(model, x, grid, eps, ac, protocol, weights=weights(), create_graph=True)
+        def evaluate(x: Tensor, data: Tensor, i: int) -> tuple[float, dict[int, Tensor]]:
+            """One update evaluation; gradients for the blocks updated this iteration (data, eps, t in turn)."""
+            trial = diffusion_update(model, x, grid, eps, ac, protocol, weights=weights(i), create_graph=True)
             loss = distance(trial, target)
-            which = step % 3 if self.alternate else -1
+            which = i % 3 if self.alternate else -1
             blocks = {0: [data], 1: [eps], 2: [logits]}.get(which, [data, eps, logits])
             grads = torch.autograd.grad(loss, blocks)
-            out: dict[int, Tensor] = {id(b): g for b, g in zip(blocks, grads)}
-            return float(loss.detach()), out.get(id(data)), out.get(id(eps)), out.get(id(logits))
+            return float(loss.detach()), {id(b): g for b, g in zip(blocks, grads)}
 
-        def apply(opt_data: torch.optim.Optimizer, data: Tensor, gd: Tensor | None, ge: Tensor | None,
-                  gt: Tensor | None) -> None:
-            for opt, var, g in ((opt_data, data, gd), (opt_eps, eps, ge), (opt_t, logits, gt)):
-                if g is not None:
-                    var.grad = g
-                    opt.step()
-
-        phase_losses: dict[str, list[float]] = {"latent": [], "pixel": []}
-        x_best = self.initial_images(obs, n, generator)
-        best = float("inf")
-        extra: dict[str, Any] = {"t_eps": "private: estimated"}
-        if lat_iters:
-            unet, sac, desc = self.sampler_for(obs)
-            extra["sampler"] = desc
-            z = torch.randn((n, *obs.data_spec.shape), generator=generator).requires_grad_(True)
-            opt_z = torch.optim.Adam([z], lr=self.latent_lr)
-            for _ in range(lat_iters):
-                x = from_model(ddim_sample(unet, sac, z, self.sampler_steps))
-                value, gd, ge, gt = evaluate(x, z)
-                phase_losses["latent"].append(value)
-                if value < best:
-                    best, x_best = value, x.detach().clone()
-                apply(opt_z, z, gd, ge, gt)
-                step += 1
-                if progress is not None:
-                    progress(1)
-        lo, hi = obs.data_spec.value_range
-        x = x_best.clamp(lo, hi).clone().requires_grad_(True)
-        best = float("inf") if pix_iters else best
-        opt_x = torch.optim.Adam([x], lr=self.pixel_lr)
-        for _ in range(pix_iters):
-            value, gd, ge, gt = evaluate(x, x)
-            phase_losses["pixel"].append(value)
-            if value < best:
-                best, x_best = value, x.detach().clone()
-            apply(opt_x, x, gd, ge, gt)
-            with torch.no_grad():
-                x.clamp_(lo, hi)
-            step += 1
-            if progress is not None:
-                progress(1)
+        result = yield from self.two_phases(obs, labels, budget, generator, evaluate,
+                                            {"t_eps": "private: estimated"}, others)
         with torch.no_grad():
-            probs = weights()
+            probs = weights(len(result.losses))
         g0 = grid[0]
-        extra.update({"phase_losses": phase_losses, "t_grid": g0.tolist(), "t_probs": probs.tolist(),
-                      "t_estimate": g0[probs.argmax(1)].tolist(),
-                      "t_mean": (probs * g0.float()).sum(1).tolist()})
-        return RestartResult(x_best, labels, phase_losses["latent"] + phase_losses["pixel"], best, extra=extra)
+        result.extra.update({"t_grid": g0.tolist(), "t_probs": probs.tolist(),
+                             "t_estimate": g0[probs.argmax(1)].tolist(),
+                             "t_mean": (probs * g0.float()).sum(1).tolist()})
+        return result
