@@ -101,12 +101,12 @@ def build_scenario(spec: AuditSpec, seed: int) -> tuple[AnyScenario, ImageDatase
     if s["model"] == "ddpm_unet":
         unet, schedule = diffusion_global_model(data.spec, s.get("diffusion_prior"), s.get("width"),
                                                 s["pretrain_steps"], gen)
-        return DiffusionScenario(unet, schedule, pool, protocol, s["batch_size"], threat), held
+        return DiffusionScenario(unet, schedule, pool, protocol, s["batch_size"], threat, s["client_data"]), held
     model = build_model(s["model"], channels=data.spec.channels, num_classes=data.spec.num_classes,
                         size=data.spec.height, width=s.get("width"), generator=gen)
     pretrain(model, pool, s["pretrain_steps"], gen)
     model.train(s["bn_mode"] == "train")
-    return Scenario(model, pool, protocol, s["batch_size"], threat), held
+    return Scenario(model, pool, protocol, s["batch_size"], threat, s["client_data"]), held
 
 
 def spec_threat(spec: AuditSpec) -> ThreatModel:

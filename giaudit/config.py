@@ -75,6 +75,7 @@ class ScenarioSection:
     diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
     capture: str | None = None        # a captured real update (giaudit.integrations.flower) instead of a simulation
     model_factory: str | None = None  # with capture: "module:function" building the deployed model
+    client_data: str = "iid"          # iid, or one_label: a client's batch shares one label (one user's images)
 
     def __post_init__(self) -> None:
         if (self.capture is None) != (self.model_factory is None):
@@ -88,10 +89,14 @@ class ScenarioSection:
             if self.checkpoints is not None:
                 raise ParamError("checkpoints", "a capture is one round of a real training; remove "
                                  "scenario.checkpoints when scenario.capture is set (capture each round instead)")
+            if self.client_data != "iid":
+                raise ParamError("client_data", "a capture holds the batch the real client used; remove "
+                                 "scenario.client_data when scenario.capture is set")
             if self.diffusion_prior is not None:
                 raise ParamError("diffusion_prior", "the captured model comes from scenario.model_factory; "
                                  "remove scenario.diffusion_prior when scenario.capture is set")
         check_choice("model", self.model, sorted(MODELS))
+        check_choice("client_data", self.client_data, ("iid", "one_label"))
         check_number("clients_per_seed", self.clients_per_seed, low=1)
         if self.checkpoints is not None:
             if not self.checkpoints or not all(type(r) is int and r >= 0 for r in self.checkpoints):

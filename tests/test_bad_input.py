@@ -74,6 +74,11 @@ CONFIGS = {
     "data source": (cfg(data='source = "imagenet"'), "data.source: unknown source 'imagenet'"),
     "folder without path": (cfg(data='source = "folder"'), "data.path: required when data.source = 'folder'"),
     "budget key type": (cfg("[attacks.ig]\npatience = 1.5\n"), "attacks.ig.patience: expected an integer"),
+    "client_data choice": (cfg().replace('model = "lenet"', 'model = "lenet"\nclient_data = "by_user"'),
+                           "scenario.client_data: unknown"),
+    "client_data with capture": (cfg().replace('model = "lenet"', 'model = "lenet"\nclient_data = "one_label"\n'
+                                               'capture = "c.npz"\nmodel_factory = "m:f"'),
+                                 "scenario.client_data: a capture holds the batch"),
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from giaudit.errors import ConfigError
 from giaudit.fl import compute_update
 from giaudit.types import ClientProtocol, Disclosure, ReplayRule, SharedUpdate
 
@@ -29,6 +30,23 @@ Compute = Callable[[nn.Module, Tensor, Tensor, ClientProtocol], tuple[Tensor, ..
 def uniform_sampler(labels: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
     """Draw `batch_size` distinct indices uniformly from the pool."""
     return torch.randperm(labels.numel(), generator=generator)[:batch_size]
+
+
+def one_label_sampler(labels: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
+    """`batch_size` distinct images sharing one label, drawn uniformly among the labels that have that many:
+    one user's batch when labels are people (ORL subfolders), the user-level setting of DiffULA (seed 003)."""
+    counts = torch.bincount(labels)
+    eligible = (counts >= batch_size).nonzero().flatten()
+    if eligible.numel() == 0:
+        raise ConfigError(f"scenario.client_data = 'one_label': no label has {batch_size} images in the pool "
+                          f"(at most {int(counts.max())}); lower scenario.batch_size")
+    label = eligible[torch.randint(0, eligible.numel(), (1,), generator=generator)]
+    idx = (labels == label).nonzero().flatten()
+    return idx[torch.randperm(idx.numel(), generator=generator)[:batch_size]]
+
+
+# scenario.client_data: how a client's private batch is drawn from its pool.
+SAMPLERS: dict[str, Sampler] = {"iid": uniform_sampler, "one_label": one_label_sampler}
 
 
 def default_compute(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol) -> tuple[Tensor, ...]:

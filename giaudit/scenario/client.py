@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from giaudit.data import ImageDataset
-from giaudit.defenses.base import Chain, ClientStep, Defense
+from giaudit.defenses.base import SAMPLERS, Chain, ClientStep, Defense
 from giaudit.errors import ConfigError
 from giaudit.fl import BNStatsRecorder
 from giaudit.threat import observe
@@ -43,15 +43,16 @@ def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.
 
 
 def configure_client(pool: ImageDataset, model: nn.Module, protocol: ClientProtocol, batch_size: int,
-                     defenses: Chain | Defense | None, generator: torch.Generator | None
-                     ) -> tuple[torch.Generator, Chain, ClientStep]:
+                     defenses: Chain | Defense | None, generator: torch.Generator | None,
+                     client_data: str = "iid") -> tuple[torch.Generator, Chain, ClientStep]:
     """The client's step as its defenses configure it, checked against its pool (every scenario starts here).
+    `client_data` names how the private batch is drawn (`SAMPLERS`: iid, or one_label for one user's batch).
 
     Returns the generator (seed 0 when none is given), the defenses as one chain, and the configured step.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
-    step = defense.configure(ClientStep(protocol, batch_size, pool.spec.num_classes,
+    step = defense.configure(ClientStep(protocol, batch_size, pool.spec.num_classes, sampler=SAMPLERS[client_data],
                                         context={"pool": pool, "model": model}))
     if step.batch_size > len(pool):
         raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
@@ -66,11 +67,12 @@ class Scenario:
     protocol: ClientProtocol
     batch_size: int
     threat: ThreatModel
+    client_data: str = "iid"  # how the private batch is drawn (configure_client)
 
     def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
         gen, defense, step = configure_client(self.pool, self.model, self.protocol, self.batch_size, defenses,
-                                              generator)
+                                              generator, self.client_data)
         # A defense may replace the global model (DP-SGD converting BatchNorm to
         # GroupNorm); the client trains, and the attacker observes, that model.
         global_model = step.context.get("model", self.model)

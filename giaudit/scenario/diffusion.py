@@ -40,11 +40,12 @@ class DiffusionScenario:
     protocol: ClientProtocol
     batch_size: int
     threat: ThreatModel
+    client_data: str = "iid"      # how the private batch is drawn (configure_client)
 
     def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
         gen, defense, step = configure_client(self.pool, self.model, self.protocol, self.batch_size, defenses,
-                                              generator)
+                                              generator, self.client_data)
         if step.compute is not default_compute or step.context.get("model", self.model) is not self.model:
             raise ConfigError(f"defenses: {defense.describe()} changes how a classifier computes its update; "
                               "on scenario.model = 'ddpm_unet' only defenses that transform the shared update "
