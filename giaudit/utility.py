@@ -58,7 +58,7 @@ UtilitySettings = TrainingSettings  # the name compare's callers know
 
 CACHE_VERSION = 1
 SHIPPED = Path(__file__).resolve().parent / "assets" / "utility"
-AUDIT_ONLY_KEYS = ("clients_per_seed", "checkpoints", "bn_mode")  # do not change the training
+AUDIT_ONLY_KEYS = ("clients_per_seed", "checkpoints", "bn_mode", "client_data")  # do not change the training
 
 
 def user_cache() -> Path:
