@@ -42,7 +42,7 @@ from giaudit.defenses import Chain, build_chain
 from giaudit.engine import Engine, LocalEngine, in_worker
 from giaudit.io import atomic_write_bytes
 from giaudit.metrics.attributes import AttributeClassifier, score_attributes
-from giaudit.metrics.evaluate import evaluate
+from giaudit.metrics.evaluate import distinct_rows, evaluate
 from giaudit.metrics.faces import (
     FaceBackendUnavailable,
     Gallery,
@@ -460,10 +460,36 @@ def _evaluate_one(truth: Any, rec: Any, lpips_metric: Any, analyzer: Any, *, gal
         for row, extra in zip(per_image, rows):
             row.update(extra)
         notes.extend(attr_notes)
+    if user_level and (analyzer is not None or classifiers):
+        metrics.update(_user_level_semantics(ev, labels, metas, analyzer, gallery, identities, classifiers))
     for row, img in zip(per_image, ev.original):
         # Identifies the private image, so comparisons pair the same image across defenses.
         row["image_key"] = hashlib.sha256(numpy.ascontiguousarray(img).tobytes()).hexdigest()[:16]
     return metrics, per_image, notes, ev
+
+
+def _user_level_semantics(ev: Any, labels: list[int], metas: list[dict[str, Any]], analyzer: Any,
+                          gallery: Gallery | None, identities: bool,
+                          classifiers: dict[str, AttributeClassifier] | None) -> dict[str, float]:
+    """The semantic and attribute scores over every (distinct reconstruction, original) pair, user_-prefixed:
+    what a user-level attack claims (one image stands for the whole batch), applied to every attack of the run
+    so sample-level baselines are scored the same way."""
+    keep = distinct_rows(ev.reconstruction)
+    rec, orig = ev.reconstruction[keep], ev.original
+    out: dict[str, float] = {}
+    if analyzer is not None:
+        sem = semantic_metrics(orig, rec, analyzer=analyzer, labels_meta=metas or None, user_level=True,
+                               gallery=gallery, identities=labels if identities else None)
+        out.update(sem.aggregate)
+    if classifiers:
+        n = len(orig)
+        pairs_rec = numpy.repeat(rec, n, axis=0)
+        pairs_orig = numpy.tile(orig, (len(keep), 1, 1, 1))
+        agg, _, _, _ = score_attributes(pairs_orig, pairs_rec, metas * len(keep), labels * len(keep),
+                                        classifiers)
+        out.update(agg)
+    # Counts and chance levels are not leakage measured over pairs: they keep their sample-level names only.
+    return {f"user_{k}": v for k, v in out.items() if not k.endswith(("_chance", "_gallery_size", "_scored"))}
 
 
 _MIN_IS_WORST = ("mse_worst", "lpips_worst", "age_abs_error_worst")

@@ -182,7 +182,7 @@ def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
         key = f"{where}.{metric}"
         if not is_metric(metric):
             raise ConfigError(f"{source}: {key}: unknown metric {metric!r}; known: {', '.join(METRIC_NAMES)} "
-                              "(each also with _mean / _worst, or reference_ before it)")
+                              "(each also with _mean / _worst, or reference_ or user_ before it)")
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{source}: {key} must be a table such as {metric}.max = 0.5, got {spec!r}")
         unknown = sorted(set(spec) - {*OPS, "missing"})

@@ -162,7 +162,10 @@ iterations = 3
 [output]
 lpips = false
 """
-    with_diffula = base + "[attacks.diffula]\niterations = 2\nt_star = 20\ndenoise_steps = 2\n"
+    from giaudit.demo import shipped_digit_classifier
+
+    with_diffula = (base + f"[output.attributes]\ndigit = \"{shipped_digit_classifier()}\"\n"
+                    "[attacks.diffula]\niterations = 2\nt_star = 20\ndenoise_steps = 2\n")
     (tmp_path / "a.toml").write_text(with_diffula)
     (tmp_path / "b.toml").write_text(base)
     spec = load_config(tmp_path / "a.toml")
@@ -174,6 +177,10 @@ lpips = false
     d = recs["diffula"].metrics
     assert d["user_psnr_db_mean"] == pytest.approx(d["psnr_db_mean"], rel=1e-4)
     assert recs["ig"].metrics["user_psnr_db_mean"] <= recs["ig"].metrics["psnr_db_mean"] + 1e-6
+    # Attribute inference both ways: the representative image's digit against every original of the batch.
+    for r in recs.values():
+        assert 0.0 <= r.metrics["user_attribute_digit_accuracy"] <= 1.0 and "user_attribute_digit_chance" not in r.metrics
+    assert d["user_attribute_digit_accuracy"] == pytest.approx(d["attribute_digit_accuracy"])
     plain = load_config(tmp_path / "b.toml")
     ig_a = next(c for c in plan_cells(spec, "none") if c.attack == "ig")
     ig_b = next(c for c in plan_cells(plain, "none") if c.attack == "ig")

@@ -229,3 +229,44 @@ def test_wilson_interval_and_ranks():
     assert lo < 0.5 < hi and hi - 0.5 == pytest.approx(0.5 - lo)
     assert np.isnan(wilson_interval(0, 0)[0])
     assert rank_of(np.array([0.5, 0.1, 0.5, 0.9]), 0) == 2  # ties favour the true candidate
+
+
+@needs_offline
+def test_a_user_level_run_on_orl_scores_identity_over_every_pair(tmp_path):
+    """A run with DiffULA on ORL people (client_data = one_label: a client's batch is one person's photos)
+    scores faces, identity and re-identification over every (reconstruction, original) pair too, for the
+    sample-level attack beside it as well."""
+    from giaudit.audit import run_audit
+    from giaudit.config import load_config
+
+    torch.set_num_threads(1)
+    (tmp_path / "orl.toml").write_text(f"""
+name = "orl-users"
+seeds = [0]
+[data]
+source = "folder"
+path = "{_data("orl")}"
+label_parser = "subfolder"
+size = 32
+[scenario]
+model = "lenet_relu"
+batch_size = 2
+client_data = "one_label"
+[attacks.ig]
+iterations = 3
+[attacks.diffula]
+iterations = 2
+t_star = 20
+denoise_steps = 2
+[output]
+lpips = false
+semantic = "offline"
+""")
+    store = run_audit(load_config(tmp_path / "orl.toml"), tmp_path / "run", show_progress=False)
+    recs = {r.attack: r for r in store.records}
+    for r in recs.values():
+        m = r.metrics
+        assert {"user_face_detection_rate", "user_identity_similarity", "user_reid_rank1"} <= set(m), r.attack
+        assert "user_reid_gallery_size" not in m and m["reid_gallery_size"] == 40
+    d = recs["diffula"].metrics  # one representative image: every pair is a Hungarian pair already
+    assert d["user_identity_similarity"] == pytest.approx(d["identity_similarity"])

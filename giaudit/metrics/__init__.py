@@ -25,15 +25,15 @@ METRIC_NAMES = (
     "face_detection_rate", "face_detection_batch", "identity_similarity", "identity_match_rate",
     "gender_accuracy", "race_accuracy", "age_abs_error",
     "reid_rank1", "reid_rank5", "reid_gallery_size", "reid_scored",
-    "user_mse", "user_psnr_db", "user_ssim", "user_lpips",
 )
+# A run with a user-level attack also scores every (reconstruction, original) pair: the same names, user_-prefixed.
 # Attribute classifiers (`giaudit attribute train`) add attribute_NAME_accuracy and attribute_NAME_chance.
 _ATTRIBUTE = re.compile(r"^attribute_[A-Za-z0-9_]+_(accuracy|chance)$")
 
 
 def is_metric(name: str) -> bool:
-    """`name` is one of METRIC_NAMES, optionally reference_-prefixed and _mean/_worst-suffixed."""
-    base = name.removeprefix("reference_")
+    """`name` is one of METRIC_NAMES, optionally reference_- or user_-prefixed and _mean/_worst-suffixed."""
+    base = name.removeprefix("reference_").removeprefix("user_")
     for suffix in ("_mean", "_worst"):
         base = base.removesuffix(suffix)
     return base in METRIC_NAMES or bool(_ATTRIBUTE.match(base))

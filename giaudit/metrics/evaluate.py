@@ -82,13 +82,21 @@ def _labels(y: Tensor, n: int, what: str) -> Tensor:
     return y.long()
 
 
-def user_level_scores(rec: Tensor, orig: Tensor, lpips: LPIPSMetric | None) -> dict[str, float]:
-    """Means over every (reconstruction, original) pair of two [0, 1] batches (identical reconstructions,
-    e.g. a representative image repeated per batch element, are scored once)."""
+def distinct_rows(rec: Tensor | np.ndarray) -> list[int]:
+    """The rows of a batch that are not copies of an earlier row (a representative image repeated per batch
+    element counts once when scored against every original)."""
+    x = torch.as_tensor(rec)
     distinct = [0]
-    for j in range(1, rec.shape[0]):
-        if not any(torch.equal(rec[j], rec[k]) for k in distinct):
+    for j in range(1, x.shape[0]):
+        if not any(torch.equal(x[j], x[k]) for k in distinct):
             distinct.append(j)
+    return distinct
+
+
+def user_level_scores(rec: Tensor, orig: Tensor, lpips: LPIPSMetric | None) -> dict[str, float]:
+    """Means over every (reconstruction, original) pair of two [0, 1] batches (identical reconstructions
+    are scored once: `distinct_rows`)."""
+    distinct = distinct_rows(rec)
     r, n = len(distinct), orig.shape[0]
     a = rec[distinct].repeat_interleave(n, dim=0)
     b = orig.repeat(r, 1, 1, 1)
