@@ -24,12 +24,13 @@ Checkpoints go through the prior protocol (`giaudit.priors.base`, `giaudit.prior
 The JSON holds ``"format": "giaudit-ddpm/1"``, the architecture (``unet``)
 and the training record (``training``).
 
-The shipped prior ``giaudit/priors/assets/mnist32_ddpm`` was made with
+The shipped prior ``giaudit/priors/assets/mnist32_ddpm`` is reproduced by
 ``giaudit prior train --kind ddpm --data mnist5k --out giaudit/priors/assets/mnist32_ddpm.safetensors
---minutes 70 --seed 0 --threads 1 --batch-size 32 --checkpoint-minutes 5`` (1 817 steps in those 70
-minutes on a loaded 2-core CPU; lr 5e-4, EMA 0.999, holdout_mod 5: the audit pool, every 5th image, is
-never seen). Its samples are digits a held-out classifier labels with confidence >= 0.9 for 0.586 of 256
-(`benchmarks/ddpm_quality.py`; the target is 0.8: it needs more steps). Training
+--steps 5720 --minutes 1000 --seed 0 --threads 1 --batch-size 32`` (constant lr 5e-4 after 200 warm-up steps,
+EMA 0.999, holdout_mod 5: the audit pool, every 5th image, is never seen; 5 720 steps took 100 minutes on a
+loaded 2-core CPU, about 1.05 s a step). Its samples are digits a held-out classifier labels with confidence
+>= 0.9 for 0.719 of 256 (`benchmarks/ddpm_quality.py`; 0.586 after 1 817 steps; the target 0.8 needs more
+steps). Training
 writes an atomic checkpoint (EMA weights) every ``--checkpoint-minutes``, so
 a usable prior exists whenever the run is stopped.
 """
