@@ -10,6 +10,8 @@ Seed 003's face setting on the data of ../shared/data (skips with a message wher
   task is a binary label (the person's index parity). Re-identification: the rank of the true person among
   all 40, each enrolled by the mean embedding of their 2 photos outside every user batch.
 
+A control row, ``prior_only`` (DiffULA with a vanishing matching weight), shows what the prior alone yields.
+
 All attacks attack the same FedSGD update of an untrained LeNet (one per user) and are scored both ways:
 Hungarian pairs and every pair (``user_``; a representative image is one image). The priors are the
 attacker's public data: a face DDPM (DiffULA) and a face GAN (GIAS) trained on the UTKFace images outside
@@ -87,7 +89,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--batches", default=None, help="utkface: 16,32 (default); orl: 8")
     ap.add_argument("--iterations", type=int, default=200)
-    ap.add_argument("--attacks", default="diffula,ig,gias")
+    ap.add_argument("--attacks", default="diffula,prior_only,ig,gias")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -98,8 +100,12 @@ def main() -> None:
     torch.set_flush_denormal(True)
     analyzer = get_analyzer("offline")
     lpips = load_lpips()
-    options = {"diffula": {"prior": a.ddpm, "t_min": 300, "denoise_steps": 10}, "ig": {}, "gias": {"prior": a.gan}}
-    attacks = {name: build_attack(name, **options[name]) for name in a.attacks.split(",")}
+    diffula = {"prior": a.ddpm, "t_min": 300, "denoise_steps": 10}
+    # prior_only: DiffULA with a vanishing matching weight, the control row: what the prior alone says about
+    # a user (the analyzer's bias on generated faces), without the update.
+    options = {"diffula": diffula, "prior_only": {**diffula, "match_weight": 1e-9}, "ig": {}, "gias": {"prior": a.gan}}
+    attacks = {name: build_attack("diffula" if name == "prior_only" else name, **options[name])
+               for name in a.attacks.split(",")}
     rows, references = [], []
     batches = [int(b) for b in (a.batches or ("8" if a.data == "orl" else "16,32")).split(",")]
     for bs in batches:
@@ -142,9 +148,10 @@ def main() -> None:
                 per[name].append({"s": secs, **{k: v for k, v in ev.aggregate.items() if k.endswith("_mean")},
                                   **{f"user_{k}": v for k, v in sem.aggregate.items()},
                                   "face_detection_rate": sem.aggregate["face_detection_rate"]})
+            last = {n: per[n][-1] for n in attacks}
             print(f"batch {bs} user {u} ({what}): " + ", ".join(
-                f"{n} psnr {per[n][-1]['user_psnr_db_mean']:.2f} gender {per[n][-1].get('user_gender_accuracy', -1):.2f}"
-                f" rank1 {per[n][-1].get('user_reid_rank1', -1):.2f}" for n in attacks), flush=True)
+                f"{n} psnr {m['user_psnr_db_mean']:.2f} gender {m.get('user_gender_accuracy', -1):.2f}"
+                f" rank1 {m.get('user_reid_rank1', -1):.2f}" for n, m in last.items()), flush=True)
         for name, vals in per.items():
             row: dict[str, object] = {"attack": name, "batch": bs, "users": len(vals)}
             for k in vals[0]:
@@ -159,9 +166,10 @@ def main() -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ref.items())))
     if gallery is not None:
         print(f"re-identification chance: rank-1 {1 / gallery.size:.3f}, rank-5 {5 / gallery.size:.3f}")
-    print(f"{'attack':>8} {'batch':>5} " + " ".join(f"{k.removesuffix('_mean'):>22}" for k in KEYS) + f" {'s/user':>7}")
+    header = " ".join(f"{k.removesuffix('_mean'):>22}" for k in KEYS)
+    print(f"{'attack':>10} {'batch':>5} {header} {'s/user':>7}")
     for r in rows:
-        print(f"{r['attack']:>8} {r['batch']:>5} "
+        print(f"{r['attack']:>10} {r['batch']:>5} "
               + " ".join(f"{r[k]:22.3f}" if k in r else f"{'-':>22}" for k in KEYS) + f" {r['s']:7.1f}")
 
 

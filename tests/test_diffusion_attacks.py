@@ -179,7 +179,8 @@ lpips = false
     assert recs["ig"].metrics["user_psnr_db_mean"] <= recs["ig"].metrics["psnr_db_mean"] + 1e-6
     # Attribute inference both ways: the representative image's digit against every original of the batch.
     for r in recs.values():
-        assert 0.0 <= r.metrics["user_attribute_digit_accuracy"] <= 1.0 and "user_attribute_digit_chance" not in r.metrics
+        assert 0.0 <= r.metrics["user_attribute_digit_accuracy"] <= 1.0
+        assert "user_attribute_digit_chance" not in r.metrics
     assert d["user_attribute_digit_accuracy"] == pytest.approx(d["attribute_digit_accuracy"])
     plain = load_config(tmp_path / "b.toml")
     ig_a = next(c for c in plan_cells(spec, "none") if c.attack == "ig")

@@ -220,8 +220,8 @@ def test_orl_reidentification_originals_and_noise():
 
 
 def test_wilson_interval_and_ranks():
-    from giaudit.stats import wilson_interval
     from giaudit.metrics.faces.reid import rank_of
+    from giaudit.stats import wilson_interval
 
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and 0.25 < hi < 0.35
