@@ -272,7 +272,7 @@ def _resolve_paths(source: str, data: dict[str, Any], output: dict[str, Any]) ->
             raise ConfigError(f"{source}: data.path: folder {path} does not exist; point it at an image folder")
         data["path"] = str(path)
     for name, folder in (output.get("attributes") or {}).items():
-        p = _resolve(source, folder)
+        p = SHIPPED_CLASSIFIERS[folder]() if folder in SHIPPED_CLASSIFIERS else _resolve(source, folder)
         if not (p / "classifier.json").is_file():
             raise ConfigError(f"{source}: output.attributes.{name}: {p} holds no classifier.json; train one with "
                               f"`giaudit attribute train --data DATA --label {name} --out {folder}`")
@@ -291,3 +291,13 @@ def load_config(path: str | os.PathLike[str]) -> AuditSpec:
 
 def demo_config_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "demo.toml"
+
+
+def shipped_digit_classifier() -> Path:
+    """The digit classifier shipped with the package (`giaudit attribute train --data mnist5k --label label
+    --size 16 --width 16 --epochs 4`: trained on the digits outside the demo's client pool)."""
+    return demo_config_path().parent / "digit_classifier"
+
+
+# output.attributes NAME = "mnist5k-digit": a shipped classifier by name instead of a folder.
+SHIPPED_CLASSIFIERS = {"mnist5k-digit": shipped_digit_classifier}

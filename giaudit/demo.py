@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from giaudit.audit import run_audit
-from giaudit.config import AuditSpec, demo_config_path, load_config
+from giaudit.config import AuditSpec, demo_config_path, load_config, shipped_digit_classifier
 from giaudit.engine import Engine, LocalEngine
 from giaudit.metrics.attributes import CONFIG as CLASSIFIER_JSON
 from giaudit.metrics.attributes import train_attribute_classifier
@@ -63,12 +63,6 @@ def faces_spec() -> AuditSpec:
                         attacks={"ig": {"iterations": 600, "lr": 0.1, "tv_weight": 1e-4}},
                         output={**base.output, "dir": "reports/demo-faces", "semantic": "offline",
                                 "reid_gallery": 50})
-
-
-def shipped_digit_classifier() -> Path:
-    """The digit classifier shipped with the package (`giaudit attribute train --data mnist5k --label label
-    --size 16 --width 16 --epochs 4`: trained on the digits outside the demo's client pool)."""
-    return demo_config_path().parent / "digit_classifier"
 
 
 def _digit_classifier(out: Path, spec: AuditSpec, log: Callable[[str], None]) -> Path:

@@ -162,9 +162,7 @@ iterations = 3
 [output]
 lpips = false
 """
-    from giaudit.demo import shipped_digit_classifier
-
-    with_diffula = (base + f"[output.attributes]\ndigit = \"{shipped_digit_classifier()}\"\n"
+    with_diffula = (base + "[output.attributes]\ndigit = \"mnist5k-digit\"\n"  # the shipped classifier by name
                     "[attacks.diffula]\niterations = 2\nt_star = 20\ndenoise_steps = 2\n")
     (tmp_path / "a.toml").write_text(with_diffula)
     (tmp_path / "b.toml").write_text(base)
