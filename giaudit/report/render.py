@@ -307,6 +307,8 @@ HUMAN = {
     "gender_accuracy": "gender read correctly",
     "race_accuracy": "race read correctly",
     "age_abs_error": "age error (years)",
+    # Fixed columns at sample level; named here for their user_ (every pair) variants.
+    "mse_mean": "MSE mean", "psnr_db_mean": "PSNR (dB) mean", "ssim_mean": "SSIM mean", "lpips_mean": "LPIPS mean",
 }
 _PERCENT_KEYS = re.compile(r"(_rate|_batch|_accuracy|_chance|reid_rank\d)$")
 
@@ -314,6 +316,8 @@ _PERCENT_KEYS = re.compile(r"(_rate|_batch|_accuracy|_chance|reid_rank\d)$")
 def human_metric(key: str) -> str:
     ref = key.startswith("reference_")
     base = key.removeprefix("reference_")
+    if base.startswith("user_"):  # a user-level run scores every (reconstruction, original) pair too
+        return f"{human_metric(base.removeprefix('user_'))}, every pair"
     m = re.match(r"^attribute_(.+)_(accuracy|chance)$", base)
     if m:
         name = m.group(1).replace("_", " ") + (" inferred" if m.group(2) == "accuracy" else " chance")
