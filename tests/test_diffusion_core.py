@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from giaudit.errors import ConfigError, DataError
+from giaudit.errors import ConfigError, DataError, ParamError
 from giaudit.fl_diffusion import diffusion_update, draw
 from giaudit.priors.ddpm import (DDPMConfig, DDPMPrior, build_unet, ddim_sample, load_ddpm, make_scheduler,
-                                 save_ddpm, untrained_ddpm)
+                                 save_ddpm, train_main, untrained_ddpm)
 from giaudit.data import ImageDataset
 from giaudit.scenario.diffusion import DiffusionScenario
 from giaudit.threat import threat_model
@@ -121,6 +121,24 @@ def test_ddpm_prior_save_load_exact(tmp_path):
         assert torch.equal(ddim_sample(p.unet, p.alphas_cumprod, z, 3), ddim_sample(q.unet, q.alphas_cumprod, z, 3))
     save_ddpm(p, tmp_path / "folder")
     assert load_ddpm(tmp_path / "folder").config == p.config
+
+
+def test_ddpm_training_is_seeded_and_resumes_from_a_saved_prior(tmp_path):
+    kw = dict(steps=3, minutes=None, size=16, batch_size=8, width=8, threads=1, show_progress=False)
+    a = load_ddpm(train_main("digits", tmp_path / "a.safetensors", **kw))
+    b = load_ddpm(train_main("digits", tmp_path / "b", **kw))
+    assert a.training["steps"] == 3 and a.training["data"] == "digits" and a.training["holdout_mod"] == 5
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    # two more steps on top of the first three, written over the same file
+    c = load_ddpm(train_main("digits", tmp_path / "a.safetensors", **{**kw, "steps": 2},
+                             resume=tmp_path / "a.safetensors"))
+    assert c.training["steps"] == 5 and c.training["resumed_from"]["steps"] == 3
+    assert c.training["resumed_from"]["name"] == "a" and c.config == a.config
+    assert not all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), c.unet.state_dict().values()))
+    with pytest.raises(DataError, match="--size"):
+        train_main("digits", tmp_path / "d.safetensors", **{**kw, "size": 32}, resume=tmp_path / "a.safetensors")
+    with pytest.raises(ParamError, match="--resume.*nowhere"):
+        train_main("digits", tmp_path / "e.safetensors", **kw, resume=tmp_path / "nowhere.safetensors")
 
 
 def test_ddpm_prior_corrupt_or_wrong_shape_names_the_file(tmp_path):

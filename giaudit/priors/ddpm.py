@@ -326,10 +326,16 @@ def ddpm_loss(unet: torch.nn.Module, alphas_cumprod: Tensor, x0: Tensor, t: Tens
 def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int = 100_000,
                minutes: float | None = None, batch_size: int = 64, lr: float = 5e-4, ema_decay: float = 0.999,
                warmup: int = 200, checkpoint: Callable[[DDPMPrior], None] | None = None,
-               checkpoint_minutes: float = 5.0, show_progress: bool = True) -> DDPMPrior:
+               checkpoint_minutes: float = 5.0, show_progress: bool = True,
+               resume: DDPMPrior | None = None) -> DDPMPrior:
     """Train until `steps` or the wall-time budget `minutes`; returns the EMA model as a prior (eval mode).
 
     `checkpoint(prior)` is called with the current EMA prior every `checkpoint_minutes` and at the end.
+
+    `resume` continues a saved prior: its (EMA) weights start both the trained and the EMA model, the step count
+    goes on from its record (so the EMA decay is already at `ema_decay`) and `steps` counts the new steps only.
+    A checkpoint keeps no optimiser state, so AdamW starts afresh behind a new `warmup`; the batches come from
+    a generator seeded by (seed, steps already done), not a replay of the first run's.
     """
     if steps < 1 or batch_size < 2:
         raise ConfigError("prior.steps must be >= 1 and prior.batch_size >= 2")
@@ -337,8 +343,16 @@ def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int 
         raise DataError(f"prior training images have shape {tuple(images.shape[1:])}, the UNet makes "
                         f"{(config.channels, config.size, config.size)}; set --size/--channels to match")
     torch.set_flush_denormal(True)
-    rng = torch.Generator().manual_seed(seed)
+    done = 0
+    if resume is not None:
+        if resume.config != config:
+            raise DataError(f"--resume {resume.name}: its UNet config {resume.config.to_dict()} differs from this "
+                            f"run's {config.to_dict()}; resume on images of the same size and channels")
+        done = int(resume.training.get("steps", 0))
+    rng = torch.Generator().manual_seed(seed if not done else seed * 1_000_003 + done)
     unet = build_unet(config, seed).train()
+    if resume is not None:
+        unet.load_state_dict(resume.unet.state_dict())
     ema = copy.deepcopy(unet).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -354,23 +368,26 @@ def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int 
 
         bar = tqdm(total=steps, desc="prior ddpm", unit="step")
     losses: list[float] = []
-    step = 0
+    step = done
 
     def make_prior() -> DDPMPrior:
         record = {"steps": step, "seed": seed, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   "train_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
                   "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5),
                   "threads": torch.get_num_threads()}
+        if resume is not None:
+            # the earlier run's record, so the provenance of every step stays with the prior
+            record["resumed_from"] = {"name": resume.name, **resume.training}
         return DDPMPrior(copy.deepcopy(ema).eval(), config, record)
 
-    while step < steps:
+    while step < done + steps:
         if minutes is not None and time.perf_counter() - start > minutes * 60:
             break
         x0 = data[torch.randint(0, n, (batch_size,), generator=rng)]
         t = torch.randint(0, config.num_train_timesteps, (batch_size,), generator=rng)
         noise = torch.randn(x0.shape, generator=rng)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+            g["lr"] = lr * min(1.0, (step - done + 1) / max(1, warmup))
         loss = ddpm_loss(unet, ac, x0, t, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -402,13 +419,19 @@ def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int 
 def train_main(data: str, out: Path, *, steps: int = 100_000, minutes: float | None = 60.0, size: int = 32,
                seed: int = 0, batch_size: int = 64, lr: float = 5e-4, channels: int | None = None,
                limit: int | None = None, holdout_mod: int = 5, threads: int = 1, width: int = 32,
-               checkpoint_minutes: float = 5.0, name: str | None = None, show_progress: bool = True) -> Path:
-    """Train a DDPM prior on `data` (holding out every `holdout_mod`-th image, the audit pool) and save it."""
+               checkpoint_minutes: float = 5.0, name: str | None = None, show_progress: bool = True,
+               resume: str | os.PathLike[str] | None = None) -> Path:
+    """Train a DDPM prior on `data` (holding out every `holdout_mod`-th image, the audit pool) and save it.
+
+    `resume` (a DDPM prior name or path) continues that prior's training for `steps` more steps; its
+    architecture is kept (`width` is ignored) and `out` may be the same path (checkpoints are atomic).
+    """
     out = Path(out)
+    earlier = load_ddpm(resume, where="--resume") if resume is not None else None
     with _threads(threads):
         images = training_images(data, size, channels, limit, holdout_mod, batch_size)
-        config = DDPMConfig(size=size, channels=int(images.shape[1]),
-                            block_out_channels=(width, 2 * width, 2 * width))
+        config = earlier.config if earlier is not None else DDPMConfig(
+            size=size, channels=int(images.shape[1]), block_out_channels=(width, 2 * width, 2 * width))
         flat = out.suffix == ".safetensors"
         stem = out.with_suffix("") if flat else out
         record = {"data": data if data in ("mnist5k", "digits", "lfw_subset") else Path(data).name,
@@ -423,7 +446,7 @@ def train_main(data: str, out: Path, *, steps: int = 100_000, minutes: float | N
 
         prior = train_ddpm(images, config=config, seed=seed, steps=steps, minutes=minutes, batch_size=batch_size,
                            lr=lr, checkpoint=checkpoint, checkpoint_minutes=checkpoint_minutes,
-                           show_progress=show_progress)
+                           show_progress=show_progress, resume=earlier)
         grid = prior.sample(64, steps=50, generator=torch.Generator().manual_seed(seed))
         save_grid(grid, Path(f"{stem}_samples.png") if flat else out / "samples.png")
     return out
@@ -439,12 +462,14 @@ def add_ddpm_arguments(ap: argparse.ArgumentParser) -> None:
                     help="ddpm: write an atomic checkpoint this often (default 5)")
     ap.add_argument("--batch-size", type=int, default=64, help="ddpm: batch size (default 64)")
     ap.add_argument("--lr", type=float, default=5e-4, help="ddpm: AdamW learning rate (default 5e-4)")
+    ap.add_argument("--resume", default=None, help="ddpm: continue training this prior (name or path) for "
+                    "--steps more steps; its architecture is kept")
 
 
 def cli_train_ddpm(a: argparse.Namespace) -> int:
     path = train_main(a.data, a.out, steps=a.steps or 100_000, minutes=a.minutes,
                       size=a.size, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout_mod=a.holdout_mod,
                       limit=a.limit, threads=a.threads, width=a.width or 32, checkpoint_minutes=a.checkpoint_minutes,
-                      show_progress=not a.no_progress)
+                      show_progress=not a.no_progress, resume=a.resume)
     print(f"prior: {path}")
     return 0
