@@ -19,7 +19,8 @@ the pool, e.g.
 
     giaudit prior train --kind ddpm --data ../shared/data/utkface64 --size 32 --minutes 55 --threads 1 \\
         --batch-size 32 --out /tmp/faces/utk32_ddpm.safetensors
-    giaudit prior train --data ../shared/data/utkface64 --size 32 --out /tmp/faces/utk32_gan
+    giaudit prior train --data ../shared/data/utkface64 --size 32 --steps 3000 --width 32 --threads 1 \\
+        --out /tmp/faces/utk32_gan
     PYTHONPATH=. python benchmarks/user_level_faces.py --ddpm /tmp/faces/utk32_ddpm.safetensors \\
         --gan /tmp/faces/utk32_gan --data utkface --batches 16,32 --users 20 --json faces.json
 
