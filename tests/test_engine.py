@@ -110,8 +110,10 @@ def test_interrupted_driver_computes_only_the_missing_cells_when_run_again(tmp_p
     cmd = [sys.executable, "-m", "giaudit.cli", "audit", str(cfg), "--out", str(out), "--no-progress",
            "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A process started with SIGINT ignored (a background job of a non-interactive shell, as CI may be) hands
+    # that on, and Python then installs no KeyboardInterrupt handler: give the driver the default disposition.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 90
     first: dict[str, AuditRecord] = {}
     while time.time() < deadline and proc.poll() is None:
