@@ -352,9 +352,7 @@ def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int 
                             f"run's {config.to_dict()}; resume on images of the same size and channels")
         done = int(resume.training.get("steps", 0))
     rng = torch.Generator().manual_seed(seed if not done else seed * 1_000_003 + done)
-    unet = build_unet(config, seed).train()
-    if resume is not None:
-        unet.load_state_dict(resume.unet.state_dict())
+    unet = (copy.deepcopy(resume.unet) if resume is not None else build_unet(config, seed)).train()
     ema = copy.deepcopy(unet).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
