@@ -1,0 +1,217 @@
+"""Issue 12, time-to-quality over several seeds: which plateau schedule reaches breaching's PSNR soonest.
+
+Paper: Geiping et al., "Inverting Gradients", NeurIPS 2020 (the attack and
+breaching's recipe); threat model as in benchmarks/ig_speed.py: honest-but-
+curious server, class B, oracle labels for both libraries, BatchNorm in eval
+mode.
+
+`ig_speed.py` answers the question for one seed with confirmation runs; a
+single seed moves the end PSNR by 0.5-1 dB with any change of the trajectory,
+too much to choose a schedule by. This script spends the same machine time on
+more seeds instead, one single-threaded job per core:
+
+- breaching, per (case, seed): its PSNR after N iterations (the target) and
+  the wall time of its `reconstruct` call. Cached in the output JSON: the
+  costliest job is run once and shared by every giaudit variant.
+- giaudit, per (case, seed, variant): one run of the plateau schedule to its
+  own stop (at most cap x N iterations), recording for every iteration the
+  matching loss of the iterate and, for evaluation only, its PSNR (the
+  attack never sees the ground truth). With the plateau schedule the first n
+  iterations do not depend on the budget, so the image a run with budget n
+  *returns* (its lowest-matching-loss iterate among the first n) is known
+  for every n from this one run. giaudit's time to quality is the smallest
+  such n whose returned image reaches breaching's PSNR, times giaudit's
+  measured seconds per iteration in this run (the PSNR bookkeeping timed
+  and taken out).
+
+Both libraries run single-threaded, one job per core, so a breaching job and a
+giaudit job share the machine alike. Speed-up = breaching s / giaudit s;
+issue 12's target is >= 2 in every case.
+
+    python benchmarks/ig_schedule.py --cases resnet18:1,convnet:1 --seeds 0,1,2 \\
+        --patience 50,100 --out reports/ig_schedule.json
+
+A stopped run resumes from the JSON (finished jobs are not run again).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ig_speed, next to this file
+
+import ig_speed  # noqa: E402
+import torch  # noqa: E402
+from ig_speed import giaudit_initial_images, make_problem, psnr, run_breaching  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from giaudit.attacks._common.distances import total_variation  # noqa: E402
+from giaudit.attacks.base import Budget, RestartResult  # noqa: E402
+from giaudit.attacks.ig import InvertingGradients  # noqa: E402
+
+
+class _Traced(InvertingGradients):
+    """IG that records, for evaluation only, the PSNR of the iterate each trial update is computed for.
+
+    `trial_update` is called once per iteration with exactly the iterate whose
+    matching loss lands in `RestartResult.losses` at that index.
+    """
+
+    def __init__(self, truth: Tensor, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._truth, self.psnrs, self.tvs, self.eval_s = truth, [], [], 0.0
+        self.result: RestartResult | None = None
+
+    def trial_update(self, obs, model, x, labels, *, create_graph=True):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        self.psnrs.append(psnr(x.detach(), self._truth))
+        self.tvs.append(float(total_variation(x.detach())))
+        self.eval_s += time.perf_counter() - t
+        return super().trial_update(obs, model, x, labels, create_graph=create_graph)
+
+    def run_restart(self, *a, **kw):  # type: ignore[no-untyped-def]
+        self.result = super().run_restart(*a, **kw)
+        return self.result
+
+
+def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    torch.set_num_threads(1)
+    ig_speed.BN_MODE = spec["bn_mode"]
+    torch.manual_seed(spec["seed"])  # breaching draws (then discards) a random start from the global RNG
+    name, b = spec["case"].split(":")
+    obs, truth = make_problem(name, int(b), spec["seed"])
+    if spec["kind"] == "breaching":
+        breaching = ig_speed._import_breaching()
+        ig = InvertingGradients(labels="oracle", lr=spec["lr"], tv_weight=spec["tv"])
+        init = giaudit_initial_images(ig, obs, spec["seed"])
+        images, wall = run_breaching(breaching, obs, obs.labels, init, spec["n"], spec["lr"], spec["tv"])
+        return spec["key"], {"psnr": psnr(images, truth.images), "wall_s": wall, "iterations": spec["n"],
+                             "start_psnr": psnr(init, truth.images)}
+    attack = _Traced(truth.images, labels="oracle", lr=spec["lr"], tv_weight=spec["tv"], schedule="plateau")
+    budget = Budget(iterations=spec["cap"], patience=spec["patience"])
+    rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(spec["seed"]))
+    assert attack.result is not None
+    losses = attack.result.losses
+    its = len(losses)
+    # returned[n-1]: PSNR of the lowest-loss iterate among the first n (what a run with budget n returns)
+    returned, best, best_i = [], math.inf, 0
+    for i, v in enumerate(losses):
+        if v < best:
+            best, best_i = v, i
+        returned.append(attack.psnrs[best_i])
+    # The same trajectory, had the returned iterate been the one of least total objective (match + TV),
+    # as breaching ranks its iterates: a what-if on this run's iterates, not a run of its own.
+    by_objective, best, best_i = [], math.inf, 0
+    for i, v in enumerate(losses):
+        v = v + spec["tv"] * attack.tvs[i]
+        if v < best:
+            best, best_i = v, i
+        by_objective.append(attack.psnrs[best_i])
+    final = psnr(rec.images, truth.images)
+    if abs(final - returned[-1]) > 1e-6:
+        raise RuntimeError(f"benchmark bug: the run returned {final:.4f} dB, the trace says {returned[-1]:.4f}")
+    wall = rec.trace.wall_s - attack.eval_s
+    return spec["key"], {"iterations": its, "wall_s": wall, "s_per_it": wall / its, "returned_psnr": final,
+                         "best_iterate_psnr": max(attack.psnrs), "returned": [round(p, 4) for p in returned],
+                         "returned_by_objective": [round(p, 4) for p in by_objective],
+                         "losses": [float(v) for v in losses], "tvs": attack.tvs,
+                         "stopped_early": rec.trace.stopped_early}
+
+
+def time_to_quality(g: dict[str, Any], target: float) -> tuple[int | None, float]:
+    """Smallest budget whose returned image reaches `target`, and its wall time (None, nan if never)."""
+    n = next((i + 1 for i, p in enumerate(g["returned"]) if p >= target), None)
+    return n, (n * g["s_per_it"] if n is not None else float("nan"))
+
+
+def _save(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def report(data: dict[str, Any], cases: list[str], seeds: list[int], patiences: list[int], n: int) -> None:
+    print(f"# issue 12 schedule study: breaching N={n} vs giaudit plateau (patience p), 1 thread per job, "
+          "BN eval, oracle labels")
+    print(f"{'case':<12} {'seed':>4} {'brch dB':>8} {'brch s':>7} {'variant':>8} {'gia its':>8} {'ret dB':>7} "
+          f"{'n*':>6} {'gia s':>7} {'speed-up':>8}")
+    summary: dict[tuple[str, int], list[float]] = {}
+    for case in cases:
+        for seed in seeds:
+            br = data.get(f"breaching|{case}|{seed}|{n}")
+            if br is None:
+                continue
+            for p in patiences:
+                g = data.get(f"giaudit|{case}|{seed}|{n}|p{p}")
+                if g is None:
+                    continue
+                nstar, t = time_to_quality(g, br["psnr"])
+                sp = br["wall_s"] / t if nstar else 0.0
+                summary.setdefault((case, p), []).append(sp)
+                print(f"{case:<12} {seed:>4} {br['psnr']:>8.2f} {br['wall_s']:>7.0f} {'p' + str(p):>8} "
+                      f"{g['iterations']:>8} {g['returned_psnr']:>7.2f} {nstar or '-':>6} "
+                      f"{(f'{t:.0f}' if nstar else '-'):>7} {(f'{sp:.2f}' if nstar else 'never'):>8}")
+    print("\n# median speed-up over seeds (never reached counts as 0); target >= 2.0")
+    for (case, p), sps in summary.items():
+        med = statistics.median(sps)
+        print(f"{case:<12} p{p:<4} median {med:.2f}  min {min(sps):.2f}  seeds {len(sps)}  "
+              f"{'MET' if min(sps) >= 2.0 else ('median MET' if med >= 2.0 else 'missed')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="resnet18:1,convnet:1", help="comma list of model:batch")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--patience", default="50,100", help="comma list of plateau patiences (giaudit variants)")
+    p.add_argument("--iterations", type=int, default=2000, help="breaching's budget N")
+    p.add_argument("--cap-factor", type=float, default=2.0, help="giaudit runs at most this times N")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--tv-weight", type=float, default=1e-4)
+    p.add_argument("--bn-mode", choices=("train", "eval"), default="eval")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="single-threaded jobs at once")
+    p.add_argument("--out", type=Path, required=True, help="JSON of every job (read back to resume)")
+    p.add_argument("--report-only", action="store_true", help="print the table from --out, run nothing")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    patiences = [int(s) for s in args.patience.split(",")]
+    for c in cases:
+        if c.split(":")[0] not in ("resnet18", "convnet") or not c.split(":")[-1].isdigit():
+            raise SystemExit(f"--cases: {c!r} is not model:batch with model resnet18 or convnet")
+    data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    common = {"n": args.iterations, "lr": args.lr, "tv": args.tv_weight, "bn_mode": args.bn_mode,
+              "cap": int(math.ceil(args.cap_factor * args.iterations))}
+    specs = []
+    for case in cases:  # breaching first: the long jobs start early and keep both cores busy
+        for seed in seeds:
+            specs.append({**common, "kind": "breaching", "case": case, "seed": seed,
+                          "key": f"breaching|{case}|{seed}|{args.iterations}"})
+    for case in cases:
+        for seed in seeds:
+            for pat in patiences:
+                specs.append({**common, "kind": "giaudit", "case": case, "seed": seed, "patience": pat,
+                              "key": f"giaudit|{case}|{seed}|{args.iterations}|p{pat}"})
+    todo = [s for s in specs if s["key"] not in data]
+    if todo and not args.report_only:
+        print(f"# {len(todo)} jobs to run ({len(specs) - len(todo)} done), {args.workers} at once", flush=True)
+        with mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
+            for key, result in pool.imap_unordered(_job, todo):
+                data[key] = result
+                _save(args.out, data)
+                print(f"# done {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
+                                                  if isinstance(v, float)), flush=True)
+    report(data, cases, seeds, patiences, args.iterations)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
