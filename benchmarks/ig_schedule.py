@@ -50,12 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # ig_speed, next to th
 
 import ig_speed  # noqa: E402
 import torch  # noqa: E402
-from ig_speed import giaudit_initial_images, make_problem, psnr, run_breaching  # noqa: E402
+from ig_speed import giaudit_initial_images, make_problem, parse_cases, psnr, run_breaching  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from giaudit.attacks._common.distances import total_variation  # noqa: E402
 from giaudit.attacks.base import Budget, RestartResult  # noqa: E402
 from giaudit.attacks.ig import InvertingGradients  # noqa: E402
+from giaudit.io import atomic_write_text  # noqa: E402
 
 
 class _Traced(InvertingGradients):
@@ -101,20 +102,10 @@ def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     assert attack.result is not None
     losses = attack.result.losses
     its = len(losses)
-    # returned[n-1]: PSNR of the lowest-loss iterate among the first n (what a run with budget n returns)
-    returned, best, best_i = [], math.inf, 0
-    for i, v in enumerate(losses):
-        if v < best:
-            best, best_i = v, i
-        returned.append(attack.psnrs[best_i])
+    returned = _returned_by_budget(losses, attack.psnrs)
     # The same trajectory, had the returned iterate been the one of least total objective (match + TV),
     # as breaching ranks its iterates: a what-if on this run's iterates, not a run of its own.
-    by_objective, best, best_i = [], math.inf, 0
-    for i, v in enumerate(losses):
-        v = v + spec["tv"] * attack.tvs[i]
-        if v < best:
-            best, best_i = v, i
-        by_objective.append(attack.psnrs[best_i])
+    by_objective = _returned_by_budget([v + spec["tv"] * tv for v, tv in zip(losses, attack.tvs)], attack.psnrs)
     final = psnr(rec.images, truth.images)
     if abs(final - returned[-1]) > 1e-6:
         raise RuntimeError(f"benchmark bug: the run returned {final:.4f} dB, the trace says {returned[-1]:.4f}")
@@ -126,17 +117,20 @@ def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                          "stopped_early": rec.trace.stopped_early}
 
 
+def _returned_by_budget(scores: list[float], psnrs: list[float]) -> list[float]:
+    """[n-1]: PSNR of the lowest-score iterate among the first n (the image a run with budget n returns)."""
+    out, best, best_i = [], math.inf, 0
+    for i, v in enumerate(scores):
+        if v < best:
+            best, best_i = v, i
+        out.append(psnrs[best_i])
+    return out
+
+
 def time_to_quality(g: dict[str, Any], target: float) -> tuple[int | None, float]:
     """Smallest budget whose returned image reaches `target`, and its wall time (None, nan if never)."""
     n = next((i + 1 for i, p in enumerate(g["returned"]) if p >= target), None)
     return n, (n * g["s_per_it"] if n is not None else float("nan"))
-
-
-def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def report(data: dict[str, Any], cases: list[str], seeds: list[int], patiences: list[int], n: int) -> None:
@@ -183,15 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON of every job (read back to resume)")
     p.add_argument("--report-only", action="store_true", help="print the table from --out, run nothing")
     args = p.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [f"{name}:{b}" for name, b in parse_cases(p, "--cases", args.cases)]
     seeds = [int(s) for s in args.seeds.split(",")]
     patiences = [int(s) for s in args.patience.split(",")]
-    for c in cases:
-        if c.split(":")[0] not in ("resnet18", "convnet") or not c.split(":")[-1].isdigit():
-            raise SystemExit(f"--cases: {c!r} is not model:batch with model resnet18 or convnet")
     data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     common = {"n": args.iterations, "lr": args.lr, "tv": args.tv_weight, "bn_mode": args.bn_mode,
               "cap": int(math.ceil(args.cap_factor * args.iterations))}
+    # A job's key names its case, seed, N and patience; the rest of the recipe is the file's, so a resume with
+    # another recipe would mix runs of two problems in one table.
+    recipe = {k: common[k] for k in ("lr", "tv", "bn_mode", "cap")}
+    for k, v in data.setdefault("recipe", recipe).items():
+        if recipe[k] != v:
+            raise SystemExit(f"{args.out}: its jobs were run with {k} = {v!r}, this command asks for {recipe[k]!r}; "
+                             "pass the same options or another --out")
     specs = []
     for case in cases:  # breaching first: the long jobs start early and keep both cores busy
         for seed in seeds:
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         with mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
             for key, result in pool.imap_unordered(_job, todo):
                 data[key] = result
-                _save(args.out, data)
+                atomic_write_text(args.out, json.dumps(data, indent=1))
                 print(f"# done {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
                                                   if isinstance(v, float)), flush=True)
     report(data, cases, seeds, patiences, args.iterations)

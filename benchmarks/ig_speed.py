@@ -575,21 +575,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.halving is None:
         args.halving = max(1, args.iterations // 16)
 
-    def case_list(option: str, text: str) -> list[tuple[str, int]]:
-        cases = []
-        for item in ([] if text.strip() == "none" else text.split(",")):
-            try:
-                name, b = item.strip().split(":")
-                cases.append((name, int(b)))
-            except ValueError:
-                p.error(f"{option}: {item!r} is not model:batch (e.g. resnet18:1)")
-            if name not in ("resnet18", "convnet"):
-                p.error(f"{option}: model {name!r}; this benchmark covers resnet18 and convnet")
-        return cases
-
-    args.case_list = case_list("--cases", args.cases)
-    args.restart_case_list = case_list("--restart-cases", args.restart_cases)
+    args.case_list = parse_cases(p, "--cases", args.cases)
+    args.restart_case_list = parse_cases(p, "--restart-cases", args.restart_cases)
     return args
+
+
+def parse_cases(p: argparse.ArgumentParser, option: str, text: str) -> list[tuple[str, int]]:
+    """`model:batch,...` (or `none`) as (model, batch) pairs; a bad item is a usage error naming `option`."""
+    cases = []
+    for item in ([] if text.strip() == "none" else text.split(",")):
+        try:
+            name, b = item.strip().split(":")
+            cases.append((name, int(b)))
+        except ValueError:
+            p.error(f"{option}: {item!r} is not model:batch (e.g. resnet18:1)")
+        if name not in ("resnet18", "convnet"):
+            p.error(f"{option}: model {name!r}; this benchmark covers resnet18 and convnet")
+    return cases
 
 
 def _fmt(x: float, spec: str = ".1f") -> str:
