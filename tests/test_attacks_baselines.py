@@ -119,20 +119,3 @@ def test_bn_prior_statistics_match_the_clients_at_the_truth(mnist32):
     out = attack.reconstruct(obs, budget=Budget(iterations=5), rng=g)
     assert out.trace.iterations == 5
     assert threat_summary(obs.threat, attack, out.label_source, obs)["sok_class"] == "E"
-
-
-def test_plateau_hold_keeps_the_first_lr_until_its_iteration(mnist32):
-    """`hold = H`: the plateau schedule drops no lr before iteration H. Held at the iteration where the free
-    run stopped (all three of its drops behind it), the same problem runs past H plus the windows the three
-    drops and the stop each need; before the free run's first possible drop the trajectories are the same."""
-    g = torch.Generator().manual_seed(0)
-    m = build_model("lenet", channels=1, num_classes=10, size=32, generator=g)
-    obs, _ = Scenario(m, mnist32, ClientProtocol(), 1, threat_model()).simulate(generator=g)
-    budget = Budget(iterations=5000, patience=10)
-    free = build_attack("ig", schedule="plateau").reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(1))
-    assert free.trace.stopped_early
-    hold = free.trace.iterations
-    held = build_attack("ig", schedule="plateau", hold=hold).reconstruct(obs, budget=budget,
-                                                                          rng=torch.Generator().manual_seed(1))
-    assert held.trace.stopped_early and held.trace.iterations >= hold + 3 * 2 * 10
-    assert held.trace.losses[:20] == free.trace.losses[:20]

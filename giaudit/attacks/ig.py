@@ -21,10 +21,6 @@ lowest matching loss), not from wherever the large signed steps left the
 images. This is what buys time-to-quality (benchmarks/ig_speed.py; issue 12:
 on ConvNet b1 the window test with the return to the best iterate ended at
 18.8 dB in 406 iterations where the best-value test stopped at 16.6 dB).
-`hold = H` keeps the first learning rate for at least H iterations: the
-window test sees the lr-0.1 phase stall long before it has found the image
-the later phases refine (breaching keeps it for 750 of 2 000 iterations);
-benchmarks/ig_schedule.py measures it.
 Restarts can be halved (`Budget.halving`): `descend` pauses after any
 iteration.
 """
@@ -65,16 +61,15 @@ class InvertingGradients(Attack):
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False, lr: float = 0.1,
                  tv_weight: float = 1e-4, distance: str = "cosine", schedule: str = "steps",
-                 bn_weight: float = 0.0, hold: int = 0) -> None:
+                 bn_weight: float = 0.0) -> None:
         super().__init__(labels=labels, adaptive=adaptive)
         check_choice("distance", distance, DISTANCES)
         check_choice("schedule", schedule, SCHEDULES)
         check_number("lr", lr, low=0.0, strict_low=True)
         check_number("tv_weight", tv_weight, low=0.0)
         check_number("bn_weight", bn_weight, low=0.0)
-        check_number("hold", hold, low=0)
         self.lr, self.tv_weight, self.distance, self.schedule = lr, tv_weight, distance, schedule
-        self.bn_weight, self.hold = bn_weight, hold
+        self.bn_weight = bn_weight
 
     def capabilities_used(self, obs: Observation) -> set[Capability]:
         used = super().capabilities_used(obs)
@@ -123,8 +118,7 @@ class InvertingGradients(Attack):
                 plateau.update(m)
                 if self.schedule == "steps" and it + 1 in milestones:
                     self._drop(opt)
-                elif (self.schedule == "plateau" and it + 1 >= self.hold
-                      and window_stalled(losses, window, it - last_drop)):
+                elif self.schedule == "plateau" and window_stalled(losses, window, it - last_drop):
                     if drops_left == 0:
                         stopped = True
                         break
