@@ -46,18 +46,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch import Tensor
 
 from giaudit.errors import ConfigError, DataError, ParamError
 from giaudit.priors.base import register_format
 from giaudit.priors.io import load_prior, save_prior, shipped_priors
 from giaudit.priors.train import _threads, save_grid, training_images
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+# diffusers is imported where a UNet or scheduler is built, not here: importing it costs ~3 s (it loads
+# torch._dynamo), and every attack and CLI command imports this module through the attack registry.
 
 FORMAT = "giaudit-ddpm/1"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -116,6 +120,8 @@ class DDPMConfig:
 
 def use_classic_attention(unet: torch.nn.Module) -> torch.nn.Module:
     """Give every diffusers attention module the classic `AttnProcessor` (double-backward safe on CPU)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
     for module in unet.modules():
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor())
@@ -124,6 +130,8 @@ def use_classic_attention(unet: torch.nn.Module) -> torch.nn.Module:
 
 def build_unet(config: DDPMConfig, seed: int = 0) -> UNet2DModel:
     """A freshly initialised UNet; diffusers draws its init from the global RNG, seeded here and restored."""
+    from diffusers import UNet2DModel
+
     n = len(config.block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,6 +144,8 @@ def build_unet(config: DDPMConfig, seed: int = 0) -> UNet2DModel:
 
 
 def make_scheduler(config: DDPMConfig) -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
                          beta_start=config.beta_start, beta_end=config.beta_end)
 
