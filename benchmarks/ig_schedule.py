@@ -98,12 +98,9 @@ def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return spec["key"], {"psnr": psnr(images, truth.images), "wall_s": wall, "iterations": spec["n"],
                              "start_psnr": psnr(init, truth.images)}
     v = parse_variant(spec["variant"])
-    if v["schedule"] == "steps":
-        attack = _Traced(truth.images, labels="oracle", lr=spec["lr"], tv_weight=spec["tv"], schedule="steps")
-        budget = Budget(iterations=v["budget"])
-    else:
-        attack = _Traced(truth.images, labels="oracle", lr=spec["lr"], tv_weight=spec["tv"], schedule="plateau")
-        budget = Budget(iterations=spec["cap"], patience=v["patience"])
+    attack = _Traced(truth.images, labels="oracle", lr=spec["lr"], tv_weight=spec["tv"], schedule=v["schedule"])
+    budget = (Budget(iterations=v["budget"]) if v["schedule"] == "steps"
+              else Budget(iterations=spec["cap"], patience=v["patience"]))
     rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(spec["seed"]))
     assert attack.result is not None
     losses = attack.result.losses
@@ -145,15 +142,27 @@ def _returned_by_budget(scores: list[float], psnrs: list[float]) -> list[float]:
     return out
 
 
-def time_to_quality(g: dict[str, Any], target: float) -> tuple[int | None, float]:
-    """Smallest budget whose returned image reaches `target`, and its wall time (None, nan if never).
+def _median_at(runs: list[dict[str, Any]], k: int) -> float:
+    """Median over runs of the PSNR a budget of k iterations returns (a run that stopped sooner: its last)."""
+    return statistics.median(g["returned"][min(k, len(g["returned"])) - 1] for g in runs)
 
-    A fixed-budget schedule (steps) places its drops by its budget, so only its own budget is a run it made.
-    """
-    if g.get("fixed_budget"):
-        n = g["iterations"] if g["returned_psnr"] >= target else None
-    else:
-        n = next((i + 1 for i, p in enumerate(g["returned"]) if p >= target), None)
+
+def _budgets(runs: list[dict[str, Any]]) -> list[int]:
+    """The budgets these runs answer for. A fixed-budget schedule (steps) places its drops by its budget, so
+    only its own budget is a run it made; a plateau run answers for every budget."""
+    if all(g.get("fixed_budget") for g in runs):
+        return sorted({g["iterations"] for g in runs})
+    return list(range(1, max(len(g["returned"]) for g in runs) + 1))
+
+
+def first_budget_reaching(runs: list[dict[str, Any]], target: float) -> int | None:
+    """Least budget at which the runs' median returned PSNR reaches `target` (None if none does)."""
+    return next((k for k in _budgets(runs) if _median_at(runs, k) >= target), None)
+
+
+def time_to_quality(g: dict[str, Any], target: float) -> tuple[int | None, float]:
+    """Smallest budget whose returned image reaches `target`, and its wall time (None, nan if never)."""
+    n = first_budget_reaching([g], target)
     return n, (n * g["s_per_it"] if n is not None else float("nan"))
 
 
@@ -189,11 +198,6 @@ def report(data: dict[str, Any], cases: list[str], seeds: list[int], variants: l
     typical(data, cases, seeds, variants, n)
 
 
-def _median_at(runs: list[dict[str, Any]], k: int) -> float:
-    """Median over runs of the PSNR a budget of k iterations returns (a run that stopped sooner: its last)."""
-    return statistics.median(g["returned"][min(k, len(g["returned"])) - 1] for g in runs)
-
-
 def typical(data: dict[str, Any], cases: list[str], seeds: list[int], variants: list[str], n: int) -> None:
     """The typical run: the median over seeds of each library's PSNR, against time.
 
@@ -217,14 +221,10 @@ def typical(data: dict[str, Any], cases: list[str], seeds: list[int], variants: 
             brch_s = statistics.median(b["wall_s"] for b, _ in pairs)
             runs = [g for _, g in pairs]
             s_it = statistics.median(g["s_per_it"] for g in runs)
-            if all(g.get("fixed_budget") for g in runs):
-                budgets = sorted({g["iterations"] for g in runs})
-            else:
-                budgets = list(range(1, max(len(g["returned"]) for g in runs) + 1))
-            nstar = next((k for k in budgets if _median_at(runs, k) >= target), None)
+            nstar = first_budget_reaching(runs, target)
             t = nstar * s_it if nstar else float("nan")
             sp = brch_s / t if nstar else 0.0
-            end = _median_at(runs, budgets[-1])
+            end = _median_at(runs, _budgets(runs)[-1])
             print(f"{case:<12} {var:>8} {len(pairs):>5} {target:>8.2f} {brch_s:>7.0f} {end:>7.2f} "
                   f"{nstar or '-':>6} {(f'{t:.0f}' if nstar else '-'):>7} "
                   f"{(f'{sp:.2f}' if nstar else 'never'):>8}  {'MET' if sp >= 2.0 else 'missed'}")
@@ -249,12 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = [f"{name}:{b}" for name, b in parse_cases(p, "--cases", args.cases)]
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
-    for var in variants if not args.report_only else ():  # a report may name variants of older commits
-        parse_variant(var)
+    if not args.report_only:  # a report may name variants of older commits (p50h400)
+        for var in variants:
+            parse_variant(var)
     data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     common = {"n": args.iterations, "lr": args.lr, "tv": args.tv_weight, "bn_mode": args.bn_mode,
               "cap": int(math.ceil(args.cap_factor * args.iterations))}
-    # A job's key names its case, seed, N and patience; the rest of the recipe is the file's, so a resume with
+    # A job's key names its case, seed, N and variant; the rest of the recipe is the file's, so a resume with
     # another recipe would mix runs of two problems in one table.
     recipe = {k: common[k] for k in ("lr", "tv", "bn_mode", "cap")}
     for k, v in data.setdefault("recipe", recipe).items():
