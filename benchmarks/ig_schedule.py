@@ -31,6 +31,13 @@ issue 12's target is >= 2 in every case.
     python benchmarks/ig_schedule.py --cases resnet18:1,convnet:1 --seeds 0,1,2 \\
         --variants p50,p100,s1000 --out reports/ig_schedule.json
 
+A variant rKpN runs K restarts side by side, one single-threaded process per
+restart (`Budget.restarts = K`, the default workers), and returns the restart
+of least matching loss; it is set against breaching on K threads, so each
+library has the whole machine for one run; tTpN runs one restart on T threads,
+against breaching on T threads (for cases too slow to run single-threaded).
+Such jobs run one at a time.
+
 A stopped run resumes from the JSON (finished jobs are not run again).
 """
 from __future__ import annotations
@@ -43,6 +50,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +63,7 @@ from ig_speed import giaudit_initial_images, make_problem, parse_cases, psnr, ru
 from torch import Tensor  # noqa: E402
 
 from giaudit.attacks._common.distances import total_variation  # noqa: E402
-from giaudit.attacks.base import Budget, RestartResult  # noqa: E402
+from giaudit.attacks.base import Budget  # noqa: E402
 from giaudit.attacks.ig import InvertingGradients  # noqa: E402
 from giaudit.io import atomic_write_text  # noqa: E402
 
@@ -64,13 +72,17 @@ class _Traced(InvertingGradients):
     """IG that records, for evaluation only, the PSNR of the iterate each trial update is computed for.
 
     `trial_update` is called once per iteration with exactly the iterate whose
-    matching loss lands in `RestartResult.losses` at that index.
+    matching loss lands in `RestartResult.losses` at that index. Each restart
+    writes its trace to `folder` as `<its seed>.json`: with K > 1 restarts run in
+    forked worker processes, and a file is how their traces reach the job.
     """
 
-    def __init__(self, truth: Tensor, **kw: Any) -> None:
+    def __init__(self, truth: Tensor, folder: str, **kw: Any) -> None:
         super().__init__(**kw)
-        self._truth, self.psnrs, self.tvs, self.eval_s = truth, [], [], 0.0
-        self.result: RestartResult | None = None
+        self._truth, self._folder = truth, folder
+        self.psnrs: list[float] = []
+        self.tvs: list[float] = []
+        self.eval_s = 0.0
 
     def trial_update(self, obs, model, x, labels, *, create_graph=True):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
@@ -79,13 +91,19 @@ class _Traced(InvertingGradients):
         self.eval_s += time.perf_counter() - t
         return super().trial_update(obs, model, x, labels, create_graph=create_graph)
 
-    def run_restart(self, *a, **kw):  # type: ignore[no-untyped-def]
-        self.result = super().run_restart(*a, **kw)
-        return self.result
+    def run_restart(self, obs, labels, budget, generator, progress=None):  # type: ignore[no-untyped-def]
+        self.psnrs, self.tvs, self.eval_s = [], [], 0.0
+        seed = generator.initial_seed()
+        t = time.perf_counter()
+        result = super().run_restart(obs, labels, budget, generator, progress)
+        trace = {"losses": result.losses, "final_loss": result.final_loss, "psnrs": self.psnrs, "tvs": self.tvs,
+                 "eval_s": self.eval_s, "wall_s": time.perf_counter() - t}
+        atomic_write_text(Path(self._folder) / f"{seed}.json", json.dumps(trace))
+        return result
 
 
 def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.get("threads", 1))
     ig_speed.BN_MODE = spec["bn_mode"]
     torch.manual_seed(spec["seed"])  # breaching draws (then discards) a random start from the global RNG
     name, b = spec["case"].split(":")
@@ -96,49 +114,112 @@ def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         init = giaudit_initial_images(ig, obs, spec["seed"])
         images, wall = run_breaching(breaching, obs, obs.labels, init, spec["n"], spec["lr"], spec["tv"])
         return spec["key"], {"psnr": psnr(images, truth.images), "wall_s": wall, "iterations": spec["n"],
-                             "start_psnr": psnr(init, truth.images)}
+                             "start_psnr": psnr(init, truth.images), "threads": torch.get_num_threads()}
     v = parse_variant(spec["variant"])
-    attack = _Traced(truth.images, labels="oracle", lr=spec["lr"], tv_weight=spec["tv"], schedule=v["schedule"])
-    budget = (Budget(iterations=v["budget"]) if v["schedule"] == "steps"
-              else Budget(iterations=spec["cap"], patience=v["patience"]))
-    rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(spec["seed"]))
-    assert attack.result is not None
-    losses = attack.result.losses
-    its = len(losses)
-    returned = _returned_by_budget(losses, attack.psnrs)
-    # The same trajectory, had the returned iterate been the one of least total objective (match + TV),
-    # as breaching ranks its iterates: a what-if on this run's iterates, not a run of its own.
-    by_objective = _returned_by_budget([v + spec["tv"] * tv for v, tv in zip(losses, attack.tvs)], attack.psnrs)
+    k = v["restarts"]
+    with tempfile.TemporaryDirectory() as folder:
+        attack = _Traced(truth.images, folder, labels="oracle", lr=spec["lr"], tv_weight=spec["tv"],
+                         schedule=v["schedule"])
+        budget = (Budget(iterations=v["budget"], restarts=k) if v["schedule"] == "steps"
+                  else Budget(iterations=spec["cap"], restarts=k, patience=v["patience"]))
+        rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(spec["seed"]))
+        # The restarts' seeds as `reconstruct` draws them (oracle labels consume no randomness).
+        seeds = [int(s) for s in torch.randint(0, 2**62, (k,), generator=torch.Generator().manual_seed(spec["seed"]))]
+        traces = [json.loads((Path(folder) / f"{s}.json").read_text()) for s in seeds]
+    if rec.trace.extra["workers"] != k:
+        raise RuntimeError(f"benchmark setup: {k} restarts ran on {rec.trace.extra['workers']} processes, "
+                           f"not one per restart (cores: {os.cpu_count()})")
+    returned = _returned_by_budget([t["losses"] for t in traces], [t["psnrs"] for t in traces])
+    # The same trajectories, had each restart returned (and been ranked by) its iterate of least total
+    # objective (match + TV), as breaching ranks its iterates: a what-if on these iterates, not a run of its own.
+    by_objective = _returned_by_budget([[m + spec["tv"] * tv for m, tv in zip(t["losses"], t["tvs"])]
+                                        for t in traces], [t["psnrs"] for t in traces])
     final = psnr(rec.images, truth.images)
     if abs(final - returned[-1]) > 1e-6:
         raise RuntimeError(f"benchmark bug: the run returned {final:.4f} dB, the trace says {returned[-1]:.4f}")
-    wall = rec.trace.wall_s - attack.eval_s
-    return spec["key"], {"iterations": its, "wall_s": wall, "s_per_it": wall / its, "returned_psnr": final,
-                         "best_iterate_psnr": max(attack.psnrs), "returned": [round(p, 4) for p in returned],
-                         "by_objective_psnr": by_objective[-1],
-                         "by_objective_same_share": sum(a == b for a, b in zip(returned, by_objective)) / its,
-                         "stopped_early": rec.trace.stopped_early, "fixed_budget": v["schedule"] == "steps"}
+    # The restarts run side by side, so the wall time of a budget is that of the longest restart; its own
+    # PSNR bookkeeping is taken out (another restart's ran on the other core, beside it).
+    longest = max(traces, key=lambda t: len(t["losses"]))
+    its = len(longest["losses"])
+    wall = rec.trace.wall_s - longest["eval_s"]
+    out = {"iterations": its, "wall_s": wall, "s_per_it": wall / its, "returned_psnr": final,
+           "best_iterate_psnr": max(max(t["psnrs"]) for t in traces), "returned": [round(p, 4) for p in returned],
+           "by_objective_psnr": by_objective[-1],
+           "by_objective_same_share": sum(a == b for a, b in zip(returned, by_objective)) / its,
+           "stopped_early": rec.trace.stopped_early, "fixed_budget": v["schedule"] == "steps"}
+    if k > 1:
+        out.update({"restarts": k, "restart_iterations": [len(t["losses"]) for t in traces],
+                    "restart_psnrs": [t["psnrs"][t["losses"].index(min(t["losses"]))] for t in traces],
+                    "best_restart": rec.trace.best_restart})
+    return spec["key"], out
+
+
+def _run_alone(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`_job` in a process of its own that is not a pool worker: a job of K restarts forks K workers, which a
+    pool's daemonic worker may not do."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_alone_child, args=(spec, child))
+    proc.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        raise RuntimeError(f"job {spec['key']} died (exit code {proc.exitcode})") from None
+    finally:
+        proc.join()
+    if status == "error":
+        raise RuntimeError(f"job {spec['key']} failed: {payload}")
+    return payload
+
+
+def _alone_child(spec: dict[str, Any], conn: Any) -> None:
+    try:
+        conn.send(("ok", _job(spec)))
+    except Exception as exc:
+        conn.send(("error", repr(exc)))
 
 
 def parse_variant(text: str) -> dict[str, Any]:
     """'p50' plateau, patience 50; 's1000' the paper's steps schedule with a budget of 1000 iterations (its
-    drops move with the budget). The results also hold 'p50h400' (no lr drop before iteration 400), run with
-    the IG option `hold` at commit 50c5d3a; it did not pay and was removed."""
-    m = re.fullmatch(r"p(\d+)|s(\d+)", text)
-    if m is None:
-        raise SystemExit(f"--variants: {text!r} is not pN or sN (e.g. p50, s1000)")
-    if m.group(2):
-        return {"schedule": "steps", "budget": int(m.group(2))}
-    return {"schedule": "plateau", "patience": int(m.group(1))}
+    drops move with the budget); a prefix 'rK' (r2p100) runs K restarts side by side, one single-threaded
+    process each, and 'tT' (t2p100) one restart on T threads; either is set against breaching run on K or T
+    threads. The results also hold 'p50h400' (no lr drop
+    before iteration 400), run with the IG option `hold` at commit 50c5d3a; it did not pay and was removed."""
+    m = re.fullmatch(r"(?:([rt])(\d+))?(?:p(\d+)|s(\d+))", text)
+    if m is None or (m.group(2) is not None and int(m.group(2)) < 2):
+        raise SystemExit(f"--variants: {text!r} is not [rK|tT]pN or [rK|tT]sN with K, T >= 2 "
+                         "(e.g. p50, s1000, r2p100, t2p100)")
+    k = int(m.group(2)) if m.group(1) == "r" else 1
+    if m.group(4):
+        return {"schedule": "steps", "budget": int(m.group(4)), "restarts": k}
+    return {"schedule": "plateau", "patience": int(m.group(3)), "restarts": k}
 
 
-def _returned_by_budget(scores: list[float], psnrs: list[float]) -> list[float]:
-    """[n-1]: PSNR of the lowest-score iterate among the first n (the image a run with budget n returns)."""
-    out, best, best_i = [], math.inf, 0
-    for i, v in enumerate(scores):
-        if v < best:
-            best, best_i = v, i
-        out.append(psnrs[best_i])
+def _threads(variant: str) -> int:
+    """Threads of the job, and of the breaching run it is set against: rK (K single-threaded processes) and
+    tT (one process on T threads) take K or T, the others 1."""
+    m = re.match(r"[rt](\d+)", variant)
+    return int(m.group(1)) if m else 1
+
+
+def _breaching_key(case: str, seed: int, n: int, threads: int) -> str:
+    return f"breaching|{case}|{seed}|{n}" + (f"|t{threads}" if threads > 1 else "")
+
+
+def _returned_by_budget(scores: list[list[float]], psnrs: list[list[float]]) -> list[float]:
+    """[n-1]: PSNR of the image a run with budget n returns, for K restarts run side by side: each restart's
+    lowest-score iterate among its first n (or all it ran, if it stopped sooner), and of those the restart
+    with the lowest score, ties to the first, as `Attack.reconstruct` picks it."""
+    best = [math.inf] * len(scores)
+    best_psnr = [math.nan] * len(scores)
+    out = []
+    for n in range(max(len(s) for s in scores)):
+        for r, (sc, ps) in enumerate(zip(scores, psnrs)):
+            if n < len(sc) and sc[n] < best[r]:
+                best[r], best_psnr[r] = sc[n], ps[n]
+        winner = min(range(len(scores)), key=lambda r: (math.isnan(best[r]), best[r], r))
+        out.append(best_psnr[winner])
     return out
 
 
@@ -168,19 +249,17 @@ def time_to_quality(g: dict[str, Any], target: float) -> tuple[int | None, float
 
 def report(data: dict[str, Any], cases: list[str], seeds: list[int], variants: list[str], n: int) -> None:
     print(f"# issue 12 schedule study: breaching N={n} vs giaudit (pN plateau patience N, sN steps at budget N; "
-          "pNhM: held at the first lr to M, commit 50c5d3a), 1 thread per job, "
-          "BN eval, oracle labels")
+          "pNhM: held at the first lr to M, commit 50c5d3a; rK: K restarts side by side; tT: T threads), "
+          "1 thread per job but rK and tT (K, T, and breaching on as many), BN eval, oracle labels")
     print(f"{'case':<12} {'seed':>4} {'brch dB':>8} {'brch s':>7} {'variant':>8} {'gia its':>8} {'ret dB':>7} "
           f"{'gap dB':>7} {'n*':>6} {'gia s':>7} {'speed-up':>8}")
-    summary: dict[tuple[str, int], list[float]] = {}
+    summary: dict[tuple[str, str], list[float]] = {}
     for case in cases:
         for seed in seeds:
-            br = data.get(f"breaching|{case}|{seed}|{n}")
-            if br is None:
-                continue
             for var in variants:
+                br = data.get(_breaching_key(case, seed, n, _threads(var)))
                 g = data.get(f"giaudit|{case}|{seed}|{n}|{var}")
-                if g is None:
+                if br is None or g is None:
                     continue
                 nstar, t = time_to_quality(g, br["psnr"])
                 sp = br["wall_s"] / t if nstar else 0.0
@@ -213,8 +292,8 @@ def typical(data: dict[str, Any], cases: list[str], seeds: list[int], variants: 
           f"{'gia s':>7} {'speed-up':>8}")
     for case in cases:
         for var in variants:
-            pairs = [(data[f"breaching|{case}|{s}|{n}"], data[f"giaudit|{case}|{s}|{n}|{var}"]) for s in seeds
-                     if f"breaching|{case}|{s}|{n}" in data and f"giaudit|{case}|{s}|{n}|{var}" in data]
+            keys = [(_breaching_key(case, s, n, _threads(var)), f"giaudit|{case}|{s}|{n}|{var}") for s in seeds]
+            pairs = [(data[b], data[g]) for b, g in keys if b in data and g in data]
             if not pairs:
                 continue
             target = statistics.median(b["psnr"] for b, _ in pairs)
@@ -265,22 +344,34 @@ def main(argv: list[str] | None = None) -> int:
     specs = []
     for case in cases:  # breaching first: the long jobs start early and keep both cores busy
         for seed in seeds:
-            specs.append({**common, "kind": "breaching", "case": case, "seed": seed,
-                          "key": f"breaching|{case}|{seed}|{args.iterations}"})
+            for threads in sorted({_threads(var) for var in variants}):
+                specs.append({**common, "kind": "breaching", "case": case, "seed": seed, "threads": threads,
+                              "key": _breaching_key(case, seed, args.iterations, threads)})
     for case in cases:
         for seed in seeds:
             for var in variants:
                 specs.append({**common, "kind": "giaudit", "case": case, "seed": seed, "variant": var,
-                              "key": f"giaudit|{case}|{seed}|{args.iterations}|{var}"})
+                              "threads": _threads(var), "key": f"giaudit|{case}|{seed}|{args.iterations}|{var}"})
     todo = [s for s in specs if s["key"] not in data]
     if todo and not args.report_only:
-        print(f"# {len(todo)} jobs to run ({len(specs) - len(todo)} done), {args.workers} at once", flush=True)
+        cores = os.cpu_count() or 1
+        if max(s["threads"] for s in todo) > cores:
+            raise SystemExit(f"--variants: a job needs {max(s['threads'] for s in todo)} cores, this machine has "
+                             f"{cores}; use rK with K <= {cores}")
+        print(f"# {len(todo)} jobs to run ({len(specs) - len(todo)} done); single-threaded ones {args.workers} at "
+              "once, the others (rK and breaching on K threads) alone", flush=True)
+
+        def done(key: str, result: dict[str, Any]) -> None:
+            data[key] = result
+            atomic_write_text(args.out, json.dumps(data, indent=1))
+            print(f"# done {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
+                                              if isinstance(v, float)), flush=True)
+
         with mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
-            for key, result in pool.imap_unordered(_job, todo):
-                data[key] = result
-                atomic_write_text(args.out, json.dumps(data, indent=1))
-                print(f"# done {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
-                                                  if isinstance(v, float)), flush=True)
+            for key, result in pool.imap_unordered(_job, [s for s in todo if s["threads"] == 1]):
+                done(key, result)
+        for spec in (s for s in todo if s["threads"] > 1):
+            done(*_run_alone(spec))
     report(data, cases, seeds, variants, args.iterations)
     return 0
 
