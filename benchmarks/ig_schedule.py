@@ -94,10 +94,8 @@ class _Traced(InvertingGradients):
     def run_restart(self, obs, labels, budget, generator, progress=None):  # type: ignore[no-untyped-def]
         self.psnrs, self.tvs, self.eval_s = [], [], 0.0
         seed = generator.initial_seed()
-        t = time.perf_counter()
         result = super().run_restart(obs, labels, budget, generator, progress)
-        trace = {"losses": result.losses, "final_loss": result.final_loss, "psnrs": self.psnrs, "tvs": self.tvs,
-                 "eval_s": self.eval_s, "wall_s": time.perf_counter() - t}
+        trace = {"losses": result.losses, "psnrs": self.psnrs, "tvs": self.tvs, "eval_s": self.eval_s}
         atomic_write_text(Path(self._folder) / f"{seed}.json", json.dumps(trace))
         return result
 
@@ -184,8 +182,8 @@ def parse_variant(text: str) -> dict[str, Any]:
     """'p50' plateau, patience 50; 's1000' the paper's steps schedule with a budget of 1000 iterations (its
     drops move with the budget); a prefix 'rK' (r2p100) runs K restarts side by side, one single-threaded
     process each, and 'tT' (t2p100) one restart on T threads; either is set against breaching run on K or T
-    threads. The results also hold 'p50h400' (no lr drop
-    before iteration 400), run with the IG option `hold` at commit 50c5d3a; it did not pay and was removed."""
+    threads. The results also hold 'p50h400' (no lr drop before iteration 400), run with the IG option `hold`
+    at commit 50c5d3a; it did not pay and was removed."""
     m = re.fullmatch(r"(?:([rt])(\d+))?(?:p(\d+)|s(\d+))", text)
     if m is None or (m.group(2) is not None and int(m.group(2)) < 2):
         raise SystemExit(f"--variants: {text!r} is not [rK|tT]pN or [rK|tT]sN with K, T >= 2 "
@@ -357,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         cores = os.cpu_count() or 1
         if max(s["threads"] for s in todo) > cores:
             raise SystemExit(f"--variants: a job needs {max(s['threads'] for s in todo)} cores, this machine has "
-                             f"{cores}; use rK with K <= {cores}")
+                             f"{cores}; use rK or tT with K, T <= {cores}")
         print(f"# {len(todo)} jobs to run ({len(specs) - len(todo)} done); single-threaded ones {args.workers} at "
-              "once, the others (rK and breaching on K threads) alone", flush=True)
+              "once, the others (rK, tT and breaching on as many threads) alone", flush=True)
 
         def done(key: str, result: dict[str, Any]) -> None:
             data[key] = result
