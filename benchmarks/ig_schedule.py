@@ -59,7 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # ig_speed, next to th
 
 import ig_speed  # noqa: E402
 import torch  # noqa: E402
-from ig_speed import giaudit_initial_images, make_problem, parse_cases, psnr, run_breaching  # noqa: E402
+from ig_speed import (  # noqa: E402
+    giaudit_initial_images,
+    make_problem,
+    parse_cases,
+    psnr,
+    restart_seeds,
+    run_breaching,
+)
 from torch import Tensor  # noqa: E402
 
 from giaudit.attacks._common.distances import total_variation  # noqa: E402
@@ -101,7 +108,7 @@ class _Traced(InvertingGradients):
 
 
 def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    torch.set_num_threads(spec.get("threads", 1))
+    torch.set_num_threads(spec["threads"])
     ig_speed.BN_MODE = spec["bn_mode"]
     torch.manual_seed(spec["seed"])  # breaching draws (then discards) a random start from the global RNG
     name, b = spec["case"].split(":")
@@ -121,9 +128,7 @@ def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         budget = (Budget(iterations=v["budget"], restarts=k) if v["schedule"] == "steps"
                   else Budget(iterations=spec["cap"], restarts=k, patience=v["patience"]))
         rec = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(spec["seed"]))
-        # The restarts' seeds as `reconstruct` draws them (oracle labels consume no randomness).
-        seeds = [int(s) for s in torch.randint(0, 2**62, (k,), generator=torch.Generator().manual_seed(spec["seed"]))]
-        traces = [json.loads((Path(folder) / f"{s}.json").read_text()) for s in seeds]
+        traces = [json.loads((Path(folder) / f"{s}.json").read_text()) for s in restart_seeds(spec["seed"], k)]
     if rec.trace.extra["workers"] != k:
         raise RuntimeError(f"benchmark setup: {k} restarts ran on {rec.trace.extra['workers']} processes, "
                            f"not one per restart (cores: {os.cpu_count()})")
@@ -352,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                               "threads": _threads(var), "key": f"giaudit|{case}|{seed}|{args.iterations}|{var}"})
     todo = [s for s in specs if s["key"] not in data]
     if todo and not args.report_only:
-        cores = os.cpu_count() or 1
-        if max(s["threads"] for s in todo) > cores:
-            raise SystemExit(f"--variants: a job needs {max(s['threads'] for s in todo)} cores, this machine has "
+        cores, most = os.cpu_count() or 1, max(s["threads"] for s in todo)
+        if most > cores:
+            raise SystemExit(f"--variants: a job needs {most} cores, this machine has "
                              f"{cores}; use rK or tT with K, T <= {cores}")
         print(f"# {len(todo)} jobs to run ({len(specs) - len(todo)} done); single-threaded ones {args.workers} at "
               "once, the others (rK, tT and breaching on as many threads) alone", flush=True)

@@ -255,10 +255,15 @@ def giaudit_initial_images(attack: InvertingGradients, obs: Observation, seed: i
     Checked against giaudit itself in `check_same_problem` (a one-iteration
     constant-lr run from this start must return this start).
     """
-    gen = torch.Generator().manual_seed(seed)
-    seeds = [int(s) for s in torch.randint(0, 2**62, (k,), generator=gen)]  # oracle labels consume no randomness
-    starts = [attack.initial_images(obs, obs.batch_size, torch.Generator().manual_seed(s)) for s in seeds]
+    starts = [attack.initial_images(obs, obs.batch_size, torch.Generator().manual_seed(s))
+              for s in restart_seeds(seed, k)]
     return starts[0] if k == 1 else torch.stack(starts)
+
+
+def restart_seeds(seed: int, k: int) -> list[int]:
+    """The seeds of the k restarts, drawn as `Attack.reconstruct` draws them from `Generator().manual_seed(seed)`
+    (oracle labels consume no randomness)."""
+    return [int(s) for s in torch.randint(0, 2**62, (k,), generator=torch.Generator().manual_seed(seed))]
 
 
 # ---------------------------------------------------------------------------------------------
