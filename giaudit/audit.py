@@ -110,10 +110,7 @@ def build_scenario(spec: AuditSpec, seed: int) -> tuple[AnyScenario, ImageDatase
 
 
 def spec_threat(spec: AuditSpec) -> ThreatModel:
-    t = spec.threat
-    return threat_model(batch_size=t["batch_size"], training_details=t["training_details"],
-                        surrogate_data=t["surrogate_data"], bn_statistics=t["bn_statistics"],
-                        true_labels=t["true_labels"], diffusion_noise=t.get("diffusion_noise", False))
+    return threat_model(**spec.threat)
 
 
 def cell_scenario(spec: AuditSpec, seed: int) -> AnyScenario | CaptureScenario:

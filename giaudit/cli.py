@@ -20,7 +20,7 @@ from giaudit.demo import run_demo
 from giaudit.engine import ENGINES, Engine, make_engine
 from giaudit.errors import GiauditError
 from giaudit.metrics.attributes import train_attribute_classifier
-from giaudit.policy import check, check_main, load_policy
+from giaudit.policy import check, load_policy
 from giaudit.priors.ddpm import add_ddpm_arguments, cli_train_ddpm
 from giaudit.priors.train import add_train_arguments, cli_train
 from giaudit.report import render
@@ -110,7 +110,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    return check_main(args.results, args.policy)
+    """Print each rule and PASS/FAIL; exit 0 when every rule passes, 1 when one fails (2: bad input, via main)."""
+    policy = load_policy(args.policy)
+    store = load_results(args.results)
+    verdict = check(store.records, policy)
+    print(f"policy {policy.source} on {args.results} ({len(store.records)} records)")
+    print(verdict.format())
+    return 0 if verdict.passed else 1
 
 
 def _prior_train(args: argparse.Namespace) -> int:

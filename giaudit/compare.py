@@ -30,13 +30,13 @@ the base config sets ``scenario.checkpoints``).
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from giaudit.aggregate import summarise as aggregate
 from giaudit.attacks import ATTACKS
 from giaudit.audit import run_audit
 from giaudit.config import demo_config_path, load_config
@@ -44,95 +44,22 @@ from giaudit.defenses import load_defense_file
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
 from giaudit.report.compare import render_compare
-from giaudit.results import AuditRecord, disclosed_value
-from giaudit.stats import mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
-from giaudit.utility import UtilityCache, UtilitySettings, measure, spent_epsilon, with_dp_noise, with_dp_rounds
-
-METRICS = (  # (column prefix, per-image key, worst = max?)
-    ("psnr_db", "psnr_db", True),
-    ("ssim", "ssim", True),
-    ("lpips", "lpips", False),
-)
+from giaudit.results import AuditRecord
+from giaudit.utility import UtilityCache, UtilitySettings, measure, with_dp_noise, with_dp_rounds
 
 
 def safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", label).strip("-") or "defense"
 
 
-def _round(r: AuditRecord) -> int | None:
-    v = r.training.get("round") if r.training else None
-    return None if v is None else int(v)
-
-
-def image_values(records: Sequence[AuditRecord], key: str) -> dict[tuple[Any, ...], float]:
-    """Per-image values keyed by what identifies the image and the attack start: (seed, client, round, image)."""
-    out: dict[tuple[Any, ...], float] = {}
-    for r in records:
-        for row in r.per_image:
-            v = row.get(key)
-            if v is None:
-                continue
-            ident = row.get("image_key", row.get("truth_index"))
-            out[(r.seed, row.get("client", 0), _round(r), ident)] = float(v)
-    return out
-
-
 def summarise(records: Sequence[AuditRecord], utilities: Mapping[str, Sequence[Mapping[str, Any]]],
               order: Sequence[str], attacks: Sequence[str], reference: str | None = None) -> list[dict[str, Any]]:
-    """One row per defense x attack (x checkpoint round) from saved records, statistics over images.
+    """One row per defense x attack (x checkpoint round) from saved records (`giaudit.aggregate.summarise`,
+    the aggregation the report and the policy check share), in preset then attack order.
 
     `reference`: the defense the paired test compares against (the preset without defenses)."""
-    rows = []
-    for label in order:
-        util = list(utilities.get(label, []))
-        base_runs = list(utilities.get(reference, [])) if reference else []
-        acc, acc_lo, acc_hi = pooled_accuracy(util)
-        base_acc = pooled_accuracy(base_runs)[0] if base_runs else math.nan
-        eps_u, delta_u = (spent_epsilon(util[0].get("spent", {})) if util else (None, None))
-        for attack in attacks:
-            mine = [r for r in records if r.defense == label and r.attack == attack]
-            for round_ in sorted({_round(r) for r in mine}, key=lambda v: -1 if v is None else v):
-                recs = sorted((r for r in mine if _round(r) == round_), key=lambda r: r.seed)
-                row: dict[str, Any] = {"defense": label, "attack": attack, "round": round_,
-                                       "seeds": len({r.seed for r in recs}),
-                                       "images": sum(max(len(r.per_image), 1) for r in recs),
-                                       "sok_class": recs[0].threat.get("sok_class")}
-                for prefix, key, worst_is_max in METRICS:
-                    vals = list(image_values(recs, key).values())
-                    row.update(summary(vals, worst="max" if worst_is_max else "min").as_dict(prefix))
-                la = [(r.metrics["label_accuracy"], max(len(r.per_image), 1)) for r in recs
-                      if "label_accuracy" in r.metrics]
-                n_la = sum(n for _, n in la)
-                row["label_accuracy_mean"] = sum(v * n for v, n in la) / n_la if n_la else math.nan
-                row["label_accuracy_low"], row["label_accuracy_high"] = (
-                    wilson_interval(int(round(row["label_accuracy_mean"] * n_la)), n_la) if n_la else (math.nan,) * 2)
-                if reference and label != reference:
-                    ref = image_values([r for r in records if r.defense == reference and r.attack == attack
-                                        and _round(r) == round_], "psnr_db")
-                    got = image_values(recs, "psnr_db")
-                    common = sorted(set(ref) & set(got), key=str)
-                    test = paired_test([got[k] for k in common], [ref[k] for k in common])
-                    row.update(paired_n=test.n_pairs, paired_p=test.p_value, paired_too_few=test.too_few,
-                               paired_median_diff=test.median_difference, paired_note=test.describe())
-                else:
-                    row.update(paired_n=None, paired_p=None, paired_too_few=None, paired_median_diff=None,
-                               paired_note="reference" if label == reference else "")
-                found = [v for v in (disclosed_value(r, "epsilon") for r in recs) if v is not None]
-                row["epsilon"] = eps_u if eps_u is not None else (float(found[0]) if found else None)
-                row["delta"] = delta_u if delta_u is not None else next(
-                    (disclosed_value(r, "delta") for r in recs if disclosed_value(r, "delta") is not None), None)
-                row["epsilon_source"] = "utility training" if eps_u is not None else (
-                    "audited update" if found else None)
-                row["utility_accuracy_mean"], row["utility_accuracy_low"], row["utility_accuracy_high"] = (
-                    acc, acc_lo, acc_hi)
-                row["utility_baseline_accuracy"] = base_acc
-                row["utility_drop_mean"] = base_acc - acc if base_runs and util else math.nan
-                row["utility_rounds"] = util[0]["rounds"] if util else None
-                accs = [r.training.get("held_out_accuracy") for r in recs if r.training]
-                row["model_accuracy"] = accs[0] if accs else None
-                row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
-                rows.append(row)
-    return rows
+    return aggregate(records, utilities, by_round=True, reference=reference,
+                     order=[(label, attack) for label in order for attack in attacks])
 
 
 def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[str, Any]]:

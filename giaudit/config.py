@@ -24,6 +24,8 @@ from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
 from giaudit.registry import build_from, check_choice, check_number, check_value, options
 from giaudit.scenario.models import MODELS
+from giaudit.threat import threat_model
+from giaudit.types import CAPABILITIES, Capability, ThreatModel
 
 # Each section is a keyword-only dataclass: its fields, hints and defaults are the keys, and
 # the registry's one validator checks a TOML table against it (as it does attack and defense
@@ -113,16 +115,26 @@ class ScenarioSection:
         check_number("local_lr", self.local_lr, low=0.0, strict_low=True)
 
 
+def _granted(cap: Capability) -> bool:
+    return CAPABILITIES[cap].default
+
+
 @dataclass(frozen=True, kw_only=True)
 class ThreatSection:
-    batch_size: bool = True
-    training_details: bool = True
-    surrogate_data: bool = True
-    bn_statistics: bool = False
-    true_labels: bool = False
-    # ddpm_unet only: the server fixed the client's timesteps and noise (unset = false; kept out of the
-    # canonical config when unset so existing config hashes do not change)
+    """``[threat]``: one flag per row of `giaudit.types.CAPABILITIES`, defaulting to that row's default."""
+
+    batch_size: bool = _granted(Capability.BATCH_SIZE)
+    training_details: bool = _granted(Capability.TRAINING_DETAILS)
+    surrogate_data: bool = _granted(Capability.SURROGATE_DATA)
+    bn_statistics: bool = _granted(Capability.BN_STATISTICS)
+    true_labels: bool = _granted(Capability.TRUE_LABELS)
+    # Unset (None) is the table's default; kept out of the canonical config while unset, so configs written
+    # before the diffusion scenario keep their hashes.
     diffusion_noise: bool | None = None
+
+    def model(self) -> ThreatModel:
+        """The threat model these flags grant."""
+        return threat_model(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,23 +51,22 @@ listing the metrics the results do have (typically a typo, or semantic
 metrics not enabled), or is SKIPped with that message under
 ``missing = "skip"``. NaN measurements fail.
 
-`check_main` exits 0 when every rule passes, 1 when one fails, 2 on bad input
-(unreadable policy or results; the message names the file and key).
+`giaudit check RUN --policy POLICY` prints every result and exits 0 when every
+rule passes, 1 when one fails, 2 on bad input (unreadable policy or results;
+the message names the file and key).
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from giaudit.errors import ConfigError, GiauditError
+from giaudit.aggregate import image_count, pooled
+from giaudit.errors import ConfigError
 from giaudit.io import read_toml
-from giaudit.metrics import METRIC_NAMES, is_metric
-from giaudit.results import load_results
-from giaudit.stats import bootstrap_mean, wilson_interval
+from giaudit.metrics.registry import is_metric, is_rate, names, policy_key
 
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
@@ -181,7 +180,7 @@ def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
     for metric, spec in table.items():
         key = f"{where}.{metric}"
         if not is_metric(metric):
-            raise ConfigError(f"{source}: {key}: unknown metric {metric!r}; known: {', '.join(METRIC_NAMES)} "
+            raise ConfigError(f"{source}: {key}: unknown metric {metric!r}; known: {', '.join(names())} "
                               "(each also with _mean / _worst, or reference_ or user_ before it)")
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{source}: {key} must be a table such as {metric}.max = 0.5, got {spec!r}")
@@ -241,25 +240,9 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 # ---- checking --------------------------------------------------------------------------
 
-# A rule on a mean or rate reads per-image values where the records keep them (psnr_db_mean -> each image's
-# psnr_db), so its interval is over images; otherwise the records' values weighted by their image counts.
-PER_IMAGE_KEYS = {"mse": "mse", "psnr_db": "psnr_db", "ssim": "ssim", "lpips": "lpips",
-                  "identity_match_rate": "identity_match", "identity_similarity": "identity_similarity"}
-
-
 def resolve_metric(metrics: Mapping[str, Any], metric: str) -> str | None:
     """The aggregate key a rule on ``metric`` reads: exact name, else ``<metric>_worst``."""
-    if metric in metrics:
-        return metric
-    if f"{metric}_worst" in metrics:
-        return f"{metric}_worst"
-    return None
-
-
-def is_rate(key: str) -> bool:
-    """A share of images (Wilson interval) rather than a mean of continuous values (bootstrap)."""
-    base = key.removeprefix("reference_").removesuffix("_mean")
-    return base.endswith("_rate") or base.endswith("_accuracy") or base == "face_detection_batch"
+    return policy_key(metrics, metric)
 
 
 def _specificity(scope: str) -> int:
@@ -280,10 +263,6 @@ def _value(record: Any, key: str) -> float:
         return math.nan
 
 
-def _images(record: Any) -> int:
-    return max(len(record.per_image), 1)
-
-
 def _passes(value: float, rule: Rule) -> bool:
     return math.isfinite(value) and (value <= rule.threshold if rule.op == "max" else value >= rule.threshold)
 
@@ -294,43 +273,28 @@ def _judge_worst(group: list[Any], rule: Rule, key: str, base: dict[str, Any]) -
     bad = [(v, r) for v, r in vals if not math.isfinite(v)]
     if bad:
         return RuleResult(**base, measured=bad[0][0], passed=False, record_id=bad[0][1].record_id,
-                          basis="worst image", samples=sum(_images(r) for r in group),
+                          basis="worst image", samples=sum(image_count(r) for r in group),
                           message="measured value is not finite")
     pick = max if (rule.op == "max") else min
     value, rec = pick(vals, key=lambda vr: vr[0])
     return RuleResult(**base, measured=value, passed=_passes(value, rule), record_id=rec.record_id,
-                      basis="worst image", samples=sum(_images(r) for r in group))
+                      basis="worst image", samples=sum(image_count(r) for r in group))
 
 
 def _judge_aggregate(group: list[Any], rule: Rule, key: str, base: dict[str, Any],
                      confidence: float | None) -> RuleResult:
     """A rule on a mean or a rate is judged on all images of the (defense, attack), at the interval's bound
     when the policy asks for confidence."""
-    per_key = PER_IMAGE_KEYS.get(key.removesuffix("_mean")) if not key.startswith("reference_") else None
-    images = [row.get(per_key) for r in group for row in r.per_image] if per_key else []
-    if per_key and images and all(v is not None for v in images) and all(r.per_image for r in group):
-        values = [float(v) for v in images]
-        n, mean = len(values), sum(values) / len(values)
-        unit = "images"
-    else:
-        weights = [_images(r) for r in group]
-        raw = [_value(r, key) for r in group]
-        n = sum(weights)
-        mean = sum(w * v for w, v in zip(weights, raw)) / n
-        values = raw
-        unit = "images" if any(r.per_image for r in group) else "records"
+    p = pooled(group, key)
+    n, mean, unit = p.n, p.mean, p.unit
     if not math.isfinite(mean):
         return RuleResult(**base, measured=mean, passed=False, record_id=None, basis="aggregate", samples=n,
                           message="measured value is not finite")
     if confidence is None:
         return RuleResult(**base, measured=mean, passed=_passes(mean, rule), record_id=None,
                           basis=f"mean over {unit}", samples=n)
-    if is_rate(key):
-        lo, hi = wilson_interval(int(round(mean * n)), n, confidence)
-        how = "Wilson"
-    else:
-        _, lo, hi = bootstrap_mean(values, confidence=confidence)
-        how = "bootstrap"
+    lo, hi = p.interval(rate=is_rate(key), confidence=confidence)
+    how = "Wilson" if is_rate(key) else "bootstrap"
     bound = hi if rule.op == "max" else lo
     side = "upper" if rule.op == "max" else "lower"
     return RuleResult(**base, measured=bound, passed=_passes(bound, rule), record_id=None,
@@ -400,19 +364,5 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
     return Verdict(all(r.passed for r in results), results, policy.source)
 
 
-def check_main(results_path: str | os.PathLike[str], policy_path: str | os.PathLike[str]) -> int:
-    """`giaudit check RESULTS --policy POLICY`: print each rule and PASS/FAIL; exit 0 / 1 / 2."""
-    try:
-        policy = load_policy(policy_path)
-        store = load_results(results_path)
-    except GiauditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    verdict = check(store.records, policy)
-    print(f"policy {policy.source} on {results_path} ({len(store.records)} records)")
-    print(verdict.format())
-    return 0 if verdict.passed else 1
-
-
-__all__ = ["PER_IMAGE_KEYS", "Policy", "Rule", "RuleResult", "Verdict", "check", "check_main", "is_rate",
-           "load_policy", "parse_policy", "resolve_metric"]
+__all__ = ["Policy", "Rule", "RuleResult", "Verdict", "check", "is_rate", "load_policy", "parse_policy",
+           "resolve_metric"]

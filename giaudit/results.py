@@ -28,6 +28,7 @@ import numpy as np
 
 from giaudit.errors import DataError
 from giaudit.io import atomic_write_bytes, atomic_write_text
+from giaudit.types import NO_DEFENSE
 
 # 2: `disclosed` holds one table per defense, keyed "<position>:<name>".
 SCHEMA_VERSION = 2
@@ -54,6 +55,16 @@ class AuditRecord:
     # Leakage over training: {"round": r, "held_out_accuracy": a} when the attacked update was taken at
     # round r of the federated training (scenario.checkpoints); empty for an audit of the scenario's model.
     training: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def undefended(self) -> bool:
+        """The record audited the update with no defense (an empty chain)."""
+        return undefended(self.defense)
+
+
+def undefended(label: str) -> bool:
+    """A defense label that stands for no defense (the empty chain's label, or none at all)."""
+    return label in (NO_DEFENSE, "")
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

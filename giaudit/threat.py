@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from giaudit.errors import ThreatModelError
 from giaudit.types import (
+    CAPABILITIES,
     Capability,
     ClientProtocol,
     DataSpec,
@@ -24,17 +25,15 @@ from giaudit.types import (
 )
 
 
-def threat_model(*, batch_size: bool = True, training_details: bool = True, surrogate_data: bool = False,
-                 bn_statistics: bool = False, true_labels: bool = False,
-                 diffusion_noise: bool = False) -> ThreatModel:
-    flags = {
-        Capability.BATCH_SIZE: batch_size,
-        Capability.TRAINING_DETAILS: training_details,
-        Capability.SURROGATE_DATA: surrogate_data,
-        Capability.BN_STATISTICS: bn_statistics,
-        Capability.TRUE_LABELS: true_labels,
-        Capability.DIFFUSION_NOISE: diffusion_noise,
-    }
+def threat_model(**granted: bool | None) -> ThreatModel:
+    """A threat model from capability flags by name (``true_labels=True``); a flag not given, or None, takes
+    the capability's default from `giaudit.types.CAPABILITIES`."""
+    known = {c.value: c for c in Capability}
+    unknown = sorted(set(granted) - set(known))
+    if unknown:
+        raise TypeError(f"threat_model: unknown capability {unknown[0]!r}; known: {', '.join(known)}")
+    flags = {c: CAPABILITIES[c].default if granted.get(c.value) is None else bool(granted[c.value])
+             for c in Capability}
     return ThreatModel(frozenset(c for c, on in flags.items() if on))
 
 

@@ -1,6 +1,6 @@
-"""Frozen dataclasses that cross stage boundaries.
+"""Frozen dataclasses that cross stage boundaries, and the capability table of the threat model.
 
-The flow is one-way (see ../shared/spec/design.md):
+The flow is one-way:
 scenario -> defenses -> Observation -> attack -> Reconstruction -> evaluate.
 Ground truth is split off where the batch is drawn and travels in its own
 object (`GroundTruth`) that no attack receives: `Observation` has no field that
@@ -51,14 +51,62 @@ class SharedUpdate:
 
 
 class Capability(str, enum.Enum):
-    """Extras beyond (model, update, data form) that a threat model can grant."""
+    """Extras beyond (model, update, data form) that a threat model can grant (rows of `CAPABILITIES`)."""
 
-    BATCH_SIZE = "batch_size"          # basic knowledge (SoK class B)
-    TRAINING_DETAILS = "training_details"  # lr, local steps, mini-batch size (class C)
-    SURROGATE_DATA = "surrogate_data"  # a prior trained on the same distribution (class D)
-    BN_STATISTICS = "bn_statistics"    # the client's batch-norm batch statistics (class E)
-    TRUE_LABELS = "true_labels"        # oracle outside the SoK table
-    DIFFUSION_NOISE = "diffusion_noise"  # the server fixed the diffusion client's timesteps t and noise eps
+    BATCH_SIZE = "batch_size"
+    TRAINING_DETAILS = "training_details"
+    SURROGATE_DATA = "surrogate_data"
+    BN_STATISTICS = "bn_statistics"
+    TRUE_LABELS = "true_labels"
+    DIFFUSION_NOISE = "diffusion_noise"
+
+
+@dataclass(frozen=True)
+class CapabilityInfo:
+    """One row of the capability table: everything giaudit says about a capability, once.
+
+    `sok_class`: the letter of Carletti et al.'s SoK ("SoK: Gradient Inversion Attacks in Federated
+    Learning", USENIX Security 2025) that granting it reaches ("" for extras outside that table); the letter of
+    a threat model is the highest of its capabilities'. `default`: granted unless the config says otherwise
+    (`[threat]`, `threat_model()`). `text`: what it means for a reader of the report. `oracle`: the report's
+    bold line when it is granted and used, for extras no real server has (None: a realistic capability).
+    """
+
+    capability: Capability
+    sok_class: str
+    default: bool
+    text: str
+    oracle: str | None = None
+
+
+CAPABILITIES: dict[Capability, CapabilityInfo] = {row.capability: row for row in (
+    CapabilityInfo(Capability.BATCH_SIZE, "B", True, "basic knowledge: architecture, loss and batch size"),
+    CapabilityInfo(Capability.TRAINING_DETAILS, "C", True,
+                   "training details: learning rate, local steps, mini-batch size"),
+    CapabilityInfo(Capability.SURROGATE_DATA, "D", True,
+                   "surrogate data from the same distribution (e.g. a trained prior)"),
+    CapabilityInfo(Capability.TRUE_LABELS, "", False, "the true labels of the private batch",
+                   oracle="true labels given to the attacker"),
+    CapabilityInfo(Capability.BN_STATISTICS, "E", False, "the client's batch-norm statistics",
+                   oracle="client batch-norm statistics given to the attacker"),
+    CapabilityInfo(Capability.DIFFUSION_NOISE, "", False,
+                   "the diffusion client's timesteps and noise, fixed by the server"),
+)}
+
+# The label of a run with no defense (an empty chain): what the shared update is without any protection.
+NO_DEFENSE = "none"
+
+# Names of the SoK classes (Carletti et al., the table of attacker capabilities): A-E passive, F-H active.
+SOK_CLASSES = {
+    "A": "eavesdropper",
+    "B": "informed eavesdropper",
+    "C": "parameter-aware eavesdropper",
+    "D": "data-enhanced eavesdropper",
+    "E": "statistics-informed eavesdropper",
+    "F": "active manipulator",
+    "G": "active manipulator",
+    "H": "active manipulator",
+}
 
 
 @dataclass(frozen=True)
@@ -80,26 +128,13 @@ class ThreatModel:
 
     @property
     def oracles(self) -> tuple[str, ...]:
-        out = []
-        if Capability.TRUE_LABELS in self.granted:
-            out.append("true labels given to the attacker")
-        if Capability.BN_STATISTICS in self.granted:
-            out.append("client batch-norm statistics given to the attacker")
-        return tuple(out)
+        """The report's oracle lines for the granted extras no real server has, in table order."""
+        return tuple(row.oracle for c, row in CAPABILITIES.items() if c in self.granted and row.oracle)
 
     @property
     def sok_class(self) -> str:
-        """Letter of Carletti et al.'s SoK for the granted capabilities."""
-        g = self.granted
-        if Capability.BN_STATISTICS in g:
-            return "E"
-        if Capability.SURROGATE_DATA in g:
-            return "D"
-        if Capability.TRAINING_DETAILS in g:
-            return "C"
-        if Capability.BATCH_SIZE in g:
-            return "B"
-        return "A"
+        """Letter of Carletti et al.'s SoK for the granted capabilities: the highest any of them reaches."""
+        return max((CAPABILITIES[c].sok_class for c in self.granted), default="") or "A"
 
 
 ReplayFn = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]

@@ -47,6 +47,7 @@ from typing import Any
 
 from giaudit.audit import training_data
 from giaudit.config import AuditSpec
+from giaudit.defenses import DEFENSES
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
 from giaudit.io import atomic_write_text
@@ -102,21 +103,16 @@ class UtilityCache:
 
 
 def with_dp_rounds(tables: Sequence[Mapping[str, Any]], rounds: int) -> list[dict[str, Any]]:
-    """DP-SGD tables accounted over `rounds` rounds (the training's length)."""
-    return [{**t, "rounds": rounds} if t.get("name") == "dpsgd" else dict(t) for t in tables]
+    """The tables for a training of `rounds` rounds (`RegisteredDefense.over_rounds`: DP-SGD accounts over
+    them)."""
+    return [DEFENSES[str(t["name"])].over_rounds(t, rounds) for t in tables]
 
 
 def with_dp_noise(tables: Sequence[Mapping[str, Any]], spent: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The tables with each DP-SGD target epsilon replaced by the noise multiplier the training used, so an
-    audited update carries exactly the training's noise."""
-    out = []
-    for i, t in enumerate(tables):
-        info = spent.get(f"{i}:{t.get('name')}", {})
-        if t.get("name") == "dpsgd" and "epsilon" in t and info.get("dp_noise_multiplier") is not None:
-            t = {k: v for k, v in t.items() if k != "epsilon"}
-            t["noise_multiplier"] = float(info["dp_noise_multiplier"])
-        out.append(dict(t))
-    return out
+    """The tables fixed to what their training used (`RegisteredDefense.as_trained`: a DP-SGD target epsilon
+    becomes the noise multiplier the training found), so an audited update carries exactly the training's
+    noise."""
+    return [DEFENSES[str(t["name"])].as_trained(t, spent.get(f"{i}:{t['name']}", {})) for i, t in enumerate(tables)]
 
 
 def spent_epsilon(spent: Mapping[str, Mapping[str, Any]]) -> tuple[float | None, float | None]:

@@ -5,11 +5,17 @@ from pathlib import Path
 
 import pytest
 
+from giaudit.cli import main
 from giaudit.errors import ConfigError
-from giaudit.policy import check, check_main, load_policy, parse_policy, resolve_metric
+from giaudit.policy import check, load_policy, parse_policy, resolve_metric
 from giaudit.results import AuditRecord, ResultsStore, load_results
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def check_main(results, policy) -> int:
+    """`giaudit check RESULTS --policy POLICY`, as a user runs it."""
+    return main(["check", str(results), "--policy", str(policy)])
 
 
 def _record(attack: str, defense: str, seed: int, **metrics: float) -> AuditRecord:

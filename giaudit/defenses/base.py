@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from giaudit.errors import ConfigError
 from giaudit.fl import compute_update
-from giaudit.types import ClientProtocol, Disclosure, ReplayRule, SharedUpdate
+from giaudit.types import NO_DEFENSE, ClientProtocol, Disclosure, ReplayRule, SharedUpdate
 
 Sampler = Callable[[Tensor, int, torch.Generator], Tensor]
 Compute = Callable[[nn.Module, Tensor, Tensor, ClientProtocol], tuple[Tensor, ...]]
@@ -103,7 +103,7 @@ class Chain:
 
     def __init__(self, defenses: Sequence[Defense]) -> None:
         self.defenses = tuple(defenses)
-        self.name = "+".join(d.name for d in self.defenses) or "none"
+        self.name = "+".join(d.name for d in self.defenses) or NO_DEFENSE
 
     def configure(self, step: ClientStep) -> ClientStep:
         for d in self.defenses:
@@ -121,4 +121,9 @@ class Chain:
                      for i, d in enumerate(self.defenses))
 
     def describe(self) -> str:
-        return " -> ".join(d.describe() for d in self.defenses) or "none"
+        return " -> ".join(d.describe() for d in self.defenses) or NO_DEFENSE
+
+    @property
+    def is_identity(self) -> bool:
+        """No defense: the update is sent as computed."""
+        return not self.defenses

@@ -255,6 +255,20 @@ class DPSGD(RegisteredDefense):
             out["epsilon"] = 0.0 if steps == 0 else math.inf
         return out
 
+    @classmethod
+    def over_rounds(cls, table: Mapping[str, Any], rounds: int) -> dict[str, Any]:
+        """Accounted over `rounds` rounds: the length of the training."""
+        return {**table, "rounds": rounds}
+
+    @classmethod
+    def as_trained(cls, table: Mapping[str, Any], spent: Mapping[str, Any]) -> dict[str, Any]:
+        """A target epsilon replaced by the noise multiplier the training found for it."""
+        if "epsilon" not in table or spent.get("dp_noise_multiplier") is None:
+            return dict(table)
+        out = {k: v for k, v in table.items() if k != "epsilon"}
+        out["noise_multiplier"] = float(spent["dp_noise_multiplier"])
+        return out
+
     def disclose(self, update: SharedUpdate) -> Mapping[str, Any]:
         return {"dp_max_grad_norm": self.max_grad_norm, "delta": self.delta, "dp_accountant": self.accountant,
                 "dp_rounds": self.rounds, **self._accounting}

@@ -55,6 +55,18 @@ class RegisteredDefense(Configurable, Defense):
         args = ", ".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
         return f"{self.name}({args})"
 
+    @classmethod
+    def over_rounds(cls, table: Mapping[str, Any], rounds: int) -> dict[str, Any]:
+        """This defense's table for a training of `rounds` rounds (a defense that accounts for the length of
+        the training, DP-SGD, takes it; the others are unchanged)."""
+        return dict(table)
+
+    @classmethod
+    def as_trained(cls, table: Mapping[str, Any], spent: Mapping[str, Any]) -> dict[str, Any]:
+        """This defense's table fixed to what its training used (`spent`, from `Defense.spent`), so an audited
+        update carries exactly the training's parameters; unchanged for a defense that spends nothing."""
+        return dict(table)
+
 
 DEFENSES: Registry[RegisteredDefense] = Registry("defense")
 register = DEFENSES.register

@@ -19,66 +19,44 @@ to ``figures/`` beside it. Every file is written atomically.
 """
 from __future__ import annotations
 
-import html
-import json
-import math
 import platform
 import re
 import shlex
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from jinja2 import Environment
-from markupsafe import Markup
 
-from giaudit.io import atomic_write_bytes, atomic_write_text
+from giaudit.io import atomic_write_bytes, atomic_write_text, config_as_text
+from giaudit.metrics.registry import is_rate, parse, summarised
 from giaudit.report import figures
 from giaudit.report.compare import privacy_utility_png
+from giaudit.report.format import (
+    MISSING,
+    Table,
+    finite,
+    fmt_fixed,
+    fmt_num,
+    kv_line,
+    md_escape,
+    pair,
+)
 from giaudit.report.summary import Summary, summarise
 from giaudit.report.templating import environment
 from giaudit.results import AuditRecord, ResultsStore, load_images, load_results
+from giaudit.types import CAPABILITIES, SOK_CLASSES
 
-# Names of the SoK classes (Carletti et al., Table of attacker capabilities).
-SOK_NAMES = {
-    "A": "eavesdropper",
-    "B": "informed eavesdropper",
-    "C": "parameter-aware eavesdropper",
-    "D": "data-enhanced eavesdropper",
-    "E": "statistics-informed eavesdropper",
-    "F": "active manipulator",
-    "G": "active manipulator",
-    "H": "active manipulator",
-}
-
-# What each capability (giaudit.types.Capability value) means for the reader.
-CAPABILITY_TEXT = {
-    "batch_size": "basic knowledge: architecture, loss and batch size",
-    "training_details": "training details: learning rate, local steps, mini-batch size",
-    "surrogate_data": "surrogate data from the same distribution (e.g. a trained prior)",
-    "bn_statistics": "the client's batch-norm statistics",
-    "true_labels": "the true labels of the private batch",
-}
-ORACLE_CAPABILITIES = {"true_labels", "bn_statistics"}
-
-# Metric columns with a fixed place in the table; any other metric key is appended.
-_PSNR, _SSIM, _LPIPS = ("psnr_db_mean", "psnr_db_worst"), ("ssim_mean", "ssim_worst"), ("lpips_mean", "lpips_worst")
-_FIXED_METRICS = {*_PSNR, *_SSIM, *_LPIPS, "label_accuracy"}
-_MISSING = "—"
+# Metric columns with a fixed place in the per-record table (the summarised image metrics, then labels);
+# any other metric key is appended.
+_IMAGE_COLUMNS = tuple((m, (f"{m.name}_mean", f"{m.name}_worst")) for m in summarised())
+_FIXED_METRICS = {k for _, keys in _IMAGE_COLUMNS for k in keys} | {"label_accuracy"}
 MAX_GRID_PAIRS = 24
 
 
 # --------------------------------------------------------------------------- the report's content
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-    numeric: set[int] = field(default_factory=set)  # column indices right-aligned
-
 
 @dataclass
 class ThreatGroup:
@@ -128,139 +106,6 @@ class ReportData:
     scenario: str = ""
 
 
-# --------------------------------------------------------------------------- formatting helpers
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _finite(v: Any) -> TypeGuard[float]:
-    return _is_number(v) and math.isfinite(float(v))
-
-
-def fmt_num(v: Any, digits: int = 4) -> str:
-    """Numbers to short text; missing or non-finite values to a dash."""
-    if v is None:
-        return _MISSING
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if _is_number(v):
-        f = float(v)
-        if math.isnan(f):
-            return _MISSING
-        if math.isinf(f):
-            return "∞" if f > 0 else "−∞"
-        return f"{f:.{digits}g}"
-    return str(v)
-
-
-def _fmt_fixed(v: Any, decimals: int) -> str:
-    return f"{float(v):.{decimals}f}" if _finite(v) else _MISSING
-
-
-def fmt_value(v: Any) -> str:
-    """Any JSON-like value (disclosed items, parameters) to one line of text."""
-    if isinstance(v, str):
-        return v
-    if v is None or isinstance(v, bool) or _is_number(v):
-        return fmt_num(v)
-    try:
-        return json.dumps(v, sort_keys=True, default=str, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _pair(m: Mapping[str, Any], keys: tuple[str, str], decimals: int) -> str:
-    a, b = (m.get(k) for k in keys)
-    if not _finite(a) and not _finite(b):
-        return _MISSING
-    return f"{_fmt_fixed(a, decimals)} / {_fmt_fixed(b, decimals)}"
-
-
-def _kv_line(mapping: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} = {fmt_value(v)}" for k, v in mapping.items())
-
-
-# --------------------------------------------------------------------------- TOML for the config block
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k, ensure_ascii=False)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        # JSON string escapes (\" \\ \n \uXXXX ...) are all valid TOML basic-string escapes.
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise ValueError(f"cannot write {type(v).__name__} as TOML")
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, Mapping) for x in v)
-
-
-def _toml_table(mapping: Mapping[str, Any], prefix: str, out: list[str]) -> None:
-    scalars = [(k, v) for k, v in mapping.items() if not isinstance(v, Mapping) and not _is_table_array(v)]
-    for k, v in scalars:
-        out.append(f"{_toml_key(str(k))} = {_toml_value(v)}")
-    for k, v in mapping.items():
-        name = f"{prefix}.{_toml_key(str(k))}" if prefix else _toml_key(str(k))
-        if isinstance(v, Mapping):
-            if out:
-                out.append("")
-            out.append(f"[{name}]")
-            _toml_table(v, name, out)
-        elif _is_table_array(v):
-            for item in v:
-                if out:
-                    out.append("")
-                out.append(f"[[{name}]]")
-                # Nested tables inside an array element are written inline to keep this simple.
-                for ik, iv in item.items():
-                    out.append(f"{_toml_key(str(ik))} = {_toml_value(iv)}")
-
-
-def _plain(v: Any) -> Any:
-    """Tuples to lists, recursively, so a TOML round trip can be compared with ==."""
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def config_as_text(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(text, language): TOML that parses back to the same config, else JSON."""
-    try:
-        lines: list[str] = []
-        _toml_table(config, "", lines)
-        text = "\n".join(lines) + "\n"
-        if tomllib.loads(text) == _plain(config):
-            return text, "toml"
-    except (ValueError, TypeError, tomllib.TOMLDecodeError):
-        pass
-    # TOML has no null and no heterogeneous nesting we could not express: JSON always works.
-    return json.dumps(config, indent=2, sort_keys=False, default=str, ensure_ascii=False) + "\n", "json"
-
-
 # --------------------------------------------------------------------------- collecting the content
 
 def _versions(meta: Mapping[str, Any]) -> tuple[dict[str, str], str]:
@@ -293,43 +138,16 @@ def _threat_groups(records: Sequence[AuditRecord]) -> list[ThreatGroup]:
     return list(groups.values())
 
 
-# Human names (with units) for metric keys in the per-record table; x_mean / x_worst share a column.
-HUMAN = {
-    "mse": "MSE mean / lowest",
-    "face_detection_rate": "faces detected",
-    "face_detection_batch": "batch has a detected face",
-    "identity_match_rate": "verified as same person",
-    "identity_similarity": "embedding cosine (raw)",
-    "reid_rank1": "re-identified rank-1",
-    "reid_rank5": "re-identified rank-5",
-    "reid_gallery_size": "gallery size N",
-    "reid_scored": "reconstructions ranked",
-    "gender_accuracy": "gender read correctly",
-    "race_accuracy": "race read correctly",
-    "age_abs_error": "age error (years)",
-    # Fixed columns at sample level; named here for their user_ (every pair) variants.
-    "mse_mean": "MSE mean", "psnr_db_mean": "PSNR (dB) mean", "ssim_mean": "SSIM mean", "lpips_mean": "LPIPS mean",
-}
-_PERCENT_KEYS = re.compile(r"(_rate|_batch|_accuracy|_chance|reid_rank\d)$")
-
-
 def human_metric(key: str) -> str:
-    ref = key.startswith("reference_")
-    base = key.removeprefix("reference_")
-    if base.startswith("user_"):  # a user-level run scores every (reconstruction, original) pair too
-        return f"{human_metric(base.removeprefix('user_'))}, every pair"
-    m = re.match(r"^attribute_(.+)_(accuracy|chance)$", base)
-    if m:
-        name = m.group(1).replace("_", " ") + (" inferred" if m.group(2) == "accuracy" else " chance")
-    else:
-        name = HUMAN.get(base, base.replace("_", " "))
-    return f"{name} (originals)" if ref else name
+    """The report's name for a record key (the registry's label; an unregistered key as written)."""
+    found = parse(key)
+    return found.label if found is not None else key.replace("_", " ")
 
 
 def _metric_value(key: str, v: Any) -> str:
     if v is None:
-        return _MISSING
-    if _PERCENT_KEYS.search(key.removeprefix("reference_")) and _finite(v):
+        return MISSING
+    if is_rate(key) and finite(v):
         return f"{100 * float(v):.0f} %"
     return fmt_num(v)
 
@@ -348,8 +166,9 @@ def _extra_metric_columns(records: Sequence[AuditRecord]) -> list[tuple[str, tup
             continue
         if k.endswith("_mean") and k[: -len("_mean")] + "_worst" in keys:
             base = k[: -len("_mean")]
-            name = human_metric(base)
-            cols.append((name if " / " in name else f"{name} mean / worst", (k, base + "_worst")))
+            found = parse(base)
+            word = found.metric.worst_word if found is not None else "worst"
+            cols.append((f"{human_metric(base)} mean / {word}", (k, base + "_worst")))
             used.update((k, base + "_worst"))
         else:
             cols.append((human_metric(k), (k,)))
@@ -363,29 +182,32 @@ def _lpips_note(record: AuditRecord) -> bool:
 
 def _metric_table(records: Sequence[AuditRecord]) -> Table:
     extras = _extra_metric_columns(records)
-    headers = ["record", "seed", "PSNR (dB) mean / worst", "SSIM mean / worst",
-               "LPIPS mean / best", "labels recovered (source)", "attack time"] + [h for h, _ in extras]
+    headers = (["record", "seed"] + [f"{m.heading} mean / {m.worst_word}" for m, _ in _IMAGE_COLUMNS]
+               + ["labels recovered (source)", "attack time"] + [h for h, _ in extras])
     rows = []
     for r in records:
         m = r.metrics
-        lp = _pair(m, _LPIPS, 3)
-        if lp == _MISSING and _lpips_note(r):
-            lp = "unavailable (see notes)"
+        images = []
+        for metric, keys in _IMAGE_COLUMNS:
+            text = pair(m, keys, metric.decimals + 1)  # one decimal more than the summary
+            if text == MISSING and metric.name == "lpips" and _lpips_note(r):
+                text = "unavailable (see notes)"
+            images.append(text)
         acc = m.get("label_accuracy")
-        acc_s = f"{100 * float(acc):.0f} %" if acc is not None and _finite(acc) else _MISSING
+        acc_s = f"{100 * float(acc):.0f} %" if acc is not None and finite(acc) else MISSING
         t = r.timings or {}
         total = t.get("total_s", t.get("attack_s"))
-        time_s = f"{float(total):.1f} s" if total is not None and _finite(total) else _MISSING
-        if _finite(t.get("iterations")):
+        time_s = f"{float(total):.1f} s" if total is not None and finite(total) else MISSING
+        if finite(t.get("iterations")):
             time_s += f", {int(t['iterations'])} it"
-        row = [f"{r.defense} · {r.attack}", str(r.seed), _pair(m, _PSNR, 2), _pair(m, _SSIM, 3), lp,
-               f"{acc_s} ({r.label_source})", time_s]
-        for _, keys in extras:
-            vals = [m.get(k) for k in keys]
-            row.append(" / ".join(_metric_value(k, v) for k, v in zip(keys, vals))
-                       if any(v is not None for v in vals) else _MISSING)
+        row = [f"{r.defense} · {r.attack}", str(r.seed), *images, f"{acc_s} ({r.label_source})", time_s]
+        for _, extra in extras:
+            vals = [m.get(k) for k in extra]
+            row.append(" / ".join(_metric_value(k, v) for k, v in zip(extra, vals))
+                       if any(v is not None for v in vals) else MISSING)
         rows.append(row)
-    return Table(headers, rows, numeric={1, 2, 3, 4, 6, *range(7, len(headers))})
+    return Table(headers, rows, numeric={1, *range(2, 2 + len(_IMAGE_COLUMNS)), 3 + len(_IMAGE_COLUMNS),
+                                         *range(4 + len(_IMAGE_COLUMNS), len(headers))})
 
 
 def _notes(records: Sequence[AuditRecord]) -> list[tuple[str, list[str]]]:
@@ -400,8 +222,8 @@ def _disclosures(records: Sequence[AuditRecord]) -> Table:
     rows = []
     for r in records:
         if r.disclosed:
-            what = _kv_line(r.disclosed)
-        elif r.defense in ("none", ""):
+            what = kv_line(r.disclosed)
+        elif r.undefended:
             what = "nothing (no defense: the raw update was shared)"
         else:
             what = "nothing"
@@ -417,7 +239,7 @@ def _defense_configs(config: Mapping[str, Any], by_label: Any = None) -> list[st
         for table in tables or ():
             if isinstance(table, Mapping):
                 params = {k: v for k, v in table.items() if k != "name"}
-                parts.append(f"{table.get('name', '?')}" + (f" ({_kv_line(params)})" if params else ""))
+                parts.append(f"{table.get('name', '?')}" + (f" ({kv_line(params)})" if params else ""))
         return " → ".join(parts) or "no defense"
 
     if isinstance(by_label, Mapping) and by_label:
@@ -431,7 +253,7 @@ def _safe_name(text: str) -> str:
 
 def _caption(p: Mapping[str, Any], fallback_rank: int) -> str:
     rank = p.get("rank", fallback_rank)
-    parts = [f"#{rank}", f"{_fmt_fixed(p.get('psnr_db'), 1)} dB", f"SSIM {_fmt_fixed(p.get('ssim'), 3)}"]
+    parts = [f"#{rank}", f"{fmt_fixed(p.get('psnr_db'), 1)} dB", f"SSIM {fmt_fixed(p.get('ssim'), 3)}"]
     text = "  ".join(parts)
     if p.get("label_true") is not None and p.get("label_pred") is not None:
         text += f"\nlabel {p['label_true']} → {p['label_pred']}"
@@ -501,7 +323,7 @@ def _strongest(grids: Sequence[Grid], limit: int = 6) -> list[Grid]:
             continue
         key = (g.record.defense, g.record.attack)
         p = g.record.metrics.get("psnr_db_worst")
-        if key not in best or (_finite(p) and float(p) > float(best[key].record.metrics.get("psnr_db_worst") or -1e9)):
+        if key not in best or (finite(p) and float(p) > float(best[key].record.metrics.get("psnr_db_worst") or -1e9)):
             best[key] = g
     order = sorted(best.values(), key=lambda g: -float(g.record.metrics.get("psnr_db_worst") or -1e9))
     return order[:limit]
@@ -509,7 +331,7 @@ def _strongest(grids: Sequence[Grid], limit: int = 6) -> list[Grid]:
 
 def _utility_png(summary: Summary) -> bytes | None:
     rows = [dict(r.values) for r in summary.rows]
-    if not any(_finite(r.get("utility_accuracy_mean")) for r in rows):
+    if not any(finite(r.get("utility_accuracy_mean")) for r in rows):
         return None
     return privacy_utility_png(rows)
 
@@ -562,7 +384,7 @@ def collect(store: ResultsStore, verdict: Any = None,
         config_lang=lang,
         seeds=seeds,
         hashes=Table(["record", "config hash", "attack parameters"],
-                     [[r.record_id, r.config_hash, _kv_line(r.attack_params or {}) or _MISSING]
+                     [[r.record_id, r.config_hash, kv_line(r.attack_params or {}) or MISSING]
                       for r in records]),
         command=str(command) if command else None,
         verdict_passed=passed,
@@ -578,69 +400,21 @@ def collect(store: ResultsStore, verdict: Any = None,
 def threat_sentences(g: ThreatGroup) -> dict[str, Any]:
     """Plain-text pieces of one threat-model statement (escaped by the writers)."""
     letter = g.sok_class
-    name = SOK_NAMES.get(letter[:1], "unknown class")
+    name = SOK_CLASSES.get(letter[:1], "unknown class")
     # Oracle capabilities get their own bold line when the record lists its oracles; listing them
     # again under "sees" would only repeat it.
-    hide = ORACLE_CAPABILITIES if g.oracles else set()
-    granted = [CAPABILITY_TEXT.get(c, c) for c in g.granted if c not in hide]
+    rows = {c.value: row for c, row in CAPABILITIES.items()}
+    hide = {k for k, row in rows.items() if row.oracle} if g.oracles else set()
+    granted = [rows[c].text if c in rows else c for c in g.granted if c not in hide]
     sees = ["the global model and the shared update"] + granted
     return {"letter": letter, "name": name, "sees": sees, "oracles": list(g.oracles)}
 
 
 # --------------------------------------------------------------------------- HTML and Markdown (jinja2)
 
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~])")
-
-
-def md_escape(text: Any) -> str:
-    """Escape Markdown syntax and HTML in one line of user text (for table cells and prose)."""
-    s = str(text).replace("\r", " ").replace("\n", " ")
-    s = html.escape(s, quote=False)  # inline HTML would otherwise render in most Markdown viewers
-    return _MD_SPECIAL.sub(r"\\\1", s)
-
-
-def _md_table(t: Table) -> str:
-    lines = ["| " + " | ".join(md_escape(h) for h in t.headers) + " |",
-             "|" + "|".join("---:" if i in t.numeric else "---" for i in range(len(t.headers))) + "|"]
-    for row in t.rows:
-        lines.append("| " + " | ".join(md_escape(c) for c in row) + " |")
-    return "\n".join(lines)
-
-
-def _md_code(text: str, lang: str = "") -> str:
-    fence = "```"
-    while fence in text:
-        fence += "`"
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
-
-
-def _html_table(t: Table, *, cell_class: Mapping[str, str] | None = None) -> Markup:
-    head = "".join(f"<th>{_e(h)}</th>" for h in t.headers)
-    body = []
-    for row in t.rows:
-        cells = []
-        for i, c in enumerate(row):
-            classes = []
-            if i in t.numeric:
-                classes.append("num")
-            if cell_class and c in cell_class:
-                classes.append(cell_class[c])
-            cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f"<td{cls}>{_e(c)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return Markup(f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-                  f'<tbody>{"".join(body)}</tbody></table></div>')
-
-
 def _environment() -> Environment:
     env = environment()
-    env.filters.update(md=md_escape, md_table=_md_table, md_code=_md_code, html_table=_html_table,
-                       data_uri=figures.png_data_uri, num=fmt_num)
-    env.globals.update(threat_sentences=threat_sentences, MISSING=_MISSING)
+    env.globals.update(threat_sentences=threat_sentences)
     return env
 
 
@@ -698,5 +472,4 @@ def render_path(run_dir: str | Path, out_dir: str | Path | None = None, *, verdi
     return render(load_results(run_dir), out_dir, verdict=verdict, utility=utility)
 
 
-__all__ = ["render", "render_path", "collect", "to_html", "to_markdown", "config_as_text", "md_escape",
-           "SOK_NAMES", "CAPABILITY_TEXT"]
+__all__ = ["render", "render_path", "collect", "to_html", "to_markdown", "config_as_text", "md_escape"]

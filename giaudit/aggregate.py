@@ -1,0 +1,280 @@
+"""Saved records -> one summary per (defense, attack[, training round]): the one aggregation.
+
+The report's answer table, `giaudit compare` and the policy check all read
+their figures from here, so a figure they share is the same number in each.
+Nothing is recomputed from images: every value comes from the records.
+
+- Image metrics the registry marks as summarised (PSNR, SSIM, LPIPS): the
+  mean over every reconstructed image with its 95 % bootstrap interval over
+  images, the 95th percentile on the leaky side and the most leaked image
+  (`giaudit.stats.summary`). Images are identified by (seed, client, round,
+  image key), so the same private image is never counted twice.
+- Rates (label accuracy, re-identification): pooled over images, with the
+  95 % Wilson interval of the pooled counts.
+- Attributes: accuracy on the reconstructions next to the same classifier on
+  the originals (the reference) and chance, weighted by images.
+- ε (δ): the accountant's for the utility training when one was measured
+  (its rounds and sampling rate), otherwise what the audited client's defense
+  disclosed.
+- Utility: held-out accuracy pooled over seeds with its Wilson interval.
+- Against a reference defense (the preset without defenses): a one-sided
+  paired Wilcoxon test of per-image PSNR on the same images and attack starts.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from giaudit.metrics.registry import Metric, parse, summarised
+from giaudit.results import AuditRecord, disclosed_value
+from giaudit.stats import bootstrap_mean, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
+
+Utility = Mapping[str, Sequence[Mapping[str, Any]]]  # defense label -> per-seed utility results
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def record_round(r: AuditRecord) -> int | None:
+    """The training round a record attacked (None: the scenario's initial or pretrained model)."""
+    v = r.training.get("round") if r.training else None
+    return None if v is None else int(v)
+
+
+def image_count(r: AuditRecord) -> int:
+    """The images a record's aggregates stand for (one for a record that kept no per-image rows)."""
+    return max(len(r.per_image), 1)
+
+
+def group(records: Iterable[AuditRecord], *, by_round: bool = False) -> dict[tuple[Any, ...], list[AuditRecord]]:
+    """Records by (defense, attack) or (defense, attack, round), in the order the groups first appear."""
+    out: dict[tuple[Any, ...], list[AuditRecord]] = {}
+    for r in records:
+        key = (str(r.defense), str(r.attack)) + ((record_round(r),) if by_round else ())
+        out.setdefault(key, []).append(r)
+    return out
+
+
+def image_values(records: Sequence[AuditRecord], key: str) -> dict[tuple[Any, ...], float]:
+    """Per-image values keyed by what identifies the image and the attack start: (seed, client, round, image)."""
+    out: dict[tuple[Any, ...], float] = {}
+    for r in records:
+        for row in r.per_image:
+            v = row.get(key)
+            if v is None:
+                continue
+            ident = row.get("image_key", row.get("truth_index"))
+            out[(r.seed, row.get("client", 0), record_round(r), ident)] = float(v)
+    return out
+
+
+def per_image_values(records: Sequence[AuditRecord], key: str) -> list[float] | None:
+    """Every image's value of the per-image form of `key` (``psnr_db_mean`` -> each image's ``psnr_db``), or
+    None when the metric has no per-image form or some record did not keep it."""
+    found = parse(key)
+    if found is None or found.prefix or found.metric.per_image is None or found.stat == "_worst":
+        return None
+    if not records or not all(r.per_image for r in records):
+        return None
+    values = [row.get(found.metric.per_image) for r in records for row in r.per_image]
+    if any(v is None for v in values):
+        return None
+    return [float(v) for v in values if v is not None]
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A mean or a rate over a group's images: the values it rests on, their count and what they are."""
+
+    mean: float
+    n: int
+    values: tuple[float, ...]  # per-image values, or one value per record (then weighted by `weights`)
+    unit: str                  # "images" or "records"
+    weights: tuple[int, ...] = ()
+
+    def interval(self, *, rate: bool, confidence: float = 0.95) -> tuple[float, float]:
+        """The Wilson interval of a rate's pooled counts, or the bootstrap interval of a mean."""
+        if not finite(self.mean) or self.n == 0:
+            return math.nan, math.nan
+        if rate:
+            return wilson_interval(int(round(self.mean * self.n)), self.n, confidence)
+        _, lo, hi = bootstrap_mean(list(self.values), confidence=confidence)
+        return lo, hi
+
+
+def pooled(records: Sequence[AuditRecord], key: str) -> Pooled:
+    """The mean of `key` over every image of `records`: per-image values where the records keep them, else the
+    records' values weighted by their image counts (a record without the key or with a non-number adds NaN)."""
+    values = per_image_values(records, key)
+    if values:
+        return Pooled(sum(values) / len(values), len(values), tuple(values), "images")
+    weights = [image_count(r) for r in records]
+    raw = []
+    for r in records:
+        try:
+            raw.append(float(r.metrics[key]))
+        except (KeyError, TypeError, ValueError):
+            raw.append(math.nan)
+    n = sum(weights)
+    mean = sum(w * v for w, v in zip(weights, raw)) / n if n else math.nan
+    unit = "images" if any(r.per_image for r in records) else "records"
+    return Pooled(mean, n, tuple(raw), unit, tuple(weights))
+
+
+def rate(records: Sequence[AuditRecord], key: str) -> tuple[float, float, float, int]:
+    """(mean, low, high, images) of a rate pooled over the images of the records that measured it."""
+    have = [r for r in records if finite(r.metrics.get(key))]
+    if not have:
+        return math.nan, math.nan, math.nan, 0
+    p = pooled(have, key)
+    lo, hi = p.interval(rate=True)
+    return p.mean, lo, hi, p.n
+
+
+def image_summary(records: Sequence[AuditRecord], metric: Metric) -> dict[str, Any]:
+    """The summary statistics of an image metric over every image, under ``<name>_<stat>`` keys."""
+    vals = list(image_values(records, metric.per_image or metric.name).values())
+    return summary(vals, worst=metric.worst).as_dict(metric.name)
+
+
+def _reid(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """Rank-1 hits pooled over every scored reconstruction, with the Wilson interval and chance 1/N."""
+    hits = n = 0
+    sizes: list[int] = []
+    r5: list[tuple[float, int]] = []
+    for r in records:
+        m = r.metrics
+        scored = m.get("reid_scored")
+        if finite(m.get("reid_rank1")) and finite(scored) and scored:
+            n += int(scored)
+            hits += int(round(float(m["reid_rank1"]) * float(scored)))
+            sizes.append(int(m.get("reid_gallery_size") or 0))
+            if finite(m.get("reid_rank5")):
+                r5.append((float(m["reid_rank5"]), int(scored)))
+    match = [r for r in records if finite(r.metrics.get("identity_match_rate"))]
+    out: dict[str, Any] = {"identity_match_rate": pooled(match, "identity_match_rate").mean if match else math.nan}
+    if n:
+        size = min(sizes) if sizes else 0
+        lo, hi = wilson_interval(hits, n)
+        out.update(reid_hits=hits, reid_n=n, reid_rank1=hits / n, reid_ci_low=lo, reid_ci_high=hi,
+                   reid_gallery_size=size, reid_chance=1.0 / size if size else math.nan,
+                   reid_rank5=sum(a * b for a, b in r5) / sum(b for _, b in r5) if r5 else math.nan)
+    return out
+
+
+def attribute_names(records: Sequence[AuditRecord]) -> list[str]:
+    """The attributes the records inferred: classifier attributes first, then the face backends' own."""
+    names: list[str] = []
+    for r in records:
+        for k in r.metrics:
+            m = re.match(r"^attribute_(.+)_accuracy$", k)
+            if m and m.group(1) not in names:
+                names.append(m.group(1))
+    for builtin in ("gender", "race"):  # the face backends' own predictors
+        if any(f"{builtin}_accuracy" in r.metrics for r in records) and builtin not in names:
+            names.append(builtin)
+    return names
+
+
+def _weighted(records: Sequence[AuditRecord], key: str | None) -> float:
+    have = [r for r in records if key is not None and finite(r.metrics.get(key))]
+    return pooled(have, key).mean if have and key is not None else math.nan
+
+
+def _attribute(records: Sequence[AuditRecord], name: str) -> dict[str, float]:
+    own = f"attribute_{name}_accuracy"
+    if any(own in r.metrics for r in records):
+        keys: tuple[str, str, str | None] = (own, f"reference_{own}", f"attribute_{name}_chance")
+    else:
+        keys = (f"{name}_accuracy", f"reference_{name}_accuracy", None)
+    acc, ref, chance = (_weighted(records, k) for k in keys)
+    return {"accuracy": acc, "reference": ref, "chance": chance}
+
+
+def epsilon(records: Sequence[AuditRecord], runs: Sequence[Mapping[str, Any]]) -> tuple[Any, Any, str | None]:
+    """(ε, δ, where from): the utility training's accountant, else what the audited update's defense disclosed."""
+    trained = [u for u in runs if u.get("epsilon") is not None]
+    if trained:
+        return float(trained[0]["epsilon"]), trained[0].get("delta"), "utility training"
+    eps = next((v for v in (disclosed_value(r, "epsilon") for r in records) if v is not None), None)
+    delta = next((v for v in (disclosed_value(r, "delta") for r in records) if v is not None), None)
+    return (float(eps) if eps is not None else None), delta, ("audited update" if eps is not None else None)
+
+
+def _paired(records: Sequence[AuditRecord], reference: Sequence[AuditRecord]) -> dict[str, Any]:
+    ref, got = image_values(reference, "psnr_db"), image_values(records, "psnr_db")
+    common = sorted(set(ref) & set(got), key=str)
+    test = paired_test([got[k] for k in common], [ref[k] for k in common])
+    return {"paired_n": test.n_pairs, "paired_p": test.p_value, "paired_too_few": test.too_few,
+            "paired_median_diff": test.median_difference, "paired_note": test.describe()}
+
+
+def summarise(records: Sequence[AuditRecord], utility: Utility | None = None, *, by_round: bool = False,
+              reference: str | None = None, order: Sequence[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """One row (a plain dict) per (defense, attack[, round]): every figure the report, `compare` and the
+    policy check share.
+
+    `utility`: per defense label, the per-seed utility results of a comparison (``accuracy``, ``n_test``,
+    ``epsilon``...). `reference`: the defense label the paired test compares against. `order`: the
+    (defense, attack) pairs to show, in that order (default: as the records first appear)."""
+    utility = utility or {}
+    groups = group(records, by_round=by_round)
+    keys = list(groups)
+    if order is not None:
+        rank = {pair: i for i, pair in enumerate(order)}
+        keys = sorted((k for k in keys if k[:2] in rank),
+                      key=lambda k: (rank[k[:2]], -1 if not by_round or k[2] is None else k[2]))
+    attrs = attribute_names(records)
+    base_runs = list(utility.get(reference, [])) if reference else []
+    rows = []
+    for key in keys:
+        defense, attack = key[0], key[1]
+        recs = sorted(groups[key], key=lambda r: r.seed)
+        runs = list(utility.get(defense, []))
+        row: dict[str, Any] = {"defense": defense, "attack": attack, "records": len(recs),
+                               "seeds": len({r.seed for r in recs}),
+                               "images": sum(image_count(r) for r in recs),
+                               "sok_class": recs[0].threat.get("sok_class"),
+                               "label_sources": sorted({r.label_source for r in recs})}
+        if by_round:
+            row["round"] = key[2]
+        for metric in summarised():
+            row.update(image_summary(recs, metric))
+        lab, lab_lo, lab_hi, _ = rate(recs, "label_accuracy")
+        row.update(label_accuracy_mean=lab, label_accuracy_low=lab_lo, label_accuracy_high=lab_hi)
+        row.update(_reid(recs))
+        for a in attrs:
+            for stat, v in _attribute(recs, a).items():
+                row[f"attr_{a}_{stat}"] = v
+        row["epsilon"], row["delta"], row["epsilon_source"] = epsilon(recs, runs)
+        if reference and defense != reference:
+            row.update(_paired(recs, [r for r in records if str(r.defense) == reference and str(r.attack) == attack
+                                      and (not by_round or record_round(r) == key[2])]))
+        else:
+            row.update(paired_n=None, paired_p=None, paired_too_few=None, paired_median_diff=None,
+                       paired_note="reference" if defense == reference else "")
+        util = [u for u in runs if "accuracy" in u and "n_test" in u]
+        acc, acc_lo, acc_hi = pooled_accuracy(util)
+        base_acc = pooled_accuracy(base_runs)[0] if base_runs else _mean(util, "baseline_accuracy")
+        row.update(utility_accuracy_mean=acc, utility_accuracy_low=acc_lo, utility_accuracy_high=acc_hi,
+                   utility_baseline_accuracy=base_acc,
+                   utility_drop_mean=base_acc - acc if finite(base_acc) and util else math.nan,
+                   utility_rounds=util[0].get("rounds") if util else None)
+        accs = [r.training.get("held_out_accuracy") for r in recs if r.training]
+        row["model_accuracy"] = accs[0] if accs else None
+        row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
+        rows.append(row)
+    return rows
+
+
+def _mean(runs: Sequence[Mapping[str, Any]], key: str) -> float:
+    vals = [float(u[key]) for u in runs if finite(u.get(key))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+__all__ = ["Pooled", "attribute_names", "epsilon", "finite", "group", "image_count", "image_summary",
+           "image_values", "per_image_values", "pooled", "rate", "record_round", "summarise"]
