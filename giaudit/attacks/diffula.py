@@ -117,6 +117,7 @@ def tau_schedule(s: float, t_max: int, t_min: int, jitter: int, generator: torch
 class DiffULA(Attack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
+    display_name: ClassVar[str] = "DiffULA"
     user_level: ClassVar[bool] = True
 
     def __init__(self, *, prior: str = "mnist32_ddpm", labels: str = "auto", lr: float = 0.05,

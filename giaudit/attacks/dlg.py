@@ -9,13 +9,14 @@ rather than from N(0, 1), and clamped to it on return.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import l2_distance
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Plateau, Progress, RestartResult
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Plateau, Progress, RestartResult, device_of
 from giaudit.types import Capability, Observation
 
 
@@ -23,6 +24,7 @@ from giaudit.types import Capability, Observation
 class DLG(Attack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "A"
+    display_name: ClassVar[str] = "DLG"
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False, lr: float = 1.0,
                  history_size: int = 100, max_eval: int = 20, optimise_labels: bool = False) -> None:
@@ -38,7 +40,8 @@ class DLG(Attack):
         variables = [x]
         label_logits = None
         if self.optimise_labels:
-            label_logits = torch.randn((n, obs.data_spec.num_classes), generator=generator).requires_grad_(True)
+            label_logits = torch.randn((n, obs.data_spec.num_classes), generator=generator).to(
+                device_of(obs)).requires_grad_(True)
             variables.append(label_logits)
         opt = torch.optim.LBFGS(variables, lr=self.lr, max_iter=self.max_eval, history_size=self.history_size,
                                 line_search_fn="strong_wolfe")
@@ -59,7 +62,7 @@ class DLG(Attack):
         stopped = False
         for _ in range(budget.iterations):
             loss = float(opt.step(closure).detach())
-            if not torch.isfinite(torch.tensor(loss)):
+            if not math.isfinite(loss):
                 break
             losses.append(loss)
             if loss < best_loss:

@@ -103,6 +103,7 @@ def functional_update_fn(model: nn.Module, protocol: ClientProtocol) -> Callable
 class GGL(PriorAttack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
+    display_name: ClassVar[str] = "GGL"
 
     def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", optimizer: str = "cma",
                  population: int = 50, sigma0: float = 0.5, kl_weight: float = 0.1, lr: float = 0.05,

@@ -1,10 +1,10 @@
-"""GIAS: gradient inversion in alternative spaces (Jeon, Kim, Kim, Ok, Song; NeurIPS 2021, seed 002).
+"""GIAS: gradient inversion in alternative spaces (Jeon, Kim, Kim, Ok, Song; NeurIPS 2021).
 
 Threat model: honest-but-curious server, SoK class D: besides the model, the
 update and the batch size it holds a generator `G_theta` trained on the same
 or a similar distribution as the client's data (a "surrogate data" prior).
 
-Recipe (attacks.md, GIAS card):
+Recipe:
 1. latent search, GI-z: ``z* = argmin_z D(grad_w L(G(z), y), g*) + tv * TV(G(z))``,
    negative-cosine D, Adam, learning rate x0.1 at 3/8, 5/8, 7/8 of the phase;
 2. parameter search, GI-z+theta: from z* (fixed), one copy of the generator
@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
 from giaudit.attacks._common.optimise import PhaseSteps, adam_steps, at_most
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, Progress, RestartResult, drive
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, Progress, RestartResult, device_of, drive
 from giaudit.errors import ConfigError, ParamError
 from giaudit.priors.generator import Generator
 from giaudit.priors.io import Prior, as_prior
@@ -92,13 +92,14 @@ class PriorAttack(Attack):
         """A frozen eval-mode copy of the prior's generator, after checking it makes the data's image shape."""
         prior = self.prior
         check_prior_matches(prior, obs, self.name)
-        return frozen_copy(prior.generator)
+        return frozen_copy(prior.generator).to(device_of(obs))
 
 
 @ATTACKS.register("gias")
 class GIAS(PriorAttack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
+    display_name: ClassVar[str] = "GIAS"
     default_mode: ClassVar[str] = "z+theta"
 
     def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", mode: str | None = None,
@@ -174,7 +175,7 @@ class GIAS(PriorAttack):
     def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         n = obs.batch_size or labels.numel()
         gen = self.generator_for(obs)
-        z0 = torch.randn((n, gen.config.latent_dim), generator=generator)
+        z0 = torch.randn((n, gen.config.latent_dim), generator=generator).to(device_of(obs))
         iters = budget.iterations
         n_z = iters if self.mode == "z" else max(1, int(round(iters * self.z_fraction)))
         losses: list[float] = []
@@ -201,4 +202,5 @@ class GIAS(PriorAttack):
 class GIASLatent(GIAS):
     """GI-z: GIAS's latent search only (a separate name so one report shows it beside `gias` and `ig`)."""
 
+    display_name: ClassVar[str] = "GIAS (latent only)"
     default_mode: ClassVar[str] = "z"

@@ -55,6 +55,7 @@ def diffusion_info(obs: Observation, attack: str) -> DiffusionInfo:
 class GIDM(Attack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
+    display_name: ClassVar[str] = "GIDM"
     uses_client_noise: ClassVar[bool] = True   # GIDM uses the t and eps the server fixed
 
     def __init__(self, *, latent_iterations: int | None = None, pixel_iterations: int | None = None,

@@ -42,6 +42,7 @@ def timestep_grid(num_train_timesteps: int, k: int) -> Tensor:
 class GIDMPlus(GIDM):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
+    display_name: ClassVar[str] = "GIDM+"
     uses_client_noise: ClassVar[bool] = False  # estimates t and eps itself
 
     def __init__(self, *, latent_iterations: int | None = None, pixel_iterations: int | None = None,

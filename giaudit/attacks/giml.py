@@ -1,4 +1,4 @@
-"""GIML: gradient inversion to meta-learn a generator (Jeon et al., NeurIPS 2021, seed 002).
+"""GIML: gradient inversion to meta-learn a generator (Jeon et al., NeurIPS 2021).
 
 Threat model: honest-but-curious server that holds NO prior (no surrogate
 data: SoK class B per observation) but observes many client updates (several
@@ -6,7 +6,7 @@ clients or rounds) from the same data distribution. From those gradients alone
 it meta-learns a generator, then runs GIAS (`giaudit.attacks.gias`) with it on
 the target update.
 
-Recipe (attacks.md, GIML card), Reptile-style (Nichol et al. 2018):
+Recipe, Reptile-style (Nichol et al. 2018):
 start from an untrained generator G_theta; repeat `meta_steps` times: sample
 `tasks_per_step` observed updates; for each, latent search with an L2 penalty
 on z (`meta_z_l2`; an untrained generator's latent search diverges without
@@ -15,12 +15,13 @@ minimising the summed matching loss of the sampled tasks; move
 theta <- theta + meta_lr * (theta' - theta). Then GIAS (mode `mode`) with the
 learned G on the target.
 
-How the audit feeds it (the hook): the class attribute/option
-`meta_observations` says how many other observations it wants; the caller
-passes them with `attack.observe_many(list_of_observations)` before
-`reconstruct`. They are updates of other client batches (never ground truth).
-Without that call, `reconstruct` meta-learns from the target update alone and
-says so in the trace (`meta_source`).
+How the audit feeds it (the hooks): `others_wanted()` (the option
+`meta_observations`) says how many other observations it wants; the audit
+passes them to `prepare`, which calls `observe_many(list_of_observations)`
+(callable directly too) before `reconstruct`. They are updates of other client
+batches (never ground truth). Without them, `reconstruct` meta-learns from
+each target update alone (in `before_restarts`) and says so in the trace
+(`meta_source`).
 
 What the report can show: `Trace.extra["meta_losses"]` is the mean matching
 loss of the sampled tasks after their latent search, per meta step (computed by
@@ -42,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from giaudit.attacks.base import ATTACKS, Budget, Descent, Progress
+from giaudit.attacks.base import ATTACKS, Budget, Descent, device_of
 from giaudit.attacks.gias import GIAS, frozen_copy, gan_prior
 from giaudit.attacks.labels import recover_labels
 from giaudit.errors import ConfigError
@@ -50,13 +51,14 @@ from giaudit.priors.generator import Generator, GeneratorConfig, build_generator
 from giaudit.priors.io import Prior
 from giaudit.registry import check_number
 from giaudit.threat import check
-from giaudit.types import Capability, Observation, Reconstruction
+from giaudit.types import Capability, Observation
 
 
 @ATTACKS.register("giml")
 class GIML(GIAS):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
+    display_name: ClassVar[str] = "GIML"
 
     def __init__(self, *, labels: str = "auto", start: Any = None, latent_dim: int = 32, width: int = 16,
                  meta_observations: int = 16, meta_steps: int = 20, tasks_per_step: int = 4,
@@ -86,6 +88,7 @@ class GIML(GIAS):
         self.meta_z_l2, self.meta_lr, self.meta_theta_lr, self.seed = meta_z_l2, meta_lr, meta_theta_lr, seed
         self.snapshot_every = snapshot_every
         self._learned: Prior | None = None
+        self._from_target = False  # the learned prior came from a reconstruct's target, not from others
         self.meta_losses: list[float] = []
         self.meta_source = "none"
         self.meta_wall_s = 0.0
@@ -119,16 +122,24 @@ class GIML(GIAS):
             raise ConfigError(f"attacks.{self.name}: observe_many needs at least one observation")
         for o in observations:
             check(self.name, self.requires, o.threat)
-        gen_rng = rng if rng is not None else torch.Generator().manual_seed(self.seed)
+        learned = self._meta_learn(observations, rng if rng is not None else torch.Generator().manual_seed(self.seed),
+                                   on_step)
+        self._from_target = False
+        return learned
+
+    def _meta_learn(self, observations: Sequence[Observation], gen_rng: torch.Generator,
+                    on_step: Callable[[int, Prior], None] | None) -> Prior:
+        """Reptile on the generator (see the module docstring); the threat model was checked by the caller."""
         start = time.perf_counter()
-        gen = self._initial_generator(observations[0])
+        device = device_of(observations[0])
+        gen = self._initial_generator(observations[0]).to(device)
         theta = list(gen.parameters())
         for p in theta:
             p.requires_grad_(False)
         tasks: list[tuple[Observation, Tensor, Tensor]] = []
         for o in observations:
-            labels, _ = recover_labels(o, self.label_method, gen_rng)
-            z = torch.randn((o.batch_size or labels.numel(), gen.config.latent_dim), generator=gen_rng)
+            labels, _ = recover_labels(o, self.label_method, gen_rng, self.name)
+            z = torch.randn((o.batch_size or labels.numel(), gen.config.latent_dim), generator=gen_rng).to(device)
             tasks.append((o, labels, z))
         self.meta_losses, self.snapshots = [], {}
         quiet = Budget(iterations=self.inner_z_steps)
@@ -150,7 +161,7 @@ class GIML(GIAS):
             adapted = [p.detach().clone().requires_grad_(True) for p in theta]
             opt = torch.optim.Adam(adapted, lr=self.meta_theta_lr)
             for _ in range(self.inner_theta_steps):
-                total = torch.zeros(())
+                total = torch.zeros((), device=device)
                 for o, labels, z in picked:
                     x = torch.func.functional_call(gen, {**dict(zip(names, adapted)), **buffers}, (z,))
                     total = total + self.objective(o, labels, x)[1]
@@ -178,13 +189,16 @@ class GIML(GIAS):
                 "loss": "giml-reptile", "seed": self.seed}
 
     # -- attack --------------------------------------------------------------------------------
-    def reconstruct(self, obs: Observation, *, budget: Budget = Budget(), rng: torch.Generator | None = None,
-                    progress: Progress | None = None) -> Reconstruction:
-        if self._learned is None:
-            check(self.name, self.requires, obs.threat)
-            self.observe_many([obs], rng=torch.Generator().manual_seed(self.seed))
+    def before_restarts(self, obs: Observation) -> None:
+        """Without other observations (`prepare` / `observe_many` not called), meta-learn from this target.
+
+        A prior learned from a target serves that target only: the next `reconstruct` learns again from its
+        own target (same seed, same target: the same prior), so no record claims a prior learned elsewhere.
+        """
+        if self._learned is None or self._from_target:
+            self._meta_learn([obs], torch.Generator().manual_seed(self.seed), None)
             self.meta_source = "the target update only (observe_many was not called)"
-        return super().reconstruct(obs, budget=budget, rng=rng, progress=progress)
+            self._from_target = True
 
     def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         r = yield from super().descend(obs, labels, budget, generator)

@@ -18,8 +18,8 @@ than by a fixed budget, then a stop. A drop comes when the mean matching loss
 of the last `patience` iterations (default 50) is less than 1 % below that of
 the `patience` before; each drop goes on from the best iterate so far (the
 lowest matching loss), not from wherever the large signed steps left the
-images. This is what buys time-to-quality (benchmarks/ig_speed.py; issue 12:
-on ConvNet b1 the window test with the return to the best iterate ended at
+images. This is what buys time-to-quality (benchmarks/ig_speed.py: on ConvNet
+with batch 1 the window test with the return to the best iterate ended at
 18.8 dB in 406 iterations where the best-value test stopped at 16.6 dB).
 Restarts can be halved (`Budget.halving`): `descend` pauses after any
 iteration.
@@ -58,6 +58,7 @@ def window_stalled(losses: list[float], patience: int, since_drop: int) -> bool:
 class InvertingGradients(Attack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
+    display_name: ClassVar[str] = "Inverting Gradients"
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False, lr: float = 0.1,
                  tv_weight: float = 1e-4, distance: str = "cosine", schedule: str = "steps",
@@ -79,7 +80,7 @@ class InvertingGradients(Attack):
 
     def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         if self.bn_weight > 0 and obs.bn_statistics is None:
-            raise ThreatModelError("attack.bn_weight > 0 needs the client's BN statistics: "
+            raise ThreatModelError(f"attacks.{self.name}.bn_weight > 0 needs the client's BN statistics: "
                                    "set threat.bn_statistics = true")
         n = obs.batch_size or labels.numel()
         model, target = obs.model, obs.update.tensors

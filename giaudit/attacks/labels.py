@@ -66,10 +66,11 @@ def row_rule(obs: Observation, batch_size: int) -> Tensor:
 
 def count_based(obs: Observation, batch_size: int, generator: torch.Generator | None = None,
                 probes: int = 64) -> Tensor:
-    _, gb = _last_layer(obs)
+    gw, gb = _last_layer(obs)
     model = obs.model
     lo, hi = obs.data_spec.value_range
-    x = lo + (hi - lo) * torch.rand((probes, *obs.data_spec.shape), generator=generator)
+    # Drawn on the (CPU) generator, then moved where the model is.
+    x = (lo + (hi - lo) * torch.rand((probes, *obs.data_spec.shape), generator=generator)).to(gw.device)
     was_training = model.training
     model.eval()  # estimating the offset must not move BN running statistics
     with torch.no_grad():
@@ -89,27 +90,29 @@ def count_based(obs: Observation, batch_size: int, generator: torch.Generator | 
     if remainder > 0:
         order = torch.argsort(counts - base, descending=True)
         base[order[:remainder]] += 1
-    labels = torch.repeat_interleave(torch.arange(counts.numel()), base.long())
+    labels = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), base.long())
     return labels[:batch_size]
 
 
 LABEL_METHODS = ("auto", "oracle", "idlg", "yin", "count")
 
 
-def recover_labels(obs: Observation, method: str = "auto",
-                   generator: torch.Generator | None = None) -> tuple[Tensor, str]:
-    """Labels for the attack and the name of the method that produced them."""
+def recover_labels(obs: Observation, method: str = "auto", generator: torch.Generator | None = None,
+                   attack: str | None = None) -> tuple[Tensor, str]:
+    """Labels for the attack and the name of the method that produced them (errors name the config key
+    ``attacks.<attack>.labels``)."""
     b = obs.batch_size
+    key = f"attacks.{attack}.labels" if attack else "labels"
     if method == "oracle" or (method == "auto" and obs.threat.has(Capability.TRUE_LABELS)):
         if obs.labels is None:
-            raise ThreatModelError("attack.labels = 'oracle' needs threat.true_labels = true")
+            raise ThreatModelError(f"{key} = 'oracle' needs threat.true_labels = true")
         return obs.labels.clone(), "oracle"
     if b is None:
         raise ThreatModelError("label recovery needs the batch size: set threat.batch_size = true")
     if method == "idlg" or (method == "auto" and b == 1):
         if b != 1:
-            raise ThreatModelError(f"labels = 'idlg' recovers the label of a single image, but the batch "
-                                   f"size is {b}; use labels = 'yin' or 'count' (or 'auto')")
+            raise ThreatModelError(f"{key} = 'idlg' recovers the label of a single image, but the batch "
+                                   f"size is {b}; use {key} = 'yin' or 'count' (or 'auto')")
         return idlg(obs), "idlg"
     if method == "yin":
         return row_rule(obs, b), "yin"

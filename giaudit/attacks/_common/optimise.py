@@ -1,10 +1,10 @@
 """The gradient-descent loop the generative-prior attacks share.
 
 GIAS's latent search (GI-z) and parameter search (GI-z+theta) (Jeon et al.,
-NeurIPS 2021, seed 002; GIML reuses both) and GGL's Adam-on-z comparison
-(Li et al., CVPR 2022, seed 004) all run the same loop: Adam on a set of
-tensors, the step-wise schedule of attacks.md (learning rate x0.1 at 3/8, 5/8
-and 7/8 of the phase), one recorded loss per step, the best state seen kept,
+NeurIPS 2021; GIML reuses both) and GGL's Adam-on-z comparison
+(Li et al., CVPR 2022) all run the same loop: Adam on a set of
+tensors, the step-wise schedule of Geiping et al. (learning rate x0.1 at 3/8,
+5/8 and 7/8 of the phase), one recorded loss per step, the best state seen kept,
 progress reported, and an early stop on a plateau. Only the objective and
 what counts as the state differ, so they pass those in. The threat model is
 the caller's (class D for GIAS/GGL, B for GIML); nothing here sees ground
