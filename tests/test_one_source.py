@@ -38,8 +38,8 @@ def test_threat_section_threat_model_and_table_share_one_default_each():
 
 def test_every_key_the_evaluator_writes_is_a_registered_metric():
     g = torch.Generator().manual_seed(0)
-    truth = GroundTruth(torch.rand(3, 1, 8, 8, generator=g), torch.tensor([1, 2, 3]))
-    rec = Reconstruction(torch.rand(3, 1, 8, 8, generator=g), torch.tensor([1, 2, 0]), "idlg",
+    truth = GroundTruth(torch.rand(3, 1, 16, 16, generator=g), torch.tensor([1, 2, 3]))
+    rec = Reconstruction(torch.rand(3, 1, 16, 16, generator=g), torch.tensor([1, 2, 0]), "idlg",
                          Trace((1.0,), (1.0,), 0, 1, 0.0))
     ev = evaluate(rec, truth, lpips=None, user_level=True)
     for key in ev.aggregate:

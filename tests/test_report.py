@@ -98,7 +98,8 @@ def test_report_content(store: ResultsStore) -> None:
     assert "Under noise, Inverting Gradients's most leaked image" in text
     assert "Verified as same person" in text  # the only identity figure these records hold
     # The per-record table, read from the records, not recomputed, with human column names.
-    for h in ("PSNR (dB) mean / worst", "SSIM mean / worst", "LPIPS mean / best", "labels recovered (source)"):
+    for h in ("PSNR (dB) mean / worst", "SSIM (0–1) mean / worst", "LPIPS (0–1, low = close) mean / best",
+              "labels recovered (source)"):
         assert f"<th>{html.escape(h)}</th>" in doc
     assert f"{r0.metrics['psnr_db_mean']:.2f} / {r0.metrics['psnr_db_worst']:.2f}" in text
     assert "0.150 / 0.100" in text and "100 % (oracle)" in text

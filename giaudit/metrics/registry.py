@@ -143,7 +143,7 @@ def parse(key: str) -> MetricKey | None:
     for stat in STATS:
         if base.endswith(stat):
             found = METRICS.get(base.removesuffix(stat))
-            if found is not None and (stat == "_mean" or found.leak is not None):
+            if found is not None and (stat == "_mean" or found.has_worst):
                 return MetricKey(key, found, prefix, stat)
     return None
 
@@ -192,10 +192,9 @@ def merge_values(key: str, values: list[tuple[float, int]]) -> float:
     """Several clients' values of one key (each with its image count) as one: the worst of the worsts, counts
     summed or at their minimum as the metric says, everything else weighted by images."""
     found = parse(key)
-    if found is not None and found.stat == "_worst":
-        return (min if found.worst == "min" else max)(v for v, _ in values)
-    if found is None and key.endswith("_worst"):  # an unregistered worst case: the larger leaks more
-        return max(v for v, _ in values)
+    if key.endswith("_worst"):  # the most leaked of the clients' worst cases, by the metric's direction
+        base = parse(key.removesuffix("_worst"))
+        return (min if base is not None and base.worst == "min" else max)(v for v, _ in values)
     if found is not None and found.metric.kind == "count":
         return sum(v for v, _ in values) if found.metric.merge == "sum" else min(v for v, _ in values)
     return sum(v * n for v, n in values) / max(sum(n for _, n in values), 1)
