@@ -1,8 +1,8 @@
 """The defense comparison report: a table (defense x attack), a privacy-utility plot, leakage over training.
 
-Rendered from the rows `giaudit.compare.summarise` computed from saved
-records; nothing is recomputed here. Leakage is read as PSNR / SSIM (higher =
-more leaked) and LPIPS (lower = more leaked), over images: the mean with its
+Rendered from the rows `giaudit.aggregate.summarise` computed from saved
+records; nothing is recomputed here. Leakage is read from the metrics the
+registry marks as summarised (PSNR, SSIM, LPIPS), over images: the mean with its
 bootstrap 95 % interval, the 95th percentile and the worst (most leaked)
 image. The paired column is the one-sided Wilcoxon signed-rank p-value that
 the defense's per-image PSNR is lower than the reference's on the same images
@@ -21,19 +21,29 @@ from typing import Any
 from markupsafe import Markup
 
 from giaudit.io import atomic_write_bytes, atomic_write_text
+from giaudit.metrics.registry import summarised
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
 from giaudit.report.templating import environment
 from giaudit.results import write_table
 
+def _metric_columns() -> list[tuple[str, str, tuple[str, str] | None, int]]:
+    """The summarised image metrics (the registry's): mean [95 % CI] and the most leaked image; PSNR, the
+    headline, also its 95th percentile and the paired test against the reference."""
+    out: list[tuple[str, str, tuple[str, str] | None, int]] = []
+    for m in summarised():
+        d = m.decimals + 1
+        out.append((f"{m.heading} [95% CI]", f"{m.name}_mean", (f"{m.name}_ci_low", f"{m.name}_ci_high"), d))
+        if m.name == "psnr_db":
+            out.append((f"{m.label} p95", f"{m.name}_p95", None, d))
+        out.append((f"{m.label} {m.worst_word}", f"{m.name}_worst", None, d))
+        if m.name == "psnr_db":
+            out.append(("paired vs ref.", "paired_p", None, 3))
+    return out
+
+
 COLUMNS = (  # (header, key of the value, (low key, high key) or None, decimals)
     ("images", "images", None, 0),
-    ("PSNR dB [95% CI]", "psnr_db_mean", ("psnr_db_ci_low", "psnr_db_ci_high"), 2),
-    ("PSNR p95", "psnr_db_p95", None, 2),
-    ("PSNR worst", "psnr_db_worst", None, 2),
-    ("paired vs ref.", "paired_p", None, 3),
-    ("SSIM [95% CI]", "ssim_mean", ("ssim_ci_low", "ssim_ci_high"), 3),
-    ("SSIM worst", "ssim_worst", None, 3),
-    ("LPIPS", "lpips_mean", ("lpips_ci_low", "lpips_ci_high"), 3),
+    *_metric_columns(),
     ("label acc.", "label_accuracy_mean", ("label_accuracy_low", "label_accuracy_high"), 2),
     ("ε (δ)", "epsilon", None, 2),
     ("utility acc. [95% CI]", "utility_accuracy_mean", ("utility_accuracy_low", "utility_accuracy_high"), 3),
