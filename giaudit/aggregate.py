@@ -18,7 +18,8 @@ Nothing is recomputed from images: every value comes from the records.
   disclosed.
 - Utility: held-out accuracy pooled over seeds with its Wilson interval.
 - Against a reference defense (the preset without defenses): a one-sided
-  paired Wilcoxon test of per-image PSNR on the same images and attack starts.
+  paired Wilcoxon test of the headline metric's (PSNR's) per-image values on
+  the same images and attack starts.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from giaudit.metrics.registry import Metric, parse, summarised
+from giaudit.metrics.registry import Metric, headline, parse, summarised
 from giaudit.results import AuditRecord, disclosed_value
 from giaudit.stats import bootstrap_mean, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
 
@@ -206,7 +207,8 @@ def epsilon(records: Sequence[AuditRecord], runs: Sequence[Mapping[str, Any]]) -
 
 
 def _paired(records: Sequence[AuditRecord], reference: Sequence[AuditRecord]) -> dict[str, Any]:
-    ref, got = image_values(reference, "psnr_db"), image_values(records, "psnr_db")
+    key = headline().per_image or headline().name
+    ref, got = image_values(reference, key), image_values(records, key)
     common = sorted(set(ref) & set(got), key=str)
     test = paired_test([got[k] for k in common], [ref[k] for k in common])
     return {"paired_n": test.n_pairs, "paired_p": test.p_value, "paired_too_few": test.too_few,

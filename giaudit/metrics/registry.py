@@ -53,6 +53,8 @@ class Metric:
     decimals: int = 2              # decimals the summary tables show
     worst_word: str = "worst"      # how the report names the most leaked value ("best" for LPIPS)
     merge: Literal["mean", "sum", "min"] = "mean"  # how several clients' values combine (counts)
+    optional: bool = False         # measured only when its model is installed (LPIPS): shown only where measured
+    headline: bool = False         # the one figure the comparison's paired test and percentile columns use
 
     @property
     def worst(self) -> Literal["max", "min"]:
@@ -68,10 +70,10 @@ class Metric:
 _ALL: tuple[Metric, ...] = (
     Metric("mse", "MSE", "mean", "lower", per_image="mse", has_worst=True, decimals=4, worst_word="lowest"),
     Metric("psnr_db", "PSNR", "mean", "higher", unit="dB", per_image="psnr_db", has_worst=True, summarised=True,
-           decimals=1),
+           decimals=1, headline=True),
     Metric("ssim", "SSIM", "mean", "higher", unit="0–1", per_image="ssim", has_worst=True, summarised=True),
     Metric("lpips", "LPIPS", "mean", "lower", unit="0–1, low = close", per_image="lpips", has_worst=True,
-           summarised=True, worst_word="best"),
+           summarised=True, worst_word="best", optional=True),
     Metric("label_accuracy", "labels recovered", "rate", "higher"),
     Metric("face_detection_rate", "faces detected", "rate", "higher"),
     Metric("face_detection_batch", "batch has a detected face", "rate", "higher"),
@@ -177,6 +179,11 @@ def summarised() -> tuple[Metric, ...]:
     return tuple(m for m in _ALL if m.summarised)
 
 
+def headline() -> Metric:
+    """The headline image metric (PSNR): the paired test against the reference defense runs on it."""
+    return next(m for m in _ALL if m.headline)
+
+
 def policy_key(metrics: Mapping[str, Any], name: str) -> str | None:
     """The aggregate a policy rule on `name` reads from a record's metrics: the key as written, else, for a
     metric with a worst case, ``<name>_worst`` (the most leaked image); None when the record has neither."""
@@ -200,5 +207,5 @@ def merge_values(key: str, values: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in values) / max(sum(n for _, n in values), 1)
 
 
-__all__ = ["METRICS", "Metric", "MetricKey", "is_metric", "is_rate", "lookup", "merge_values", "names", "parse",
-           "policy_key", "summarised"]
+__all__ = ["METRICS", "Metric", "MetricKey", "headline", "is_metric", "is_rate", "lookup", "merge_values", "names",
+           "parse", "policy_key", "summarised"]

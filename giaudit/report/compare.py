@@ -26,17 +26,18 @@ from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
 from giaudit.report.templating import environment
 from giaudit.results import write_table
 
+
 def _metric_columns() -> list[tuple[str, str, tuple[str, str] | None, int]]:
-    """The summarised image metrics (the registry's): mean [95 % CI] and the most leaked image; PSNR, the
-    headline, also its 95th percentile and the paired test against the reference."""
+    """The summarised image metrics (the registry's): mean [95 % CI] and the most leaked image; the headline
+    metric (PSNR) also its 95th percentile and the paired test against the reference."""
     out: list[tuple[str, str, tuple[str, str] | None, int]] = []
     for m in summarised():
         d = m.decimals + 1
         out.append((f"{m.heading} [95% CI]", f"{m.name}_mean", (f"{m.name}_ci_low", f"{m.name}_ci_high"), d))
-        if m.name == "psnr_db":
+        if m.headline:
             out.append((f"{m.label} p95", f"{m.name}_p95", None, d))
         out.append((f"{m.label} {m.worst_word}", f"{m.name}_worst", None, d))
-        if m.name == "psnr_db":
+        if m.headline:
             out.append(("paired vs ref.", "paired_p", None, 3))
     return out
 

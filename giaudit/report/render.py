@@ -31,7 +31,7 @@ from typing import Any
 from jinja2 import Environment
 
 from giaudit.io import atomic_write_bytes, atomic_write_text, config_as_text
-from giaudit.metrics.registry import is_rate, parse, summarised
+from giaudit.metrics.registry import Metric, is_rate, parse, summarised
 from giaudit.report import figures
 from giaudit.report.compare import privacy_utility_png
 from giaudit.report.format import (
@@ -176,8 +176,9 @@ def _extra_metric_columns(records: Sequence[AuditRecord]) -> list[tuple[str, tup
     return cols
 
 
-def _lpips_note(record: AuditRecord) -> bool:
-    return any("lpips" in n.lower() and "unavailable" in n.lower() for n in record.notes)
+def _unavailable(record: AuditRecord, metric: Metric) -> bool:
+    """The record's notes say the optional metric's model was unavailable."""
+    return any(metric.label.lower() in n.lower() and "unavailable" in n.lower() for n in record.notes)
 
 
 def _metric_table(records: Sequence[AuditRecord]) -> Table:
@@ -190,7 +191,7 @@ def _metric_table(records: Sequence[AuditRecord]) -> Table:
         images = []
         for metric, keys in _IMAGE_COLUMNS:
             text = pair(m, keys, metric.decimals + 1)  # one decimal more than the summary
-            if text == MISSING and metric.name == "lpips" and _lpips_note(r):
+            if text == MISSING and metric.optional and _unavailable(r, metric):
                 text = "unavailable (see notes)"
             images.append(text)
         acc = m.get("label_accuracy")

@@ -75,8 +75,8 @@ def _image_cell(v: Mapping[str, Any], metric: Metric) -> Cell:
 
 
 def _shown(metric: Metric, records: Sequence[AuditRecord]) -> bool:
-    """LPIPS (an optional model) gets a column only when some record measured it; PSNR and SSIM always do."""
-    return metric.name != "lpips" or any(f"{metric.name}_mean" in r.metrics for r in records)
+    """An optional metric (its model may be absent: LPIPS) gets a column only when some record measured it."""
+    return not metric.optional or any(f"{metric.name}_mean" in r.metrics for r in records)
 
 
 def summarise(records: Sequence[AuditRecord], utility: Utility | None = None) -> Summary:
