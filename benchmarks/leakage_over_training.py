@@ -10,14 +10,15 @@ percentile, worst) and label-recovery accuracy; writes the compare report (with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-from giaudit.audit import run_audit
 from giaudit.compare import summarise
 from giaudit.config import demo_config_path, load_config
+from giaudit.orchestration import run_audit
 from giaudit.report.compare import render_compare
 from giaudit.utility import UtilitySettings
 
@@ -31,9 +32,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = load_config(demo_config_path())
-    ig = {**dict(base.attacks["ig"]), "iterations": args.iterations}
-    spec = base.replace(seeds=[0], attacks={"ig": ig}, scenario={**base.scenario, "checkpoints": args.checkpoints,
-                                                                   "clients_per_seed": args.clients})
+    ig = {**base.attacks["ig"].table, "iterations": args.iterations}
+    spec = base.replace(seeds=[0], attacks={"ig": ig}, scenario=dataclasses.replace(
+        base.scenario, checkpoints=args.checkpoints, clients_per_seed=args.clients))
     t0 = time.perf_counter()
     store = run_audit(spec, Path(args.out) / "none", show_progress=False, defense_label="none",
                       training=UtilitySettings())

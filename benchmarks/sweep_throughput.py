@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from giaudit.audit import run_audit
 from giaudit.config import parse_config
 from giaudit.engine import LocalEngine, RayEngine
+from giaudit.orchestration import run_audit
 
 
 def sweep(seeds: int, iterations: int) -> list:

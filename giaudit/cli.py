@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from giaudit.audit import run_audit
 from giaudit.compare import run_compare
 from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
 from giaudit.engine import ENGINES, Engine, make_engine
 from giaudit.errors import GiauditError
 from giaudit.metrics.attributes import train_attribute_classifier
+from giaudit.orchestration.run import run_and_render
 from giaudit.policy import check, load_policy
 from giaudit.priors.ddpm import add_ddpm_arguments, cli_train_ddpm
 from giaudit.priors.train import add_train_arguments, cli_train
@@ -68,16 +68,12 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_and_report(spec: AuditSpec, out: str | None, progress: bool, engine: Engine) -> int:
-    out_dir = Path(out or spec.output.get("dir") or f"reports/{spec.name}")
-    store = run_audit(spec, out_dir, show_progress=progress, engine=engine)
-    verdict = None
-    if spec.output.get("policy"):
-        verdict = check(store.records, load_policy(spec.output["policy"]))
-    html, md = render(store, out_dir, verdict=verdict)
-    _summary(store)
-    print(f"report: {html}\nmarkdown: {md}\nresults: {out_dir / 'results.json'}")
-    if verdict is not None:
-        print(f"policy verdict: {'PASS' if verdict.passed else 'FAIL'}")
+    out_dir = Path(out) if out else spec.run_dir
+    run = run_and_render(spec, out_dir, show_progress=progress, engine=engine)
+    _summary(run.store)
+    print(f"report: {run.html}\nmarkdown: {run.md}\nresults: {out_dir / 'results.json'}")
+    if run.verdict is not None:
+        print(f"policy verdict: {'PASS' if run.verdict.passed else 'FAIL'}")
     return 0
 
 
@@ -130,13 +126,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
     if not args.config:
         return doctor_main(as_json=args.json)
-    from giaudit.attacks import ATTACKS
-    from giaudit.config import load_config
-
     spec = load_config(args.config)
     # The priors the config's attacks load: their own option, else the attack's default.
-    defaults = {name: {k: o.default for k, o in ATTACKS.options(name).items()} for name in spec.attacks}
-    priors = [p for name, opts in spec.attacks.items() if isinstance(p := {**defaults[name], **opts}.get("prior"), str)]
+    priors = [p for attack in spec.attacks.values() if isinstance(p := attack.option("prior"), str)]
     return doctor_main(needed=needs(spec.output, priors), priors=priors, config=args.config, as_json=args.json)
 
 

@@ -8,7 +8,7 @@ For every preset (a ``label`` and ``[[defenses]]`` tables, see
    length R; the preset trains R rounds with its defenses on every client
    (DP-SGD accounted over exactly those R rounds). Cached by content hash.
 2. Leakage: the base audit config (default: the embedded demo) is run through
-   `giaudit.audit.run_audit` into ``out_dir/<label>/`` (resumable) with
+   `giaudit.orchestration.run_audit` into ``out_dir/<label>/`` (resumable) with
    ``clients_per_seed`` private batches per seed; a DP-SGD preset's audited
    update carries the noise multiplier its training used.
 
@@ -30,6 +30,7 @@ the base config sets ``scenario.checkpoints``).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -38,11 +39,11 @@ from typing import Any
 
 from giaudit.aggregate import summarise as aggregate
 from giaudit.attacks import ATTACKS
-from giaudit.audit import run_audit
-from giaudit.config import demo_config_path, load_config
+from giaudit.config import AuditSpec, demo_config_path, load_config
 from giaudit.defenses import load_defense_file
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
+from giaudit.orchestration import run_audit
 from giaudit.report.compare import render_compare
 from giaudit.results import AuditRecord
 from giaudit.utility import UtilityCache, UtilitySettings, measure, with_dp_noise, with_dp_rounds
@@ -62,13 +63,13 @@ def summarise(records: Sequence[AuditRecord], utilities: Mapping[str, Sequence[M
                      order=[(label, attack) for label in order for attack in attacks])
 
 
-def _select_attacks(spec: Any, attacks: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+def _select_attacks(spec: AuditSpec, attacks: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     if not attacks:
-        return {k: dict(v) for k, v in spec.attacks.items()}
+        return {k: dict(v.table) for k, v in spec.attacks.items()}
     out = {}
     for name in attacks:
         if name in spec.attacks:
-            out[name] = dict(spec.attacks[name])
+            out[name] = dict(spec.attacks[name].table)
         elif name in ATTACKS:
             out[name] = {}  # the attack's defaults
         else:
@@ -104,7 +105,7 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
         raise ConfigError(f"compare: label {dupes[0]!r} is used by two presets; labels must be unique")
     base = load_config(base_config) if base_config is not None else load_config(demo_config_path())
     chosen = _select_attacks(base, attacks)
-    scenario = {**base.scenario, "clients_per_seed": base.scenario.get("clients_per_seed", clients_per_seed)}
+    scenario = dataclasses.replace(base.scenario, clients_per_seed=base.scenario.clients_per_seed or clients_per_seed)
     spec = base.replace(seeds=list(range(seeds)), attacks=chosen, scenario=scenario)
     settings = utility or UtilitySettings()
     out = Path(out_dir)
@@ -134,8 +135,8 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     rows = summarise(records, utilities, labels, list(chosen), reference)
     meta = {"base_config": str(base_config) if base_config else "embedded demo (giaudit/assets/demo.toml)",
             "scenario": records[0].scenario if records else "", "seeds": list(spec.seeds),
-            "clients_per_seed": spec.scenario.get("clients_per_seed", 1),
-            "checkpoints": spec.scenario.get("checkpoints"), "reference": reference,
+            "clients_per_seed": spec.scenario.clients,
+            "checkpoints": spec.scenario.checkpoints, "reference": reference,
             "attacks": {k: dict(v) for k, v in chosen.items()}, "utility": settings.as_dict(),
             "utility_rounds": rounds, "utility_baseline_reached": bool(base_runs[spec.seeds[0]]["reached_target"]),
             "utility_cached": sum(bool(u.get("cached")) for us in utilities.values() for u in us),

@@ -7,6 +7,12 @@ exits 2. Sections, attack tables (options and budget) and defense tables all
 go through the one validator of `giaudit.registry` (keyword-only constructors
 are the schema); attacks and defenses are built while the config is parsed,
 so a bad option fails before any data is loaded.
+
+The spec keeps what was validated, typed: the section objects
+(`DataSection`, `ScenarioSection`, `ThreatSection`, `OutputSection`), one
+`AttackConfig` per attack table and the defense tables. `AuditSpec.raw` is
+the canonical config (defaults filled in, unset optional keys left out) that
+config hashes are taken over; it is the only place the spec becomes a dict.
 """
 from __future__ import annotations
 
@@ -17,102 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from giaudit.attacks import ATTACKS, Budget
-from giaudit.data import LABEL_PARSERS, SOURCES
+from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
 from giaudit.defenses import build_chain
 from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
-from giaudit.registry import build_from, check_choice, check_number, check_value, options
-from giaudit.scenario.models import MODELS
+from giaudit.registry import build_from, check_number, check_value, options
+from giaudit.scenario.sections import DataSection, ScenarioSection, canonical
 from giaudit.threat import threat_model
 from giaudit.types import CAPABILITIES, Capability, ThreatModel
 
 # Each section is a keyword-only dataclass: its fields, hints and defaults are the keys, and
 # the registry's one validator checks a TOML table against it (as it does attack and defense
-# tables). A field left None is absent from the parsed section (an optional key).
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataSection:
-    source: str = "mnist5k"
-    size: int = 32
-    channels: int | None = None
-    path: str | None = None
-    label_parser: str = "subfolder"
-    label_field: str = "gender"
-    limit: int | None = None
-    holdout: float = 0.2
-    pool_every: int = 5
-
-    def __post_init__(self) -> None:
-        check_choice("source", self.source, SOURCES)
-        check_choice("label_parser", self.label_parser, LABEL_PARSERS)
-        check_number("size", self.size, low=4, high=256)
-        if self.channels is not None and self.channels not in (1, 3):
-            raise ParamError("channels", "must be 1 or 3")
-        check_number("holdout", self.holdout, low=0.0)
-        if self.holdout >= 1.0:
-            raise ParamError("holdout", "must be in [0, 1)")
-        check_number("pool_every", self.pool_every, low=1)
-        check_number("limit", self.limit, low=1)
-        if self.source == "folder" and self.path is None:
-            raise ParamError("path", "required when data.source = 'folder'")
-        if self.source != "folder" and self.path is not None:
-            raise ParamError("path", f"only used with data.source = 'folder' (source is {self.source!r})")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScenarioSection:
-    model: str = "lenet_relu"
-    width: int | None = None
-    pretrain_steps: int = 0
-    bn_mode: str = "train"
-    protocol: str = "fedsgd"
-    batch_size: int = 1
-    local_steps: int = 1
-    local_lr: float = 0.1
-    local_batch_size: int | None = None
-    clients_per_seed: int | None = None   # private batches attacked per seed (default 1; compare: 8)
-    checkpoints: list[int] | None = None  # rounds of the federated training whose update is attacked
-    diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
-    capture: str | None = None        # a captured real update (giaudit.integrations.flower) instead of a simulation
-    model_factory: str | None = None  # with capture: "module:function" building the deployed model
-    client_data: str = "iid"          # iid, or one_label: a client's batch shares one label (one user's images)
-
-    def __post_init__(self) -> None:
-        if (self.capture is None) != (self.model_factory is None):
-            raise ParamError("model_factory" if self.capture else "capture",
-                             "capture and model_factory go together (a captured update and its model)")
-        if self.capture is not None:
-            # One captured update is one client at one round: nothing to draw per seed, no training to replay.
-            if self.clients_per_seed not in (None, 1):
-                raise ParamError("clients_per_seed", "a capture holds one client's update; remove "
-                                 "scenario.clients_per_seed (or set it to 1) when scenario.capture is set")
-            if self.checkpoints is not None:
-                raise ParamError("checkpoints", "a capture is one round of a real training; remove "
-                                 "scenario.checkpoints when scenario.capture is set (capture each round instead)")
-            if self.client_data != "iid":
-                raise ParamError("client_data", "a capture holds the batch the real client used; remove "
-                                 "scenario.client_data when scenario.capture is set")
-            if self.diffusion_prior is not None:
-                raise ParamError("diffusion_prior", "the captured model comes from scenario.model_factory; "
-                                 "remove scenario.diffusion_prior when scenario.capture is set")
-        check_choice("model", self.model, sorted(MODELS))
-        check_choice("client_data", self.client_data, ("iid", "one_label"))
-        check_number("clients_per_seed", self.clients_per_seed, low=1)
-        if self.checkpoints is not None:
-            if not self.checkpoints or not all(type(r) is int and r >= 0 for r in self.checkpoints):
-                raise ParamError("checkpoints", "expected a non-empty list of rounds >= 0, e.g. [0, 50, 200]")
-            if list(self.checkpoints) != sorted(set(self.checkpoints)):
-                raise ParamError("checkpoints", "rounds must be increasing and distinct")
-        if self.diffusion_prior is not None and self.model != "ddpm_unet":
-            raise ParamError("diffusion_prior", "only used with scenario.model = 'ddpm_unet'")
-        check_choice("bn_mode", self.bn_mode, ("train", "eval"))
-        check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
-        for key in ("batch_size", "local_steps", "local_batch_size", "width"):
-            check_number(key, getattr(self, key), low=1)
-        check_number("pretrain_steps", self.pretrain_steps, low=0)
-        check_number("local_lr", self.local_lr, low=0.0, strict_low=True)
+# tables). A field left None is absent from the canonical section (an optional key). The
+# [data] and [scenario] sections live in giaudit.scenario.sections, beside the scenario they build.
 
 
 def _granted(cap: Capability) -> bool:
@@ -137,6 +60,10 @@ class ThreatSection:
         return threat_model(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
+# Re-identification gallery size when output.reid_gallery is unset.
+REID_GALLERY = 100
+
+
 @dataclass(frozen=True, kw_only=True)
 class OutputSection:
     dir: str | None = None
@@ -144,7 +71,7 @@ class OutputSection:
     semantic: str | bool = False
     policy: str | None = None
     attributes: dict[str, str] | None = None  # attribute name -> folder of `giaudit attribute train`
-    reid_gallery: int | None = None           # re-identification gallery size N without identities (100)
+    reid_gallery: int | None = None           # re-identification gallery size N without identities
 
     def __post_init__(self) -> None:
         if self.semantic is True or (isinstance(self.semantic, str) and self.semantic not in ("offline", "deepface")):
@@ -154,6 +81,11 @@ class OutputSection:
             if not isinstance(folder, str) or not name.replace("_", "").isalnum():
                 raise ParamError(f"attributes.{name}", "expected NAME = \"folder of giaudit attribute train\"")
 
+    @property
+    def gallery_size(self) -> int:
+        """The re-identification gallery size N: `reid_gallery`, `REID_GALLERY` when unset."""
+        return REID_GALLERY if self.reid_gallery is None else self.reid_gallery
+
 
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
                              "output": OutputSection}
@@ -161,50 +93,98 @@ BUDGET_KEYS = tuple(options(Budget))
 TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output"}
 
 
-def _section(src: str, name: str, table: Any) -> dict[str, Any]:
+def _section(src: str, name: str, table: Any) -> Any:
     if table is None:
         table = {}
     if not isinstance(table, Mapping):
         raise ConfigError(f"{src}: [{name}] must be a table")
-    built = build_from(SECTIONS[name], table, f"{src}: {name}")
-    return {k: v for k, v in dataclasses.asdict(built).items() if v is not None}
+    return build_from(SECTIONS[name], table, f"{src}: {name}")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One validated ``[attacks.NAME]`` table.
+
+    `table` is its canonical form: the config's keys in their order, the budget's values as validated, and
+    ``iterations`` and ``restarts`` filled in when the config left them to the defaults (so the run's record
+    says how long the attack ran)."""
+
+    name: str
+    table: Mapping[str, Any]
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(**{k: v for k, v in self.table.items() if k in BUDGET_KEYS})
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The attack's constructor options (the table without its budget keys)."""
+        return {k: v for k, v in self.table.items() if k not in BUDGET_KEYS}
+
+    def option(self, key: str) -> Any:
+        """The value of option `key`: the table's, else the attack's default (None when it takes no such option)."""
+        known = ATTACKS.options(self.name)
+        return self.options.get(key, known[key].default if key in known else None)
+
+    def build(self) -> Attack:
+        return build_attack(self.name, **self.options)
+
+
+def _table(value: Any) -> Any:
+    """A replacement for `AuditSpec.replace`: section objects and attack configs become their canonical tables."""
+    if isinstance(value, AttackConfig):
+        return dict(value.table)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return canonical(value)
+    if isinstance(value, Mapping):
+        return {k: _table(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
 class AuditSpec:
     name: str
     seeds: tuple[int, ...]
-    data: Mapping[str, Any]
-    scenario: Mapping[str, Any]
-    threat: Mapping[str, Any]
-    defenses: tuple[Mapping[str, Any], ...]
-    attacks: Mapping[str, Mapping[str, Any]]
-    output: Mapping[str, Any]
+    data: DataSection
+    scenario: ScenarioSection
+    threat: ThreatSection
+    defenses: tuple[Mapping[str, Any], ...]   # validated [[defenses]] tables (giaudit.defenses.build_chain)
+    attacks: Mapping[str, AttackConfig]
+    output: OutputSection
     source: str = "<config>"
 
     @property
     def raw(self) -> dict[str, Any]:
         """The canonical config (defaults filled in): what the config hash is taken over."""
         return {
-            "name": self.name, "seeds": list(self.seeds), "data": dict(self.data), "scenario": dict(self.scenario),
-            "threat": dict(self.threat), "defenses": [dict(d) for d in self.defenses],
-            "attacks": {k: dict(v) for k, v in self.attacks.items()},
-            "output": {k: v for k, v in self.output.items() if k != "dir"},
+            "name": self.name, "seeds": list(self.seeds), "data": canonical(self.data),
+            "scenario": canonical(self.scenario), "threat": canonical(self.threat),
+            "defenses": [dict(d) for d in self.defenses],
+            "attacks": {k: dict(v.table) for k, v in self.attacks.items()},
+            "output": {k: v for k, v in canonical(self.output).items() if k != "dir"},
         }
 
+    @property
+    def run_dir(self) -> Path:
+        """Where `giaudit audit` writes the run when no folder is passed: ``output.dir``, else reports/<name>."""
+        return Path(self.output.dir or f"reports/{self.name}")
+
+    @property
+    def base(self) -> Path:
+        """The config file's folder (relative paths of the config were resolved against it)."""
+        return Path(self.source).resolve().parent
+
     def replace(self, **changes: Any) -> AuditSpec:
+        """The spec with top-level keys replaced, validated again. A value is a table (as in TOML) or, for a
+        section, its object (``output=dataclasses.replace(spec.output, lpips=False)``); ``attacks`` maps
+        names to tables or `AttackConfig`."""
         raw = self.raw
-        raw["output"] = dict(self.output)
+        raw["output"] = canonical(self.output)
         for key, value in changes.items():
             if key not in TOP_KEYS:
                 raise ConfigError(f"AuditSpec.replace: unknown field {key!r}")
-            raw[key] = list(value) if key in ("defenses", "seeds") else value
+            raw[key] = list(value) if key in ("defenses", "seeds") else _table(value)
         return parse_config(raw, self.source)
-
-    def budget_and_options(self, attack: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        table = dict(self.attacks[attack])
-        budget = {k: table.pop(k) for k in list(table) if k in BUDGET_KEYS}
-        return budget, table
 
 
 def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSpec:
@@ -219,13 +199,13 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
         seeds = [seeds]
     if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
         raise ConfigError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    data = _section(source, "data", config.get("data"))
-    scenario = _section(source, "scenario", config.get("scenario"))
-    threat = _section(source, "threat", config.get("threat"))
-    output = _section(source, "output", config.get("output"))
-    _resolve_paths(source, data, output)
-    if "capture" in scenario:
-        scenario["capture"] = str(_resolve(source, scenario["capture"]))
+    data: DataSection = _section(source, "data", config.get("data"))
+    scenario: ScenarioSection = _section(source, "scenario", config.get("scenario"))
+    threat: ThreatSection = _section(source, "threat", config.get("threat"))
+    output: OutputSection = _section(source, "output", config.get("output"))
+    data, output = _resolve_paths(source, data, output)
+    if scenario.capture is not None:
+        scenario = dataclasses.replace(scenario, capture=str(_resolve(source, scenario.capture)))
 
     defenses = config.get("defenses", [])
     if not isinstance(defenses, list) or not all(isinstance(d, Mapping) for d in defenses):
@@ -238,7 +218,7 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
         attacks_in = {"ig": {}}
     if not isinstance(attacks_in, Mapping) or not attacks_in:
         raise ConfigError(f"{source}: attacks: expected tables like [attacks.ig]")
-    attacks = {name_: _attack_table(source, name_, table) for name_, table in attacks_in.items()}
+    attacks = {name_: AttackConfig(name_, _attack_table(source, name_, table)) for name_, table in attacks_in.items()}
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
                      output, source)
 
@@ -277,23 +257,28 @@ def _resolve(source: str, value: str) -> Path:
     return path
 
 
-def _resolve_paths(source: str, data: dict[str, Any], output: dict[str, Any]) -> None:
-    if "path" in data:
-        path = _resolve(source, data["path"])
+def _resolve_paths(source: str, data: DataSection, output: OutputSection) -> tuple[DataSection, OutputSection]:
+    """The sections with their paths resolved against the config's folder, each checked to exist."""
+    if data.path is not None:
+        path = _resolve(source, data.path)
         if not path.is_dir():
             raise ConfigError(f"{source}: data.path: folder {path} does not exist; point it at an image folder")
-        data["path"] = str(path)
-    for name, folder in (output.get("attributes") or {}).items():
-        p = SHIPPED_CLASSIFIERS[folder]() if folder in SHIPPED_CLASSIFIERS else _resolve(source, folder)
-        if not (p / "classifier.json").is_file():
-            raise ConfigError(f"{source}: output.attributes.{name}: {p} holds no classifier.json; train one with "
-                              f"`giaudit attribute train --data DATA --label {name} --out {folder}`")
-        output["attributes"] = {**output["attributes"], name: str(p)}
-    if "policy" in output:
-        p = _resolve(source, output["policy"])
+        data = dataclasses.replace(data, path=str(path))
+    if output.attributes is not None:
+        resolved = {}
+        for name, folder in output.attributes.items():
+            p = SHIPPED_CLASSIFIERS[folder]() if folder in SHIPPED_CLASSIFIERS else _resolve(source, folder)
+            if not (p / "classifier.json").is_file():
+                raise ConfigError(f"{source}: output.attributes.{name}: {p} holds no classifier.json; train one "
+                                  f"with `giaudit attribute train --data DATA --label {name} --out {folder}`")
+            resolved[name] = str(p)
+        output = dataclasses.replace(output, attributes=resolved)
+    if output.policy is not None:
+        p = _resolve(source, output.policy)
         if not p.is_file():
             raise ConfigError(f"{source}: output.policy: file {p} does not exist")
-        output["policy"] = str(p)
+        output = dataclasses.replace(output, policy=str(p))
+    return data, output
 
 
 def load_config(path: str | os.PathLike[str]) -> AuditSpec:

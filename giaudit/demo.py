@@ -20,17 +20,18 @@ digit classifier and utility results, so a second run only re-renders.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from giaudit.audit import run_audit
-from giaudit.config import AuditSpec, demo_config_path, load_config, shipped_digit_classifier
+from giaudit.config import AuditSpec, DataSection, demo_config_path, load_config, shipped_digit_classifier
 from giaudit.engine import Engine, LocalEngine
 from giaudit.metrics.attributes import CONFIG as CLASSIFIER_JSON
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.metrics.faces import backend_status
+from giaudit.orchestration import run_audit
 from giaudit.policy import check, load_policy
 from giaudit.report import render
 from giaudit.results import load_results
@@ -58,23 +59,23 @@ def policy_path() -> Path:
 def faces_spec() -> AuditSpec:
     """IG against single lfw_subset faces (grey, 32 px), re-identified among the other faces of the pool."""
     base = load_config(demo_config_path())
-    return base.replace(name="demo-faces", data={"source": "lfw_subset", "size": 32, "limit": 100, "pool_every": 1,
-                                                 "holdout": 0.2},
+    return base.replace(name="demo-faces", data=DataSection(source="lfw_subset", size=32, limit=100, pool_every=1,
+                                                            holdout=0.2),
                         attacks={"ig": {"iterations": 600, "lr": 0.1, "tv_weight": 1e-4}},
-                        output={**base.output, "dir": "reports/demo-faces", "semantic": "offline",
-                                "reid_gallery": 50})
+                        output=dataclasses.replace(base.output, dir="reports/demo-faces", semantic="offline",
+                                                   reid_gallery=50))
 
 
 def _digit_classifier(out: Path, spec: AuditSpec, log: Callable[[str], None]) -> Path:
     """The shipped digit classifier, else one trained once on the digits outside the client pool."""
     shipped = shipped_digit_classifier()
-    if (shipped / CLASSIFIER_JSON).is_file() and spec.data["source"] == "mnist5k" and spec.data["pool_every"] == 5:
+    if (shipped / CLASSIFIER_JSON).is_file() and spec.data.source == "mnist5k" and spec.data.pool_every == 5:
         return shipped
     folder = out / "_digit_classifier"
     if not (folder / CLASSIFIER_JSON).is_file():
         log("training the digit classifier on digits outside the client pool ...")
-        cfg = train_attribute_classifier(str(spec.data["source"]), "label", folder, size=16, epochs=4, width=16,
-                                         pool_every=int(spec.data["pool_every"]), seed=0)
+        cfg = train_attribute_classifier(spec.data.source, "label", folder, size=16, epochs=4, width=16,
+                                         pool_every=spec.data.pool_every, seed=0)
         log(f"digit classifier: held-out accuracy {cfg['heldout_accuracy']:.3f} ({cfg['train_s']:.0f} s)")
     return folder
 
@@ -109,10 +110,10 @@ def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progres
     else:
         spec = load_config(demo_config_path())
         defenses = DEMO_DEFENSES
-    out_dir = Path(out or spec.output.get("dir") or f"reports/{spec.name}")
+    out_dir = Path(out or spec.run_dir)
     if not faces:
-        spec = spec.replace(output={**spec.output, "attributes": {"digit": str(_digit_classifier(out_dir, spec,
-                                                                                                   log))}})
+        digit = str(_digit_classifier(out_dir, spec, log))
+        spec = spec.replace(output=dataclasses.replace(spec.output, attributes={"digit": digit}))
     utility: dict[str, list[dict[str, Any]]] | None = None
     audited: dict[str, list[dict[str, Any]]] = {label: list(tables) for label, tables in defenses}
     engine = engine or LocalEngine()

@@ -27,10 +27,10 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
 
+from giaudit.config import OutputSection
 from giaudit.errors import GiauditError
 from giaudit.metrics.faces import backend_status
 from giaudit.metrics.faces.base import FaceBackendUnavailable
@@ -202,12 +202,12 @@ def check_all(priors: Iterable[str] = ()) -> list[Check]:
 
 
 # --------------------------------------------------------------------------- what a config needs
-def needs(output: Mapping[str, Any], priors: Iterable[str] = ()) -> list[str]:
-    """Capability keys an audit with this ``[output]`` table and these prior specs needs."""
+def needs(output: OutputSection, priors: Iterable[str] = ()) -> list[str]:
+    """Capability keys an audit with this ``[output]`` section and these prior specs needs."""
     keys = []
-    if output.get("lpips", True):
+    if output.lpips:
         keys.append("lpips-alexnet")
-    semantic = output.get("semantic") or None
+    semantic = output.semantic or None
     if semantic == "offline":
         keys.append("faces-offline")
     elif semantic == "deepface":

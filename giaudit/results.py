@@ -18,17 +18,20 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from giaudit.errors import DataError
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.types import NO_DEFENSE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # 2: `disclosed` holds one table per defense, keyed "<position>:<name>".
 SCHEMA_VERSION = 2
@@ -166,7 +169,7 @@ class ResultsStore:
     def flush(self) -> None:
         payload = {"schema": SCHEMA_VERSION, "meta": self.meta, "records": [asdict(r) for r in self.records]}
         atomic_write_text(self.run_dir / "results.json", json.dumps(payload, indent=1, default=_json_default))
-        write_table(self.run_dir, [flatten(r) for r in self.records])
+        write_frame(self.run_dir, results_frame(self.records))
 
 
 @contextmanager
@@ -180,13 +183,24 @@ def _locked(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_table(run_dir: Path, rows: list[dict[str, Any]], stem: str = "results") -> Path:
-    """Write rows as Parquet (CSV when pyarrow is unavailable), atomically."""
-    import io
-
+def results_frame(records: Sequence[AuditRecord]) -> pd.DataFrame:
+    """The records as the table of ``results.parquet``: one row per record (`flatten`)."""
     import pandas as pd
 
-    df = pd.DataFrame(rows)
+    return pd.DataFrame([flatten(r) for r in records])
+
+
+def write_table(run_dir: Path, rows: list[dict[str, Any]], stem: str = "results") -> Path:
+    """Write rows as Parquet (CSV when pyarrow is unavailable), atomically."""
+    import pandas as pd
+
+    return write_frame(run_dir, pd.DataFrame(rows), stem)
+
+
+def write_frame(run_dir: Path, df: pd.DataFrame, stem: str = "results") -> Path:
+    """Write a table as Parquet (CSV when pyarrow is unavailable), atomically."""
+    import io
+
     try:
         import pyarrow  # noqa: F401
 

@@ -45,13 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from giaudit.audit import training_data
 from giaudit.config import AuditSpec
 from giaudit.defenses import DEFENSES
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError
 from giaudit.io import atomic_write_text
 from giaudit.results import config_hash
+from giaudit.scenario.build import training_data
+from giaudit.scenario.sections import canonical
 from giaudit.stats import pooled_accuracy, wilson_interval
 from giaudit.training import TrainingSettings, train
 
@@ -69,8 +70,8 @@ def user_cache() -> Path:
 def utility_key(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: int, settings: TrainingSettings,
                 rounds: int, stop_at: float | None) -> str:
     """The hash of everything a utility run depends on."""
-    scenario = {k: v for k, v in spec.scenario.items() if k not in AUDIT_ONLY_KEYS}
-    data = {k: v for k, v in spec.data.items() if k != "path"}
+    scenario = {k: v for k, v in canonical(spec.scenario).items() if k not in AUDIT_ONLY_KEYS}
+    data = {k: v for k, v in canonical(spec.data).items() if k != "path"}
     return config_hash({"v": CACHE_VERSION, "data": data, "scenario": scenario, "defenses": [dict(t) for t in tables],
                         "settings": settings.as_dict(), "seed": seed, "rounds": rounds, "stop_at": stop_at})
 
@@ -128,7 +129,7 @@ def compute_utility(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: 
     """Train with `tables` on every client for `rounds` rounds (or until `stop_at`); accuracy with its interval,
     the curve and what the defenses' accountants say was spent. No cache: the same result in any process."""
     key = utility_key(spec, tables, seed, settings, rounds, stop_at)
-    scenario, train_set, held = training_data(spec, seed)
+    scenario, train_set, held = training_data(spec.data, spec.scenario, spec.threat.model(), seed)
     if len(held) == 0:
         raise ConfigError("data.holdout: the held-out split is empty; set data.holdout > 0 to measure utility")
     run = train(scenario.model, train_set, held, scenario.protocol, scenario.batch_size, tables, settings, seed,

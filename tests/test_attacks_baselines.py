@@ -103,7 +103,7 @@ def test_bn_prior_statistics_match_the_clients_at_the_truth(mnist32):
     """The attack's BN recorder, run on the true batch, reproduces the statistics the client reported;
     and IG with the BN prior (class E) runs and says so in the record's threat summary."""
     from giaudit.fl import BNStatsRecorder
-    from giaudit.audit import threat_summary
+    from giaudit.orchestration.record import threat_summary
 
     g = torch.Generator().manual_seed(0)
     m = build_model("convnet", channels=1, num_classes=10, size=32, width=4, generator=g)

@@ -61,7 +61,7 @@ def test_config_names_the_missing_classifier(tmp_path: Path, digit_clf: Path) ->
     with pytest.raises(ConfigError, match=r"output.attributes.race: .*`giaudit attribute train"):
         parse_config(cfg, str(tmp_path / "a.toml"))
     spec = parse_config({"output": {"attributes": {"digit": str(digit_clf)}}}, str(tmp_path / "a.toml"))
-    assert spec.output["attributes"]["digit"] == str(digit_clf)
+    assert (spec.output.attributes or {})["digit"] == str(digit_clf)
 
 
 def test_cli_rejects_a_bad_label(tmp_path: Path, capsys) -> None:

@@ -97,12 +97,12 @@ def assert_one_line(code: int, err: str, expected: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_bad_config_fails_before_any_data_loads(case, tmp_path, capsys, monkeypatch):
-    import giaudit.audit as audit
+    import giaudit.scenario.build as build
 
     def no_data(*_a, **_k):
         raise AssertionError("data was loaded before the config was validated")
 
-    monkeypatch.setattr(audit, "load_data", no_data)
+    monkeypatch.setattr(build, "load_data", no_data)
     text, expected = CONFIGS[case]
     path = tmp_path / "bad.toml"
     path.write_text(text)

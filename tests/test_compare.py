@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from giaudit.audit import training_data
 from giaudit.compare import run_compare
 from giaudit.stats import mean_ci
 from giaudit.config import load_config
 from giaudit.errors import ConfigError
 from giaudit.results import load_results
+from giaudit.scenario.build import training_data
 from giaudit.utility import UtilityCache, UtilitySettings, baseline, run_utility, with_dp_noise, with_dp_rounds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_compare_epsilon_is_the_accountants_for_the_utility_run(tmp_path, base):
                 utility=SMALL, clients_per_seed=1, cache=_cache(out))
     table = pd.read_csv(out / "compare.csv")
     spec = load_config(base)
-    _, train_set, _ = training_data(spec, 0)
+    _, train_set, _ = training_data(spec.data, spec.scenario, spec.threat.model(), 0)
     acc = RDPAccountant()
     acc.history = [(1.0, 1 / len(train_set), SMALL.max_rounds)]  # FedSGD, batch 1: one step per round
     expected = acc.get_epsilon(delta=1e-5)

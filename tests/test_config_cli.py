@@ -66,7 +66,7 @@ def test_defaults_are_filled_and_hash_is_stable():
     a = parse_config({"attacks": {"ig": {"iterations": 5}}})
     b = parse_config({"attacks": {"ig": {"iterations": 5}}, "data": {"size": 32}})
     assert a.raw == b.raw
-    assert a.scenario["protocol"] == "fedsgd" and a.attacks["ig"]["restarts"] == 1
+    assert a.scenario.protocol == "fedsgd" and a.attacks["ig"].table["restarts"] == 1
     c = a.replace(seeds=[3, 4])
     assert c.seeds == (3, 4) and c.attacks == a.attacks
 

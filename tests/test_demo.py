@@ -17,7 +17,7 @@ def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path,
 
     def tiny(path):  # the embedded config with a tiny budget, one seed
         spec = real(path)
-        return spec.replace(seeds=[0], attacks={k: {**dict(v), "iterations": 4} for k, v in spec.attacks.items()})
+        return spec.replace(seeds=[0], attacks={k: {**v.table, "iterations": 4} for k, v in spec.attacks.items()})
 
     monkeypatch.setattr(demo, "load_config", tiny)
     monkeypatch.setattr(demo, "DEMO_UTILITY", UtilitySettings(clients=2, max_rounds=2, target_accuracy=None, eval_every=2))

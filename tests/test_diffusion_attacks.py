@@ -145,8 +145,8 @@ def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote():
 def test_a_run_with_diffula_scores_every_attack_at_user_level_too(tmp_path):
     """DiffULA's record and IG's in the same run both carry the all-pairs user_ metrics (the fair comparison
     of seed 003); a run without a user-level attack keeps its records and hashes as they were."""
-    from giaudit.audit import plan_cells, run_audit
     from giaudit.config import load_config
+    from giaudit.orchestration import plan_cells, run_audit
 
     base = """
 name = "ul"

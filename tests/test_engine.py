@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from giaudit.audit import run_audit
 from giaudit.config import load_config
 from giaudit.engine import KILL_ONCE_ENV, LocalEngine, RayEngine
+from giaudit.orchestration import run_audit
 from giaudit.results import AuditRecord, ResultsStore, load_results
 from giaudit.training import TrainingSettings
 from giaudit.utility import UtilityCache, measure

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from giaudit.audit import run_audit
 from giaudit.config import load_config
 from giaudit.demo import policy_path
+from giaudit.orchestration import run_audit
 from giaudit.policy import check, load_policy
 from giaudit.report import render
 
@@ -32,13 +32,13 @@ def test_demo_policy_is_the_example_policy() -> None:
                          ids=lambda f: f.name)
 def test_example_runs_with_a_tiny_budget(example: Path, tmp_path: Path) -> None:
     spec = load_config(example)
-    tiny = {name: {**dict(table), "iterations": 3, "restarts": 1} for name, table in spec.attacks.items()}
+    tiny = {name: {**attack.table, "iterations": 3, "restarts": 1} for name, attack in spec.attacks.items()}
     spec = spec.replace(seeds=list(spec.seeds)[:1], attacks=tiny)
     store = run_audit(spec, tmp_path / "run", show_progress=False)
     assert len(store.records) == len(tiny)
-    verdict = check(store.records, load_policy(spec.output["policy"])) if spec.output.get("policy") else None
+    verdict = check(store.records, load_policy(spec.output.policy)) if spec.output.policy else None
     html, md = render(store, tmp_path / "run", verdict=verdict)
     assert "What the server could learn" in html.read_text()
-    if spec.output.get("semantic"):
+    if spec.output.semantic:
         assert any(re.match(r"^(reid_rank1|identity_match_rate)$", k) for k in store.records[0].metrics) or any(
             "semantic metrics unavailable" in n for n in store.records[0].notes)

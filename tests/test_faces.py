@@ -236,8 +236,8 @@ def test_a_user_level_run_on_orl_scores_identity_over_every_pair(tmp_path):
     """A run with DiffULA on ORL people (client_data = one_label: a client's batch is one person's photos)
     scores faces, identity and re-identification over every (reconstruction, original) pair too, for the
     sample-level attack beside it as well."""
-    from giaudit.audit import run_audit
     from giaudit.config import load_config
+    from giaudit.orchestration import run_audit
 
     torch.set_num_threads(1)
     (tmp_path / "orl.toml").write_text(f"""

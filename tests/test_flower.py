@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from giaudit.audit import run_audit
 from giaudit.config import load_config
 from giaudit.engine import LocalEngine
 from giaudit.errors import DataError
+from giaudit.orchestration import run_audit
 from giaudit.scenario.capture import CaptureScenario, load_capture, write_capture
 from giaudit.threat import threat_model
 

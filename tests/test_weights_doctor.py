@@ -20,6 +20,7 @@ import torch
 
 from giaudit import doctor, weights
 from giaudit.cli import main
+from giaudit.config import OutputSection
 from giaudit.errors import ConfigError
 from giaudit.metrics.faces.deepface_backend import FETCH_NAMES, fetch_hint
 from giaudit.metrics.lpips import ALEXNET_FILE, _alexnet_features, checkpoints_dir, load_lpips
@@ -390,10 +391,11 @@ def test_doctor_config_exit_codes_follow_the_configs_needs(homes, tmp_path, alex
 
 
 def test_needs_follow_the_output_table():
-    assert doctor.needs({"lpips": False, "semantic": False}) == []
-    assert doctor.needs({}) == ["lpips-alexnet"]
-    assert doctor.needs({"lpips": False, "semantic": "offline"}, ["mnist32"]) == ["faces-offline", "prior:mnist32"]
-    deep = doctor.needs({"lpips": False, "semantic": "deepface"})
+    assert doctor.needs(OutputSection(lpips=False, semantic=False)) == []
+    assert doctor.needs(OutputSection()) == ["lpips-alexnet"]
+    assert doctor.needs(OutputSection(lpips=False, semantic="offline"), ["mnist32"]) == ["faces-offline",
+                                                                                         "prior:mnist32"]
+    deep = doctor.needs(OutputSection(lpips=False, semantic="deepface"))
     assert deep[0] == "deepface"
     assert {"deepface-race", "deepface-age", "deepface-gender", "deepface-vggface"} <= set(deep)
 

@@ -1,0 +1,134 @@
+"""The driver: every cell of a spec on an engine, each record written as soon as it arrives.
+
+`run_audit` plans the cells (`giaudit.orchestration.plan`), skips those whose
+record is already in the run folder with the same config hash, runs the
+federated training of every seed that still has checkpoint cells (one engine
+task per seed, `giaudit.orchestration.checkpoints`), then the cells
+(`run_cell`) on the engine (`giaudit.engine`: local processes or Ray), and
+writes each cell's images and record atomically as it finishes (`write_cell`),
+so a crashed or interrupted sweep run again computes only the missing cells.
+Only this driver writes files; a cell's result is the same whatever the engine.
+
+`compute_records` is the same driver without a run folder: nothing is
+written, the records come back in plan order. `run_and_render` is
+`giaudit audit`: the run, the policy verdict when ``output.policy`` is set,
+and the HTML / Markdown report.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy
+import torch
+
+from giaudit.config import AuditSpec
+from giaudit.engine import Engine, LocalEngine
+from giaudit.io import atomic_write_bytes
+from giaudit.orchestration.cell import build_defense, run_cell
+from giaudit.orchestration.checkpoints import checkpoint_task
+from giaudit.orchestration.plan import Cell, plan_cells
+from giaudit.orchestration.record import CellResult
+from giaudit.policy import Verdict, check, load_policy
+from giaudit.report import render
+from giaudit.results import AuditRecord, ResultsStore
+from giaudit.scenario.build import preload
+from giaudit.training import TrainingSettings
+from giaudit.version import __version__
+
+
+def versions() -> dict[str, str]:
+    return {"giaudit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: TrainingSettings | None = None,
+              show_progress: bool = False) -> Iterator[CellResult]:
+    """The results of `cells` (of `spec`) as they finish on `engine`: first the federated training of each seed
+    with checkpoint cells, whose checkpoints go into those cells, then the cells."""
+    preload(spec.data, spec.scenario)
+    todo = list(cells)
+    with engine:  # one Ray instance for the training and the cells
+        to_train = sorted({c.seed for c in todo if c.round is not None})
+        if to_train:
+            settings = training or TrainingSettings()
+            jobs = [(spec, seed, settings) for seed in to_train]
+            trained = dict(engine.map(checkpoint_task, jobs, desc=f"{spec.name} training",
+                                      show_progress=show_progress))
+            points = {seed: trained[i] for i, seed in enumerate(to_train)}
+            todo = [replace(c, checkpoint=points[c.seed][c.round]) if c.round is not None else c for c in todo]
+        for _i, result in engine.map(run_cell, todo, desc=f"{spec.name} cells", show_progress=show_progress):
+            yield result
+
+
+def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
+              defense_label: str | None = None, training: TrainingSettings | None = None,
+              engine: Engine | None = None) -> ResultsStore:
+    """Run every cell of `spec` on `engine` (default: local processes), writing each record as it finishes; cells
+    whose record is already in `out_dir` (same id and config hash) are skipped. Return the store.
+
+    With ``scenario.checkpoints`` the federated training (`training` settings) of each seed that still has
+    cells to compute runs first, one engine task per seed; its checkpoints go into the cells."""
+    out = Path(out_dir)
+    store = ResultsStore.open(out)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    store.meta = {**store.meta, "name": spec.name, "config": spec.raw, "versions": versions(),
+                  "command": " ".join(sys.argv), "created": store.meta.get("created") or now, "updated": now}
+    label, _defense = build_defense(spec)
+    cells = plan_cells(spec, defense_label or label, training, show_progress)
+    todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
+    if not todo:
+        return store  # nothing to do: the run folder is left untouched
+    engine = engine or LocalEngine()
+    for result in run_cells(spec, todo, engine, training, show_progress):
+        write_cell(out, store, result)
+    order = {c.record_id: i for i, c in enumerate(cells)}
+    store.records.sort(key=lambda r: order.get(r.record_id, -1))
+    store.meta["last_run"] = {"engine": engine.name, "cells": len(cells),
+                              "computed": [c.record_id for c in todo]}
+    store.flush()
+    return store
+
+
+def compute_records(spec: AuditSpec, *, show_progress: bool = False, engine: Engine | None = None,
+                    training: TrainingSettings | None = None) -> list[AuditRecord]:
+    """Every cell of `spec` computed on `engine` without a run folder: nothing is written (the records'
+    `images_file` names where `run_audit` would put the images). The records come back in plan order."""
+    label, _defense = build_defense(spec)
+    cells = plan_cells(spec, label, training, show_progress)
+    done = {r.record.record_id: r.record for r in run_cells(spec, cells, engine or LocalEngine(), training,
+                                                              show_progress)}
+    return [done[c.record_id] for c in cells]
+
+
+def write_cell(out: Path, store: ResultsStore, result: CellResult) -> None:
+    """The driver's side of a finished cell: its images file, then its record (both atomic)."""
+    if result.images is not None and result.record.images_file:
+        atomic_write_bytes(out / result.record.images_file, result.images)
+    store.add(result.record)
+
+
+def verdict_of(spec: AuditSpec, records: Sequence[AuditRecord]) -> Verdict | None:
+    """The records judged by ``output.policy``; None when the config sets no policy."""
+    return check(records, load_policy(spec.output.policy)) if spec.output.policy else None
+
+
+@dataclass(frozen=True)
+class RenderedRun:
+    store: ResultsStore
+    verdict: Verdict | None
+    html: Path
+    md: Path
+
+
+def run_and_render(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
+                   engine: Engine | None = None) -> RenderedRun:
+    """`giaudit audit`: run (or resume) the audit into `out_dir`, judge it by the policy, write the report."""
+    store = run_audit(spec, out_dir, show_progress=show_progress, engine=engine)
+    verdict = verdict_of(spec, store.records)
+    html, md = render(store, out_dir, verdict=verdict)
+    return RenderedRun(store, verdict, html, md)

@@ -1,0 +1,105 @@
+"""The canonical config and every hash taken over it are unchanged: saved runs and the shipped utility cache
+(giaudit/assets/utility) are keyed by them.
+
+The expected values were computed on the code before the config sections became typed objects; they are a
+regression oracle. Paths the config resolves (the policy file, the shipped classifier) are absolute, so the
+repository's location is replaced by ``<repo>`` before hashing, which keeps the oracle independent of where
+the checkout lives; for configs without paths that is the plain hash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import giaudit.orchestration.plan as plan
+from giaudit.config import AuditSpec, demo_config_path, load_config
+from giaudit.demo import DEMO_DEFENSES, faces_spec
+from giaudit.results import config_hash
+from giaudit.training import TrainingSettings
+from giaudit.utility import utility_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPECTED: dict[str, dict[str, Any]] = {
+    "demo": {"raw": "f0288fb514268553",
+             "cells": ["24c2b1957d5e32ca", "a8f15cb8c3a56a27", "ffabc6e966ef3325", "15cfd8c0c07cc5b7"],
+             "utility": ["fffd76645b6dd707", "2a8f4d61d5587096"]},
+    "examples/defended.toml": {"raw": "e3e5daa51eb25e8d", "cells": ["b6204325be1a9537", "bfe90953474f7a3f"],
+                               "utility": ["1e887495150ac6fa", "7aeef02de8c6ee63"]},
+    "examples/diffusion_gidm.toml": {"raw": "cb7a3df16aae3070", "cells": ["1af4cdd6002bc1e7", "fb7fa877b9530d96"],
+                                     "utility": ["def8bbd1883d4588"]},
+    "examples/faces_folder.toml": {"raw": "b309713250309aad", "cells": ["a661b0781b84002c", "f1dc3ea69b2615cd"],
+                                   "utility": ["515cc86af4fb3e30", "1db9a8f6280c71fa"]},
+    "examples/fedavg.toml": {"raw": "51e7e98201cf8d93", "cells": ["c27a8d1fc077a8ed"],
+                             "utility": ["701873b18c01c245"]},
+    "examples/mnist_ig_batch4.toml": {"raw": "b7a2f07e410280c9", "cells": ["1a364cd7771696a7", "f8796613066e91ab"],
+                                      "utility": ["b49479271cb5e835", "6f451ae46b4e34e0"]},
+    "examples/user_level_digits.toml": {"raw": "13dc5f3caed10906",
+                                        "cells": ["7a88ce6546f94dea", "b84af25ebf145130", "d3ed291456ef11c1"],
+                                        "utility": ["f341b814ef1e109d"]},
+    "examples/flower/audit.toml": {"raw": "e782a98d5f127165", "cells": ["3687f6dea3980360"],
+                                   "utility": ["793f27ddff66bcf8"]},
+    "demo-faces": {"raw": "c6fc0348bfc2aebb", "cells": ["4150b0468af76b29", "388407d256f5caa1"],
+                   "utility": ["515cc86af4fb3e30", "1db9a8f6280c71fa"]},
+    "demo-checkpoints": {"raw": "1420fe6fbf52a634",
+                         "cells": ["485113df78452a65", "69d6df15fc4bc77a", "5b98fcab77646cec", "f7e8d1144bf918c2",
+                                   "29d3b26e6f6b41ff", "dd672f5776b9a7fd", "647dae35ab32394d", "70efebc9793a18f7"],
+                         "utility": ["fffd76645b6dd707", "2a8f4d61d5587096"]},
+    "demo-compare": {"raw": "efc222fb1ba7bc38",
+                     "cells": ["2dc96ff67eb58bcf", "0f676d6cab8c5199", "9be4e010039f4d91", "74ea0f42437faf25",
+                               "2d91f92095eda9ac", "3c66c29c656f3630"],
+                     "utility": ["1f7284219d940be0", "11ffcb95c99df9be", "e92ca08496d686cf"]},
+}
+
+
+def _relocated(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str).replace(str(REPO), "<repo>"))
+
+
+def _specs() -> dict[str, AuditSpec]:
+    specs = {"demo": load_config(demo_config_path())}
+    for f in sorted((REPO / "examples").glob("*.toml")) + [REPO / "examples" / "flower" / "audit.toml"]:
+        if f.name != "policy.toml":
+            specs[str(f.relative_to(REPO))] = load_config(f)
+    demo = specs["demo"]
+    specs["demo-faces"] = faces_spec()
+    specs["demo-checkpoints"] = demo.replace(scenario=dataclasses.replace(demo.scenario, checkpoints=[0, 3]))
+    specs["demo-compare"] = demo.replace(seeds=[0, 1, 2], defenses=DEMO_DEFENSES[2][1],
+                                         scenario=dataclasses.replace(demo.scenario, clients_per_seed=8))
+    return specs
+
+
+def test_every_shipped_config_is_covered() -> None:
+    assert set(_specs()) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_canonical_config_and_hashes_are_unchanged(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _specs()[name]
+    # The canonical config byte for byte (key order included), then the hashes taken over it.
+    raw = json.dumps(_relocated(spec.raw))
+    assert hashlib.sha256(raw.encode()).hexdigest()[:16] == EXPECTED[name]["raw"]
+    monkeypatch.setattr(plan, "config_hash", lambda d: config_hash(_relocated(d)))
+    cells = plan.plan_cells(spec, "none", TrainingSettings(max_rounds=7))
+    assert [c.config_hash for c in cells] == EXPECTED[name]["cells"]
+    keys = [utility_key(spec, list(spec.defenses), s, TrainingSettings(), 10, None) for s in spec.seeds]
+    assert keys == EXPECTED[name]["utility"]
+
+
+def test_a_path_free_config_hashes_as_before_without_relocation() -> None:
+    spec = load_config(REPO / "examples" / "fedavg.toml")
+    assert [c.config_hash for c in plan.plan_cells(spec, "none")] == EXPECTED["examples/fedavg.toml"]["cells"]
+
+
+def test_replace_round_trips_the_canonical_config() -> None:
+    spec = load_config(demo_config_path())
+    same = spec.replace(data=spec.data, scenario=spec.scenario, threat=spec.threat, output=spec.output,
+                        attacks=spec.attacks)
+    assert json.dumps(same.raw) == json.dumps(spec.raw) and same == spec
+    fewer = spec.replace(seeds=[0])
+    assert fewer.raw == {**spec.raw, "seeds": [0]} and fewer.output.dir == spec.output.dir
