@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 import giaudit.orchestration.plan as plan
+import giaudit.utility as utility
 from giaudit.config import AuditSpec, demo_config_path, load_config
 from giaudit.demo import DEMO_DEFENSES, faces_spec
 from giaudit.results import config_hash
 from giaudit.training import TrainingSettings
-from giaudit.utility import utility_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
                                         "cells": ["7a88ce6546f94dea", "b84af25ebf145130", "d3ed291456ef11c1"],
                                         "utility": ["f341b814ef1e109d"]},
     "examples/flower/audit.toml": {"raw": "e782a98d5f127165", "cells": ["3687f6dea3980360"],
-                                   "utility": ["793f27ddff66bcf8"]},
+                                   "utility": ["a1ab7797bca905d1"]},
     "demo-faces": {"raw": "c6fc0348bfc2aebb", "cells": ["4150b0468af76b29", "388407d256f5caa1"],
                    "utility": ["515cc86af4fb3e30", "1db9a8f6280c71fa"]},
     "demo-checkpoints": {"raw": "1420fe6fbf52a634",
@@ -85,9 +85,10 @@ def test_canonical_config_and_hashes_are_unchanged(name: str, monkeypatch: pytes
     raw = json.dumps(_relocated(spec.raw))
     assert hashlib.sha256(raw.encode()).hexdigest()[:16] == EXPECTED[name]["raw"]
     monkeypatch.setattr(plan, "config_hash", lambda d: config_hash(_relocated(d)))
+    monkeypatch.setattr(utility, "config_hash", lambda d: config_hash(_relocated(d)))
     cells = plan.plan_cells(spec, "none", TrainingSettings(max_rounds=7))
     assert [c.config_hash for c in cells] == EXPECTED[name]["cells"]
-    keys = [utility_key(spec, list(spec.defenses), s, TrainingSettings(), 10, None) for s in spec.seeds]
+    keys = [utility.utility_key(spec, list(spec.defenses), s, TrainingSettings(), 10, None) for s in spec.seeds]
     assert keys == EXPECTED[name]["utility"]
 
 

@@ -29,7 +29,7 @@ def test_threat_section_threat_model_and_table_share_one_default_each():
     parsed = parse_config({}).threat
     for cap, row in CAPABILITIES.items():
         assert (cap in granted) == (cap in section) == row.default, cap
-        assert parsed.get(cap.value, row.default) == row.default
+        assert bool(getattr(parsed, cap.value) or False) == row.default
         assert row.text and not row.text.startswith(cap.value)  # every capability has reader-facing words
     assert threat_model(surrogate_data=False).granted == granted - {Capability.SURROGATE_DATA}
     with pytest.raises(TypeError, match="unknown capability 'true_label'"):
