@@ -76,7 +76,7 @@ def gallery(spec: AuditSpec, face_analyzer: Any, scenario: AnyScenario | Capture
     has no identity model, or for a capture: it holds no pool to draw other people from)."""
     if face_analyzer is None or truth is None:
         return None
-    if "identity" not in face_analyzer.provides or isinstance(scenario, CaptureScenario):
+    if "identity" not in face_analyzer.provides or scenario.pool is None:
         return None
     if spec.data.has_identities:
         # Enrolment photos: images outside the client pool (every photo but the attacked ones when pool_every = 1).

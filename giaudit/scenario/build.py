@@ -26,7 +26,7 @@ from giaudit.data import ImageDataset, load_dataset, split_indices
 from giaudit.scenario.capture import CaptureScenario
 from giaudit.scenario.client import Scenario, pretrain
 from giaudit.scenario.diffusion import DiffusionScenario, diffusion_global_model
-from giaudit.scenario.models import build_model
+from giaudit.scenario.models import MODELS, build_model
 from giaudit.scenario.sections import DataSection, ScenarioSection
 from giaudit.training import stable_seed
 from giaudit.types import ClientProtocol, ThreatModel
@@ -77,7 +77,7 @@ def build_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatM
     gen = torch.Generator().manual_seed(stable_seed("model", seed))
     name = cast(Literal["fedsgd", "fedavg"], s.protocol)  # one of the two: ScenarioSection checked it
     protocol = ClientProtocol(name, s.local_steps, float(s.local_lr), s.local_batch_size)
-    if s.model == "ddpm_unet":
+    if MODELS[s.model].diffusion:
         unet, schedule = diffusion_global_model(images.spec, s.diffusion_prior, s.width, s.pretrain_steps, gen)
         return DiffusionScenario(unet, schedule, pool, protocol, s.batch_size, threat, s.client_data), held
     model = build_model(s.model, channels=images.spec.channels, num_classes=images.spec.num_classes,

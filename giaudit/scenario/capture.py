@@ -37,7 +37,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -179,6 +179,8 @@ class CaptureScenario:
     model: nn.Module          # the global model the client received, in the configured BN mode
     data_spec: DataSpec
     threat: ThreatModel
+    # A capture holds one client's update, no pool of other images (to draw a re-identification gallery from).
+    pool: ClassVar[None] = None
 
     @classmethod
     def build(cls, folder: str | Path, factory: str, threat: ThreatModel, *, bn_mode: str = "train",

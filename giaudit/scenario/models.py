@@ -14,6 +14,7 @@ the attacks clamp to is the model's input range.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -110,14 +111,33 @@ class ResNet18(nn.Module):
         return self.fc(self.pool(self.layers(x)).flatten(1))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet": lambda c, k, s, w: LeNet(c, k, s, "sigmoid"),
-    "lenet_relu": lambda c, k, s, w: LeNet(c, k, s, "relu"),
-    "convnet": lambda c, k, s, w: ConvNet(c, k, w or 64, s),
-    "resnet18": lambda c, k, s, w: ResNet18(c, k, w or 64),
-    # The federated DDPM noise predictor (giaudit.scenario.diffusion); width = the UNet's base channels.
-    "ddpm_unet": lambda c, k, s, w: build_unet(DDPMConfig(size=s, channels=c,
-                                                          block_out_channels=(w or 32, 2 * (w or 32), 2 * (w or 32)))),
+@dataclass(frozen=True)
+class ModelEntry:
+    """A built-in model: how it is built and what the scenario needs to know about it.
+
+    `build(channels, num_classes, size, width)`; `takes_width`: `scenario.width` sets its size;
+    `diffusion`: the federated model is a DDPM noise predictor, so the client is the diffusion client
+    (`giaudit.scenario.diffusion`) and its attacks invert a diffusion model; `uniform_init`: weights drawn
+    uniformly in [-a, a] instead of PyTorch's default (DLG's sigmoid LeNet: with the default init its
+    gradients are too flat to invert well; the ReLU variant keeps the default, since with this init its
+    logits explode and the softmax saturates, leaving no gradient).
+    """
+
+    build: Callable[[int, int, int, int | None], nn.Module]
+    takes_width: bool = False
+    diffusion: bool = False
+    uniform_init: float | None = None
+
+
+MODELS: dict[str, ModelEntry] = {
+    "lenet": ModelEntry(lambda c, k, s, w: LeNet(c, k, s, "sigmoid"), uniform_init=0.5),
+    "lenet_relu": ModelEntry(lambda c, k, s, w: LeNet(c, k, s, "relu")),
+    "convnet": ModelEntry(lambda c, k, s, w: ConvNet(c, k, w or 64, s), takes_width=True),
+    "resnet18": ModelEntry(lambda c, k, s, w: ResNet18(c, k, w or 64), takes_width=True),
+    # The federated DDPM noise predictor; width = the UNet's base channels.
+    "ddpm_unet": ModelEntry(lambda c, k, s, w: build_unet(DDPMConfig(
+        size=s, channels=c, block_out_channels=(w or 32, 2 * (w or 32), 2 * (w or 32)))), takes_width=True,
+        diffusion=True),
 }
 
 
@@ -126,20 +146,18 @@ def build_model(name: str, *, channels: int, num_classes: int, size: int,
     """Build a model with weights drawn from `generator` (reproducible init)."""
     if name not in MODELS:
         raise ConfigError(f"scenario.model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    if name.startswith("lenet") and width is not None:
-        raise ConfigError("scenario.width: only convnet and resnet18 take a width")
+    entry = MODELS[name]
+    if width is not None and not entry.takes_width:
+        raise ConfigError(f"scenario.width: {name} takes no width; models that do: "
+                          f"{', '.join(n for n, e in MODELS.items() if e.takes_width)}")
     # nn.Module initialisers draw from the global RNG; fork it so the caller's
     # global state is untouched and the weights depend only on `generator`.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS[name](channels, num_classes, size, width)
-        if name == "lenet":
-            # DLG initialises its sigmoid LeNet uniformly in [-0.5, 0.5]; with
-            # PyTorch's default init the sigmoid gradients are too flat to invert
-            # well. (The ReLU variant keeps the default: with this init its
-            # logits explode and the softmax saturates, leaving no gradient.)
+        model = entry.build(channels, num_classes, size, width)
+        if entry.uniform_init is not None:
             for p in model.parameters():
-                p.data.uniform_(-0.5, 0.5)
+                p.data.uniform_(-entry.uniform_init, entry.uniform_init)
     return model
 

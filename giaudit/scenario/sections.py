@@ -109,8 +109,9 @@ class ScenarioSection:
                 raise ParamError("checkpoints", "expected a non-empty list of rounds >= 0, e.g. [0, 50, 200]")
             if list(self.checkpoints) != sorted(set(self.checkpoints)):
                 raise ParamError("checkpoints", "rounds must be increasing and distinct")
-        if self.diffusion_prior is not None and self.model != "ddpm_unet":
-            raise ParamError("diffusion_prior", "only used with scenario.model = 'ddpm_unet'")
+        if self.diffusion_prior is not None and not MODELS[self.model].diffusion:
+            raise ParamError("diffusion_prior", "only used with a diffusion model: scenario.model = "
+                             + " or ".join(repr(n) for n, e in MODELS.items() if e.diffusion))
         check_choice("bn_mode", self.bn_mode, ("train", "eval"))
         check_choice("protocol", self.protocol, ("fedsgd", "fedavg"))
         check_number("batch_size", self.batch_size, low=1)
