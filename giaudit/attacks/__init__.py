@@ -3,6 +3,8 @@
 Importing this package registers every attack in `ATTACKS` (decorator
 registration, as for defenses); `build_attack` validates options through the
 one registry validator, naming the full key (``attacks.ig.lr: must be > 0``).
+`attack_update` runs one of them on a (model, update) pair held outside an
+audit config (`giaudit.attacks.direct`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 from giaudit.attacks import diffula, dlg, ggl, gias, gidm, gidm_plus, giml, ig  # noqa: F401 (registers the attacks)
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Reconstruction
+from giaudit.attacks.direct import UpdateReconstruction, attack_update
 
 
 def build_attack(name: str, **options: Any) -> Attack:
@@ -17,4 +20,4 @@ def build_attack(name: str, **options: Any) -> Attack:
     return ATTACKS.build(name, options, f"attacks.{name}")
 
 
-__all__ = ["ATTACKS", "Attack", "Budget", "Reconstruction", "build_attack"]
+__all__ = ["ATTACKS", "Attack", "Budget", "Reconstruction", "UpdateReconstruction", "attack_update", "build_attack"]

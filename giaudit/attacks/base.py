@@ -47,7 +47,7 @@ from giaudit.fl import compute_update
 from giaudit.registry import Configurable, Registry, check_choice, check_number
 from giaudit.replay import replay_for
 from giaudit.threat import check
-from giaudit.types import Capability, ClientProtocol, Observation, Reconstruction, Trace
+from giaudit.types import Capability, ClientProtocol, Observation, Reconstruction, ThreatModel, Trace
 
 __all__ = ["ATTACKS", "Attack", "Budget", "Descent", "Plateau", "Progress", "RestartResult", "device_of", "drive"]
 
@@ -158,6 +158,18 @@ class Attack(Configurable):
         if obs.update.kind == "delta":
             used.add(Capability.TRAINING_DETAILS)  # unrolling local steps needs lr, steps, mini-batches
         return used
+
+    def threat_record(self, obs: Observation, label_source: str) -> dict[str, Any]:
+        """The threat model a reconstruction of `obs` actually used, as plain data: the capabilities granted,
+        those used (`capabilities_used`, plus the true labels when they came from the oracle), the oracles
+        among them and the SoK letter (the higher of the used capabilities' and the attack's own)."""
+        used = self.capabilities_used(obs)
+        if label_source == "oracle":
+            used.add(Capability.TRUE_LABELS)
+        used_model = ThreatModel(frozenset(used))
+        return {"sok_class": max(used_model.sok_class, self.sok_class),
+                "granted": sorted(c.value for c in obs.threat.granted),
+                "used": sorted(c.value for c in used), "oracles": list(used_model.oracles)}
 
     def others_wanted(self) -> int:
         """How many other clients' observations `prepare` wants (0: none)."""
