@@ -10,9 +10,8 @@ by a worker is never half-written by two processes.
 
 - ``local`` (default): one single-threaded worker process per core (forked,
   so the loaded modules and datasets are shared copy-on-write); one process
-  per core beats two threads in one process on this kind of CPU
-  (performance.md). With one worker or one task it runs in the driver, also
-  single-threaded.
+  per core beats two threads in one process on this kind of CPU. With one
+  worker or one task it runs in the driver, also single-threaded.
   A worker that dies (killed, out of memory) breaks the pool: the unfinished
   tasks are submitted again to a fresh pool, up to ``max_retries`` times.
 - ``ray``: every task is a Ray task (``num_cpus=1``, retried up to
