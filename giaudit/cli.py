@@ -17,12 +17,13 @@ from giaudit.compare import run_compare
 from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
 from giaudit.engine import ENGINES, Engine, make_engine
-from giaudit.errors import GiauditError
+from giaudit.errors import ConfigError, GiauditError, ParamError
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.orchestration.run import run_and_render
 from giaudit.policy import check, load_policy
-from giaudit.priors.ddpm import add_ddpm_arguments, cli_train_ddpm
-from giaudit.priors.train import add_train_arguments, cli_train
+from giaudit.priors.ddpm import train_main as train_ddpm_main
+from giaudit.priors.train import LOSSES
+from giaudit.priors.train import train_main as train_gan_main
 from giaudit.report import render
 from giaudit.results import ResultsStore, load_results
 
@@ -56,7 +57,10 @@ def _attribute_train(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
-    return make_engine(args.engine, address=args.address, workers=args.workers)
+    try:
+        return make_engine(args.engine, address=args.address, workers=args.workers)
+    except ParamError as exc:  # the library names its parameter; here it is the flag of the same name
+        raise ConfigError(f"--{exc.field}: {exc.message}") from None
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,10 +119,49 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if verdict.passed else 1
 
 
-def _prior_train(args: argparse.Namespace) -> int:
-    if args.kind == "ddpm":
-        return cli_train_ddpm(args)
-    return cli_train(args)
+def _prior_train(a: argparse.Namespace) -> int:
+    if a.kind == "ddpm":
+        path = train_ddpm_main(a.data, a.out, steps=a.steps or 100_000, minutes=a.minutes, size=a.size, seed=a.seed,
+                               batch_size=a.batch_size, lr=a.lr, holdout_mod=a.holdout_mod, limit=a.limit,
+                               threads=a.threads, width=a.width or 32, checkpoint_minutes=a.checkpoint_minutes,
+                               show_progress=not a.no_progress, resume=a.resume)
+    else:
+        path = train_gan_main(a.data, a.out, steps=a.steps or 2000, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
+                              width=a.width or 16, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit,
+                              threads=a.threads, sample_every=a.sample_every, show_progress=not a.no_progress)
+    print(f"prior: {path}")
+    return 0
+
+
+def _add_prior_train_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `giaudit prior train` (GAN, and with --kind ddpm the DDPM)."""
+    ap.add_argument("--kind", choices=("gan", "ddpm"), default="gan", help="gan (DCGAN generator, default) or "
+                    "ddpm (diffusers UNet2DModel noise predictor)")
+    ap.add_argument("--data", required=True, help="mnist5k | digits | lfw_subset | an image folder")
+    ap.add_argument("--out", required=True, type=Path, help="a folder, or NAME.safetensors")
+    ap.add_argument("--steps", type=int, default=None, help="generator steps (default 2000; ddpm: 100000, "
+                    "normally stopped by --minutes)")
+    ap.add_argument("--size", type=int, default=32, help="image size in pixels, 28..64 (default 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latent-dim", type=int, default=32)
+    ap.add_argument("--width", type=int, default=None, help="generator width (default 16; ddpm: UNet base "
+                    "channels, default 32)")
+    ap.add_argument("--loss", choices=LOSSES, default="gan", help="gan (spectral-norm critic) or wgan-gp")
+    ap.add_argument("--holdout-mod", type=int, default=5,
+                    help="leave out images whose index is a multiple of this (the audit's client pool; 0 keeps all)")
+    ap.add_argument("--limit", type=int, default=None, help="read at most this many images")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sample-every", type=int, default=0,
+                    help="write a sample grid every N steps (0: only at the end)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="ddpm: wall-time budget in minutes (training stops at --steps or here, whichever first)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                    help="ddpm: write an atomic checkpoint this often (default 5)")
+    ap.add_argument("--batch-size", type=int, default=64, help="ddpm: batch size (default 64)")
+    ap.add_argument("--lr", type=float, default=5e-4, help="ddpm: AdamW learning rate (default 5e-4)")
+    ap.add_argument("--resume", default=None, help="ddpm: continue training this prior (name or path) for "
+                    "--steps more steps; its architecture is kept")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -225,8 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = psub.add_parser("train", help="train a GAN or DDPM prior on CPU",
                          description="Train a DCGAN (or, with --kind ddpm, a DDPM) prior and save it as "
                          "safetensors + JSON config.")
-    add_train_arguments(pt)
-    add_ddpm_arguments(pt)
+    _add_prior_train_arguments(pt)
     pt.set_defaults(func=_prior_train)
 
     dr = sub.add_parser("doctor", help="which optional capabilities are ready here, and how to enable each",

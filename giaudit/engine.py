@@ -10,9 +10,8 @@ by a worker is never half-written by two processes.
 
 - ``local`` (default): one single-threaded worker process per core (forked,
   so the loaded modules and datasets are shared copy-on-write); one process
-  per core beats two threads in one process on this kind of CPU
-  (performance.md). With one worker or one task it runs in the driver, also
-  single-threaded.
+  per core beats two threads in one process on this kind of CPU. With one
+  worker or one task it runs in the driver, also single-threaded.
   A worker that dies (killed, out of memory) breaks the pool: the unfinished
   tasks are submitted again to a fresh pool, up to ``max_retries`` times.
 - ``ray``: every task is a Ray task (``num_cpus=1``, retried up to
@@ -41,7 +40,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from giaudit.errors import ConfigError, GiauditError
+from giaudit.errors import GiauditError, ParamError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -110,7 +109,7 @@ class LocalEngine:
 
     def __init__(self, workers: int | None = None, *, max_retries: int = 2) -> None:
         if workers is not None and workers < 1:
-            raise ConfigError("--workers: must be >= 1")
+            raise ParamError("workers", f"must be >= 1, got {workers}")
         self.workers = workers or cores()
         self.max_retries = max_retries
 
@@ -196,7 +195,7 @@ class RayEngine:
         try:
             import ray
         except ImportError:
-            raise EngineError("--engine ray needs Ray: pip install \"giaudit[ray]\"") from None
+            raise EngineError("the ray engine needs Ray: pip install \"giaudit[ray]\"") from None
         return ray
 
     def start(self) -> tuple[Any, bool]:
@@ -214,7 +213,7 @@ class RayEngine:
         try:
             ray.init(**kwargs)
         except ConnectionError as exc:
-            raise EngineError(f"--address {self.address}: cannot join the Ray cluster ({exc})") from None
+            raise EngineError(f"ray engine address {self.address}: cannot join the Ray cluster ({exc})") from None
         return ray, True
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, desc: str = "cells",
@@ -249,11 +248,12 @@ class RayEngine:
 
 
 def make_engine(name: str = "local", *, address: str | None = None, workers: int | None = None) -> Engine:
-    """The engine `--engine NAME [--address A] [--workers N]` asks for."""
+    """The engine `name` (local or ray): `address` is the Ray cluster to join (ray only), `workers` the local
+    processes or the CPUs of a local Ray instance. Bad arguments raise `ParamError` naming the parameter."""
     if name not in ENGINES:
-        raise ConfigError(f"--engine: unknown engine {name!r}; known: {', '.join(ENGINES)}")
+        raise ParamError("engine", f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
     if name == "local":
         if address:
-            raise ConfigError("--address: only the ray engine joins a cluster")
+            raise ParamError("address", "only the ray engine joins a cluster (the engine is 'local')")
         return LocalEngine(workers)
     return RayEngine(address, num_cpus=workers)

@@ -38,7 +38,6 @@ a usable prior exists whenever the run is stopped.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -460,26 +459,3 @@ def train_main(data: str, out: Path, *, steps: int = 100_000, minutes: float | N
         grid = prior.sample(64, steps=50, generator=torch.Generator().manual_seed(seed))
         save_grid(grid, Path(f"{stem}_samples.png") if flat else out / "samples.png")
     return out
-
-
-def add_ddpm_arguments(ap: argparse.ArgumentParser) -> None:
-    """Options only `--kind ddpm` uses (the shared ones come from `giaudit.priors.train`)."""
-    ap.add_argument("--kind", choices=("gan", "ddpm"), default="gan", help="gan (DCGAN generator, default) or "
-                    "ddpm (diffusers UNet2DModel noise predictor)")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="ddpm: wall-time budget in minutes (training stops at --steps or here, whichever first)")
-    ap.add_argument("--checkpoint-minutes", type=float, default=5.0,
-                    help="ddpm: write an atomic checkpoint this often (default 5)")
-    ap.add_argument("--batch-size", type=int, default=64, help="ddpm: batch size (default 64)")
-    ap.add_argument("--lr", type=float, default=5e-4, help="ddpm: AdamW learning rate (default 5e-4)")
-    ap.add_argument("--resume", default=None, help="ddpm: continue training this prior (name or path) for "
-                    "--steps more steps; its architecture is kept")
-
-
-def cli_train_ddpm(a: argparse.Namespace) -> int:
-    path = train_main(a.data, a.out, steps=a.steps or 100_000, minutes=a.minutes,
-                      size=a.size, seed=a.seed, batch_size=a.batch_size, lr=a.lr, holdout_mod=a.holdout_mod,
-                      limit=a.limit, threads=a.threads, width=a.width or 32, checkpoint_minutes=a.checkpoint_minutes,
-                      show_progress=not a.no_progress, resume=a.resume)
-    print(f"prior: {path}")
-    return 0

@@ -23,7 +23,6 @@ batch 64, holdout_mod 5, one thread), i.e. in Python
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import time
@@ -48,12 +47,12 @@ def training_images(data: str, size: int, channels: int | None, limit: int | Non
     """A prior's training images: `data` without every `holdout_mod`-th image (the audit pool; 0 keeps all),
     at least one batch of them."""
     if holdout_mod < 0:
-        raise ConfigError("--holdout-mod: must be >= 0")
+        raise ConfigError(f"holdout_mod: must be >= 0, got {holdout_mod}")
     images = _load_images(data, size, channels, limit)
     if holdout_mod:
         images = images[torch.arange(images.shape[0]) % holdout_mod != 0]
     if images.shape[0] < batch_size:
-        raise DataError(f"--data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
+        raise DataError(f"data: only {images.shape[0]} training images, fewer than the batch size {batch_size}")
     return images
 
 
@@ -65,7 +64,7 @@ def _load_images(data: str, size: int, channels: int | None, limit: int | None) 
         root = Path(data).expanduser()
         if not root.is_dir():
             known = ", ".join(s for s in D.SOURCES if s != "folder")
-            raise DataError(f"--data: {data!r} is neither a data source ({known}) nor an image folder")
+            raise DataError(f"data: {data!r} is neither a data source ({known}) nor an image folder")
         if any(p.is_dir() for p in root.iterdir()):
             images = D.load_folder(root, size=size, channels=channels, label_parser="subfolder",
                                    limit=limit).images
@@ -74,7 +73,7 @@ def _load_images(data: str, size: int, channels: int | None, limit: int | None) 
             if limit is not None:
                 files = files[:limit]
             if not files:
-                raise DataError(f"--data: no images found in {root}")
+                raise DataError(f"data: no images found in {root}")
             tensors = [D._resize(D._read_image(p).unsqueeze(0), size) for p in files]
             c = channels or max(t.shape[1] for t in tensors)
             images = torch.cat([D._to_channels(t, c) for t in tensors])
@@ -129,7 +128,7 @@ def train_prior(images: Tensor, *, steps: int, config: GeneratorConfig, seed: in
         raise ConfigError("prior.steps must be >= 1 and prior.batch_size >= 2")
     if images.ndim != 4 or images.shape[1:] != (config.channels, config.size, config.size):
         raise DataError(f"prior training images have shape {tuple(images.shape[1:])}, the generator makes "
-                        f"{(config.channels, config.size, config.size)}; set --size/--channels to match")
+                        f"{(config.channels, config.size, config.size)}; set size / channels to match")
     rng = torch.Generator().manual_seed(seed)
     gen = build_generator(config, rng)
     wgan = loss == "wgan-gp"
@@ -227,38 +226,3 @@ def train_main(data: str, out: Path, *, steps: int = 2000, size: int = 32, seed:
         with torch.no_grad():
             save_grid(prior.generator(aux["fixed_z"]), grid_path("samples"))
     return path
-
-
-def add_train_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of `giaudit prior train` (and of `python -m giaudit.priors.train`)."""
-    ap.add_argument("--data", required=True, help="mnist5k | digits | lfw_subset | an image folder")
-    ap.add_argument("--out", required=True, type=Path, help="a folder, or NAME.safetensors")
-    ap.add_argument("--steps", type=int, default=None, help="generator steps (default 2000; ddpm: 100000, "
-                    "normally stopped by --minutes)")
-    ap.add_argument("--size", type=int, default=32, help="image size in pixels, 28..64 (default 32)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--latent-dim", type=int, default=32)
-    ap.add_argument("--width", type=int, default=None, help="generator width (default 16; ddpm: UNet base "
-                    "channels, default 32)")
-    ap.add_argument("--loss", choices=LOSSES, default="gan", help="gan (spectral-norm critic) or wgan-gp")
-    ap.add_argument("--holdout-mod", type=int, default=5,
-                    help="leave out images whose index is a multiple of this (the audit's client pool; 0 keeps all)")
-    ap.add_argument("--limit", type=int, default=None, help="read at most this many images")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sample-every", type=int, default=0,
-                    help="write a sample grid every N steps (0: only at the end)")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def cli_train(a: argparse.Namespace) -> int:
-    path = train_main(a.data, a.out, steps=a.steps or 2000, size=a.size, seed=a.seed, latent_dim=a.latent_dim,
-                      width=a.width or 16, loss=a.loss, holdout_mod=a.holdout_mod, limit=a.limit, threads=a.threads,
-                      sample_every=a.sample_every, show_progress=not a.no_progress)
-    print(f"prior: {path}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - convenience for reproducing the shipped prior
-    parser = argparse.ArgumentParser(description="Train a DCGAN prior (same as `giaudit prior train`).")
-    add_train_arguments(parser)
-    raise SystemExit(cli_train(parser.parse_args()))
