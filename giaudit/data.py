@@ -241,7 +241,7 @@ def split_indices(n: int, holdout: float, generator: torch.Generator,
 
 def digit_user(data: ImageDataset, candidates: torch.Tensor, digit: int, size: int,
                generator: torch.Generator) -> ImageDataset:
-    """One user's batch for the user-level digit task (DiffULA, seed 003, made so labels do not give the
+    """One user's batch for the user-level digit task (DiffULA, Li et al. 2023, made so labels do not give the
     answer away): `size` images of `digit` drawn from the indices `candidates`, labelled with their parity
     (the federated task is binary; the private attribute is the digit)."""
     cand = candidates[data.labels[candidates] == digit]

@@ -1,6 +1,6 @@
 """Defense-aware matching: fold the disclosed defenses' replay rules into one trial transform.
 
-GGL's adaptive attack (Li et al. 2022, seed 004), available to every
+GGL's adaptive attack (Li et al. 2022, CVPR), available to every
 gradient-matching attack: when the server knows (or estimates) the defense,
 the attack passes its own trial update through the same deterministic
 operations before comparing it with the observed one, so it matches like with

@@ -34,7 +34,7 @@ def uniform_sampler(labels: Tensor, batch_size: int, generator: torch.Generator)
 
 def one_label_sampler(labels: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
     """`batch_size` distinct images sharing one label, drawn uniformly among the labels that have that many:
-    one user's batch when labels are people (ORL subfolders), the user-level setting of DiffULA (seed 003)."""
+    one user's batch when labels are people (ORL subfolders), the user-level setting of DiffULA (Li et al. 2023)."""
     counts = torch.bincount(labels)
     eligible = (counts >= batch_size).nonzero().flatten()
     if eligible.numel() == 0:

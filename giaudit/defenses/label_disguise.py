@@ -1,6 +1,6 @@
 """Label disguise: batches and targets that defeat label recovery.
 
-Jeon et al. 2021 (GIAS, seed 002, appendix F, "Disguising label
+Jeon et al. 2021 (GIAS, NeurIPS, appendix F, "Disguising label
 information") observe that a recovered label shrinks the attacker's search
 (their conditional generator needs it) and suggest that clients build each
 mini-batch from a fixed number of distinct labels, fewer than the batch size

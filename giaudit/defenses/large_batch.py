@@ -2,7 +2,7 @@
 
 Averaging the gradient over many samples dilutes each one's signal: every
 inversion attack degrades with the batch size (Geiping et al. 2020, section 6;
-Jeon et al. 2021, seed 002 appendix F, "Using large mini-batch"). The defense
+Jeon et al. 2021, NeurIPS, appendix F, "Using large mini-batch"). The defense
 sets the client's batch size; the attacker still knows the size (class B
 basic knowledge), never the samples.
 

@@ -1,7 +1,7 @@
 """Additive noise on the shared update (Gaussian or Laplace).
 
 The "noisy gradients" defense evaluated by Zhu et al. 2019 (DLG, section 5)
-and by Jeon et al. 2021 (GIAS, seed 002, appendix F): i.i.d. noise with
+and by Jeon et al. 2021 (GIAS, NeurIPS, appendix F): i.i.d. noise with
 standard deviation `sigma` is added to every entry of the update the client
 sends. For Laplace, `sigma` is also the standard deviation (scale
 b = sigma / sqrt(2)), so the two distributions are compared at equal noise

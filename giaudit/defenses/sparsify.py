@@ -1,7 +1,7 @@
 """Gradient sparsification: top-k per layer or global, random masks, DGC error feedback.
 
 - Top-k by magnitude per layer: the "gradient pruning" defense of Zhu et al.
-  2019 (DLG, section 5.2) and the sparsity axis of Jeon et al. 2021 (seed 002,
+  2019 (DLG, section 5.2) and the sparsity axis of Jeon et al. 2021 (NeurIPS,
   figure 5: "sparsity 0.99 removes the 99 % smallest entries at each layer").
 - Global top-k: one magnitude threshold over all layers together.
 - Random masking: each layer keeps a uniformly random subset (`k` entries, or

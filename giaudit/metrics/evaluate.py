@@ -21,7 +21,7 @@ Conventions (from the defender's side, "worst" means "most leaked"):
 - Reconstructed pixels are clamped to [0, 1] before scoring (that is the image
   anyone would look at); a note gives the share of values clamped.
 
-User level (DiffULA, seed 003: one client batch holds one user's images): with
+User level (DiffULA, Li et al. 2023: one client batch holds one user's images): with
 `user_level=True` the aggregate also holds `user_mse_mean`, `user_psnr_db_mean`,
 `user_ssim_mean` and `user_lpips_mean`, the means over *every* (reconstruction,
 original) pair. A representative image scores the same both ways; a sample-level

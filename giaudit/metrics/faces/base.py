@@ -1,6 +1,6 @@
 """The face-analyzer interface shared by the offline and deepface backends.
 
-Semantic leakage (seed 003, "user-level gradient inversion", Table 1b): a
+Semantic leakage (Li et al. 2023, "Exploring User-level Gradient Inversion with a Diffusion Prior", Table 1b): a
 reconstruction leaks when a face detector finds a face in it, when a face
 recognizer says it is the same person as the original, and when attribute
 predictors read the same gender, race and age from it. Threat model: the

