@@ -54,7 +54,7 @@ def test_shipped_digit_classifier_left_out_the_demo_pool() -> None:
     clf = AttributeClassifier.load(demo.shipped_digit_classifier())
     assert clf.config["data"] == "mnist5k" and clf.config["pool_every"] == 5
     assert clf.config["heldout_accuracy"] > 0.9
-    assert load_config(demo.demo_config_path()).data["pool_every"] == 5
+    assert load_config(demo.demo_config_path()).data.pool_every == 5
 
 
 def test_the_demo_utility_ships_converged(monkeypatch) -> None:
