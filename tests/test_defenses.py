@@ -316,7 +316,11 @@ def test_defense_contract(pool, name, protocol):
     plain = json.dumps(disclosed_values(obs.disclosed))  # disclosures are plain data
     assert [d.key for d in obs.disclosed] == [f"0:{name}"]
     assert "images" not in plain
-    assert isinstance(DEFENSES[name](**EXAMPLES[name]).describe(), str)
+    # The report's description names the defense and every configured parameter with its value.
+    text = DEFENSES[name](**EXAMPLES[name]).describe()
+    assert text.startswith(f"{name}(") and text.endswith(")"), text
+    assert all(f"{key}={value}" in text for key, value in EXAMPLES[name].items()), text
+    assert build_chain(tables).describe() == text
 
 
 # ---- presets -----------------------------------------------------------------------------------------

@@ -86,7 +86,6 @@ def test_phases_are_shares_of_the_budget(pool):
 
 
 @needs_prior
-@pytest.mark.slow
 def test_gidm_beats_pixel_only_at_equal_update_evaluations(pool):
     """Phase 1 (latent, through a 3-step DDIM sampler) + phase 2 vs pixel-only from noise, same 50 evaluations."""
     wins, report = 0, []
@@ -105,7 +104,6 @@ def test_gidm_beats_pixel_only_at_equal_update_evaluations(pool):
 
 
 @needs_prior
-@pytest.mark.slow
 def test_gidm_plus_beats_wrong_t_and_finds_t(pool):
     """t and eps private: GIDM+ vs pixel-only assuming a wrong t (true + 500 mod 1000) and random eps."""
     wins, near, report = 0, 0, []
@@ -129,7 +127,6 @@ def test_gidm_plus_beats_wrong_t_and_finds_t(pool):
 
 
 @needs_prior
-@pytest.mark.slow
 def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote():
     """Parity task, 20 users each holding 16 images of one digit: the representative image's digit (by a
     classifier trained on other held-out digits) is right clearly above chance (1/5 within a parity class)
