@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from giaudit.fl import compute_update
+from giaudit import replay as replay_module
 from giaudit.attacks.dlg import DLG
 from giaudit.attacks.ggl import GGL, functional_update_fn
 from giaudit.attacks.gias import GIAS
 from giaudit.attacks.giml import GIML
 from giaudit.attacks.ig import InvertingGradients
-from giaudit import replay as replay_module
 from giaudit.defenses import build_chain
+from giaudit.fl import compute_update
 from giaudit.replay import Replay, adapt_trial, replay_for
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.models import build_model

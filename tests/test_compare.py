@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from giaudit.compare import run_compare
-from giaudit.stats import mean_ci
 from giaudit.config import load_config
 from giaudit.errors import ConfigError
 from giaudit.results import load_results
 from giaudit.scenario.build import training_data
+from giaudit.stats import mean_ci
 from giaudit.utility import UtilityCache, UtilitySettings, baseline, run_utility, with_dp_noise, with_dp_rounds
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from giaudit.defenses import DEFENSES, build_chain, load_defense_file
+from giaudit.defenses.base import Chain
+from giaudit.errors import ConfigError
 from giaudit.fl import compute_update
 from giaudit.replay import adapt_trial
-from giaudit.defenses.base import Chain
-from giaudit.defenses import DEFENSES, build_chain, load_defense_file
-from giaudit.types import disclosed_values
-from giaudit.errors import ConfigError
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.models import build_model
 from giaudit.threat import threat_model
-from giaudit.types import ClientProtocol, SharedUpdate
+from giaudit.types import ClientProtocol, SharedUpdate, disclosed_values
 
 REPO = Path(__file__).resolve().parents[1]
 FEDAVG = ClientProtocol("fedavg", local_steps=2, local_lr=0.1, local_batch_size=2)
@@ -316,7 +315,11 @@ def test_defense_contract(pool, name, protocol):
     plain = json.dumps(disclosed_values(obs.disclosed))  # disclosures are plain data
     assert [d.key for d in obs.disclosed] == [f"0:{name}"]
     assert "images" not in plain
-    assert isinstance(DEFENSES[name](**EXAMPLES[name]).describe(), str)
+    # The report's description names the defense and every configured parameter with its value.
+    text = DEFENSES[name](**EXAMPLES[name]).describe()
+    assert text.startswith(f"{name}(") and text.endswith(")"), text
+    assert all(f"{key}={value}" in text for key, value in EXAMPLES[name].items()), text
+    assert build_chain(tables).describe() == text
 
 
 # ---- presets -----------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from giaudit.config import load_config
 from giaudit.utility import UtilitySettings
 
 
-@pytest.mark.slow
 def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path, monkeypatch) -> None:
     real = load_config
 
@@ -30,9 +29,17 @@ def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path,
     assert "Policy verdict:" in doc and "privacy-utility trade-off" in doc and "Model accuracy with the defense" in doc
     assert "Digit inferred (originals, chance)" in doc and "Under dpsgd (ε = " in doc  # ε as accounted over the utility training
     assert (tmp_path / "demo" / "figures" / "privacy_utility.png").is_file()
-    # A second run resumes: nothing is attacked or trained again.
+    report = res["md"].read_text()
+    # A second run resumes: every record is read back as it was written (its timings too, so none was attacked
+    # again), and the report and the verdict are the same.
     again = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None)
-    assert again["wall_s"] < res["wall_s"]
+    first = {r.record_id: r for r in store.records}
+    second = {r.record_id: r for r in again["store"].records}
+    assert second.keys() == first.keys()
+    for rid, r in second.items():
+        assert r.timings == first[rid].timings and r.config_hash == first[rid].config_hash, rid
+        assert r.metrics == pytest.approx(first[rid].metrics, nan_ok=True), rid
+    assert again["passed"] is res["passed"] and again["md"].read_text() == report
 
 
 def test_demo_faces_says_how_to_install_the_backend(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -59,8 +59,33 @@ def test_registry_and_threat_errors(pool):
     assert timestep_grid(1000, 10).tolist() == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
 
 
+def test_phases_are_shares_of_the_budget(pool):
+    """GIDM's two phases never run more than the budget's iterations: a budget that holds the options runs
+    them as given (the default budget of 1000 holds the example's 50 + 100), a smaller one shrinks both in
+    their ratio; DiffULA's final denoising takes at most as many UNet steps as the budget has iterations."""
+    from giaudit.attacks.diffula import DiffULA
+
+    opts = GIDM(latent_iterations=50, pixel_iterations=100)
+    assert opts.phase_budgets(Budget()) == (50, 100) == opts.phase_budgets(Budget(iterations=150))
+    assert opts.phase_budgets(Budget(iterations=30)) == (10, 20) and opts.phase_budgets(Budget(iterations=3)) == (1, 2)
+    assert GIDM().phase_budgets(Budget()) == (333, 667) and GIDM().phase_budgets(Budget(iterations=3)) == (1, 2)
+    assert GIDM(latent_iterations=0, pixel_iterations=50).phase_budgets(Budget(iterations=4)) == (0, 4)
+    assert GIDM(latent_iterations=20).phase_budgets(Budget(iterations=50)) == (20, 30)
+    assert GIDM(latent_iterations=20).phase_budgets(Budget(iterations=8)) == (8, 0)
+    assert GIDM(pixel_iterations=100).phase_budgets(Budget(iterations=9)) == (3, 6)
+    known, _ = _observe(pool, 0, noise_known=True)
+    gidm = GIDM(latent_iterations=50, pixel_iterations=100, sampler_steps=2)
+    r = gidm.reconstruct(known, budget=Budget(iterations=3))
+    assert [len(v) for v in r.trace.extra["phase_losses"].values()] == [1, 2] and r.trace.iterations == 3
+    ula = DiffULA(prior=PRIOR) if PRIOR in shipped_ddpm_priors() else None
+    if ula is not None:
+        assert ula.denoise_schedule(Budget(), 1000) == ("ancestral", None, 201)
+        assert ula.denoise_schedule(Budget(iterations=5), 1000) == ("DDIM", 5, 5)
+        assert DiffULA(prior=PRIOR, denoise_steps=10).denoise_schedule(Budget(iterations=60), 1000) == ("DDIM", 10, 10)
+        assert DiffULA(prior=PRIOR, t_star=0).denoise_schedule(Budget(iterations=5), 1000) is None
+
+
 @needs_prior
-@pytest.mark.slow
 def test_gidm_beats_pixel_only_at_equal_update_evaluations(pool):
     """Phase 1 (latent, through a 3-step DDIM sampler) + phase 2 vs pixel-only from noise, same 50 evaluations."""
     wins, report = 0, []
@@ -79,7 +104,6 @@ def test_gidm_beats_pixel_only_at_equal_update_evaluations(pool):
 
 
 @needs_prior
-@pytest.mark.slow
 def test_gidm_plus_beats_wrong_t_and_finds_t(pool):
     """t and eps private: GIDM+ vs pixel-only assuming a wrong t (true + 500 mod 1000) and random eps."""
     wins, near, report = 0, 0, []
@@ -103,7 +127,6 @@ def test_gidm_plus_beats_wrong_t_and_finds_t(pool):
 
 
 @needs_prior
-@pytest.mark.slow
 def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote():
     """Parity task, 20 users each holding 16 images of one digit: the representative image's digit (by a
     classifier trained on other held-out digits) is right clearly above chance (1/5 within a parity class)

@@ -8,14 +8,24 @@ import json
 import pytest
 import torch
 
+from giaudit.data import ImageDataset
 from giaudit.errors import ConfigError, DataError, ParamError
 from giaudit.fl_diffusion import diffusion_update, draw
-from giaudit.priors.ddpm import (DDPMConfig, DDPMPrior, build_unet, ddim_sample, load_ddpm, make_scheduler,
-                                 save_ddpm, train_main, untrained_ddpm)
-from giaudit.data import ImageDataset
+from giaudit.priors.ddpm import (
+    DDPMConfig,
+    DDPMPrior,
+    build_unet,
+    ddim_sample,
+    load_ddpm,
+    make_scheduler,
+    save_ddpm,
+    train_main,
+    untrained_ddpm,
+)
 from giaudit.scenario.diffusion import DiffusionScenario
 from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol, DataSpec
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

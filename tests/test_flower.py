@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from giaudit.config import load_config
 from giaudit.engine import LocalEngine
 from giaudit.errors import DataError
 from giaudit.orchestration import run_audit
-from giaudit.scenario.capture import CaptureScenario, load_capture, write_capture
+from giaudit.scenario.capture import CaptureScenario, load_capture, load_factory, write_capture
 from giaudit.threat import threat_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ lpips = false
 def _simulations(root: Path) -> tuple[Path, Path]:
     """The example app without and with LocalDpMod, as two concurrent subprocesses (each starts its own Ray)."""
     pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'giaudit[flower]'")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    # No bytecode: the app imports task.py from examples/flower/, and the test writes nowhere but tmp_path.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
     procs = [subprocess.Popen([sys.executable, str(APP / "app.py"), "--out", str(root / name)] + extra, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name, extra in (("plain", []), ("dp", ["--dp"]))]
@@ -57,13 +59,18 @@ def _simulations(root: Path) -> tuple[Path, Path]:
     return root / "plain" / "round-1" / "client-0", root / "dp" / "round-1" / "client-0"
 
 
+def _app_copy(folder: Path) -> Path:
+    """The example's task.py copied into `folder`: a config written there resolves `task:make_model` beside
+    itself, as examples/flower/audit.toml does, and nothing is written into examples/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(APP / "task.py", folder / "task.py")
+    return folder
+
+
 def _audit(tmp_path: Path, capture: Path, name: str, attack: str, options: str) -> dict[str, float]:
-    cfg = APP / f".test-{name}.toml"  # beside task.py, so the factory module resolves as in the example
+    cfg = _app_copy(tmp_path / f"app-{name}") / "audit.toml"
     cfg.write_text(AUDIT.format(capture=capture, attack=attack, options=options))
-    try:
-        store = run_audit(load_config(cfg), tmp_path / name, show_progress=False, engine=LocalEngine(1))
-    finally:
-        cfg.unlink()
+    store = run_audit(load_config(cfg), tmp_path / name, show_progress=False, engine=LocalEngine(1))
     return dict(store.records[0].metrics)
 
 
@@ -97,11 +104,8 @@ def test_flower_capture_is_what_left_the_client_and_leaks_the_digit(tmp_path, ca
 
 
 def test_capture_checked_against_the_model_factory(tmp_path):
-    sys.path.insert(0, str(APP))
-    try:
-        from task import make_model  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(APP))
+    app = _app_copy(tmp_path / "app")
+    make_model = load_factory("task:make_model", app)
     state = {k: v.numpy() for k, v in make_model().state_dict().items()}
     bad = dict(state)
     bad["fc.weight"] = np.zeros((10, 7), np.float32)
@@ -109,14 +113,14 @@ def test_capture_checked_against_the_model_factory(tmp_path):
                            meta={"training": {"lr": 0.1, "local_epochs": 1, "num_examples": 1},
                                  "data": {"shape": [1, 32, 32], "num_classes": 10}})
     with pytest.raises(DataError, match="fc.weight"):
-        CaptureScenario.build(folder, "task:make_model", threat_model(), base=APP)
+        CaptureScenario.build(folder, "task:make_model", threat_model(), base=app)
 
     # The right shapes: the update is the FedAvg delta; no batch stored, so no ground truth.
     upd = {k: v + 0.01 for k, v in state.items()}
     folder = write_capture(tmp_path / "ok", global_arrays=state, update_arrays=upd,
                            meta={"training": {"lr": 0.1, "local_epochs": 1, "batch_size": 1, "num_examples": 1},
                                  "data": {"shape": [1, 32, 32], "num_classes": 10}})
-    scen = CaptureScenario.build(folder, "task:make_model", threat_model(), base=APP)
+    scen = CaptureScenario.build(folder, "task:make_model", threat_model(), base=app)
     obs, truth = scen.simulate()
     assert truth is None and obs.update.kind == "delta"
     assert all(torch.allclose(t, torch.full_like(t, 0.01), atol=1e-6) for t in obs.update.tensors)

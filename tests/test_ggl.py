@@ -6,24 +6,22 @@ import dataclasses
 import pytest
 import torch
 
-from test_priors_common import quality, scenario
 from giaudit.attacks import build_attack
 from giaudit.attacks.base import Budget
 from giaudit.attacks.ggl import GGL, functional_update_fn, kl_to_standard_normal
-from giaudit.replay import Replay
-from giaudit.types import Disclosure
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.defenses import build_chain
 from giaudit.defenses.clip import ClipReplay
 from giaudit.defenses.sparsify import SparsifyReplay
 from giaudit.errors import ConfigError
-from giaudit.types import ClientProtocol
+from giaudit.replay import Replay
+from giaudit.types import ClientProtocol, Disclosure
 
 torch.set_num_threads(1)
 
 
-def test_population_batched_equals_looped_fedsgd_and_fedavg() -> None:
-    obs, truth = scenario(2).simulate(generator=torch.Generator().manual_seed(3))
+def test_population_batched_equals_looped_fedsgd_and_fedavg(prior_scenario) -> None:
+    obs, truth = prior_scenario(2).simulate(generator=torch.Generator().manual_seed(3))
     a = GGL(prior="mnist32")
     z = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(0))
     fast = a.evaluate_population(obs, truth.labels, z)
@@ -57,8 +55,8 @@ def test_replay_of_the_disclosed_defenses() -> None:
     assert float(kl_to_standard_normal(torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)))) < 1e-2
 
 
-def test_adaptive_option_reaches_the_base_and_the_population() -> None:
-    obs, truth = scenario(1).simulate(generator=torch.Generator().manual_seed(3))
+def test_adaptive_option_reaches_the_base_and_the_population(prior_scenario) -> None:
+    obs, truth = prior_scenario(1).simulate(generator=torch.Generator().manual_seed(3))
     obs = dataclasses.replace(obs, disclosed=(Disclosure(0, "clip", {"clip_norm": 1e-3}, ClipReplay(1e-3)),))
     assert GGL(prior="mnist32").adaptive and not GGL(prior="mnist32", adaptive=False).adaptive
     z = torch.randn(4, 1, 32, generator=torch.Generator().manual_seed(0))
@@ -72,10 +70,10 @@ def test_adaptive_option_reaches_the_base_and_the_population() -> None:
     assert not torch.allclose(values[True], values[False])  # the clip replay changes the objective
 
 
-def test_options_and_all_optimisers_run() -> None:
+def test_options_and_all_optimisers_run(prior_scenario) -> None:
     with pytest.raises(ConfigError, match="attacks.ggl.optimizer"):
         build_attack("ggl", optimizer="sgd")
-    obs, _ = scenario(1).simulate(generator=torch.Generator().manual_seed(4))
+    obs, _ = prior_scenario(1).simulate(generator=torch.Generator().manual_seed(4))
     for opts, iters in (({"optimizer": "cma", "population": 8}, 3), ({"optimizer": "adam"}, 4),
                         ({"optimizer": "bo", "bo_sampler": "tpe", "bo_initial": 6}, 9),
                         ({"optimizer": "bo", "bo_sampler": "gp", "bo_initial": 6}, 8)):
@@ -89,9 +87,9 @@ def test_options_and_all_optimisers_run() -> None:
 
 
 @pytest.mark.parametrize("defense", [{"name": "noise", "sigma": 0.01}, {"name": "sparsify", "sparsity": 0.99}])
-def test_ggl_beats_ig_under_defenses(defense: dict) -> None:
+def test_ggl_beats_ig_under_defenses(prior_scenario, quality, defense: dict) -> None:
     chain = build_chain([defense])
-    sc = scenario(1)
+    sc = prior_scenario(1)
     cs = [sc.simulate(chain, generator=torch.Generator().manual_seed(1000 + i)) for i in range(3)]
     ig = quality(InvertingGradients(), cs, 200)
     ggl = quality(GGL(prior="mnist32", optimizer="cma"), cs, 50)  # 50 generations x 50 candidates

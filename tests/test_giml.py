@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_priors_common import quality, scenario
 from giaudit.attacks import build_attack
 from giaudit.attacks.base import Budget
 from giaudit.attacks.gias import GIAS
@@ -15,8 +14,8 @@ from giaudit.priors import GeneratorConfig, untrained_prior
 torch.set_num_threads(1)
 
 
-def test_giml_beats_gias_with_an_untrained_generator() -> None:
-    sc = scenario(1, surrogate=False)  # GIML needs no surrogate data
+def test_giml_beats_gias_with_an_untrained_generator(prior_scenario, quality) -> None:
+    sc = prior_scenario(1, surrogate=False)  # GIML needs no surrogate data
     others = [sc.simulate(generator=torch.Generator().manual_seed(2000 + i))[0] for i in range(12)]
     targets = [sc.simulate(generator=torch.Generator().manual_seed(3000 + i)) for i in range(3)]
     giml = GIML(meta_steps=15, inner_z_steps=15, tasks_per_step=3)
@@ -27,7 +26,7 @@ def test_giml_beats_gias_with_an_untrained_generator() -> None:
     assert sum(giml.meta_losses[-3:]) < sum(giml.meta_losses[:3])
     same = GIAS(prior=untrained_prior(GeneratorConfig(latent_dim=giml.latent_dim, width=giml.width)))
     learned = quality(giml, targets, 100)
-    sc_d = scenario(1)  # the untrained-GIAS control runs under class D (GIAS's requirement), same batches
+    sc_d = prior_scenario(1)  # the untrained-GIAS control runs under class D (GIAS's requirement), same batches
     control = [sc_d.simulate(generator=torch.Generator().manual_seed(3000 + i)) for i in range(3)]
     untrained = quality(same, control, 100)
     print(f"GIML {learned[0]:.2f} dB / {learned[1]:.3f}, untrained GIAS {untrained[0]:.2f} dB / {untrained[1]:.3f}")
@@ -38,8 +37,8 @@ def test_giml_beats_gias_with_an_untrained_generator() -> None:
     assert giml.params()["prior_data"].startswith("meta-learned from 12")
 
 
-def test_without_other_observations_it_learns_from_the_target_and_says_so() -> None:
-    obs, _ = scenario(1, surrogate=False).simulate(generator=torch.Generator().manual_seed(5))
+def test_without_other_observations_it_learns_from_the_target_and_says_so(prior_scenario) -> None:
+    obs, _ = prior_scenario(1, surrogate=False).simulate(generator=torch.Generator().manual_seed(5))
     seen = []
     g = GIML(meta_steps=2, inner_z_steps=2, inner_theta_steps=1, snapshot_every=1)
     r = g.reconstruct(obs, budget=Budget(iterations=4))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from giaudit.attacks.labels import recover_labels
-from giaudit.metrics.evaluate import label_accuracy
 from giaudit.defenses.base import ClientStep, Defense
+from giaudit.metrics.evaluate import label_accuracy
 from giaudit.scenario import Scenario, build_model
 from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from giaudit.stats import wilson_interval
-from giaudit.report import figures, render
 from giaudit.io import config_as_text
+from giaudit.report import figures, render
 from giaudit.report.format import md_escape
 from giaudit.report.summary import summarise
 from giaudit.results import AuditRecord, ResultsStore, load_images, load_results, save_images
+from giaudit.stats import wilson_interval
 
 CONFIG = {
     "name": "unit <run>",

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from giaudit.attacks.base import Attack, Budget, RestartResult
+from giaudit.data import ImageDataset
 from giaudit.errors import ThreatModelError
 from giaudit.scenario import Scenario, build_model
-from giaudit.data import ImageDataset
 from giaudit.threat import threat_model
 from giaudit.types import Capability, ClientProtocol, DataSpec, GroundTruth, Observation
 

@@ -1,4 +1,5 @@
-"""DiffULA: user-level gradient inversion with a diffusion prior (seed 003: "user-level attack", DDPM prior).
+"""DiffULA: user-level gradient inversion with a diffusion prior (Li, Lowy, Liu, Koike-Akino, Malin, Parsons,
+Wang, "Exploring User-level Gradient Inversion with a Diffusion Prior", arXiv 2409.07291, 2024).
 
 Threat model: honest-but-curious server attacking a classifier's FedSGD update from a client whose batch
 holds images of one user; it owns a DDPM prior trained on similar data (SoK class D, needs
@@ -17,6 +18,10 @@ Recipe (the paper's Algorithm 1), with S = the budget's iterations, the image `x
   matching term below);
 - `x0 <- x0 - lr * (g_p + g_gm)`;
 - finally `x0` is denoised by the DDPM reverse process from `t_star` (200).
+The final denoising is a phase that takes at most S UNet steps (`DiffULA.denoise_schedule`): the ancestral
+process (t_star + 1 steps) or DDIM with `denoise_steps` while that fits in S, else DDIM with S steps; the
+trace's `extra["denoise"]` says which ran. With S >= t_star + 1 (the default budget) that is the configured
+process; a tiny budget is tiny in both phases.
 The batch's labels are recovered from the update as for any attack (count-based for repeated labels).
 
 The reconstruction holds the representative image once per batch element, so the sample-level evaluation
@@ -32,9 +37,8 @@ exactly `zeta_i * ||g_p||` (10/10 users right on the same task). A number multip
 paper's one-sided clip.
 
 Deviations: the paper's prior loss gradient is written as the gradient of the full DDPM loss; we use the
-score-distillation form (the spec's "score-distillation style") which skips the UNet Jacobian. Its
-4 000 steps at 64-128 px on a GPU become a few hundred here; `denoise_steps` can replace the ancestral
-reverse process by a DDIM schedule with that many steps.
+score-distillation form, which skips the UNet Jacobian. Its 4 000 steps at 64-128 px on a GPU become a few
+hundred here; `denoise_steps` can replace the ancestral reverse process by a DDIM schedule with that many steps.
 """
 from __future__ import annotations
 
@@ -147,6 +151,19 @@ class DiffULA(Attack):
     def provenance(self) -> dict[str, Any]:
         return {"user_level": True, **self.prior.describe()}
 
+    def denoise_schedule(self, budget: Budget, t_cap: int) -> tuple[str, int | None, int] | None:
+        """The final reverse process: (sampler, `steps` for `ddpm_denoise`, UNet steps), None when t_star = 0.
+
+        It takes at most `budget.iterations` (S) UNet steps: the ancestral process from `t_star` (t_star + 1
+        steps) or DDIM with `denoise_steps` while that fits in S, else DDIM with S steps."""
+        if self.t_star <= 0:
+            return None
+        n, t0 = budget.iterations, min(self.t_star, t_cap - 1)
+        if self.denoise_steps is None and t0 + 1 <= n:
+            return "ancestral", None, t0 + 1
+        k = min(self.denoise_steps if self.denoise_steps is not None else n, n, t0 + 1)
+        return "DDIM", k, k
+
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:
         prior = self.prior
@@ -191,10 +208,10 @@ class DiffULA(Attack):
             if progress is not None:
                 progress(1)
         image = ((from_model(x0) * (hi - lo)) + lo).clamp(lo, hi)
-        if self.t_star > 0:
+        denoise = self.denoise_schedule(budget, t_cap)
+        if denoise is not None:
             unit = (image - lo) / (hi - lo)
-            image = lo + (hi - lo) * ddpm_denoise(prior, unit, self.t_star, generator=generator,
-                                                  steps=self.denoise_steps)
+            image = lo + (hi - lo) * ddpm_denoise(prior, unit, self.t_star, generator=generator, steps=denoise[1])
         # The final matching loss of the representative image (restart ranking, the attack's own objective).
         xv = image.detach().clone()
         with torch.enable_grad():
@@ -202,4 +219,6 @@ class DiffULA(Attack):
                                       create_graph=False)
         final = float(cosine_distance(tuple(t.detach() for t in trial), target))
         images = image.detach().expand(n, -1, -1, -1).clone()
-        return RestartResult(images, labels, losses, final, extra={"user_level": True, "final_tau": self.t_min})
+        extra = {"user_level": True, "final_tau": self.t_min,
+                 "denoise": "none" if denoise is None else f"{denoise[0]}, {denoise[2]} steps"}
+        return RestartResult(images, labels, losses, final, extra=extra)

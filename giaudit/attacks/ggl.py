@@ -1,11 +1,12 @@
-"""GGL: generative gradient leakage (Li, Zhang, Wu, Lin; CVPR 2022, seed 004).
+"""GGL: generative gradient leakage (Li, Zhang, Liu, Liu, "Auditing Privacy Defenses in Federated Learning via
+Generative Gradient Leakage", CVPR 2022).
 
 Threat model: honest-but-curious server, SoK class D: it holds a generator
 trained on public data from the clients' distribution, sees the defended
 update (noised, clipped, sparsified) and the batch size, and knows the
 defense's disclosed parameters (the clipping bound, the sparsity level).
 
-Recipe (attacks.md, GGL card): search only the generator's latent space for
+Recipe: search only the generator's latent space for
 ``min_z D(A(grad_w L(G(z), y)), g*) + 0.1 * KL(N(mean z, std z) || N(0, 1))``
 where D is the squared L2 distance averaged over layers and A replays the
 deterministic part of the disclosed defenses on the trial update ("adaptive"
@@ -17,8 +18,9 @@ sparsity. Labels come from the last-layer gradient (the base's recovery).
 Optimisers (`optimizer`): CMA-ES (`cma` package; a population per generation,
 `budget.iterations` generations), Bayesian optimisation (`optuna`: its
 Gaussian-process sampler by default, or TPE; `budget.iterations` trials, the
-first `bo_initial` of them random and evaluated as one batch), and Adam on z
-(`budget.iterations` steps; the gradient-based comparison).
+first `bo_initial` of them random and evaluated as one batch, so the random
+design is at most the whole budget), and Adam on z (`budget.iterations` steps;
+the gradient-based comparison). No phase runs beyond `budget.iterations`.
 
 Trial updates of a population need no second backward, so all candidates are
 evaluated in ONE batched computation: per-candidate gradients with

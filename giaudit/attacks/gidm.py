@@ -9,11 +9,16 @@ the paper's GIDM setting); SoK class B for FedSGD, C for FedAvg (it unrolls the 
 Without `t` and `eps` GIDM refuses unless `assume_t` is set: it then assumes that timestep and draws its
 own random noise (the naive baseline GIDM+ is compared with).
 
-Recipe (two phases, separate budgets, L2 update distance):
+Recipe (two phases, L2 update distance):
 1. Latent search: `x = Sample_phi(z)` with a deterministic DDIM sampler (eta 0, `sampler_steps` steps);
    optimise `z` with Adam, differentiating through the whole sampler, so `x`'s update matches.
 2. Pixel-wise fine-tuning of `x` from phase 1's best image (Adam, clamped to the data range).
 With `latent_iterations = 0` it is pixel-only inversion from uniform noise (the baseline).
+
+The phases share the budget's `iterations` N (one update evaluation per iteration; `GIDM.phase_budgets`):
+without options a third of N (rounded down) goes to phase 1 and the rest to phase 2; `latent_iterations` and
+`pixel_iterations` fix a phase's length while the two fit in N, and when they ask for more than N both shrink
+to shares of N in the ratio of the options. The two phases together never run more than N iterations.
 
 Which sampler: `sampler = "global"` samples with the attacked global model itself (the paper: it is well
 trained and the attacker has it). When the global model is untrained, a separately trained DDPM prior
@@ -98,10 +103,26 @@ class GIDM(Attack):
         return torch.zeros(n, dtype=torch.long), "none"
 
     def phase_budgets(self, budget: Budget) -> tuple[int, int]:
-        """(latent, pixel) iterations: the options, else a third / two thirds of `budget.iterations`."""
-        lat = self.latent_iterations if self.latent_iterations is not None else budget.iterations // 3
-        pix = self.pixel_iterations if self.pixel_iterations is not None else budget.iterations - lat
-        return lat, max(0, pix)
+        """(latent, pixel) iterations, together never more than `budget.iterations` (N).
+
+        Unset options share N: the latent phase gets N // 3, the pixel phase the rest. A set option is that
+        phase's length while the phases fit in N (an unset one then takes what is left of N); when they ask for
+        more than N, both shrink to shares of N in the ratio of the options (the latent share rounded, the pixel
+        phase the rest, each phase with a positive option keeping at least one iteration while N >= 2). So a
+        budget at least as large as the options runs them exactly, and a tiny budget is tiny in both phases.
+        """
+        n = budget.iterations
+        lat_opt, pix_opt = self.latent_iterations, self.pixel_iterations
+        if lat_opt is None:
+            lat = n // 3
+            return lat, min(n - lat, pix_opt) if pix_opt is not None else n - lat
+        if pix_opt is None or lat_opt + pix_opt <= n:
+            lat = min(lat_opt, n)
+            return lat, (n - lat) if pix_opt is None else pix_opt
+        lat = round(n * lat_opt / (lat_opt + pix_opt))
+        if n >= 2:
+            lat = min(max(lat, 1 if lat_opt else 0), n - (1 if pix_opt else 0))
+        return lat, n - lat
 
     def sampler_for(self, obs: Observation) -> tuple[torch.nn.Module, Tensor, str]:
         """(frozen sampler UNet, its schedule, description). Its weights are a separate copy, so the trial
