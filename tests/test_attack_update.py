@@ -128,6 +128,11 @@ def test_bad_input_names_what_is_wrong(case, kwargs, message):
         attack_update(model, update, **kwargs)
 
 
+def test_not_a_module_is_named(case):
+    with pytest.raises(ConfigError, match="model: expected a torch.nn.Module, got dict"):
+        attack_update({"w": 1}, case[3], data_shape=(1, 32, 32))
+
+
 def test_num_classes_needs_a_linear_layer_or_the_argument():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
     grad = tuple(torch.zeros_like(p) for p in conv.parameters())

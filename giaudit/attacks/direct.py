@@ -85,6 +85,8 @@ def attack_update(model: nn.Module, update: Sequence[Tensor] | Mapping[str, Tens
         raise ConfigError(f"kind: expected 'gradient' or 'delta', got {kind!r}")
     protocol = _protocol(kind, protocol)
 
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
     if not named:
         raise ConfigError("model: it has no parameters, so it has no update to attack")
