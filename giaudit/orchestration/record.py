@@ -4,7 +4,7 @@
 private batches and reconstructions, the attack that made them, what scores
 them, the timings and the training round. `cell_record` scores it
 (`giaudit.metrics.assemble.assess`), states the threat the attack actually
-used (`threat_summary`: the capabilities it read, their SoK class and any
+used (`Attack.threat_record`: the capabilities it read, their SoK class and any
 oracle) and assembles the record. A capture without the client's batch has
 no ground truth: its record holds the server's view and a note, no metrics.
 """
@@ -20,7 +20,7 @@ from giaudit.metrics.assemble import Scorers, assess
 from giaudit.metrics.faces import Gallery
 from giaudit.orchestration.plan import Cell
 from giaudit.results import AuditRecord, images_file, images_npz
-from giaudit.types import Capability, GroundTruth, Observation, Reconstruction, ThreatModel, disclosed_values
+from giaudit.types import GroundTruth, Observation, Reconstruction, disclosed_values
 
 NO_TRUTH_NOTE = ("no ground truth: the capture holds no client batch (capture with store_batch=True, as the data "
                  "owner, to measure the leakage)")
@@ -49,17 +49,6 @@ class CellOutcome:
     notes: tuple[str, ...] = ()                    # e.g. why the semantic metrics did not run
 
 
-def threat_summary(threat: ThreatModel, attack: Attack, label_source: str, obs: Observation) -> dict[str, Any]:
-    """The capabilities this attack actually used, their SoK letter, and any oracle."""
-    used = attack.capabilities_used(obs)
-    if label_source == "oracle":
-        used.add(Capability.TRUE_LABELS)
-    oracles = list(ThreatModel(frozenset(used)).oracles)
-    letter = max(ThreatModel(frozenset(used)).sok_class, attack.sok_class)
-    return {"sok_class": letter, "granted": sorted(c.value for c in threat.granted),
-            "used": sorted(c.value for c in used), "oracles": oracles}
-
-
 def cell_record(outcome: CellOutcome) -> CellResult:
     """Score the outcome and assemble its record; the images go beside it as .npz bytes."""
     t0 = time.perf_counter()
@@ -78,7 +67,7 @@ def cell_record(outcome: CellOutcome) -> CellResult:
     notes += list(outcome.notes)
     obs, rec = outcome.observations[0], recs[0]
     tr = rec.trace
-    threat = threat_summary(obs.threat, outcome.attack, rec.label_source, obs)
+    threat = outcome.attack.threat_record(obs, rec.label_source)
     return CellResult(AuditRecord(
         record_id=cell.record_id, config_hash=cell.config_hash, scenario=outcome.scenario, defense=cell.label,
         attack=cell.attack, seed=cell.seed, threat=threat, attack_params=dict(outcome.attack.params()),
