@@ -67,10 +67,8 @@ def test_fedavg_trial_update_at_the_truth_equals_the_observed_delta(mnist32):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_restarts_ranked_by_own_loss_and_parallel_matches_serial(mnist32):
-    g = torch.Generator().manual_seed(3)
-    m = build_model("lenet_relu", channels=1, num_classes=10, size=32, generator=g)
-    obs, _ = Scenario(m, mnist32, ClientProtocol(), 1, threat_model()).simulate(generator=g)
+def test_restarts_ranked_by_own_loss_and_parallel_matches_serial(observe):
+    obs, _ = observe(1, seed=3)
     attack = build_attack("ig")
     serial = attack.reconstruct(obs, budget=Budget(iterations=40, restarts=2, workers=1),
                                 rng=torch.Generator().manual_seed(7))
