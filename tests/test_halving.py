@@ -1,4 +1,4 @@
-"""Successive halving of restarts (issue 12): the cut follows the attack's own loss, and processes do not matter.
+"""Successive halving of restarts: the cut follows the attack's own loss, and processes do not matter.
 
 No ground truth is involved: a restart's rank is the lowest matching loss it
 has reached, which the attack computes from the observation alone.

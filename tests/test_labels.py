@@ -1,4 +1,4 @@
-"""Label recovery: iDLG at batch 1, the row rule for distinct labels, counts for repeats (issue 2)."""
+"""Label recovery: iDLG at batch 1, the row rule for distinct labels, counts for repeats."""
 from __future__ import annotations
 
 import torch
