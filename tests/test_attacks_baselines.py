@@ -36,7 +36,7 @@ def run(mnist32, attack: str, model: str, iterations: int, seeds=range(5), batch
 
 def test_dlg_lbfgs_sigmoid_lenet_recovers_digits(mnist32):
     """Measured on seeds 0-4 (PSNR dB): 74.8, 58.8, 75.4, 72.2, 52.9 after 15 L-BFGS iterations."""
-    results = run(mnist32, "dlg", "lenet", iterations=15)
+    results = run(mnist32, "dlg", "lenet", iterations=15, seeds=range(3))
     med = statistics.median(r[0] for r in results)
     assert med >= 40.0, [round(r[0], 1) for r in results]
 
