@@ -5,6 +5,7 @@ Real-face checks read ../shared/data (ORL, UTKFace subset) and skip where it is 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,16 @@ def test_deepface_adapter_on_generated_weights(tmp_path, utk64, monkeypatch):
 
     if bu._backend_engine not in (None, "pytorch"):
         pytest.skip(f"deepface already runs on {bu._backend_engine} in this process")
-    torch.set_num_threads(1)
+    # deepface's VGG models (224 px) are the one workload here large enough to gain from every core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        _deepface_checks(tmp_path, utk64, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _deepface_checks(tmp_path, utk64, monkeypatch):
     home = tmp_path / "dfhome"
     # Missing weights: the adapter refuses to download and names the file.
     an_missing = get_analyzer("deepface", home=str(tmp_path / "empty"), engine="pytorch", model_name="DeepID")
