@@ -37,14 +37,15 @@ def unseen_pool(mnist32: ImageDataset) -> ImageDataset:
 
 
 def client_scenario(pool: ImageDataset, batch: int = 1, *, model: str = "lenet_relu", seed: int = 0,
-                    protocol: ClientProtocol = ClientProtocol(), num_classes: int = 10,
+                    protocol: ClientProtocol | None = None, num_classes: int = 10,
                     generator: torch.Generator | None = None, model_kw: dict[str, Any] | None = None,
                     **granted: bool) -> Scenario:
     """A 32 px, one-channel classifier `model` initialised from `generator` (else seeded `seed`) and one
-    client's `protocol` on `pool`, with the threat model granting `granted` (e.g. surrogate_data=True)."""
+    client's `protocol` (FedSGD by default) on `pool`, with the threat model granting `granted` (e.g.
+    surrogate_data=True)."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     m = build_model(model, channels=1, num_classes=num_classes, size=32, generator=g, **(model_kw or {}))
-    return Scenario(m, pool, protocol, batch, threat_model(**granted))
+    return Scenario(m, pool, protocol or ClientProtocol(), batch, threat_model(**granted))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Baseline attacks really recover images they never saw (issue 2, "Proof").
+"""Baseline attacks really recover images they never saw.
 
 32 px MNIST-5k digits at batch 1 through untrained models; PSNR is measured
 here, against ground truth the attack never received.
@@ -35,21 +35,24 @@ def run(mnist32, attack: str, model: str, iterations: int, seeds=range(5), batch
 
 
 def test_dlg_lbfgs_sigmoid_lenet_recovers_digits(mnist32):
-    results = run(mnist32, "dlg", "lenet", iterations=30)
+    """Measured on seeds 0-4 (PSNR dB): 74.8, 58.8, 75.4, 72.2, 52.9 after 15 L-BFGS iterations."""
+    results = run(mnist32, "dlg", "lenet", iterations=15, seeds=range(3))
     med = statistics.median(r[0] for r in results)
     assert med >= 40.0, [round(r[0], 1) for r in results]
 
 
 def test_ig_relu_lenet_recovers_digits(mnist32):
-    results = run(mnist32, "ig", "lenet_relu", iterations=1000)
+    """Measured on seeds 0-4 (PSNR dB): 25.6, 20.7, 25.3, 27.0, 14.2 after 250 iterations."""
+    results = run(mnist32, "ig", "lenet_relu", iterations=250)
     med = statistics.median(r[0] for r in results)
     assert med >= 20.0, [round(r[0], 1) for r in results]
 
 
 def test_ig_fedavg_variant_unrolls_local_steps(mnist32):
-    """Two local SGD epochs on a batch of 2; the attack unrolls them to match the weight difference."""
+    """Two local SGD epochs on a batch of 2; the attack unrolls them to match the weight difference
+    (measured: 20.0 and 14.5 dB on seeds 0 and 1 after 300 iterations)."""
     proto = ClientProtocol("fedavg", local_steps=2, local_lr=0.1)
-    results = run(mnist32, "ig", "lenet_relu", iterations=600, seeds=[0, 1], batch_size=2, protocol=proto)
+    results = run(mnist32, "ig", "lenet_relu", iterations=300, seeds=[0, 1], batch_size=2, protocol=proto)
     mean = statistics.mean(r[0] for r in results)
     assert mean >= 14.0, [round(r[0], 1) for r in results]
 
@@ -67,10 +70,8 @@ def test_fedavg_trial_update_at_the_truth_equals_the_observed_delta(mnist32):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_restarts_ranked_by_own_loss_and_parallel_matches_serial(mnist32):
-    g = torch.Generator().manual_seed(3)
-    m = build_model("lenet_relu", channels=1, num_classes=10, size=32, generator=g)
-    obs, _ = Scenario(m, mnist32, ClientProtocol(), 1, threat_model()).simulate(generator=g)
+def test_restarts_ranked_by_own_loss_and_parallel_matches_serial(observe):
+    obs, _ = observe(1, seed=3)
     attack = build_attack("ig")
     serial = attack.reconstruct(obs, budget=Budget(iterations=40, restarts=2, workers=1),
                                 rng=torch.Generator().manual_seed(7))

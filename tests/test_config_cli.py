@@ -87,16 +87,23 @@ def test_demo_config_and_examples_validate():
     assert checked >= 3
 
 
-def test_help_on_every_command():
-    for args in ([], ["audit"], ["demo"], ["compare"], ["check"], ["report"], ["prior", "train"]):
-        out = subprocess.run([sys.executable, "-m", "giaudit.cli", *args, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0, (args, out.stderr)
-        assert "usage: giaudit" in out.stdout
+def test_help_on_every_command(capsys):
+    # The console entry point in a fresh interpreter; then every subcommand's help from the same parser
+    # in-process (each fresh interpreter cost a second of torch's import and checked nothing more).
+    out = subprocess.run([sys.executable, "-m", "giaudit.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: giaudit" in out.stdout, out.stderr
+    for args in (["audit"], ["demo"], ["compare"], ["check"], ["report"], ["prior", "train"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--help"])
+        assert exit_.value.code == 0, args
+        assert f"usage: giaudit {' '.join(args)}" in capsys.readouterr().out, args
 
 
 def test_audit_end_to_end_writes_results_and_resumes(tmp_path, capsys):
     cfg = tmp_path / "ok.toml"
-    cfg.write_text(GOOD.replace("seeds = [0]", "seeds = [0, 1]"))
+    # 15 L-BFGS iterations: 56.1 and 50.1 dB on the two seeds (30 gave 62.7 and 79.5), far above the 30 dB bar.
+    good = GOOD.replace("iterations = 30", "iterations = 15")
+    cfg.write_text(good.replace("seeds = [0]", "seeds = [0, 1]"))
     out = tmp_path / "run"
     assert main(["audit", str(cfg), "--out", str(out), "--no-progress"]) == 0
     for name in ("results.json", "results.parquet", "report.html", "report.md"):
@@ -115,7 +122,7 @@ def test_audit_end_to_end_writes_results_and_resumes(tmp_path, capsys):
     again = load_results(out)
     assert [r.timings for r in again.records] == [r.timings for r in store.records]
     # One more seed: only the new record is computed.
-    cfg.write_text(GOOD.replace("seeds = [0]", "seeds = [0, 1, 2]"))
+    cfg.write_text(good.replace("seeds = [0]", "seeds = [0, 1, 2]"))
     assert main(["audit", str(cfg), "--out", str(out), "--no-progress"]) == 0
     third = load_results(out)
     assert [r.seed for r in third.records] == [0, 1, 2]

@@ -86,8 +86,22 @@ _FORK_IMPORTS = r"""
 import importlib, json, os, sys
 import torch  # noqa: F401  (third-party, as in any run; giaudit's own modules are what is tested)
 assert not [m for m in sys.modules if m.split(".")[0] == "giaudit"], "giaudit loaded before the fork"
-failures = {}
+failures, running = {}, {}
+width = max(1, len(os.sched_getaffinity(0)))  # one child per core at a time
+
+
+def reap():
+    pid, status = os.wait()
+    mod, r = running.pop(pid)
+    with os.fdopen(r) as f:
+        msg = f.read()
+    if status:
+        failures[mod] = msg or f"exit status {status}"
+
+
 for mod in sys.argv[1:]:
+    while len(running) >= width:
+        reap()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -100,11 +114,9 @@ for mod in sys.argv[1:]:
         os.write(w, msg.encode())
         os._exit(code)
     os.close(w)
-    with os.fdopen(r) as f:
-        msg = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status:
-        failures[mod] = msg or f"exit status {status}"
+    running[pid] = (mod, r)
+while running:
+    reap()
 print(json.dumps(failures))
 """
 

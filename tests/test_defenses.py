@@ -135,7 +135,8 @@ def test_noise_has_the_configured_std(distribution):
 
 
 def test_ig_psnr_falls_as_gaussian_sigma_rises(pool):
-    """IG on the ReLU LeNet, batch 1: more noise, worse reconstructions (fixed seeds)."""
+    """IG on the ReLU LeNet, batch 1: more noise, worse reconstructions (fixed seeds; measured at 100 iterations,
+    mean PSNR 16.1, 11.2, 5.0 dB, the same order on seeds 2 and 3)."""
     from giaudit.attacks import Budget, build_attack
     from giaudit.metrics.image import psnr
 
@@ -146,7 +147,7 @@ def test_ig_psnr_falls_as_gaussian_sigma_rises(pool):
         values = []
         for seed in (0, 1):
             obs, truth = simulate(scen, [{"name": "noise", "sigma": sigma}], seed=seed)
-            rec = build_attack("ig").reconstruct(obs, budget=Budget(iterations=200),
+            rec = build_attack("ig").reconstruct(obs, budget=Budget(iterations=100),
                                                  rng=torch.Generator().manual_seed(0))
             values.append(float(psnr(rec.images, truth.images)))
         means.append(sum(values) / len(values))

@@ -32,11 +32,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def pool():
-    from giaudit.data import load_mnist5k
-
-    data = load_mnist5k(size=32)
-    return data.subset(torch.arange(0, len(data), 5))
+def pool(unseen_pool):
+    return unseen_pool
 
 
 def _observe(pool, seed: int, noise_known: bool):
@@ -87,78 +84,85 @@ def test_phases_are_shares_of_the_budget(pool):
 
 @needs_prior
 def test_gidm_beats_pixel_only_at_equal_update_evaluations(pool):
-    """Phase 1 (latent, through a 3-step DDIM sampler) + phase 2 vs pixel-only from noise, same 50 evaluations."""
+    """Phase 1 (latent, through a 2-step DDIM sampler) + phase 2 vs pixel-only from noise, both within one
+    budget of 13 update evaluations (measured: GIDM ahead by 6.9 to 10.4 dB on seeds 0-4)."""
+    budget = Budget(iterations=13)
     wins, report = 0, []
     for seed in range(3):
         obs, truth = _observe(pool, seed, noise_known=True)
-        gidm = GIDM(latent_iterations=20, pixel_iterations=30, sampler=PRIOR, sampler_steps=3)
-        pixel = GIDM(latent_iterations=0, pixel_iterations=50)
-        a = gidm.reconstruct(obs, rng=torch.Generator().manual_seed(seed))
-        b = pixel.reconstruct(obs, rng=torch.Generator().manual_seed(seed))
+        gidm = GIDM(latent_iterations=5, sampler=PRIOR, sampler_steps=2)   # the pixel phase gets the rest
+        pixel = GIDM(latent_iterations=0)
+        a = gidm.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(seed))
+        b = pixel.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(seed))
         pa, pb = float(psnr(a.images, truth.images)[0]), float(psnr(b.images, truth.images)[0])
         ph = a.trace.extra["phase_losses"]
-        assert len(ph["latent"]) == 20 and len(ph["pixel"]) == 30
+        assert len(ph["latent"]) == 5 and len(ph["pixel"]) == 8 and b.trace.iterations == 13
         report.append((pa, pb))
-        wins += pa > pb
+        wins += pa > pb + 3.0
     assert wins == 3, report
 
 
 @needs_prior
 def test_gidm_plus_beats_wrong_t_and_finds_t(pool):
-    """t and eps private: GIDM+ vs pixel-only assuming a wrong t (true + 500 mod 1000) and random eps."""
+    """t and eps private: GIDM+ vs pixel-only assuming a wrong t (true + 500 mod 1000) and random eps, both
+    within 20 update evaluations (measured on seeds 0-4: GIDM+ ahead by 4.4 to 5.2 dB; the timestep mass
+    within 150 of the true t 0.66, 0.84, 0.19, 0.53, 0.35)."""
+    budget = Budget(iterations=20)
     wins, near, report = 0, 0, []
     for seed in range(3):
         obs, truth = _observe(pool, seed, noise_known=False)
         assert obs.diffusion.timesteps is None
         t_true = truth.meta[0]["diffusion_t"]
-        plus = GIDMPlus(latent_iterations=25, pixel_iterations=35, sampler=PRIOR, sampler_steps=3, t_grid=10)
-        naive = GIDM(latent_iterations=0, pixel_iterations=60, assume_t=(t_true + 500) % 1000)
-        a = plus.reconstruct(obs, rng=torch.Generator().manual_seed(seed))
-        b = naive.reconstruct(obs, rng=torch.Generator().manual_seed(seed))
+        plus = GIDMPlus(latent_iterations=8, sampler=PRIOR, sampler_steps=2, t_grid=10)
+        naive = GIDM(latent_iterations=0, assume_t=(t_true + 500) % 1000)
+        a = plus.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(seed))
+        b = naive.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(seed))
         pa, pb = float(psnr(a.images, truth.images)[0]), float(psnr(b.images, truth.images)[0])
         probs = torch.tensor(a.trace.extra["t_probs"][0])
         grid = torch.tensor(a.trace.extra["t_grid"])
         mass_near = float(probs[(grid - t_true).abs() <= 150].sum())
         report.append((t_true, a.trace.extra["t_estimate"][0], round(mass_near, 2), round(pa, 1), round(pb, 1)))
-        wins += pa > pb
+        wins += pa > pb + 2.0
         near += mass_near > 0.5
     assert wins == 3, report
     assert near >= 2, report
 
 
 @needs_prior
-def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote():
-    """Parity task, 20 users each holding 16 images of one digit: the representative image's digit (by a
-    classifier trained on other held-out digits) is right clearly above chance (1/5 within a parity class)
-    and more often than the majority vote of IG's 16 reconstructions on the same batches."""
+def test_diffula_reads_the_users_digit_better_than_chance_and_ig_vote(mnist32):
+    """Parity task, 10 users (one per digit) each holding 8 images of their digit: the representative image's
+    digit, read by the shipped digit classifier (trained on mnist5k digits outside the audit pool), is right
+    clearly above chance (1/5 within a parity class) and more often than the majority vote of IG's 8
+    reconstructions on the same batches, at the same 30 iterations (measured: DiffULA 8/10 on these users and
+    9/10 on the next ten, IG 1/10 on each)."""
     from giaudit.attacks.diffula import DiffULA
     from giaudit.attacks.ig import InvertingGradients
-    from giaudit.data import digit_user, load_mnist5k
-    from giaudit.priors.quality import digit_classifier
+    from giaudit.data import digit_user
+    from giaudit.demo import shipped_digit_classifier
+    from giaudit.metrics.attributes import AttributeClassifier
     from giaudit.scenario.client import Scenario
     from giaudit.scenario.models import build_model
 
-    data = load_mnist5k(size=32)
-    pool_idx = torch.arange(0, len(data), 5)          # never seen by the prior
-    clf_idx, user_idx = pool_idx[(pool_idx // 5) % 2 == 0], pool_idx[(pool_idx // 5) % 2 == 1]
-    clf = digit_classifier(data.images[clf_idx], data.labels[clf_idx], steps=300)
-    diffula = DiffULA(prior=PRIOR, t_min=300, denoise_steps=10)
+    data = mnist32
+    pool_idx = torch.arange(0, len(data), 5)          # never seen by the prior nor by the classifier
+    user_idx = pool_idx[(pool_idx // 5) % 2 == 1]
+    clf = AttributeClassifier.load(shipped_digit_classifier())
+    diffula = DiffULA(prior=PRIOR, t_min=300, denoise_steps=10, lr=0.1)
     ig = InvertingGradients()
-    users, hits, hits_ig = 20, 0, 0
+    users, hits, hits_ig = 10, 0, 0
     for u in range(users):
         digit = u % 10
         g = torch.Generator().manual_seed(u)
-        user = digit_user(data, user_idx, digit, 16, g)
+        user = digit_user(data, user_idx, digit, 8, g)
         model = build_model("lenet_relu", channels=1, num_classes=2, size=32,
                             generator=torch.Generator().manual_seed(1000 + u))
-        obs, truth = Scenario(model, user, ClientProtocol(), 16, threat_model(surrogate_data=True)).simulate(
+        obs, truth = Scenario(model, user, ClientProtocol(), 8, threat_model(surrogate_data=True)).simulate(
             generator=g)
-        r = diffula.reconstruct(obs, budget=Budget(iterations=60), rng=torch.Generator().manual_seed(u))
+        r = diffula.reconstruct(obs, budget=Budget(iterations=30), rng=torch.Generator().manual_seed(u))
         assert r.trace.extra["user_level"] and torch.equal(r.images[0], r.images[-1])
-        ri = ig.reconstruct(obs, budget=Budget(iterations=60), rng=torch.Generator().manual_seed(u))
-        with torch.no_grad():
-            hits += int(clf(r.images[:1]).argmax()) == digit
-            hits_ig += int(torch.bincount(clf(ri.images).argmax(1), minlength=10).argmax()) == digit
+        ri = ig.reconstruct(obs, budget=Budget(iterations=30), rng=torch.Generator().manual_seed(u))
+        hits += int(clf.predict(r.images[:1])[0]) == digit
+        hits_ig += int(torch.bincount(torch.as_tensor(clf.predict(ri.images)), minlength=10).argmax()) == digit
     print(f"DiffULA {hits}/{users} users' digit right, IG majority vote {hits_ig}/{users}")
     assert hits / users >= 0.4, (hits, hits_ig)
     assert hits > hits_ig, (hits, hits_ig)

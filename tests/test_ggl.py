@@ -91,7 +91,9 @@ def test_ggl_beats_ig_under_defenses(prior_scenario, quality, defense: dict) -> 
     chain = build_chain([defense])
     sc = prior_scenario(1)
     cs = [sc.simulate(chain, generator=torch.Generator().manual_seed(1000 + i)) for i in range(3)]
+    # 20 generations x 50 candidates (measured, IG vs GGL: noise 11.7 / 0.45 vs 13.2 / 0.37, sparsify 10.0 / 0.20
+    # vs 12.8 / 0.28; 50 generations added 0.3 dB)
     ig = quality(InvertingGradients(), cs, 200)
-    ggl = quality(GGL(prior="mnist32", optimizer="cma"), cs, 50)  # 50 generations x 50 candidates
+    ggl = quality(GGL(prior="mnist32", optimizer="cma"), cs, 20)
     print(f"{defense['name']}: IG {ig[0]:.2f} dB / {ig[1]:.3f}, GGL {ggl[0]:.2f} dB / {ggl[1]:.3f}")
     assert ggl[0] > ig[0] or ggl[1] > ig[1]

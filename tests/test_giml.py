@@ -18,17 +18,18 @@ def test_giml_beats_gias_with_an_untrained_generator(prior_scenario, quality) ->
     sc = prior_scenario(1, surrogate=False)  # GIML needs no surrogate data
     others = [sc.simulate(generator=torch.Generator().manual_seed(2000 + i))[0] for i in range(12)]
     targets = [sc.simulate(generator=torch.Generator().manual_seed(3000 + i)) for i in range(3)]
-    giml = GIML(meta_steps=15, inner_z_steps=15, tasks_per_step=3)
+    # Measured: meta loss 0.63 -> 0.51 over 10 steps; GIML 11.3 dB / 0.10 vs untrained GIAS 6.6 dB / 0.007.
+    giml = GIML(meta_steps=10, inner_z_steps=10, tasks_per_step=3)
     assert giml.meta_observations > 0
     giml.observe_many(others)
-    assert len(giml.meta_losses) == 15
+    assert len(giml.meta_losses) == 10
     # The attack's own figure of merit falls as meta-learning proceeds.
     assert sum(giml.meta_losses[-3:]) < sum(giml.meta_losses[:3])
     same = GIAS(prior=untrained_prior(GeneratorConfig(latent_dim=giml.latent_dim, width=giml.width)))
-    learned = quality(giml, targets, 100)
+    learned = quality(giml, targets, 50)
     sc_d = prior_scenario(1)  # the untrained-GIAS control runs under class D (GIAS's requirement), same batches
     control = [sc_d.simulate(generator=torch.Generator().manual_seed(3000 + i)) for i in range(3)]
-    untrained = quality(same, control, 100)
+    untrained = quality(same, control, 50)
     print(f"GIML {learned[0]:.2f} dB / {learned[1]:.3f}, untrained GIAS {untrained[0]:.2f} dB / {untrained[1]:.3f}")
     assert learned[0] > untrained[0] and learned[1] > untrained[1]
     r = giml.reconstruct(targets[0][0], budget=Budget(iterations=4))

@@ -1,4 +1,4 @@
-"""Successive halving of restarts (issue 12): the cut follows the attack's own loss, and processes do not matter.
+"""Successive halving of restarts: the cut follows the attack's own loss, and processes do not matter.
 
 No ground truth is involved: a restart's rank is the lowest matching loss it
 has reached, which the attack computes from the observation alone.
@@ -12,16 +12,13 @@ import torch
 
 from giaudit.attacks import Budget, build_attack
 from giaudit.errors import ThreatModelError
-from giaudit.scenario import Scenario, build_model
 from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol
 
 
 @pytest.fixture(scope="module")
-def obs(mnist32):
-    g = torch.Generator().manual_seed(5)
-    m = build_model("lenet_relu", channels=1, num_classes=10, size=32, generator=g)
-    return Scenario(m, mnist32, ClientProtocol(), 2, threat_model()).simulate(generator=g)[0]
+def obs(observe):
+    return observe(2, seed=5)[0]
 
 
 def _halved(obs, workers):
@@ -74,11 +71,9 @@ def test_attack_without_pausable_restarts_says_so(obs):
         attack.reconstruct(obs, budget=Budget(iterations=3, restarts=2, halving=1, workers=1))
 
 
-def test_gias_restarts_halve_through_both_phases(mnist32):
+def test_gias_restarts_halve_through_both_phases(observe):
     """The prior attacks share the descent loop, so they halve too: the winner equals its restart run alone."""
-    g = torch.Generator().manual_seed(5)
-    m = build_model("lenet_relu", channels=1, num_classes=10, size=32, generator=g)
-    obs = Scenario(m, mnist32, ClientProtocol(), 1, threat_model(surrogate_data=True)).simulate(generator=g)[0]
+    obs = observe(1, seed=5, surrogate_data=True)[0]
     attack = build_attack("gias", prior="mnist32")
     assert attack.pausable()
     budget = Budget(iterations=24, restarts=3, halving=4, workers=1)

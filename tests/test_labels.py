@@ -1,4 +1,4 @@
-"""Label recovery: iDLG at batch 1, the row rule for distinct labels, counts for repeats (issue 2)."""
+"""Label recovery: iDLG at batch 1, the row rule for distinct labels, counts for repeats."""
 from __future__ import annotations
 
 import torch
@@ -6,8 +6,6 @@ import torch
 from giaudit.attacks.labels import recover_labels
 from giaudit.defenses.base import ClientStep, Defense
 from giaudit.metrics.evaluate import label_accuracy
-from giaudit.scenario import Scenario, build_model
-from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol
 
 
@@ -26,34 +24,28 @@ class _Distinct(Defense):
         return step.with_(sampler=sampler)
 
 
-def _observe(mnist32, seed, batch_size, model="lenet_relu", defense=None, protocol=ClientProtocol()):
-    g = torch.Generator().manual_seed(seed)
-    m = build_model(model, channels=1, num_classes=10, size=32, generator=g)
-    return Scenario(m, mnist32, protocol, batch_size, threat_model()).simulate(defense, generator=g)
-
-
-def test_idlg_is_exact_on_50_single_images(mnist32):
+def test_idlg_is_exact_on_50_single_images(observe):
     hits = 0
     for seed in range(50):
-        obs, truth = _observe(mnist32, seed, 1, model=("lenet", "lenet_relu", "convnet")[seed % 3])
+        obs, truth = observe(1, seed=seed, model=("lenet", "lenet_relu", "convnet")[seed % 3])
         labels, source = recover_labels(obs)
         assert source == "idlg"
         hits += int(labels.item() == truth.labels.item())
     assert hits == 50
 
 
-def test_row_rule_is_exact_on_distinct_labels_batch_8(mnist32):
+def test_row_rule_is_exact_on_distinct_labels_batch_8(observe):
     for seed in range(10):
-        obs, truth = _observe(mnist32, seed, 8, defense=_Distinct())
+        obs, truth = observe(8, seed=seed, defense=_Distinct())
         assert truth.labels.unique().numel() == 8
         labels, _ = recover_labels(obs, "yin")
         assert label_accuracy(labels, truth.labels) == 1.0
 
 
-def test_count_rule_handles_repeated_labels(mnist32):
+def test_count_rule_handles_repeated_labels(observe):
     accs = []
     for seed in range(10):
-        obs, truth = _observe(mnist32, seed, 16)
+        obs, truth = observe(16, seed=seed)
         labels, source = recover_labels(obs, "auto")
         assert source == "count" and labels.numel() == 16
         accs.append(label_accuracy(labels, truth.labels))
@@ -61,8 +53,8 @@ def test_count_rule_handles_repeated_labels(mnist32):
     assert sum(accs) / len(accs) >= 0.9, accs
 
 
-def test_labels_from_fedavg_delta(mnist32):
-    obs, truth = _observe(mnist32, 0, 1, protocol=ClientProtocol("fedavg", 2, 0.05))
+def test_labels_from_fedavg_delta(observe):
+    obs, truth = observe(1, protocol=ClientProtocol("fedavg", 2, 0.05))
     labels, _ = recover_labels(obs)
     assert labels.item() == truth.labels.item()
 

@@ -168,8 +168,8 @@ class DiffULA(Attack):
                     progress: Progress | None) -> RestartResult:
         prior = self.prior
         if (prior.config.channels, prior.config.size, prior.config.size) != obs.data_spec.shape:
-            raise ConfigError(f"attack.prior: {prior.name} makes {prior.config.channels}x{prior.config.size}px "
-                              f"images, the data are {obs.data_spec.shape}")
+            raise ConfigError(f"attacks.{self.name}.prior: {prior.name} makes {prior.config.channels}x"
+                              f"{prior.config.size}px images, the data are {obs.data_spec.shape}")
         n = labels.numel()
         b = self.augmentations or n
         aug_labels = labels if b == n else labels[torch.arange(b) % n]

@@ -144,7 +144,7 @@ class GIDM(Attack):
             return info.timesteps, info.noise, "known (server fixed them)"
         if self.assume_t is None:
             raise ThreatModelError(f"attack {self.name!r} needs the client's t and eps: set threat.diffusion_noise = "
-                                   "true (the server fixes them), set attack.assume_t, or use gidm_plus")
+                                   f"true (the server fixes them), set attacks.{self.name}.assume_t, or use gidm_plus")
         t = torch.full((n,), min(self.assume_t, info.num_train_timesteps - 1), dtype=torch.long)
         eps = torch.randn((n, *obs.data_spec.shape), generator=generator)
         return t, eps, f"assumed t={int(t[0])}, random eps"
