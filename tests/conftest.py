@@ -114,3 +114,13 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (face data lives in ../shared/data beside the repo, for development and CI)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: on a shared 2-core machine two threads made a tiny UNet update 50x
+    slower (7 s vs 0.1 s); the thread count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ from giaudit.types import ClientProtocol
 FEDAVG = ClientProtocol("fedavg", local_steps=2, local_lr=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ PRIOR = "mnist32_ddpm"
 needs_prior = pytest.mark.skipif(PRIOR not in shipped_ddpm_priors(), reason="shipped DDPM prior missing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

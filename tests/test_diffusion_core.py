@@ -27,13 +27,7 @@ from giaudit.threat import threat_model
 from giaudit.types import ClientProtocol, DataSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two threads on a shared 2-core machine made a tiny UNet update 50x slower (7 s vs 0.1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = DDPMConfig(size=16, channels=1, block_out_channels=(8, 16), norm_num_groups=4)
