@@ -104,7 +104,6 @@ def test_bn_prior_statistics_match_the_clients_at_the_truth(mnist32):
     """The attack's BN recorder, run on the true batch, reproduces the statistics the client reported;
     and IG with the BN prior (class E) runs and says so in the record's threat summary."""
     from giaudit.fl import BNStatsRecorder
-    from giaudit.orchestration.record import threat_summary
 
     g = torch.Generator().manual_seed(0)
     m = build_model("convnet", channels=1, num_classes=10, size=32, width=4, generator=g)
@@ -119,4 +118,4 @@ def test_bn_prior_statistics_match_the_clients_at_the_truth(mnist32):
     attack = build_attack("ig", bn_weight=1e-2)
     out = attack.reconstruct(obs, budget=Budget(iterations=5), rng=g)
     assert out.trace.iterations == 5
-    assert threat_summary(obs.threat, attack, out.label_source, obs)["sok_class"] == "E"
+    assert attack.threat_record(obs, out.label_source)["sok_class"] == "E"

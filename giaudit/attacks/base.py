@@ -17,7 +17,7 @@ options (validated by the registry while the config is parsed) and `params()` re
 is the name reports print (default: the registered name). Explicit hooks replace special cases in the
 orchestrator: `capabilities_used(obs)` (what this configuration actually used, for the report's threat
 model), `prepare(others)` with `others_wanted()` (other clients' observations, e.g. GIML's meta-learning),
-and `before_restarts(obs)`.
+and `before_restarts(obs, budget)`.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class Attack(Configurable):
         super().__init_subclass__(**kwargs)
         if "reconstruct" in vars(cls):
             raise TypeError(f"{cls.__qualname__} overrides Attack.reconstruct, which is final: put per-run "
-                            "setup in before_restarts(obs) and the optimisation in run_restart or descend")
+                            "setup in before_restarts(obs, budget) and the optimisation in run_restart or descend")
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False) -> None:
         check_choice("labels", labels, LABEL_METHODS)
@@ -178,10 +178,10 @@ class Attack(Configurable):
     def prepare(self, others: Sequence[Observation]) -> None:
         """Learn from other clients' observations before attacking (GIML's meta-learning); default: nothing."""
 
-    def before_restarts(self, obs: Observation) -> None:
-        """Per-target setup, called by `reconstruct` once after the threat check and before labels, seeds
-        and restarts, with the attacker's own copy of the observation (GIML meta-learns from the target here
-        when `prepare` gave it no other observations). Not timed in `Trace.wall_s`; default: nothing."""
+    def before_restarts(self, obs: Observation, budget: Budget) -> None:
+        """Per-target setup within `budget`, called by `reconstruct` once after the threat check and before
+        labels, seeds and restarts, with the attacker's own copy of the observation (GIML meta-learns here).
+        Not timed in `Trace.wall_s`; default: nothing."""
 
     def labels_for(self, obs: Observation, generator: torch.Generator) -> tuple[Tensor, str]:
         """The labels the attack uses and where they came from (attacks on unlabelled models override)."""
@@ -222,7 +222,7 @@ class Attack(Configurable):
         # The attacker works on its own copy: BN layers in train mode move their
         # running statistics on every forward.
         obs_local = dataclasses.replace(obs, model=copy.deepcopy(obs.model))
-        self.before_restarts(obs_local)
+        self.before_restarts(obs_local, budget)
         gen = rng if rng is not None else torch.Generator().manual_seed(0)
         start = time.perf_counter()
         labels, source = self.labels_for(obs, gen)

@@ -21,7 +21,8 @@ passes them to `prepare`, which calls `observe_many(list_of_observations)`
 (callable directly too) before `reconstruct`. They are updates of other client
 batches (never ground truth). Without them, `reconstruct` meta-learns from
 each target update alone (in `before_restarts`) and says so in the trace
-(`meta_source`).
+(`meta_source`). The meta-learning runs within the attack's budget: meta
+steps, latent steps and theta steps are each at most `Budget.iterations`.
 
 What the report can show: `Trace.extra["meta_losses"]` is the mean matching
 loss of the sampled tasks after their latent search, per meta step (computed by
@@ -89,6 +90,8 @@ class GIML(GIAS):
         self.snapshot_every = snapshot_every
         self._learned: Prior | None = None
         self._from_target = False  # the learned prior came from a reconstruct's target, not from others
+        self._others: tuple[Observation, ...] = ()  # other clients' observations kept by `prepare`
+        self._learned_for: Any = None  # what the learned prior was learned for: "observe_many", "target", ...
         self.meta_losses: list[float] = []
         self.meta_source = "none"
         self.meta_wall_s = 0.0
@@ -98,8 +101,11 @@ class GIML(GIAS):
         return self.meta_observations
 
     def prepare(self, others: Sequence[Observation]) -> None:
-        if others:
-            self.observe_many(others)
+        """Keep the other clients' observations; `reconstruct` meta-learns from them within its budget."""
+        for o in others:
+            check(self.name, self.requires, o.threat)
+        self._others = tuple(others)
+        self._learned_for = None
 
     @property
     def prior(self) -> Prior:
@@ -116,20 +122,30 @@ class GIML(GIAS):
         return gen.eval()
 
     def observe_many(self, observations: Sequence[Observation], *, rng: torch.Generator | None = None,
-                     on_step: Callable[[int, Prior], None] | None = None) -> Prior:
-        """Meta-learn the generator from other clients' observed updates; returns the learned prior."""
+                     on_step: Callable[[int, Prior], None] | None = None, budget: Budget | None = None) -> Prior:
+        """Meta-learn the generator from other clients' observed updates now (within `budget`'s iterations when
+        given, see `steps_within`); returns the learned prior, which every later `reconstruct` uses."""
         if not observations:
             raise ConfigError(f"attacks.{self.name}: observe_many needs at least one observation")
         for o in observations:
             check(self.name, self.requires, o.threat)
         learned = self._meta_learn(observations, rng if rng is not None else torch.Generator().manual_seed(self.seed),
-                                   on_step)
-        self._from_target = False
+                                   on_step, self.steps_within(budget))
+        self._from_target, self._others, self._learned_for = False, (), "observe_many"
         return learned
 
+    def steps_within(self, budget: Budget | None) -> tuple[int, int, int]:
+        """(meta steps, latent steps, theta steps) of the meta-learning: the options, each at most the budget's
+        iterations, so a tiny budget is tiny in the meta-learning too (at the default 1000 nothing changes)."""
+        def cap(v: int) -> int:
+            return v if budget is None else min(v, budget.iterations)
+
+        return cap(self.meta_steps), cap(self.inner_z_steps), cap(self.inner_theta_steps)
+
     def _meta_learn(self, observations: Sequence[Observation], gen_rng: torch.Generator,
-                    on_step: Callable[[int, Prior], None] | None) -> Prior:
+                    on_step: Callable[[int, Prior], None] | None, steps: tuple[int, int, int]) -> Prior:
         """Reptile on the generator (see the module docstring); the threat model was checked by the caller."""
+        meta_steps, inner_z_steps, inner_theta_steps = steps
         start = time.perf_counter()
         device = device_of(observations[0])
         gen = self._initial_generator(observations[0]).to(device)
@@ -142,16 +158,16 @@ class GIML(GIAS):
             z = torch.randn((o.batch_size or labels.numel(), gen.config.latent_dim), generator=gen_rng).to(device)
             tasks.append((o, labels, z))
         self.meta_losses, self.snapshots = [], {}
-        quiet = Budget(iterations=self.inner_z_steps)
+        quiet = Budget(iterations=inner_z_steps)
         names = [n for n, _ in gen.named_parameters()]
         buffers = dict(gen.named_buffers())
-        for step in range(1, self.meta_steps + 1):
+        for step in range(1, meta_steps + 1):
             k = min(self.tasks_per_step, len(tasks))
             chosen = [int(i) for i in torch.randperm(len(tasks), generator=gen_rng)[:k]]
             task_losses = []
             for i in chosen:
                 o, labels, z = tasks[i]
-                z, loss, _ = self.latent_search(o, labels, gen, z, self.inner_z_steps, quiet, None, [],
+                z, loss, _ = self.latent_search(o, labels, gen, z, inner_z_steps, quiet, None, [],
                                                 z_l2=self.meta_z_l2)
                 tasks[i] = (o, labels, z)
                 task_losses.append(loss)
@@ -160,7 +176,7 @@ class GIML(GIAS):
             # Reptile: a few steps on one copy theta' for the summed loss, then theta += eps (theta' - theta).
             adapted = [p.detach().clone().requires_grad_(True) for p in theta]
             opt = torch.optim.Adam(adapted, lr=self.meta_theta_lr)
-            for _ in range(self.inner_theta_steps):
+            for _ in range(inner_theta_steps):
                 total = torch.zeros((), device=device)
                 for o, labels, z in picked:
                     x = torch.func.functional_call(gen, {**dict(zip(names, adapted)), **buffers}, (z,))
@@ -179,7 +195,7 @@ class GIML(GIAS):
                 if on_step is not None:
                     on_step(step, snap)
         self.meta_wall_s = time.perf_counter() - start
-        self._learned = Prior(frozen_copy(gen), self._training(self.meta_steps, len(observations)),
+        self._learned = Prior(frozen_copy(gen), self._training(meta_steps, len(observations)),
                               name="giml")
         self.meta_source = f"{len(observations)} observed updates"
         return self._learned
@@ -189,16 +205,25 @@ class GIML(GIAS):
                 "loss": "giml-reptile", "seed": self.seed}
 
     # -- attack --------------------------------------------------------------------------------
-    def before_restarts(self, obs: Observation) -> None:
-        """Without other observations (`prepare` / `observe_many` not called), meta-learn from this target.
+    def before_restarts(self, obs: Observation, budget: Budget) -> None:
+        """Meta-learn before the restarts, within `budget` (`steps_within`): from the other clients'
+        observations `prepare` kept (once for all the targets of a cell), else from this target alone.
 
         A prior learned from a target serves that target only: the next `reconstruct` learns again from its
         own target (same seed, same target: the same prior), so no record claims a prior learned elsewhere.
+        A prior `observe_many` learned is used as it is.
         """
-        if self._learned is None or self._from_target:
-            self._meta_learn([obs], torch.Generator().manual_seed(self.seed), None)
-            self.meta_source = "the target update only (observe_many was not called)"
-            self._from_target = True
+        steps = self.steps_within(budget)
+        if self._learned_for == "observe_many" and self._learned is not None:
+            return
+        if self._others:
+            if self._learned_for != ("others", steps):
+                self._meta_learn(self._others, torch.Generator().manual_seed(self.seed), None, steps)
+                self._learned_for, self._from_target = ("others", steps), False
+            return
+        self._meta_learn([obs], torch.Generator().manual_seed(self.seed), None, steps)
+        self.meta_source = "the target update only (observe_many was not called)"
+        self._from_target, self._learned_for = True, "target"
 
     def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         r = yield from super().descend(obs, labels, budget, generator)
