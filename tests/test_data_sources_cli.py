@@ -84,7 +84,8 @@ def _modules() -> list[str]:
 # without paying torch's start-up once per module (86 fresh interpreters took 6 minutes of the suite).
 _FORK_IMPORTS = r"""
 import importlib, json, os, sys
-import torch  # noqa: F401  (third-party, as in any run; giaudit's own modules are what is tested)
+# Third-party packages giaudit imports at module level, loaded once here: giaudit's own modules are what is tested.
+import jinja2, markupsafe, numpy, pandas, safetensors.torch, scipy.optimize, torch, tqdm.auto  # noqa: E401,F401
 assert not [m for m in sys.modules if m.split(".")[0] == "giaudit"], "giaudit loaded before the fork"
 failures, running = {}, {}
 width = max(1, len(os.sched_getaffinity(0)))  # one child per core at a time
