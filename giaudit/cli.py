@@ -102,9 +102,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
-    out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
-                      attacks=attacks, seeds=args.seeds, out_dir=Path(args.out), show_progress=not args.no_progress,
-                      clients_per_seed=args.clients_per_seed, engine=_engine(args))
+    try:
+        out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
+                          attacks=attacks, seeds=args.seeds, out_dir=Path(args.out),
+                          show_progress=not args.no_progress, clients_per_seed=args.clients_per_seed,
+                          engine=_engine(args))
+    except ParamError as exc:  # run_compare names its parameter; here it is the flag of the same name
+        if exc.field not in ("attacks", "seeds", "clients_per_seed"):
+            raise
+        raise ConfigError(f"--{exc.field.replace('_', '-')}: {exc.message}") from None
     print(f"comparison report: {out}")
     return 0
 

@@ -42,7 +42,7 @@ from giaudit.attacks import ATTACKS
 from giaudit.config import AuditSpec, demo_config_path, load_config
 from giaudit.defenses import load_defense_file
 from giaudit.engine import Engine, LocalEngine
-from giaudit.errors import ConfigError
+from giaudit.errors import ConfigError, ParamError
 from giaudit.orchestration import run_audit
 from giaudit.report.compare import render_compare
 from giaudit.results import AuditRecord
@@ -73,7 +73,7 @@ def _select_attacks(spec: AuditSpec, attacks: Sequence[str] | None) -> dict[str,
         elif name in ATTACKS:
             out[name] = {}  # the attack's defaults
         else:
-            raise ConfigError(f"--attacks: unknown attack {name!r}; known: {', '.join(ATTACKS.names())}")
+            raise ParamError("attacks", f"unknown attack {name!r}; known: {', '.join(ATTACKS.names())}")
     return out
 
 
@@ -95,9 +95,9 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
     if seeds < 1:
-        raise ConfigError("--seeds: must be >= 1")
+        raise ParamError("seeds", "must be >= 1")
     if clients_per_seed < 1:
-        raise ConfigError("--clients-per-seed: must be >= 1")
+        raise ParamError("clients_per_seed", "must be >= 1")
     presets = [load_defense_file(f) for f in defense_files]  # every preset is validated before anything runs
     labels = [label for label, _ in presets]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})

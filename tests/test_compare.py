@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from giaudit.cli import main
 from giaudit.compare import run_compare
 from giaudit.config import load_config
 from giaudit.errors import ConfigError
@@ -146,16 +147,22 @@ def test_utility_baseline_stops_at_the_target_and_is_cached(tmp_path, base, monk
     assert same["accuracy"] == first["accuracy"]  # aggregation-only: training is unchanged
 
 
-def test_compare_bad_input(tmp_path, base):
+def test_compare_bad_input(tmp_path, base, capsys):
     none = REPO / "defenses" / "none.toml"
-    with pytest.raises(ConfigError, match="--attacks: unknown attack 'gan'"):
+    with pytest.raises(ConfigError, match="^attacks: unknown attack 'gan'"):
         run_compare([none], base_config=base, attacks=["gan"], seeds=1, out_dir=tmp_path)
     with pytest.raises(ConfigError, match="used by two presets"):
         run_compare([none, none], base_config=base, seeds=1, out_dir=tmp_path)
     with pytest.raises(ConfigError, match="preset not found"):
         run_compare([tmp_path / "missing.toml"], base_config=base, seeds=1, out_dir=tmp_path)
-    with pytest.raises(ConfigError, match="--seeds"):
+    with pytest.raises(ConfigError, match="^seeds: must be >= 1"):
         run_compare([none], base_config=base, seeds=0, out_dir=tmp_path)
+    # The CLI names its own flags for the same parameters, and writes nothing.
+    assert main(["compare", str(none), "--config", str(base), "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--seeds: must be >= 1" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["compare", str(none), "--config", str(base), "--clients-per-seed", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--clients-per-seed: must be >= 1" in capsys.readouterr().err
 
 
 def test_mean_ci():

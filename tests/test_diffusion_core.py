@@ -139,9 +139,9 @@ def test_ddpm_training_is_seeded_and_resumes_from_a_saved_prior(tmp_path):
     assert c.training["steps"] == 5 and c.training["resumed_from"]["steps"] == 3
     assert c.training["resumed_from"]["name"] == "a" and c.config == a.config
     assert not all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), c.unet.state_dict().values()))
-    with pytest.raises(DataError, match="--size"):
+    with pytest.raises(DataError, match="size / channels"):
         train_main("digits", tmp_path / "d.safetensors", **{**kw, "size": 32}, resume=tmp_path / "a.safetensors")
-    with pytest.raises(ParamError, match="--resume.*nowhere"):
+    with pytest.raises(ParamError, match="resume.*nowhere"):
         train_main("digits", tmp_path / "e.safetensors", **kw, resume=tmp_path / "nowhere.safetensors")
 
 

@@ -352,12 +352,12 @@ def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int 
         raise ConfigError("prior.steps must be >= 1 and prior.batch_size >= 2")
     if images.ndim != 4 or tuple(images.shape[1:]) != (config.channels, config.size, config.size):
         raise DataError(f"prior training images have shape {tuple(images.shape[1:])}, the UNet makes "
-                        f"{(config.channels, config.size, config.size)}; set --size/--channels to match")
+                        f"{(config.channels, config.size, config.size)}; set size / channels to match")
     torch.set_flush_denormal(True)
     done = 0
     if resume is not None:
         if resume.config != config:
-            raise DataError(f"--resume {resume.name}: its UNet config {resume.config.to_dict()} differs from this "
+            raise DataError(f"resume {resume.name}: its UNet config {resume.config.to_dict()} differs from this "
                             f"run's {config.to_dict()}; resume on images of the same size and channels")
         done = int(resume.training.get("steps", 0))
     rng = torch.Generator().manual_seed(seed if not done else seed * 1_000_003 + done)
@@ -436,7 +436,7 @@ def train_main(data: str, out: Path, *, steps: int = 100_000, minutes: float | N
     architecture is kept (`width` is ignored) and `out` may be the same path (checkpoints are atomic).
     """
     out = Path(out)
-    earlier = load_ddpm(resume, where="--resume") if resume is not None else None
+    earlier = load_ddpm(resume, where="resume") if resume is not None else None
     with _threads(threads):
         images = training_images(data, size, channels, limit, holdout_mod, batch_size)
         config = earlier.config if earlier is not None else DDPMConfig(
