@@ -52,7 +52,9 @@ Evaluate = Callable[[Tensor, Tensor, int], tuple[float, dict[int, Tensor]]]
 
 def diffusion_info(obs: Observation, attack: str) -> DiffusionInfo:
     if obs.diffusion is None:
-        raise ConfigError(f"attack {attack!r} inverts a federated diffusion model: set scenario.model = 'ddpm_unet'")
+        raise ConfigError(f"attacks.{attack}: {attack} inverts a federated diffusion model, and this observation "
+                          "holds none (its noise schedule is missing): in a config set scenario.model = "
+                          "'ddpm_unet'; on your own update use an attack for classifiers (e.g. ig)")
     return obs.diffusion
 
 
