@@ -26,7 +26,7 @@ import pandas as pd
 from giaudit.config import AuditSpec, load_config, parse_config
 from giaudit.engine import Engine
 from giaudit.errors import ConfigError
-from giaudit.orchestration.run import compute_records, run_and_render, verdict_of
+from giaudit.orchestration.run import compute_records, policy_of, run_and_render, verdict_of
 from giaudit.policy import Verdict
 from giaudit.results import AuditRecord, results_frame
 
@@ -65,8 +65,9 @@ def audit(config: AuditSpec | str | os.PathLike[str] | Mapping[str, Any], *, out
         run = run_and_render(spec, Path(out), show_progress=show_progress, engine=engine)
         records = tuple(run.store.records)
         return AuditResult(records, results_frame(records), run.verdict, Path(out))
+    policy = policy_of(spec)  # a bad policy fails before any cell is computed
     records = tuple(compute_records(spec, show_progress=show_progress, engine=engine))
-    return AuditResult(records, results_frame(records), verdict_of(spec, records), None)
+    return AuditResult(records, results_frame(records), verdict_of(policy, records), None)
 
 
 __all__ = ["AuditResult", "audit"]

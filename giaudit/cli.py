@@ -126,6 +126,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prior_train(a: argparse.Namespace) -> int:
+    # Checked before any data is read: 0 steps must not mean "the default", nor a negative budget "untrained".
+    if a.steps is not None and a.steps < 1:
+        raise ConfigError("--steps: must be >= 1 (omit it for the default)")
+    for flag, value in (("--minutes", a.minutes), ("--checkpoint-minutes", a.checkpoint_minutes)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag}: must be > 0, got {value:g}")
     if a.kind == "ddpm":
         path = train_ddpm_main(a.data, a.out, steps=a.steps or 100_000, minutes=a.minutes, size=a.size, seed=a.seed,
                                batch_size=a.batch_size, lr=a.lr, holdout_mod=a.holdout_mod, limit=a.limit,

@@ -199,6 +199,12 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
         seeds = [seeds]
     if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
         raise ConfigError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    if any(not 0 <= s < 2**63 for s in seeds):
+        raise ConfigError(f"{source}: seeds: every seed must be an integer in [0, 2^63), got {seeds!r}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"{source}: seeds: seed {repeated[0]} is listed twice (it would run the same cells again)")
+    _check_name(source, name)
     data: DataSection = _section(source, "data", config.get("data"))
     scenario: ScenarioSection = _section(source, "scenario", config.get("scenario"))
     threat: ThreatSection = _section(source, "threat", config.get("threat"))
@@ -221,6 +227,13 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     attacks = {name_: AttackConfig(name_, _attack_table(source, name_, table)) for name_, table in attacks_in.items()}
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
                      output, source)
+
+
+def _check_name(source: str, name: str) -> None:
+    """The run's name is one folder name under the output root: not empty, no path separator, not . or .."""
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise ConfigError(f"{source}: name: {name!r} must be one folder name (no '/', '\\', '..' and not "
+                          "empty): the run is written to reports/<name>")
 
 
 def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:

@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from giaudit.aggregate import image_count, pooled
+from giaudit.attacks import ATTACKS
 from giaudit.errors import ConfigError
 from giaudit.io import read_toml
 from giaudit.metrics.registry import is_metric, is_rate, names, policy_key
@@ -220,6 +221,9 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: {top} must hold tables such as [{top}.NAME.rules]")
             for name, sub in value.items():
+                if top == "attack" and name not in ATTACKS:  # defense scopes are labels: any name may be one
+                    raise ConfigError(f"{source}: attack.{name}: unknown attack {name!r}; known: "
+                                      f"{', '.join(ATTACKS.names())}")
                 if not isinstance(sub, Mapping) or set(sub) != {"rules"}:
                     extra = sorted(set(sub) - {"rules"}) if isinstance(sub, Mapping) else []
                     bad = f"{top}.{name}.{extra[0]}" if extra else f"{top}.{name}"

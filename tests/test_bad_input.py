@@ -1,5 +1,5 @@
 """Every error a user can cause, through the real CLI: exit 2, one line, the key or file named,
-no traceback, nothing half-written (issue 8).
+no traceback, nothing half-written.
 
 Attack and defense options fail while the config is parsed, before any data is loaded; data,
 checkpoint, results and policy files fail naming the file.
@@ -229,3 +229,46 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "attacks.ig.lr: must be > 0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    (BASE.replace("seeds = [0]", "seeds = [0, 0]") + "[attacks.ig]\niterations = 2\n", "seeds: seed 0 is listed twice"),
+    (BASE.replace("seeds = [0]", "seeds = [-1]") + "[attacks.ig]\niterations = 2\n", "seeds: every seed"),
+    (BASE.replace("seeds = [0]", "seeds = [1180591620717411303424]") + "[attacks.ig]\niterations = 2\n",
+     "seeds: every seed"),
+    (BASE.replace("seeds = [0]", 'seeds = ["zero"]') + "[attacks.ig]\niterations = 2\n", "seeds: expected"),
+    (BASE.replace('name = "t"', 'name = "../../escape_dir"') + "[attacks.ig]\niterations = 2\n", "name: '../../escape"),
+    (BASE.replace('name = "t"', 'name = "a/b c"') + "[attacks.ig]\niterations = 2\n", "name: 'a/b c'"),
+    (BASE.replace('name = "t"', 'name = ""') + "[attacks.ig]\niterations = 2\n", "name: ''"),
+])
+def test_seeds_and_run_names_are_refused_before_anything_runs(tmp_path, capsys, text, named):
+    """Repeated or out-of-range seeds, and names that would put the run folder outside the output root."""
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    assert main(["audit", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("giaudit: error:") and named in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+    assert not (tmp_path.parent / "escape_dir").exists()
+
+
+def test_a_policy_scope_naming_no_attack_is_refused(tmp_path, capsys):
+    policy = tmp_path / "p.toml"
+    policy.write_text("[attack.igg.rules]\npsnr_db.max = 10\n")
+    config = tmp_path / "c.toml"
+    config.write_text(cfg().replace("lpips = false", f'lpips = false\npolicy = "{policy}"'))
+    assert main(["audit", str(config), "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "attack.igg: unknown attack 'igg'" in err and "ig" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--kind", "ddpm", "--steps", "0"], "--steps: must be >= 1"),
+    (["--kind", "ddpm", "--minutes", "-1"], "--minutes: must be > 0"),
+    (["--kind", "ddpm", "--checkpoint-minutes", "0"], "--checkpoint-minutes: must be > 0"),
+])
+def test_prior_training_refuses_zero_steps_and_negative_budgets(tmp_path, capsys, flags, named):
+    out = tmp_path / "prior"
+    assert main(["prior", "train", "--data", "digits", "--out", str(out), *flags]) == 2
+    assert named in capsys.readouterr().err and not out.exists()

@@ -33,7 +33,7 @@ from giaudit.orchestration.cell import build_defense, run_cell
 from giaudit.orchestration.checkpoints import checkpoint_task
 from giaudit.orchestration.plan import Cell, plan_cells
 from giaudit.orchestration.record import CellResult
-from giaudit.policy import Verdict, check, load_policy
+from giaudit.policy import Policy, Verdict, check, load_policy
 from giaudit.report import render
 from giaudit.results import AuditRecord, ResultsStore
 from giaudit.scenario.build import preload
@@ -112,9 +112,15 @@ def write_cell(out: Path, store: ResultsStore, result: CellResult) -> None:
     store.add(result.record)
 
 
-def verdict_of(spec: AuditSpec, records: Sequence[AuditRecord]) -> Verdict | None:
-    """The records judged by ``output.policy``; None when the config sets no policy."""
-    return check(records, load_policy(spec.output.policy)) if spec.output.policy else None
+def policy_of(spec: AuditSpec) -> Policy | None:
+    """The config's ``output.policy``, read and validated (errors name the file and key); None when unset.
+    Callers read it before computing anything, so a bad policy fails before the first cell."""
+    return load_policy(spec.output.policy) if spec.output.policy else None
+
+
+def verdict_of(policy: Policy | None, records: Sequence[AuditRecord]) -> Verdict | None:
+    """The records judged by the policy; None without one."""
+    return check(records, policy) if policy is not None else None
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,8 @@ class RenderedRun:
 def run_and_render(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
                    engine: Engine | None = None) -> RenderedRun:
     """`giaudit audit`: run (or resume) the audit into `out_dir`, judge it by the policy, write the report."""
+    policy = policy_of(spec)
     store = run_audit(spec, out_dir, show_progress=show_progress, engine=engine)
-    verdict = verdict_of(spec, store.records)
+    verdict = verdict_of(policy, store.records)
     html, md = render(store, out_dir, verdict=verdict)
     return RenderedRun(store, verdict, html, md)
