@@ -1,6 +1,7 @@
 """Shared fixtures and factories. Tests never touch the network; face data in ../shared/data is optional."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_flush_denormal(True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One xdist worker per core: each worker's torch keeps to one thread, so two workers never run four.
+    torch.set_num_threads(1)
 
 Case = tuple[Observation, GroundTruth]
 

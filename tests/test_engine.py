@@ -187,6 +187,7 @@ def ray_local():
         ray.shutdown()
 
 
+@pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (it takes both cores)
 def test_ray_sweep_gives_the_records_of_the_local_engine(tmp_path, ray_local):
     """2 defenses x 2 attacks x 2 seeds: identical ids, metrics to 1e-6; then a killed worker is retried."""
     for defense in DEFENSES:

@@ -21,6 +21,9 @@ from giaudit.orchestration import run_audit
 from giaudit.scenario.capture import CaptureScenario, load_capture, load_factory, write_capture
 from giaudit.threat import threat_model
 
+# The Flower simulations start Ray: they run on the worker that runs every other test that starts Ray.
+pytestmark = pytest.mark.xdist_group("ray")
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "examples" / "flower"
 
