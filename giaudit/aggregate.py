@@ -31,13 +31,9 @@ from typing import Any
 
 from giaudit.metrics.registry import Metric, headline, parse, summarised
 from giaudit.results import AuditRecord, disclosed_value
-from giaudit.stats import bootstrap_mean, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
+from giaudit.stats import bootstrap_mean, finite, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
 
 Utility = Mapping[str, Sequence[Mapping[str, Any]]]  # defense label -> per-seed utility results
-
-
-def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def record_round(r: AuditRecord) -> int | None:
@@ -93,9 +89,8 @@ class Pooled:
 
     mean: float
     n: int
-    values: tuple[float, ...]  # per-image values, or one value per record (then weighted by `weights`)
+    values: tuple[float, ...]  # per-image values, or one value per record (its mean weighted by images)
     unit: str                  # "images" or "records"
-    weights: tuple[int, ...] = ()
 
     def interval(self, *, rate: bool, confidence: float = 0.95) -> tuple[float, float]:
         """The Wilson interval of a rate's pooled counts, or the bootstrap interval of a mean."""
@@ -123,7 +118,7 @@ def pooled(records: Sequence[AuditRecord], key: str) -> Pooled:
     n = sum(weights)
     mean = sum(w * v for w, v in zip(weights, raw)) / n if n else math.nan
     unit = "images" if any(r.per_image for r in records) else "records"
-    return Pooled(mean, n, tuple(raw), unit, tuple(weights))
+    return Pooled(mean, n, tuple(raw), unit)
 
 
 def rate(records: Sequence[AuditRecord], key: str) -> tuple[float, float, float, int]:
@@ -278,5 +273,5 @@ def _mean(runs: Sequence[Mapping[str, Any]], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-__all__ = ["Pooled", "attribute_names", "epsilon", "finite", "group", "image_count", "image_summary",
+__all__ = ["Pooled", "attribute_names", "epsilon", "group", "image_count", "image_summary",
            "image_values", "per_image_values", "pooled", "rate", "record_round", "summarise"]

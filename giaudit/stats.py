@@ -24,9 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
+
+
+def finite(v: Any) -> TypeGuard[float]:
+    """`v` is a finite int or float (not a bool, None, NaN or infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
 
 MIN_SAMPLES = 10   # values needed before a bootstrap interval is read as a claim
 MIN_PAIRS = 5      # non-zero paired differences needed before a Wilcoxon p < 0.05 is possible (2^-5 = 0.031)

@@ -150,14 +150,6 @@ def parse(key: str) -> MetricKey | None:
     return None
 
 
-def lookup(key: str) -> MetricKey:
-    """`parse`, raising KeyError for a key no metric has."""
-    found = parse(key)
-    if found is None:
-        raise KeyError(key)
-    return found
-
-
 def is_metric(name: str) -> bool:
     """`name` is a metric's key (optionally reference_- or user_-prefixed and _mean / _worst-suffixed)."""
     return parse(name) is not None
@@ -207,5 +199,5 @@ def merge_values(key: str, values: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in values) / max(sum(n for _, n in values), 1)
 
 
-__all__ = ["METRICS", "Metric", "MetricKey", "headline", "is_metric", "is_rate", "lookup", "merge_values", "names",
+__all__ = ["METRICS", "Metric", "MetricKey", "headline", "is_metric", "is_rate", "merge_values", "names",
            "parse", "policy_key", "summarised"]

@@ -11,9 +11,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 from markupsafe import Markup
+
+from giaudit.stats import finite
 
 MISSING = "—"
 
@@ -29,8 +31,9 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def finite(v: Any) -> TypeGuard[float]:
-    return is_number(v) and math.isfinite(float(v))
+def pct(v: Any, digits: int = 0) -> str:
+    """A share as a percentage ("42 %"); missing or non-finite values to a dash."""
+    return f"{100 * v:.{digits}f} %" if finite(v) else MISSING
 
 
 def fmt_num(v: Any, digits: int = 4) -> str:

@@ -37,16 +37,17 @@ from giaudit.report.compare import privacy_utility_png
 from giaudit.report.format import (
     MISSING,
     Table,
-    finite,
     fmt_fixed,
     fmt_num,
     kv_line,
     md_escape,
     pair,
+    pct,
 )
 from giaudit.report.summary import Summary, summarise
 from giaudit.report.templating import environment
 from giaudit.results import AuditRecord, ResultsStore, load_images, load_results
+from giaudit.stats import finite
 from giaudit.types import CAPABILITIES, SOK_CLASSES
 
 # Metric columns with a fixed place in the per-record table (the summarised image metrics, then labels);
@@ -147,9 +148,7 @@ def human_metric(key: str) -> str:
 def _metric_value(key: str, v: Any) -> str:
     if v is None:
         return MISSING
-    if is_rate(key) and finite(v):
-        return f"{100 * float(v):.0f} %"
-    return fmt_num(v)
+    return pct(v) if is_rate(key) and finite(v) else fmt_num(v)
 
 
 def _extra_metric_columns(records: Sequence[AuditRecord]) -> list[tuple[str, tuple[str, ...]]]:
@@ -195,7 +194,7 @@ def _metric_table(records: Sequence[AuditRecord]) -> Table:
                 text = "unavailable (see notes)"
             images.append(text)
         acc = m.get("label_accuracy")
-        acc_s = f"{100 * float(acc):.0f} %" if acc is not None and finite(acc) else MISSING
+        acc_s = pct(acc)
         t = r.timings or {}
         total = t.get("total_s", t.get("attack_s"))
         time_s = f"{float(total):.1f} s" if total is not None and finite(total) else MISSING

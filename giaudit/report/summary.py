@@ -17,17 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from giaudit.aggregate import Utility, attribute_names, finite
+from giaudit.aggregate import Utility, attribute_names
 from giaudit.aggregate import summarise as aggregate
 from giaudit.attacks import ATTACKS
 from giaudit.metrics.registry import Metric, summarised
+from giaudit.report.format import MISSING, pct
 from giaudit.results import AuditRecord, undefended
-
-MISSING = "—"
-
-
-def pct(v: float | None, digits: int = 0) -> str:
-    return f"{100 * v:.{digits}f} %" if v is not None and finite(v) else MISSING
+from giaudit.stats import finite
 
 
 def display_name(attack: str) -> str:
