@@ -39,11 +39,22 @@ def minibatches(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def local_batches(protocol: ClientProtocol, n: int) -> list[slice | list[int]]:
+    """The FedAvg client's local steps over its `n` samples, in order: the recorded `protocol.order` when the
+    deployment recorded it (a shuffling data loader), else `local_steps` epochs of `minibatches`."""
+    if protocol.order is not None:
+        bad = [i for step in protocol.order for i in step if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"the recorded local-step order names sample {bad[0]}, but the client has {n}")
+        return [list(step) for step in protocol.order]
+    return [sl for _ in range(protocol.local_steps) for sl in minibatches(n, protocol.local_batch_size)]
+
+
 def compute_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol | None = None,
                    *, create_graph: bool = False,
                    params: Sequence[Tensor] | None = None) -> tuple[Tensor, ...]:
-    """FedSGD: gradient of the mean loss. FedAvg: w_after - w_before of `local_steps`
-    epochs of SGD over ordered mini-batches.
+    """FedSGD: gradient of the mean loss. FedAvg: w_after - w_before of SGD over the client's
+    `local_batches` (`local_steps` epochs of ordered mini-batches, or the recorded order).
 
     With `create_graph=True` the result is differentiable in `x` (and in `y`
     when soft), which is what a gradient-matching attack optimises.
@@ -55,11 +66,10 @@ def compute_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProto
         logits = functional_call(model, dict(zip(names, start)), (x,))
         return tuple(torch.autograd.grad(classification_loss(logits, y), start, create_graph=create_graph))
     current = start
-    for _ in range(protocol.local_steps):
-        for sl in minibatches(x.shape[0], protocol.local_batch_size):
-            logits = functional_call(model, dict(zip(names, current)), (x[sl],))
-            grads = torch.autograd.grad(classification_loss(logits, y[sl]), current, create_graph=create_graph)
-            current = [p - protocol.local_lr * g for p, g in zip(current, grads)]
+    for sl in local_batches(protocol, x.shape[0]):
+        logits = functional_call(model, dict(zip(names, current)), (x[sl],))
+        grads = torch.autograd.grad(classification_loss(logits, y[sl]), current, create_graph=create_graph)
+        current = [p - protocol.local_lr * g for p, g in zip(current, grads)]
     return tuple(c - s for c, s in zip(current, start))
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from giaudit.fl import minibatches
+from giaudit.fl import local_batches
 from giaudit.types import ClientProtocol
 
 
@@ -82,10 +82,9 @@ def diffusion_update(model: nn.Module, x: Tensor, t: Tensor, noise: Tensor, alph
         loss = diffusion_loss(model, x, t, noise, alphas_cumprod, weights, dict(zip(names, start)))
         return tuple(torch.autograd.grad(loss, start, create_graph=create_graph))
     current = start
-    for _ in range(protocol.local_steps):
-        for sl in minibatches(x.shape[0], protocol.local_batch_size):
-            w = weights[sl] if weights is not None else None
-            loss = diffusion_loss(model, x[sl], t[sl], noise[sl], alphas_cumprod, w, dict(zip(names, current)))
-            grads = torch.autograd.grad(loss, current, create_graph=create_graph)
-            current = [p - protocol.local_lr * g for p, g in zip(current, grads)]
+    for sl in local_batches(protocol, x.shape[0]):
+        w = weights[sl] if weights is not None else None
+        loss = diffusion_loss(model, x[sl], t[sl], noise[sl], alphas_cumprod, w, dict(zip(names, current)))
+        grads = torch.autograd.grad(loss, current, create_graph=create_graph)
+        current = [p - protocol.local_lr * g for p, g in zip(current, grads)]
     return tuple(c - s for c, s in zip(current, start))

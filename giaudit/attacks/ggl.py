@@ -51,7 +51,7 @@ from torch.func import functional_call, grad, vmap
 from giaudit.attacks._common.optimise import adam_descent
 from giaudit.attacks.base import ATTACKS, Budget, Plateau, Progress, RestartResult
 from giaudit.attacks.gias import PriorAttack
-from giaudit.fl import classification_loss, minibatches
+from giaudit.fl import classification_loss, local_batches
 from giaudit.priors.generator import Generator
 from giaudit.registry import check_choice, check_number
 from giaudit.replay import IDENTITY, Replay, replay_for
@@ -92,10 +92,9 @@ def functional_update_fn(model: nn.Module, protocol: ClientProtocol) -> Callable
             out = g(params, x, y)
             return tuple(out[n] for n in names)
         current = dict(params)
-        for _ in range(protocol.local_steps):
-            for sl in minibatches(x.shape[0], protocol.local_batch_size):
-                step = g(current, x[sl], y[sl])
-                current = {n: current[n] - protocol.local_lr * step[n] for n in names}
+        for sl in local_batches(protocol, x.shape[0]):
+            step = g(current, x[sl], y[sl])
+            current = {n: current[n] - protocol.local_lr * step[n] for n in names}
         return tuple(current[n] - params[n] for n in names)
 
     return update

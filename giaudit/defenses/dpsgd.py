@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from giaudit.defenses.base import ClientStep
 from giaudit.defenses.registry import RegisteredDefense, RngTap, register
 from giaudit.errors import ConfigError, ParamError
-from giaudit.fl import classification_loss, minibatches
+from giaudit.fl import classification_loss, local_batches, minibatches
 from giaudit.ops import clip_tensors
 from giaudit.registry import check_number
 from giaudit.types import ClientProtocol, ReplayFn, ReplayRule, SharedUpdate
@@ -130,12 +130,11 @@ def dp_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol, 
         start = [p.detach().clone() for p in params]
         opt = DPOptimizer(torch.optim.SGD(params, lr=protocol.local_lr), noise_multiplier=noise_multiplier,
                           max_grad_norm=bound, expected_batch_size=x.shape[0], generator=generator)
-        for _ in range(protocol.local_steps):
-            for sl in minibatches(x.shape[0], protocol.local_batch_size):
-                opt.expected_batch_size = x[sl].shape[0]
-                opt.zero_grad(set_to_none=True)
-                classification_loss(gsm(x[sl]), y[sl]).backward()
-                opt.step()
+        for sl in local_batches(protocol, x.shape[0]):
+            opt.expected_batch_size = x[sl].shape[0]
+            opt.zero_grad(set_to_none=True)
+            classification_loss(gsm(x[sl]), y[sl]).backward()
+            opt.step()
         return tuple(p.detach() - s for p, s in zip(params, start))
     finally:
         gsm._close()
