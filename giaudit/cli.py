@@ -84,6 +84,10 @@ def _run_and_report(spec: AuditSpec, out: str | None, progress: bool, engine: En
 def _summary(store: ResultsStore) -> None:
     for r in store.records:
         m = r.metrics
+        if "psnr_db_mean" not in m:  # no ground truth (a server-side capture): nothing was measured
+            print(f"{r.attack:>6} seed {r.seed}: reconstructed; no ground truth to measure against (see the "
+                  f"report's images)  {r.timings.get('attack_s', 0):.1f}s")
+            continue
         print(f"{r.attack:>6} seed {r.seed}: PSNR mean {m.get('psnr_db_mean', float('nan')):6.2f} dB "
               f"worst {m.get('psnr_db_worst', float('nan')):6.2f} dB  SSIM {m.get('ssim_mean', float('nan')):.3f}  "
               f"labels {m.get('label_accuracy', float('nan')):.2f} ({r.label_source})  "

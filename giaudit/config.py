@@ -28,7 +28,7 @@ from giaudit.defenses import build_chain
 from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
 from giaudit.registry import build_from, check_number, check_value, options
-from giaudit.scenario.sections import DataSection, ScenarioSection, canonical
+from giaudit.scenario.sections import CAPTURE_KEYS, DataSection, ScenarioSection, canonical
 from giaudit.threat import threat_model
 from giaudit.types import CAPABILITIES, Capability, ThreatModel
 
@@ -211,6 +211,7 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     output: OutputSection = _section(source, "output", config.get("output"))
     data, output = _resolve_paths(source, data, output)
     if scenario.capture is not None:
+        _check_capture_keys(source, data, scenario)
         scenario = dataclasses.replace(scenario, capture=str(_resolve(source, scenario.capture)))
 
     defenses = config.get("defenses", [])
@@ -227,6 +228,28 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     attacks = {name_: AttackConfig(name_, _attack_table(source, name_, table)) for name_, table in attacks_in.items()}
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
                      output, source)
+
+
+def _check_capture_keys(source: str, data: DataSection, scenario: ScenarioSection) -> None:
+    """A capture holds its own data, model state and training details: a [data] or simulation key set beside
+    `scenario.capture` would be silently ignored, so it is refused, naming it."""
+    for f in dataclasses.fields(DataSection):
+        if getattr(data, f.name) != _default(f):
+            raise ConfigError(f"{source}: data.{f.name}: a capture holds its own data (shape, classes, batch); "
+                              "remove [data] when scenario.capture is set")
+    for f in dataclasses.fields(ScenarioSection):
+        if f.name not in CAPTURE_KEYS and getattr(scenario, f.name) != _default(f):
+            raise ConfigError(f"{source}: scenario.{f.name}: not used by a capture audit (the capture holds the "
+                              "model state and the training details the client used); remove it when "
+                              "scenario.capture is set")
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def _check_name(source: str, name: str) -> None:

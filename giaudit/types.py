@@ -95,6 +95,8 @@ CAPABILITIES: dict[Capability, CapabilityInfo] = {row.capability: row for row in
 
 # The label of a run with no defense (an empty chain): what the shared update is without any protection.
 NO_DEFENSE = "none"
+# The label of an audited deployment whose own defenses nobody declared: not known to be undefended.
+UNDECLARED_DEFENSE = "not declared"
 
 # Names of the SoK classes (Carletti et al., the table of attacker capabilities): A-E passive, F-H active.
 SOK_CLASSES = {
@@ -117,6 +119,9 @@ class ClientProtocol:
     local_steps: int = 1
     local_lr: float = 0.1
     local_batch_size: int | None = None  # None: full batch each step
+    # The sample indices of every local SGD step in the order the client took them (all epochs), when the
+    # deployment recorded them (a shuffling DataLoader); None: `local_steps` epochs of ordered mini-batches.
+    order: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

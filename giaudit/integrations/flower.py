@@ -15,12 +15,21 @@ there is one, else the node id; both are in capture.json):
   you name) and the node id, for the rounds and clients you choose. With
   ``store_batch=True`` (the data owner auditing their own client) it also
   stores the batch the client trained on, which the client hands over with
-  `record_batch`; that batch is the audit's ground truth.
+  `record_batch`, or step by step with `record_step` when it shuffles or
+  takes mini-batches (then the audit's FedAvg unrolling follows the real
+  order); that batch is the audit's ground truth. With ``model=`` (the
+  deployment's own model factory) it stores a fingerprint of the deployed
+  model, which the audit checks its model factory against. With
+  ``followed_by=[...]`` (the mods after it, used as ``mods=capture.mods``) it
+  records the deployment's own defenses (`LocalDpMod`, `fixedclipping_mod`)
+  and their parameters, which the report names and adaptive attacks use.
 - `CaptureStrategy`, a server-side wrapper around a Flower (legacy API)
   strategy, recording what an honest-but-curious server receives from each
   client: the global parameters it sent, each client's returned parameters,
-  config and number of examples. Under secure aggregation the server only
-  receives the aggregate, and that is all this view can hold.
+  config and number of examples, and the DP wrappers it wraps
+  (``DifferentialPrivacy{Client,Server}Side{Fixed,Adaptive}Clipping``), saying
+  which acted before this view and which after it. Under secure aggregation
+  the server only receives the aggregate, and that is all this view can hold.
 
 Both the legacy message layout (``NumPyClient``; the form Flower's own
 ``LocalDpMod`` works on) and the Message API layout (``arrays`` /
@@ -32,15 +41,18 @@ examples/flower/).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from giaudit.scenario.capture import write_capture
+from giaudit.scenario.capture import fingerprint, match_state, write_capture
 
 BATCH_KEY = "giaudit.batch"
+STEPS_KEY = "giaudit.steps"
+CLIPPING_NORM_KEY = "clipping_norm"  # where Flower's client-side-clipping DP wrapper sends the clip norm
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     "lr": ("lr", "learning-rate", "learning_rate"),
     "local_epochs": ("local-epochs", "local_epochs", "epochs"),
@@ -57,6 +69,85 @@ def record_batch(context: Any, images: Any, labels: Any) -> None:
 
     context.state[BATCH_KEY] = ArrayRecord({"images": Array(_np(images).astype(np.float32)),
                                             "labels": Array(_np(labels).astype(np.int64))})
+
+
+def record_step(context: Any, images: Any, labels: Any) -> None:
+    """Hand one local SGD step's mini-batch to `CaptureMod`, in the order the client takes them (call it in the
+    training loop, every step of every epoch). The capture stores each distinct sample once (identified by its
+    content) and the sample indices of every step, so the audit's FedAvg unrolling follows the real order of
+    a shuffling data loader. Stored only when the mod was made with store_batch=True."""
+    from flwr.app import Array, ArrayRecord
+
+    rec = context.state[STEPS_KEY] if STEPS_KEY in context.state.array_records else ArrayRecord()
+    i = len(rec) // 2
+    rec[f"{i}.images"] = Array(_np(images).astype(np.float32))
+    rec[f"{i}.labels"] = Array(_np(labels).astype(np.int64))
+    context.state[STEPS_KEY] = rec
+
+
+def _steps_batch(rec: Any) -> tuple[tuple[np.ndarray, np.ndarray], list[list[int]]]:
+    """The distinct samples of the recorded steps (first appearance order) and each step's indices into them."""
+    seen: dict[bytes, int] = {}
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    order = []
+    for i in range(len(rec) // 2):
+        x, y = rec[f"{i}.images"].numpy(), rec[f"{i}.labels"].numpy()
+        step = []
+        for xi, yi in zip(x, y):
+            key = xi.tobytes() + np.int64(yi).tobytes()
+            if key not in seen:
+                seen[key] = len(images)
+                images.append(xi)
+                labels.append(int(yi))
+            step.append(seen[key])
+        order.append(step)
+    return (np.stack(images), np.asarray(labels, np.int64)), order
+
+
+def describe_mod(mod: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a Flower mod after the capture point does to the update, with giaudit's equivalent defense tables
+    (``as``; None when giaudit has none): `LocalDpMod` clips the update (all arrays) to `clipping_norm`, then adds
+    Gaussian noise of standard deviation sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon; `fixedclipping_mod`
+    and `adaptiveclipping_mod` clip to the norm the server sends in the train config."""
+    name = getattr(mod, "__name__", None) or type(mod).__name__
+    if name == "LocalDpMod":
+        c, sens, eps, delta = (float(getattr(mod, k)) for k in ("clipping_norm", "sensitivity", "epsilon", "delta"))
+        sigma = sens * math.sqrt(2.0 * math.log(1.25 / delta)) / eps
+        return {"name": name, "params": {"clipping_norm": c, "sensitivity": sens, "epsilon": eps, "delta": delta},
+                "before_capture": True,
+                "as": [{"name": "clip", "max_norm": c}, {"name": "noise", "sigma": sigma}]}
+    if name in ("fixedclipping_mod", "adaptiveclipping_mod"):
+        norm = config.get(CLIPPING_NORM_KEY)
+        return {"name": name, "params": {"clipping_norm": norm}, "before_capture": True,
+                "as": [{"name": "clip", "max_norm": float(norm)}] if isinstance(norm, (int, float)) else None}
+    params = {k: v for k, v in vars(mod).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))} \
+        if hasattr(mod, "__dict__") and not callable(getattr(mod, "__func__", None)) else {}
+    return {"name": name, "params": params, "before_capture": True, "as": None}
+
+
+def describe_strategy(strategy: Any) -> list[dict[str, Any]]:
+    """The Flower DP strategy wrappers inside `strategy` (outermost first), seen from a capture that wraps it:
+    client-side clipping acts on the clients, before the server receives; server-side clipping and every
+    wrapper's noise act at aggregation, after what the server received from each client."""
+    out = []
+    s = strategy
+    while s is not None:
+        name = type(s).__name__
+        if name.startswith("DifferentialPrivacy"):
+            params = {k: getattr(s, k) for k in ("noise_multiplier", "clipping_norm", "num_sampled_clients",
+                                                 "initial_clipping_norm", "target_clipped_quantile")
+                      if isinstance(getattr(s, k, None), (int, float))}
+            if "ClientSide" in name and "Fixed" in name and "clipping_norm" in params:
+                out.append({"name": f"{name} (clients clip)", "params": {"clipping_norm": params["clipping_norm"]},
+                            "before_capture": True, "as": [{"name": "clip", "max_norm": params["clipping_norm"]}]})
+            elif "ClientSide" in name:
+                out.append({"name": f"{name} (clients clip)", "params": params, "before_capture": True,
+                            "as": None})
+            out.append({"name": f"{name} (noise at aggregation)", "params": params, "before_capture": False,
+                        "as": None})
+        s = getattr(s, "strategy", None)
+    return out
 
 
 def _np(x: Any) -> np.ndarray:
@@ -81,10 +172,15 @@ class _Capturer:
     def __init__(self, out_dir: str | Path, *, rounds: Iterable[int] | None, clients: Iterable[int | str] | None,
                  input_shape: Sequence[int] | None, num_classes: int | None,
                  value_range: tuple[float, float], config_keys: Mapping[str, Sequence[str] | str] | None,
-                 training: Mapping[str, Any] | None) -> None:
+                 training: Mapping[str, Any] | None, model: Callable[[], Any] | None = None) -> None:
+        if model is not None and not input_shape:
+            raise ValueError("model: the fingerprint needs input_shape (C, H, W)")
+        self.model = model
         self.out_dir = Path(out_dir)
         self.rounds = set(rounds) if rounds is not None else None
         self.clients = {str(c) for c in clients} if clients is not None else None
+        self.shape = tuple(int(d) for d in input_shape) if input_shape else None
+        self.value_range = (float(value_range[0]), float(value_range[1]))
         self.data = {"shape": list(input_shape) if input_shape else None, "num_classes": num_classes,
                      "value_range": list(value_range)}
         keys = dict(DEFAULT_KEYS)
@@ -100,13 +196,24 @@ class _Capturer:
 
     def write(self, view: str, server_round: int, node: Any, global_arrays: Mapping[str, np.ndarray],
               update_arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], num_examples: int | None,
-              extra: Mapping[str, Any], batch: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+              extra: Mapping[str, Any], batch: tuple[np.ndarray, np.ndarray] | None = None,
+              order: list[list[int]] | None = None) -> Path:
+        training = _training(config, self.keys, num_examples, self.fixed)
+        if order is not None:
+            training["order"] = order
         meta = {"source": "flower", "view": view, "round": server_round, "node": str(node),
-                "training": _training(config, self.keys, num_examples, self.fixed), "config": _scalars(config),
-                "data": self.data, **extra}
+                "training": training, "config": _scalars(config), "data": self.data, **extra}
         folder = self.out_dir / f"round-{server_round}" / f"{view}-{node}"
         return write_capture(folder, global_arrays=global_arrays, update_arrays=update_arrays, meta=meta,
-                             batch=batch)
+                             batch=batch, probe=self._fingerprint(global_arrays))
+
+    def _fingerprint(self, global_arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The deployed model (the `model` factory with the global arrays loaded) on the fixed probe."""
+        if self.model is None:
+            return None
+        model = self.model()
+        model.load_state_dict(match_state(model, global_arrays, "the capture's model factory"))
+        return fingerprint(model, self.shape or (), self.value_range)
 
 
 def _round(msg: Any, config: Mapping[str, Any], seen: dict[str, int]) -> int:
@@ -158,7 +265,12 @@ class CaptureMod(_Capturer):
     everything). `input_shape` (C, H, W) and `num_classes` describe the data for the audit. Training details are
     read from the train message's config under `config_keys` (defaults: lr | learning-rate, local-epochs |
     epochs, batch-size); `training` gives fixed values for those the server does not send
-    (e.g. ``{"lr": 0.1}``). `store_batch=True` stores the batch given to `record_batch` (data owners only).
+    (e.g. ``{"lr": 0.1}``). `store_batch=True` stores the batch given to `record_batch`, or the steps given to
+    `record_step` (data owners only). `model` (a function building the deployed model, as the client does)
+    stores the deployed model's fingerprint. `followed_by` are the mods that follow this one in the ClientApp
+    (its DP and clipping mods); pass ``mods=capture.mods`` to the ClientApp so the capture records them. Without
+    `followed_by` the capture cannot know them and the report says "not declared"; ``followed_by=[]`` states
+    there are none.
     """
 
     def __init__(self, out_dir: str | Path, *, rounds: Iterable[int] | None = None,
@@ -166,11 +278,18 @@ class CaptureMod(_Capturer):
                  input_shape: Sequence[int] | None = None, num_classes: int | None = None,
                  value_range: tuple[float, float] = (0.0, 1.0),
                  config_keys: Mapping[str, Sequence[str] | str] | None = None,
-                 training: Mapping[str, Any] | None = None) -> None:
+                 training: Mapping[str, Any] | None = None, model: Callable[[], Any] | None = None,
+                 followed_by: Sequence[Any] | None = None) -> None:
         super().__init__(out_dir, rounds=rounds, clients=clients, input_shape=input_shape, num_classes=num_classes,
-                         value_range=value_range, config_keys=config_keys, training=training)
+                         value_range=value_range, config_keys=config_keys, training=training, model=model)
         self.store_batch = store_batch
+        self.followed_by = None if followed_by is None else list(followed_by)
         self._seen: dict[str, int] = {}
+
+    @property
+    def mods(self) -> list[Any]:
+        """The ClientApp's mod list: this capture first, then the mods it was told follow it."""
+        return [self, *(self.followed_by or ())]
 
     def __call__(self, msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
         from flwr.app import MessageType
@@ -182,16 +301,22 @@ class CaptureMod(_Capturer):
         partition = context.node_config.get("partition-id")
         reply = call_next(msg, context)
         batch_rec = context.state.array_records.pop(BATCH_KEY, None) if BATCH_KEY in context.state else None
+        steps_rec = context.state.array_records.pop(STEPS_KEY, None) if STEPS_KEY in context.state else None
         if reply.has_error() or not self.wanted(server_round, (partition, context.node_id)):
             return reply
         update_arrays, num_examples, metrics = _outgoing(reply.content)
-        batch = None
-        if self.store_batch and batch_rec is not None:
+        batch = order = None
+        if self.store_batch and steps_rec is not None and len(steps_rec):
+            batch, order = _steps_batch(steps_rec)
+        elif self.store_batch and batch_rec is not None:
             batch = (batch_rec["images"].numpy(), batch_rec["labels"].numpy())
         name = partition if partition is not None else context.node_id
-        self.write("client", server_round, name, global_arrays, update_arrays, config, num_examples,
-                   {"partition_id": partition, "node_id": str(context.node_id), "metrics": _scalars(metrics)},
-                   batch)
+        extra: dict[str, Any] = {"partition_id": partition, "node_id": str(context.node_id),
+                                 "metrics": _scalars(metrics)}
+        if self.followed_by is not None:
+            extra["deployment_defenses"] = [describe_mod(m, config) for m in self.followed_by]
+        self.write("client", server_round, name, global_arrays, update_arrays, config, num_examples, extra,
+                   batch, order)
         return reply
 
 
@@ -199,16 +324,17 @@ class CaptureStrategy(_Capturer):
     """Wrap a Flower (legacy API) strategy; record, per client, what the server receives (the server's view).
 
     Every method is the wrapped strategy's; `configure_fit` remembers the global parameters and each client's
-    config, `aggregate_fit` writes one capture per selected client before aggregating as usual.
+    config, `aggregate_fit` writes one capture per selected client before aggregating as usual. The DP wrappers
+    inside `strategy` are recorded (`describe_strategy`); `model` stores the deployed model's fingerprint.
     """
 
     def __init__(self, strategy: Any, out_dir: str | Path, *, rounds: Iterable[int] | None = None,
                  clients: Iterable[int | str] | None = None, input_shape: Sequence[int] | None = None,
                  num_classes: int | None = None, value_range: tuple[float, float] = (0.0, 1.0),
                  config_keys: Mapping[str, Sequence[str] | str] | None = None,
-                 training: Mapping[str, Any] | None = None) -> None:
+                 training: Mapping[str, Any] | None = None, model: Callable[[], Any] | None = None) -> None:
         super().__init__(out_dir, rounds=rounds, clients=clients, input_shape=input_shape, num_classes=num_classes,
-                         value_range=value_range, config_keys=config_keys, training=training)
+                         value_range=value_range, config_keys=config_keys, training=training, model=model)
         self.strategy = strategy
         self._sent: dict[int, tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]] = {}
 
@@ -239,7 +365,7 @@ class CaptureStrategy(_Capturer):
                 continue
             upd = {str(i): a for i, a in enumerate(parameters_to_ndarrays(res.parameters))}
             self.write("server", server_round, cid, arrays, upd, configs.get(cid, {}), int(res.num_examples),
-                       {"metrics": _scalars(res.metrics)})
+                       {"metrics": _scalars(res.metrics), "deployment_defenses": describe_strategy(self.strategy)})
         return self.strategy.aggregate_fit(server_round, results, failures)
 
     def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:

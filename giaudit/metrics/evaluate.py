@@ -31,6 +31,7 @@ paper shows flatters it, so a user-level comparison reads the `user_` values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -109,9 +110,9 @@ def user_level_scores(rec: Tensor, orig: Tensor, lpips: LPIPSMetric | None) -> d
 
 
 def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
-             lpips: LPIPSMetric | None = None, user_level: bool = False) -> Evaluation:
-    """Pair, measure and rank. `lpips=None` loads the default (`load_lpips()`). `user_level` adds the
-    all-pairs `user_` means (module docstring)."""
+             lpips: LPIPSMetric | None | Literal[False] = None, user_level: bool = False) -> Evaluation:
+    """Pair, measure and rank. `lpips=None` loads the default (`load_lpips()`); `lpips=False` switches it off
+    (no LPIPS and no note about it). `user_level` adds the all-pairs `user_` means (module docstring)."""
     orig = _images(truth.images, "ground-truth")
     rec = _images(reconstruction.images, "reconstruction")
     lo, hi = float(orig.min()), float(orig.max())
@@ -141,7 +142,9 @@ def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
 
     metric = lpips if lpips is not None else load_lpips()
     lp: Tensor | None = None
-    if metric.available:
+    if metric is False:
+        pass
+    elif metric.available:
         lp = metric(rec, orig)
         note = metric.input_note(*orig.shape[-2:])
         if note:
@@ -177,7 +180,7 @@ def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
         aggregate["lpips_worst"] = float(lp.min())
     aggregate["label_accuracy"] = label_accuracy(y_pred, y_true)
     if user_level:
-        aggregate.update(user_level_scores(rec, orig, metric))
+        aggregate.update(user_level_scores(rec, orig, metric or None))
 
     idx = torch.tensor(order, dtype=torch.long)
     return Evaluation(

@@ -27,14 +27,17 @@ from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
 from giaudit.orchestration.record import CellOutcome, CellResult, cell_record
 from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name
-from giaudit.scenario.capture import CaptureScenario
+from giaudit.scenario.capture import CaptureScenario, deployment, read_meta
 from giaudit.training import TrainingSettings, stable_seed
 from giaudit.types import GroundTruth, Observation
 
 
 def build_defense(spec: AuditSpec) -> tuple[str, Chain]:
-    """The defense chain of ``[[defenses]]`` and its label (``none`` without defenses)."""
+    """The defense chain of ``[[defenses]]`` and its label (``none`` without defenses). A capture's label is
+    the deployment's own defenses (or "not declared"); the chain stays empty, the deployment applied them."""
     chain = build_chain([dict(d) for d in spec.defenses], where="defenses")
+    if spec.scenario.capture is not None:
+        return deployment(read_meta(spec.scenario.capture), spec.scenario.deployment_defenses).label, chain
     return chain.name, chain
 
 
@@ -92,4 +95,5 @@ def run_cell(cell: Cell) -> CellResult:
         observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
         scorers=evaluators.scorers(spec, face_analyzer, user_level_run(spec)), galleries=galleries,
         timings={"setup_s": setup_s, "attack_s": attack_s}, training=train_info,
-        notes=(analyzer_note,) if analyzer_note else ()))
+        notes=((analyzer_note,) if analyzer_note else ())
+        + (scenario.notes if isinstance(scenario, CaptureScenario) else ())))

@@ -32,8 +32,8 @@ from giaudit.types import GroundTruth
 
 
 def lpips_metric(output: OutputSection) -> Any:
-    """The LPIPS metric when `output.lpips` is on (cached per process and weights file), else None."""
-    return load_lpips() if output.lpips else None
+    """The LPIPS metric when `output.lpips` is on (cached per process and weights file), else False (off)."""
+    return load_lpips() if output.lpips else False
 
 
 @lru_cache(maxsize=8)

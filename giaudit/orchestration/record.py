@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from giaudit.attacks import Attack
 from giaudit.metrics.assemble import Scorers, assess
 from giaudit.metrics.faces import Gallery
@@ -22,8 +24,9 @@ from giaudit.orchestration.plan import Cell
 from giaudit.results import AuditRecord, images_file, images_npz
 from giaudit.types import GroundTruth, Observation, Reconstruction, disclosed_values
 
-NO_TRUTH_NOTE = ("no ground truth: the capture holds no client batch (capture with store_batch=True, as the data "
-                 "owner, to measure the leakage)")
+NO_TRUTH_NOTE = ("no ground truth: the capture holds no client batch (the server's view), so nothing is measured; "
+                 "the reconstructions are shown alone (capture with store_batch=True, as the data owner, to measure "
+                 "the leakage)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ def cell_record(outcome: CellOutcome) -> CellResult:
     truths = [t for t in outcome.truths if t is not None]
     if len(truths) < len(outcome.truths):  # a capture without the client's batch: the server's view only
         notes.append(NO_TRUTH_NOTE)
+        shown = recs[0].images.detach().float().clamp(0, 1).cpu().numpy()
+        images = images_npz(np.zeros((0, *shown.shape[1:]), np.float32), shown)
     else:
         scored = assess(truths, recs, outcome.scorers, outcome.galleries)
         metrics, per_image, notes = scored.metrics, scored.per_image, scored.notes

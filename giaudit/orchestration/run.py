@@ -37,6 +37,7 @@ from giaudit.policy import Policy, Verdict, check, load_policy
 from giaudit.report import render
 from giaudit.results import AuditRecord, ResultsStore
 from giaudit.scenario.build import preload
+from giaudit.scenario.capture import summary as capture_summary
 from giaudit.training import TrainingSettings
 from giaudit.version import __version__
 
@@ -78,6 +79,8 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     now = datetime.now(UTC).isoformat(timespec="seconds")
     store.meta = {**store.meta, "name": spec.name, "config": spec.raw, "versions": versions(),
                   "command": " ".join(sys.argv), "created": store.meta.get("created") or now, "updated": now}
+    if spec.scenario.capture is not None:
+        store.meta["capture"] = capture_summary(spec.scenario.capture, spec.scenario.deployment_defenses)
     label, _defense = build_defense(spec)
     cells = plan_cells(spec, defense_label or label, training, show_progress)
     todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]

@@ -122,6 +122,27 @@ def pair_grid_png(original: np.ndarray, reconstruction: np.ndarray,
     return figure_to_png(fig)
 
 
+def image_grid_png(images: np.ndarray, *, per_row: int = 8, max_images: int | None = 32,
+                   cell_inches: float = 1.25, title: str | None = None) -> bytes:
+    """Grid of images alone (N,C,H,W or N,H,W in [0, 1]): the reconstructions of an audit without ground truth."""
+    images = np.asarray(images)
+    n = images.shape[0] if max_images is None else min(images.shape[0], max_images)
+    if n == 0:
+        raise ValueError("no images to draw")
+    cols = max(1, min(per_row, n))
+    rows = math.ceil(n / cols)
+    fig = new_figure((cols * cell_inches, rows * cell_inches + (0.35 if title else 0.1)))
+    for i in range(n):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        img, cmap = to_display(images[i])
+        ax.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return figure_to_png(fig)
+
+
 def positive_finite(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """(iteration index, value) for the entries a log axis can show.
 

@@ -47,8 +47,9 @@ from giaudit.report.format import (
 from giaudit.report.summary import Summary, summarise
 from giaudit.report.templating import environment
 from giaudit.results import AuditRecord, ResultsStore, load_images, load_results
+from giaudit.scenario.sections import CAPTURE_KEYS
 from giaudit.stats import finite
-from giaudit.types import CAPABILITIES, SOK_CLASSES
+from giaudit.types import CAPABILITIES, SOK_CLASSES, UNDECLARED_DEFENSE
 
 # Metric columns with a fixed place in the per-record table (the summarised image metrics, then labels);
 # any other metric key is appended.
@@ -225,6 +226,8 @@ def _disclosures(records: Sequence[AuditRecord]) -> Table:
             what = kv_line(r.disclosed)
         elif r.undefended:
             what = "nothing (no defense: the raw update was shared)"
+        elif r.defense == UNDECLARED_DEFENSE:
+            what = "unknown (the deployment's defenses were not declared)"
         else:
             what = "nothing"
         rows.append([r.record_id, r.defense, what])
@@ -245,6 +248,24 @@ def _defense_configs(config: Mapping[str, Any], by_label: Any = None) -> list[st
     if isinstance(by_label, Mapping) and by_label:
         return [f"{label}: {chain(tables)}" for label, tables in by_label.items()]
     return [line for table in config.get("defenses") or () if (line := chain([table])) != "no defense"]
+
+
+def _effective(config: Mapping[str, Any], capture: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The configuration the audit really used: for a capture, without [data] and the simulation's scenario
+    keys (the capture holds them), with what was taken from the capture in their place."""
+    if capture is None:
+        return config
+    scenario = {k: v for k, v in (config.get("scenario") or {}).items() if k in CAPTURE_KEYS and v is not None}
+    out = {k: v for k, v in config.items() if k not in ("data", "scenario", "defenses")}
+    return {**out, "scenario": scenario, "capture": dict(capture)}
+
+
+def _deployment_lines(capture: Mapping[str, Any]) -> list[str]:
+    dep = capture.get("deployment_defenses")
+    if not isinstance(dep, list):
+        return ["deployment: not declared (record the deployment's mods at capture time, or declare them with "
+                "scenario.deployment_defenses)"]
+    return [f"deployment: {line}" for line in dep] or ["deployment: none (declared)"]
 
 
 def _safe_name(text: str) -> str:
@@ -273,6 +294,12 @@ def _grids(store: ResultsStore, records: Sequence[AuditRecord]) -> list[Grid]:
             grids.append(Grid(r, None, "this record saved no images", filename))
             continue
         original, recon = pair
+        if original.shape[0] == 0 and recon.shape[0] > 0:
+            # No ground truth exists (a server-side capture): the reconstructions alone, nothing measured.
+            png = figures.image_grid_png(recon, max_images=MAX_GRID_PAIRS,
+                                         title="reconstructions (no ground truth: the server's view)")
+            grids.append(Grid(r, png, None, filename))
+            continue
         if original.shape[0] == 0:
             grids.append(Grid(r, None, "no image pairs in the images file", filename))
             continue
@@ -348,8 +375,9 @@ def collect(store: ResultsStore, verdict: Any = None,
     records = list(store.records)
     run_name = str(config.get("name") or meta.get("name") or Path(store.run_dir).name)
     versions, vsource = _versions(meta)
+    capture = meta.get("capture") if isinstance(meta.get("capture"), Mapping) else None
     if config:
-        config_text, lang = config_as_text(config)
+        config_text, lang = config_as_text(_effective(config, capture))
     else:
         config_text, lang = None, "text"
     seeds = sorted({int(r.seed) for r in records} | {int(s) for s in (config.get("seeds") or ())
@@ -371,7 +399,8 @@ def collect(store: ResultsStore, verdict: Any = None,
         created=str(meta["created"]) if meta.get("created") else None,
         n_records=len(records),
         threats=_threat_groups(records),
-        defense_configs=_defense_configs(config, meta.get("defense_tables")),
+        defense_configs=(_deployment_lines(capture) if capture is not None
+                         else _defense_configs(config, meta.get("defense_tables"))),
         disclosures=_disclosures(records),
         metrics=_metric_table(records),
         notes=_notes(records),

@@ -24,6 +24,7 @@ from giaudit.metrics.registry import Metric, summarised
 from giaudit.report.format import MISSING, pct
 from giaudit.results import AuditRecord, undefended
 from giaudit.stats import finite
+from giaudit.types import UNDECLARED_DEFENSE
 
 
 def display_name(attack: str) -> str:
@@ -151,6 +152,8 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
     defense = str(v["defense"])
     if undefended(defense):
         where = "With no defense"
+    elif defense == UNDECLARED_DEFENSE:
+        where = "In a deployment whose defenses were not declared"
     else:
         where = f"Under {defense}"
         if finite(v.get("epsilon")):

@@ -93,7 +93,7 @@ def cell_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatMo
     (`base`: the config's folder, searched first for the capture's model factory)."""
     if scenario.capture is not None and scenario.model_factory is not None:
         return CaptureScenario.build(scenario.capture, scenario.model_factory, threat, bn_mode=scenario.bn_mode,
-                                     base=base)
+                                     base=base, declared=scenario.deployment_defenses)
     return build_scenario(data, scenario, threat, seed)[0]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from giaudit.data import LABEL_PARSERS, SOURCES
+from giaudit.defenses import build_chain
 from giaudit.errors import ParamError
 from giaudit.registry import check_choice, check_number
 from giaudit.scenario.models import MODELS
@@ -65,6 +66,10 @@ class DataSection:
         return self.source == "folder" and self.label_parser == "subfolder"
 
 
+# The scenario keys a capture audit uses; every other scenario key and all of [data] describe a simulation.
+CAPTURE_KEYS = frozenset({"capture", "model_factory", "bn_mode", "deployment_defenses"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScenarioSection:
     model: str = "lenet_relu"
@@ -81,6 +86,8 @@ class ScenarioSection:
     diffusion_prior: str | None = None   # ddpm_unet only: a trained DDPM (name or path) as the global model
     capture: str | None = None        # a captured real update (giaudit.integrations.flower) instead of a simulation
     model_factory: str | None = None  # with capture: "module:function" building the deployed model
+    # with capture: the deployment's own defenses, as giaudit defense tables, when the capture did not record them
+    deployment_defenses: list[dict[str, Any]] | None = None
     client_data: str = "iid"          # iid, or one_label: a client's batch shares one label (one user's images)
 
     def __post_init__(self) -> None:
@@ -98,9 +105,18 @@ class ScenarioSection:
             if self.client_data != "iid":
                 raise ParamError("client_data", "a capture holds the batch the real client used; remove "
                                  "scenario.client_data when scenario.capture is set")
+            if self.deployment_defenses is not None:
+                if not isinstance(self.deployment_defenses, list) or not all(
+                        isinstance(t, dict) for t in self.deployment_defenses):
+                    raise ParamError("deployment_defenses", "expected an array of defense tables, e.g. "
+                                     "[{ name = \"clip\", max_norm = 1.0 }] ([] for none)")
+                build_chain(self.deployment_defenses, where="scenario.deployment_defenses")
             if self.diffusion_prior is not None:
                 raise ParamError("diffusion_prior", "the captured model comes from scenario.model_factory; "
                                  "remove scenario.diffusion_prior when scenario.capture is set")
+        elif self.deployment_defenses is not None:
+            raise ParamError("deployment_defenses", "only a capture has a deployment's own defenses; simulate "
+                             "defenses with [[defenses]]")
         check_choice("model", self.model, sorted(MODELS))
         check_choice("client_data", self.client_data, ("iid", "one_label"))
         check_number("clients_per_seed", self.clients_per_seed, low=1)
