@@ -27,6 +27,7 @@ from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
 from giaudit.defenses import build_chain
 from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
+from giaudit.metrics import registry
 from giaudit.registry import build_from, check_number, check_value, options
 from giaudit.scenario.sections import CAPTURE_KEYS, DataSection, ScenarioSection, canonical
 from giaudit.threat import threat_model
@@ -101,6 +102,57 @@ def _section(src: str, name: str, table: Any) -> Any:
     return build_from(SECTIONS[name], table, f"{src}: {name}")
 
 
+TUNE_KEY = "tune"
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """``attacks.NAME.tune``: tune the attack's options on `clients` clients the server simulates from its own
+    held-out data, over `trials` Optuna trials, for the attack's success on them (`metric`, a registered metric
+    whose leak direction says which way is better). `params`: the options tuned (default: the attack's search
+    space less the options the table sets itself)."""
+
+    trials: int
+    clients: int
+    params: tuple[str, ...]
+    metric: str = "psnr_db"
+
+
+def tune_settings(attack: str, raw: Any, options_: Mapping[str, Any], where: str) -> TuneSettings:
+    """Validate a ``tune`` table against the attack's search space; errors name `where`.tune.<key>."""
+    where = f"{where}.{TUNE_KEY}"
+    space = ATTACKS[attack].search_space
+    if not space:
+        tunable = ", ".join(n for n in ATTACKS.names() if ATTACKS[n].search_space)
+        raise ConfigError(f"{where}: {attack} has no options to tune (attacks that have: {tunable})")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table, e.g. {{ trials = 20, clients = 4 }}")
+    unknown = set(raw) - {"trials", "clients", "params", "metric"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; tune takes trials, clients, params, metric")
+    values = {}
+    for key, default in (("trials", 20), ("clients", 4)):
+        v = raw.get(key, default)
+        if type(v) is not int or not 1 <= v <= 100_000:
+            raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v!r}")
+        values[key] = v
+    params = raw.get("params")
+    if params is None:
+        params = [k for k in space if k not in options_]
+    if not isinstance(params, list) or not params or not all(isinstance(k, str) for k in params):
+        raise ConfigError(f"{where}.params: expected a non-empty list of option names from "
+                          f"{', '.join(space)} (every option of the search space is set in the table)")
+    bad = [k for k in params if k not in space]
+    if bad:
+        raise ConfigError(f"{where}.params: {bad[0]!r} is not in {attack}'s search space ({', '.join(space)})")
+    metric = raw.get("metric", "psnr_db")
+    found = registry.parse(metric) if isinstance(metric, str) else None
+    if found is None or found.metric.leak is None or not found.metric.per_image:
+        raise ConfigError(f"{where}.metric: expected a per-image metric with a leak direction (psnr_db, ssim, "
+                          f"mse, ...), got {metric!r}")
+    return TuneSettings(values["trials"], values["clients"], tuple(params), found.metric.name)
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """One validated ``[attacks.NAME]`` table.
@@ -118,8 +170,14 @@ class AttackConfig:
 
     @property
     def options(self) -> dict[str, Any]:
-        """The attack's constructor options (the table without its budget keys)."""
-        return {k: v for k, v in self.table.items() if k not in BUDGET_KEYS}
+        """The attack's constructor options (the table without its budget keys and its tuning)."""
+        return {k: v for k, v in self.table.items() if k not in BUDGET_KEYS and k != TUNE_KEY}
+
+    @property
+    def tune(self) -> TuneSettings | None:
+        """The table's ``tune`` settings (validated while the config was parsed), None when not tuned."""
+        raw = self.table.get(TUNE_KEY)
+        return None if raw is None else tune_settings(self.name, raw, self.options, f"attacks.{self.name}")
 
     def option(self, key: str) -> Any:
         """The value of option `key`: the table's, else the attack's default (None when it takes no such option)."""
@@ -226,6 +284,15 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     if not isinstance(attacks_in, Mapping) or not attacks_in:
         raise ConfigError(f"{source}: attacks: expected tables like [attacks.ig]")
     attacks = {name_: AttackConfig(name_, _attack_table(source, name_, table)) for name_, table in attacks_in.items()}
+    for name_, cfg in attacks.items():
+        if cfg.tune is None:
+            continue
+        if scenario.capture is not None:
+            raise ConfigError(f"{source}: attacks.{name_}.tune: tuning simulates clients from the server's own "
+                              "data, and a capture audit has none; remove the key")
+        if not threat.model().has(Capability.SURROGATE_DATA):
+            raise ConfigError(f"{source}: attacks.{name_}.tune: tuning simulates clients from the server's own "
+                              "data (surrogate data, SoK class D); set threat.surrogate_data = true or remove it")
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
                      output, source)
 
@@ -266,11 +333,13 @@ def _attack_table(source: str, name: str, table: Any) -> dict[str, Any]:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: must be a table")
     budget = {k: v for k, v in table.items() if k in BUDGET_KEYS}
-    options_ = {k: v for k, v in table.items() if k not in BUDGET_KEYS}
+    options_ = {k: v for k, v in table.items() if k not in BUDGET_KEYS and k != TUNE_KEY}
     for key in options_:
         if key not in ATTACKS.options(name):
             known = list(BUDGET_KEYS) + list(ATTACKS.options(name))
             raise ConfigError(f"{where}.{key}: unknown option; {name} takes: {', '.join(known)}")
+    if TUNE_KEY in table:
+        tune_settings(name, table[TUNE_KEY], options_, where)
     built = build_from(Budget, budget, where)
     if built.halving is not None and not cls.pausable():
         pausable = ", ".join(n for n in ATTACKS.names() if ATTACKS[n].pausable())

@@ -58,6 +58,9 @@ class AuditRecord:
     # Leakage over training: {"round": r, "held_out_accuracy": a} when the attacked update was taken at
     # round r of the federated training (scenario.checkpoints); empty for an audit of the scenario's model.
     training: Mapping[str, Any] = field(default_factory=dict)
+    # The attack's options tuned on clients the server simulated from its own data (attacks.NAME.tune): the
+    # options, the tune metric on those clients with them and with the defaults, trials, clients, time, key.
+    tuning: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def undefended(self) -> bool:

@@ -25,10 +25,10 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, Literal, final
 
 import torch
 from torch import Tensor
@@ -99,6 +99,23 @@ def device_of(obs: Observation) -> torch.device:
     return p.device if p is not None else obs.update.tensors[0].device
 
 
+@dataclass(frozen=True)
+class Dim:
+    """One dimension of an attack's search space for tuning on surrogate clients: a float on a log scale
+    ("log"), a float or an integer on a linear scale ("float", "int") between `low` and `high`, or one of
+    `choices` ("choice")."""
+
+    kind: Literal["log", "float", "int", "choice"]
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple[Any, ...] = ()
+
+
+# The label methods a tuned attack may choose among: every one but the oracle (true labels are not the
+# server's to choose).
+LABEL_DIM = Dim("choice", choices=tuple(m for m in LABEL_METHODS if m != "oracle"))
+
+
 class Attack(Configurable):
     """Base of every attack. Subclasses register a name, set `requires` and implement `run_restart` (or
     `descend`); they never override `reconstruct`."""
@@ -110,6 +127,9 @@ class Attack(Configurable):
     # One representative image per user batch (DiffULA) rather than one image per sample: an audit that runs
     # such an attack scores every attack of the run at user level as well (metrics.evaluate, user_ keys).
     user_level: ClassVar[bool] = False
+    # The options a server may tune on clients it simulates from its own data (`attacks.NAME.tune`); empty:
+    # the attack has nothing to tune (analytic, or too costly to repeat per trial).
+    search_space: ClassVar[Mapping[str, Dim]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,11 +179,14 @@ class Attack(Configurable):
             used.add(Capability.TRAINING_DETAILS)  # unrolling local steps needs lr, steps, mini-batches
         return used
 
-    def threat_record(self, obs: Observation, label_source: str) -> dict[str, Any]:
+    def threat_record(self, obs: Observation, label_source: str,
+                      also_used: Sequence[Capability] = ()) -> dict[str, Any]:
         """The threat model a reconstruction of `obs` actually used, as plain data: the capabilities granted,
         those used (`capabilities_used`, plus the true labels when they came from the oracle), the oracles
-        among them and the SoK letter (the higher of the used capabilities' and the attack's own)."""
-        used = self.capabilities_used(obs)
+        among them and the SoK letter (the higher of the used capabilities' and the attack's own). `also_used`:
+        what the run used besides the reconstruction (surrogate data for an attack tuned on the server's own
+        clients)."""
+        used = self.capabilities_used(obs) | set(also_used)
         if label_source == "oracle":
             used.add(Capability.TRUE_LABELS)
         used_model = ThreatModel(frozenset(used))

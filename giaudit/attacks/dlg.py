@@ -10,13 +10,14 @@ rather than from N(0, 1), and clamped to it on return.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import l2_distance
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Plateau, Progress, RestartResult, device_of
+from giaudit.attacks.base import ATTACKS, LABEL_DIM, Attack, Budget, Dim, Plateau, Progress, RestartResult, device_of
 from giaudit.types import Capability, Observation
 
 
@@ -25,6 +26,7 @@ class DLG(Attack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "A"
     display_name: ClassVar[str] = "DLG"
+    search_space: ClassVar[Mapping[str, Dim]] = {"lr": Dim("log", 1e-2, 10.0), "labels": LABEL_DIM}
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False, lr: float = 1.0,
                  history_size: int = 100, max_eval: int = 20, optimise_labels: bool = False) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +33,18 @@ from torch.func import functional_call
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
 from giaudit.attacks._common.optimise import PhaseSteps, adam_steps, at_most
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, Progress, RestartResult, device_of, drive
+from giaudit.attacks.base import (
+    ATTACKS,
+    LABEL_DIM,
+    Attack,
+    Budget,
+    Descent,
+    Dim,
+    Progress,
+    RestartResult,
+    device_of,
+    drive,
+)
 from giaudit.errors import ConfigError, ParamError
 from giaudit.priors.generator import Generator
 from giaudit.priors.io import Prior, as_prior
@@ -100,6 +112,9 @@ class GIAS(PriorAttack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE, Capability.SURROGATE_DATA})
     sok_class: ClassVar[str] = "D"
     display_name: ClassVar[str] = "GIAS"
+    search_space: ClassVar[Mapping[str, Dim]] = {
+        "lr_z": Dim("log", 1e-3, 0.3), "lr_theta": Dim("log", 1e-5, 1e-2), "tv_weight": Dim("log", 1e-7, 1e-1),
+        "z_fraction": Dim("float", 0.1, 0.9), "labels": LABEL_DIM}
     default_mode: ClassVar[str] = "z+theta"
 
     def __init__(self, *, labels: str = "auto", prior: Any = "mnist32", mode: str | None = None,

@@ -26,13 +26,14 @@ iteration.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, Plateau, RestartResult
+from giaudit.attacks.base import ATTACKS, LABEL_DIM, Attack, Budget, Descent, Dim, Plateau, RestartResult
 from giaudit.errors import ThreatModelError
 from giaudit.fl import BNStatsRecorder
 from giaudit.registry import check_choice, check_number
@@ -59,6 +60,9 @@ class InvertingGradients(Attack):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.BATCH_SIZE})
     sok_class: ClassVar[str] = "B"
     display_name: ClassVar[str] = "Inverting Gradients"
+    search_space: ClassVar[Mapping[str, Dim]] = {
+        "lr": Dim("log", 1e-3, 1.0), "tv_weight": Dim("log", 1e-7, 1e-1),
+        "schedule": Dim("choice", choices=SCHEDULES), "labels": LABEL_DIM}
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False, lr: float = 0.1,
                  tv_weight: float = 1e-4, distance: str = "cosine", schedule: str = "steps",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from giaudit.attacks import build_attack
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
@@ -26,7 +27,8 @@ from giaudit.orchestration import evaluators
 from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
 from giaudit.orchestration.record import CellOutcome, CellResult, cell_record
-from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name
+from giaudit.orchestration.tuning import tune_attack, tuning_key
+from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name, surrogate_scenario
 from giaudit.scenario.capture import CaptureScenario, deployment, read_meta
 from giaudit.training import TrainingSettings, stable_seed
 from giaudit.types import GroundTruth, Observation
@@ -69,7 +71,15 @@ def run_cell(cell: Cell) -> CellResult:
     galleries = [evaluators.gallery(spec, face_analyzer, scenario, t, seed) for _, t in clients]
     setup_s = time.perf_counter() - start
     config = spec.attacks[attack_name]
-    attack = config.build()
+    tuned = None
+    settings = config.tune
+    if settings is not None and not isinstance(scenario, CaptureScenario):  # the config refuses tune with capture
+        # The server tunes on clients of its own (held-out data), never on the audited ones.
+        tuned = tune_attack(config, settings, surrogate_scenario(spec.data, scenario, seed), defense, seed,
+                            tuning_key(cell.config_hash, attack_name, cell.round), cell.tuning_dir)
+        attack = build_attack(attack_name, **{**config.options, **tuned.params})
+    else:
+        attack = config.build()
     budget = config.budget
     wants = attack.others_wanted()
     if wants:
@@ -94,6 +104,7 @@ def run_cell(cell: Cell) -> CellResult:
         cell=cell, scenario=scenario_name(spec.data, spec.scenario), attack=attack,
         observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
         scorers=evaluators.scorers(spec, face_analyzer, user_level_run(spec)), galleries=galleries,
-        timings={"setup_s": setup_s, "attack_s": attack_s}, training=train_info,
-        notes=((analyzer_note,) if analyzer_note else ())
+        timings={"setup_s": setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
+        training=train_info, tuning=tuned.record() if tuned else {},
+        notes=((analyzer_note,) if analyzer_note else ()) + ((tuned.note(),) if tuned else ())
         + (scenario.notes if isinstance(scenario, CaptureScenario) else ())))

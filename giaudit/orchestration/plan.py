@@ -37,6 +37,7 @@ class Cell:
     training: TrainingSettings | None = None
     checkpoint: Checkpoint | None = None
     show_progress: bool = False
+    tuning_dir: str | None = None   # where tuned attack options are cached (the run folder's tuning/)
 
 
 def safe_id(name: str) -> str:

@@ -22,7 +22,7 @@ from giaudit.metrics.assemble import Scorers, assess
 from giaudit.metrics.faces import Gallery
 from giaudit.orchestration.plan import Cell
 from giaudit.results import AuditRecord, images_file, images_npz
-from giaudit.types import GroundTruth, Observation, Reconstruction, disclosed_values
+from giaudit.types import Capability, GroundTruth, Observation, Reconstruction, disclosed_values
 
 NO_TRUTH_NOTE = ("no ground truth: the capture holds no client batch (the server's view), so nothing is measured; "
                  "the reconstructions are shown alone (capture with store_batch=True, as the data owner, to measure "
@@ -50,6 +50,7 @@ class CellOutcome:
     timings: dict[str, float]                      # setup_s, attack_s
     training: dict[str, Any] = field(default_factory=dict)  # round and held-out accuracy of a checkpoint cell
     notes: tuple[str, ...] = ()                    # e.g. why the semantic metrics did not run
+    tuning: dict[str, Any] = field(default_factory=dict)  # the attack's options tuned on the server's own clients
 
 
 def cell_record(outcome: CellOutcome) -> CellResult:
@@ -72,7 +73,8 @@ def cell_record(outcome: CellOutcome) -> CellResult:
     notes += list(outcome.notes)
     obs, rec = outcome.observations[0], recs[0]
     tr = rec.trace
-    threat = outcome.attack.threat_record(obs, rec.label_source)
+    threat = outcome.attack.threat_record(obs, rec.label_source,
+                                          also_used=(Capability.SURROGATE_DATA,) if outcome.tuning else ())
     return CellResult(AuditRecord(
         record_id=cell.record_id, config_hash=cell.config_hash, scenario=outcome.scenario, defense=cell.label,
         attack=cell.attack, seed=cell.seed, threat=threat, attack_params=dict(outcome.attack.params()),
@@ -83,5 +85,6 @@ def cell_record(outcome: CellOutcome) -> CellResult:
                "stopped_early": tr.stopped_early, **({"clients": len(recs)} if len(recs) > 1 else {}),
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
         disclosed=disclosed_values(obs.disclosed), notes=tuple(notes),
-        images_file=images_file(cell.record_id) if images is not None else None, training=dict(outcome.training)),
+        images_file=images_file(cell.record_id) if images is not None else None, training=dict(outcome.training),
+        tuning=dict(outcome.tuning)),
         images)

@@ -82,7 +82,8 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     if spec.scenario.capture is not None:
         store.meta["capture"] = capture_summary(spec.scenario.capture, spec.scenario.deployment_defenses)
     label, _defense = build_defense(spec)
-    cells = plan_cells(spec, defense_label or label, training, show_progress)
+    cells = [replace(c, tuning_dir=str(out / "tuning"))
+             for c in plan_cells(spec, defense_label or label, training, show_progress)]
     todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
     if not todo:
         return store  # nothing to do: the run folder is left untouched

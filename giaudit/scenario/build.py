@@ -16,6 +16,7 @@ Every draw comes from generators seeded by `giaudit.training.stable_seed`
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -85,6 +86,15 @@ def build_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatM
     pretrain(model, pool, s.pretrain_steps, gen)
     model.train(s.bn_mode == "train")
     return Scenario(model, pool, protocol, s.batch_size, threat, s.client_data), held
+
+
+def surrogate_scenario(data: DataSection, audited: AnyScenario, seed: int) -> AnyScenario:
+    """The audited scenario (its global model, protocol, batch size, threat) with the server's own data in
+    place of the client's pool: the seed's held-out split, which no audited client draws from (SoK class D,
+    surrogate data). A server tunes its attack on clients simulated from it."""
+    images = load_data(data)
+    _pool_idx, held_idx = _split(data, len(images), seed)
+    return dataclasses.replace(audited, pool=images.subset(held_idx))
 
 
 def cell_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatModel, seed: int,
