@@ -19,7 +19,7 @@ import torch
 
 from giaudit.config import parse_config
 from giaudit.engine import LocalEngine
-from giaudit.orchestration import compute_records
+from giaudit.orchestration.run import compute_records
 
 
 def run(args: argparse.Namespace, tune: bool) -> tuple[list[float], dict, float]:
