@@ -58,6 +58,14 @@ class AuditRecord:
     # Leakage over training: {"round": r, "held_out_accuracy": a} when the attacked update was taken at
     # round r of the federated training (scenario.checkpoints); empty for an audit of the scenario's model.
     training: Mapping[str, Any] = field(default_factory=dict)
+    # Why no update was attacked: a defense made the client refuse the model a malicious server sent
+    # (model_validation). A blocked record has no metrics, and nothing leaked; None: the client took part.
+    blocked: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """The record's attack was a malicious server's (it changed the model the clients computed on)."""
+        return bool(self.threat.get("active"))
 
     @property
     def undefended(self) -> bool:
@@ -120,6 +128,8 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
     }
     if record.training:
         row.update({"round": record.training.get("round"), "model_accuracy": record.training.get("held_out_accuracy")})
+    if record.blocked:
+        row["blocked"] = record.blocked
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
     for where, params in record.disclosed.items():
