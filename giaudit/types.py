@@ -118,6 +118,17 @@ SOK_CLASSES = {
 ACTIVE_CLASSES = frozenset("FGH")
 
 
+def server_kind(active: bool) -> str:
+    """How reports name the server of a record: "malicious" (it changed the model, F-H) or
+    "honest-but-curious" (A-E)."""
+    return "malicious" if active else "honest-but-curious"
+
+
+def a_server(active: bool) -> str:
+    """`server_kind` in a sentence: "a malicious server", "an honest-but-curious server"."""
+    return f"{'a' if active else 'an'} {server_kind(active)} server"
+
+
 @dataclass(frozen=True)
 class ClientProtocol:
     """How the client turned its batch into an update (known to class C attackers)."""

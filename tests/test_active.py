@@ -15,9 +15,12 @@ from giaudit.attacks.imprint import find_block
 from giaudit.config import parse_config
 from giaudit.defenses import build_chain
 from giaudit.engine import LocalEngine
-from giaudit.errors import ModelRefused, ThreatModelError
+from giaudit.errors import ConfigError, ModelRefused, ThreatModelError
 from giaudit.fl import compute_update
 from giaudit.orchestration import run_audit
+from giaudit.policy import check, parse_policy
+from giaudit.report import render
+from giaudit.results import ResultsStore
 from giaudit.scenario.client import Scenario
 from giaudit.threat import observe, threat_model
 from giaudit.types import CAPABILITIES, Capability, ClientProtocol, SharedUpdate
@@ -123,9 +126,16 @@ def test_imprint_breaks_secure_aggregation(secure_agg_records) -> None:
     assert not any(r.active for r in secure_agg_records if r.attack == "ig")
 
 
-def test_model_validation_blocks_the_imprint_and_dp_sgd_drowns_it(tmp_path) -> None:
-    records = _audit(tmp_path, "mv", [{"name": "model_validation"}, {"name": "secure_agg", "clients": CLIENTS}],
-                     {"imprint": {"bins": BINS}, "ig": {"iterations": 2}})
+@pytest.fixture(scope="module")
+def validated_records(tmp_path_factory) -> list:
+    """The same clients, each validating the model it receives before computing."""
+    return _audit(tmp_path_factory.mktemp("validated"), "mv",
+                  [{"name": "model_validation"}, {"name": "secure_agg", "clients": CLIENTS}],
+                  {"imprint": {"bins": BINS}, "ig": {"iterations": 2}})
+
+
+def test_model_validation_blocks_the_imprint_and_dp_sgd_drowns_it(tmp_path, validated_records) -> None:
+    records = validated_records
     blocked = [r for r in records if r.attack == "imprint"]
     assert blocked and all(r.blocked and "model_validation" in r.blocked and not r.metrics for r in blocked)
     assert all(r.blocked is None and r.metrics for r in records if r.attack == "ig")   # the agreed model passes
@@ -148,3 +158,34 @@ def test_architecture_check_misses_changed_values_the_parameter_check_catches(mn
     with pytest.raises(ModelRefused, match="other values"):
         served.simulate(build_chain([{"name": "model_validation"}]))
     scenario.simulate(build_chain([{"name": "model_validation"}]))   # the agreed model is accepted
+
+
+def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_records, validated_records) -> None:
+    records = secure_agg_records + validated_records
+    rules = {"rules": {"psnr_db": {"max": 15}}}
+    passive = check(records, parse_policy(rules))                          # threat_classes = "A-E"
+    assert passive.passed and passive.threat_classes == "A-E"
+    assert all(r.attack == "ig" for r in passive.rules)
+    assert "secure_agg / imprint (class G, a malicious server)" in passive.coverage()
+    assert "covers SoK classes A-E (an honest-but-curious server)" in passive.format()
+    every = check(records, parse_policy({**rules, "threat_classes": "A-H"}))
+    assert not every.passed
+    status = {(r.defense, r.attack): r.status for r in every.rules}
+    assert status[("secure_agg", "imprint")] == "FAIL" and status[("secure_agg", "ig")] == "PASS"
+    assert status[("model_validation+secure_agg", "imprint")] == "BLOCKED"
+    servers = every.by_defense()["secure_agg"]["servers"]
+    assert servers == {"malicious": False, "honest-but-curious": True}
+    with pytest.raises(ConfigError, match="threat_classes"):
+        parse_policy({**rules, "threat_classes": "E-A"})
+
+    store = ResultsStore(tmp_path / "run", {"name": "active"}, records)
+    _html, md = render(store, tmp_path / "run", verdict=every)
+    text = md.read_text()
+    honest = text.index("An honest-but-curious server (SoK classes A-E) could:")
+    malicious = text.index("A malicious server (SoK classes F-H")
+    assert honest < malicious
+    found = text[malicious:]
+    assert "secure\\_agg · imprint**: Under secure\\_agg, a malicious server (SoK class G: it sent a model with an " \
+        "added imprint block" in found
+    assert "was blocked: the clients refused its model" in found
+    assert "covers SoK classes A-H" in text

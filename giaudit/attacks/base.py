@@ -23,7 +23,7 @@ Active attacks (a malicious server, SoK classes F-H) require `Capability.MODIFIE
 `modify`: the server step that turns the agreed global model into the one the server sends. `serve` is its
 one entry point (it checks the threat model first); the scenario sends what it returns, the clients compute
 their updates on it under every configured defense, and `reconstruct` then reads the observation as usual
-(its model is the one the server sent). `modification(obs)` describes the change for the record.
+(its model is the one the server sent). `modification(model)` describes the change for the record.
 """
 from __future__ import annotations
 
@@ -176,12 +176,12 @@ class Attack(Configurable):
         used = self.capabilities_used(obs)
         if label_source == "oracle":
             used.add(Capability.TRUE_LABELS)
-        return self._threat(obs.threat, used, self.modification(obs))
+        return self._threat(obs.threat, used, self.modification(obs.model))
 
-    def planned_threat(self, threat: ThreatModel) -> dict[str, Any]:
-        """`threat_record` of a run with no observation (its client refused the model): what the attack
-        requires, under the granted `threat`."""
-        return self._threat(threat, set(self.requires), {})
+    def planned_threat(self, threat: ThreatModel, sent: nn.Module | None = None) -> dict[str, Any]:
+        """`threat_record` of a run with no observation (its client refused `sent`, the model the server
+        sent): what the attack requires, under the granted `threat`."""
+        return self._threat(threat, set(self.requires), self.modification(sent) if sent is not None else {})
 
     def _threat(self, threat: ThreatModel, used: set[Capability], modification: dict[str, Any]) -> dict[str, Any]:
         used_model = ThreatModel(frozenset(used))
@@ -204,8 +204,9 @@ class Attack(Configurable):
         never the audited client's), given only when the threat model grants surrogate data."""
         raise NotImplementedError(f"attack {self.name!r} is passive: it does not modify the model")
 
-    def modification(self, obs: Observation) -> dict[str, Any]:
-        """What the server changed in the model behind `obs`, as plain data for the record; {}: nothing."""
+    def modification(self, model: nn.Module) -> dict[str, Any]:
+        """What the server changed to make `model` (the one it sent), as plain data for the record; {}: nothing
+        found."""
         return {}
 
     @final

@@ -141,11 +141,11 @@ class Imprint(Attack):
         block = ImprintBlock(data_spec.shape, direction, bin_thresholds(measured, self.bins, floor))
         return Imprinted(block, model)
 
-    def modification(self, obs: Observation) -> dict[str, Any]:
-        block = find_block(obs.model)
+    def modification(self, model: nn.Module) -> dict[str, Any]:
+        block = find_block(model)
         if block is None:
             return {}
-        inner = obs.model.model if isinstance(obs.model, Imprinted) else obs.model
+        inner = model.model if isinstance(model, Imprinted) else model
         return {"block": "imprint", "bins": block.bins, "measurement": self.measurement,
                 "placed": f"in front of {type(inner).__name__}",
                 "parameters_added": sum(p.numel() for p in block.parameters())}

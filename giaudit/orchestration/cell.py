@@ -100,7 +100,7 @@ def run_cell(cell: Cell) -> CellResult:
         clients = simulate_clients(scenario, defense, seed, spec.scenario.clients)
     except ModelRefused as refused:  # only a malicious server's model is ever refused
         return blocked_record(cell, scenario_name(spec.data, spec.scenario), attack if active else config.build(),
-                              spec.threat.model(),
+                              spec.threat.model(), getattr(scenario, "served", None),
                               str(refused), {"setup_s": time.perf_counter() - start}, train_info)
     galleries = [evaluators.gallery(spec, face_analyzer, scenario, t, seed) for _, t in clients]
     setup_s = time.perf_counter() - start

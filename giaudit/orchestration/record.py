@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from giaudit.attacks import Attack
 from giaudit.metrics.assemble import Scorers, assess
 from giaudit.metrics.faces import Gallery
@@ -84,12 +86,13 @@ def cell_record(outcome: CellOutcome) -> CellResult:
         images)
 
 
-def blocked_record(cell: Cell, scenario: str, attack: Attack, threat: ThreatModel, reason: str,
-                   timings: dict[str, float], training: dict[str, Any]) -> CellResult:
-    """The record of a cell whose clients refused the server's model (`reason`): nothing was sent or attacked."""
+def blocked_record(cell: Cell, scenario: str, attack: Attack, threat: ThreatModel, sent: nn.Module | None,
+                   reason: str, timings: dict[str, float], training: dict[str, Any]) -> CellResult:
+    """The record of a cell whose clients refused `sent`, the server's model (`reason`): nothing was sent or
+    attacked."""
     return CellResult(AuditRecord(
         record_id=cell.record_id, config_hash=cell.config_hash, scenario=scenario, defense=cell.label,
-        attack=cell.attack, seed=cell.seed, threat=attack.planned_threat(threat),
+        attack=cell.attack, seed=cell.seed, threat=attack.planned_threat(threat, sent),
         attack_params=dict(attack.params()), label_source="", metrics={}, per_image=(),
         timings={**timings, "attack_s": 0.0, "metrics_s": 0.0, "iterations": 0}, trace={}, notes=(),
         training=dict(training), blocked=reason), None)
