@@ -12,6 +12,7 @@ from torch import nn
 
 from giaudit.attacks import build_attack
 from giaudit.attacks.imprint import find_block
+from giaudit.attacks.trap_weights import find_trap
 from giaudit.config import parse_config
 from giaudit.defenses import build_chain
 from giaudit.engine import LocalEngine
@@ -189,3 +190,29 @@ def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_
         "added imprint block" in found
     assert "was blocked: the clients refused its model" in found
     assert "covers SoK classes A-H" in text
+
+
+def test_an_image_alone_at_a_trap_neuron_is_returned_exactly(mnist32) -> None:
+    """Trap weights (Boenisch et al. 2023), class F: no surrogate data; every image that is the only one firing
+    some neuron comes back to float32 precision, through the sum of a batch of 32."""
+    images, labels = mnist32.images[:32], mnist32.labels[:32]
+    threat = threat_model(modifies_model=True, surrogate_data=False)
+    assert threat.sok_class == "F"
+    attack = build_attack("trap_weights", neurons=200)
+    sent = attack.serve(client_scenario(mnist32).model, mnist32.spec, threat, None, torch.Generator().manual_seed(0))
+    grads = compute_update(sent, images, labels, ClientProtocol())
+    obs = observe(model=sent, update=SharedUpdate(tuple(g.detach() for g in grads)), data_spec=mnist32.spec,
+                  threat=threat, batch_size=32, protocol=ClientProtocol(), labels=None, bn_statistics=None)
+    rec = attack.reconstruct(obs)
+    trap = find_trap(sent)
+    assert trap is not None
+    fired = images.flatten(1) @ trap.trap.weight.detach().T > 0           # image i fires neuron j
+    alone = fired[:, fired.sum(0) == 1].any(1)
+    assert int(alone.sum()) >= 8
+    for x in images[alone]:
+        assert float((rec.images - x).abs().flatten(1).amax(1).min()) < 1e-5
+    assert attack.threat_record(obs, rec.label_source)["sok_class"] == "F"
+    # The architecture check catches the added block.
+    with pytest.raises(ModelRefused, match="architecture|module"):
+        client_scenario(mnist32).serve(lambda m: sent).simulate(
+            build_chain([{"name": "model_validation", "check": "architecture"}]))

@@ -95,6 +95,7 @@ CASES = {
     "gidm": Case("diffusion", {"diffusion_noise": True}, {"sampler_steps": 1}),
     "gidm_plus": Case("diffusion", options={"sampler_steps": 1, "t_grid": 2}),
     "imprint": Case("served", {"modifies_model": True}, {"bins": 16}),
+    "trap_weights": Case("served", {"modifies_model": True}, {"neurons": 50}),
 }
 
 

@@ -20,6 +20,7 @@ from giaudit.attacks import (  # noqa: F401 (registers the attacks)
     giml,
     ig,
     imprint,
+    trap_weights,
 )
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Reconstruction
 from giaudit.attacks.direct import UpdateReconstruction, attack_update

@@ -3,16 +3,18 @@
 Threat model: a malicious server, SoK class G (it modifies the model and holds surrogate data). Its server
 step puts an imprint block in front of the agreed image classifier (any module taking N,C,H,W images: a
 built-in model or the user's own): a linear layer of k bins whose rows all read one linear measurement of the
-image (its brightness, or a random direction) with biases minus the thresholds q_0 < q_1 < ... < q_{k-1}
-(q_1 .. q_{k-1} the quantiles at 1/k, ..., (k-1)/k of the measurement over the server's surrogate images, q_0
-below any image), a ReLU, and a linear layer mapping the bins back onto the image (every weight 1/k), added to
-the input. Bin i fires for every image whose measurement exceeds q_i, and the loss gradient reaching it,
-g(x), is the same for every bin that fires (every column of the map back is the same), so the weight and
-bias gradients of bin i are sums over those images of g(x) x and g(x). The difference of adjacent bins keeps
-only the images between q_i and q_{i+1}: an image alone there is their ratio, exactly (up to float
-rounding), with no optimisation. Sums over clients (secure aggregation) and over a batch stay separable by
-bin, so neither protects; with bins equally likely under the data, a share (1 - 1/k)^(n - 1) of n images is
-alone in its bin. A FedAvg delta of one local step is the gradient times -lr: the ratio is the same.
+image (its brightness, or a random direction) with biases minus the thresholds q_0 < q_1 < ... < q_{k-1},
+a ReLU, and a linear layer mapping the bins back onto the image (every weight 1/k), added to the input.
+q_0 lies below any image; q_1 .. q_{k-1} are the quantiles at 1/k, ..., (k-1)/k of the measurement: by
+default, as in the paper, those of a normal distribution with the mean and standard deviation of the
+measurement over the server's surrogate images (``quantiles = "empirical"``: the surrogate images' own).
+Bin i fires for every image whose measurement exceeds q_i, and the loss gradient reaching it, g(x), is the
+same for every bin that fires (every column of the map back is the same), so the weight and bias gradients
+of bin i are sums over those images of g(x) x and g(x). The difference of adjacent bins keeps only the
+images between q_i and q_{i+1}: an image alone there is their ratio, exactly (up to float rounding), with no
+optimisation. Sums over clients (secure aggregation) and over a batch stay separable by bin, so neither
+protects; with bins equally likely under the data, a share (1 - 1/k)^(n - 1) of n images is alone in its
+bin. A FedAvg delta of one local step is the gradient times -lr: the ratio is the same.
 
 The attack returns the image of every occupied bin (a bin holding several images gives their g-weighted
 mean), padded to the batch size with mid-range images when fewer bins are occupied; the metrics pair each
@@ -29,12 +31,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from giaudit.attacks._common.served import Prepended, agreed_part, classify
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult, device_of
 from giaudit.errors import ThreatModelError
 from giaudit.registry import check_choice, check_number
 from giaudit.types import Capability, DataSpec, Observation
 
 MEASUREMENTS = ("brightness", "random")
+QUANTILES = ("normal", "empirical")
 # A bin is occupied when its bias-gradient difference exceeds this share of the largest bias gradient: an
 # empty bin's difference is float rounding of two sums over the same images, an occupied one's is one
 # image's gradient share.
@@ -64,18 +68,6 @@ class ImprintBlock(nn.Module):
         return x + self.back(torch.relu(self.imprint(x.flatten(1)))).view_as(x)
 
 
-class Imprinted(nn.Module):
-    """The model a malicious server sends: the imprint block, then the agreed model."""
-
-    def __init__(self, block: ImprintBlock, model: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(self.block(x))
-
-
 def measurement_direction(kind: str, shape: tuple[int, int, int], generator: torch.Generator,
                           like: Tensor) -> Tensor:
     """The measurement as a unit-sum (brightness: every pixel 1/D) or unit-norm (random) direction, on the
@@ -87,11 +79,16 @@ def measurement_direction(kind: str, shape: tuple[int, int, int], generator: tor
     return (d / d.norm()).to(device=like.device, dtype=like.dtype)
 
 
-def bin_thresholds(measured: Tensor, bins: int, floor: float) -> Tensor:
-    """q_0 = `floor` (below any image), then the quantiles at 1/k, ..., (k-1)/k of the measured values."""
+def bin_thresholds(measured: Tensor, bins: int, floor: float, fit: str = "normal") -> Tensor:
+    """q_0 = `floor` (below any image), then the quantiles at 1/k, ..., (k-1)/k of the measured values: of the
+    normal distribution with their mean and standard deviation (`fit` "normal"), or their own ("empirical")."""
     levels = torch.arange(1, bins, dtype=torch.float64, device=measured.device) / bins
-    q = torch.quantile(measured.to(torch.float64), levels)
-    return torch.cat([q.new_tensor([floor]), q]).to(measured.dtype)
+    m = measured.to(torch.float64)
+    if fit == "normal":
+        q = m.mean() + m.std() * math.sqrt(2.0) * torch.erfinv(2 * levels - 1)
+    else:
+        q = torch.quantile(m, levels)
+    return torch.cat([q.new_tensor([floor]), q.clamp_min(floor)]).to(measured.dtype)
 
 
 def separate_bins(weight_grad: Tensor, bias_grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,11 +119,12 @@ class Imprint(Attack):
     display_name: ClassVar[str] = "Robbing the Fed (imprint)"
     analytic: ClassVar[bool] = True
 
-    def __init__(self, *, bins: int = 128, measurement: str = "brightness") -> None:
+    def __init__(self, *, bins: int = 128, measurement: str = "brightness", quantiles: str = "normal") -> None:
         super().__init__()
         check_number("bins", bins, low=2)
         check_choice("measurement", measurement, MEASUREMENTS)
-        self.bins, self.measurement = int(bins), measurement
+        check_choice("quantiles", quantiles, QUANTILES)
+        self.bins, self.measurement, self.quantiles = int(bins), measurement, quantiles
 
     def modify(self, model: nn.Module, data_spec: DataSpec, surrogate: Tensor | None,
                generator: torch.Generator) -> nn.Module:
@@ -138,14 +136,17 @@ class Imprint(Attack):
         measured = surrogate.to(device=like.device, dtype=like.dtype).flatten(1) @ direction
         lo, hi = data_spec.value_range
         floor = float(torch.minimum(direction * lo, direction * hi).sum()) - 1.0
-        block = ImprintBlock(data_spec.shape, direction, bin_thresholds(measured, self.bins, floor))
-        return Imprinted(block, model)
+        if measured.numel() < 2:
+            raise ThreatModelError(f"attacks.{self.name}: the server needs at least 2 surrogate images to set its "
+                                   "bins; raise data.holdout")
+        block = ImprintBlock(data_spec.shape, direction, bin_thresholds(measured, self.bins, floor, self.quantiles))
+        return Prepended(block, model)
 
     def modification(self, model: nn.Module) -> dict[str, Any]:
         block = find_block(model)
         if block is None:
             return {}
-        inner = model.model if isinstance(model, Imprinted) else model
+        inner = agreed_part(model)
         return {"block": "imprint", "bins": block.bins, "measurement": self.measurement,
                 "placed": f"in front of {type(inner).__name__}",
                 "parameters_added": sum(p.numel() for p in block.parameters())}
@@ -170,12 +171,8 @@ class Imprint(Attack):
         lo, hi = obs.data_spec.value_range
         pad = images.new_full((n - images.shape[0], *obs.data_spec.shape), (lo + hi) / 2)
         images = torch.cat([images, pad])
-        inner = obs.model.model if isinstance(obs.model, Imprinted) else obs.model
-        was = inner.training
-        inner.eval()
         with torch.no_grad():
-            predicted = inner(images.clamp(lo, hi)).argmax(1)
-        inner.train(was)
+            predicted = classify(obs.model, images.clamp(lo, hi))
         return RestartResult(images.detach(), predicted, [], 0.0,
                              extra={"label_source": "classified", "occupied_bins": int(occupied.numel()),
                                     "bins": block.bins})
