@@ -10,6 +10,7 @@ import torch
 from conftest import client_scenario
 from torch import nn
 
+from giaudit.aggregate import summarise
 from giaudit.attacks import build_attack
 from giaudit.attacks.imprint import find_block
 from giaudit.attacks.trap_weights import find_trap
@@ -21,6 +22,7 @@ from giaudit.fl import compute_update
 from giaudit.orchestration import run_audit
 from giaudit.policy import check, parse_policy
 from giaudit.report import render
+from giaudit.report.compare import render_compare
 from giaudit.results import ResultsStore
 from giaudit.scenario.client import Scenario
 from giaudit.threat import observe, threat_model
@@ -190,6 +192,10 @@ def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_
         "added imprint block" in found
     assert "was blocked: the clients refused its model" in found
     assert "covers SoK classes A-H" in text
+    # The comparison table lists the malicious server's rows after the curious one's, marked as such.
+    table = (render_compare(summarise(records), {}, tmp_path / "cmp").parent / "compare.md").read_text()
+    assert table.index("| secure_agg | ig |") < table.index("| secure_agg | imprint (a malicious server, class G) |")
+    assert "imprint (a malicious server, class G; blocked in 3 of 3 records)" in table
 
 
 def test_an_image_alone_at_a_trap_neuron_is_returned_exactly(mnist32) -> None:
