@@ -236,7 +236,7 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None, *,
                                "seeds": len({r.seed for r in recs}),
                                "images": sum(image_count(r) for r in recs),
                                "sok_class": recs[0].threat.get("sok_class"),
-                               "label_sources": sorted({r.label_source for r in recs})}
+                               "label_sources": sorted({r.label_source for r in recs if r.label_source})}
         if by_round:
             row["round"] = key[2]
         for metric in summarised():
@@ -261,6 +261,11 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None, *,
                    utility_baseline_accuracy=base_acc,
                    utility_drop_mean=base_acc - acc if finite(base_acc) and util else math.nan,
                    utility_rounds=util[0].get("rounds") if util else None)
+        if any(r.active for r in recs):  # a malicious server's row (passive rows keep their keys as they were)
+            stopped = [r for r in recs if r.blocked]
+            row.update(active=True, blocked=len(stopped), blocked_reason=stopped[0].blocked if stopped else None,
+                       modification=next((dict(r.threat["modification"]) for r in recs
+                                          if r.threat.get("modification")), {}))
         accs = [r.training.get("held_out_accuracy") for r in recs if r.training]
         row["model_accuracy"] = accs[0] if accs else None
         row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]

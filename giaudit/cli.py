@@ -34,7 +34,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    res = run_demo(args.out, faces=args.faces, show_progress=not args.no_progress, engine=_engine(args))
+    res = run_demo(args.out, faces=args.faces, show_progress=not args.no_progress, engine=_engine(args),
+                   active=args.active)
     if res["html"] is None:
         return 0
     store = res["store"]
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run folder (default: reports/demo, or reports/demo-faces)")
     d.add_argument("--faces", action="store_true", help="faces from scikit-image's lfw_subset with the offline face "
                    "backend (pip install \"giaudit[faces]\")")
+    d.add_argument("--active", action="store_true", help="add a malicious server's row: Robbing the Fed's imprint "
+                   "through secure aggregation of 8 clients (SoK class G)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_engine_arguments(d)
     d.set_defaults(func=_demo)

@@ -55,6 +55,8 @@ class ThreatSection:
     # Unset (None) is the table's default; kept out of the canonical config while unset, so configs written
     # before the diffusion scenario keep their hashes.
     diffusion_noise: bool | None = None
+    # A malicious server (SoK classes F-H); unset (None) like diffusion_noise, for the same reason.
+    modifies_model: bool | None = None
 
     def model(self) -> ThreatModel:
         """The threat model these flags grant."""

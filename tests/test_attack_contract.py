@@ -8,6 +8,9 @@ and the update) is left as it was. The classifier scenario uses a ConvNet with B
 attack that ran a forward pass on the observation's own model would move its running statistics.
 
 A new attack must be added to CASES (the test fails otherwise), with options that only shrink its cost.
+A malicious server's attack (`Attack.active()`) runs on the "served" scenario: the classifier client
+computing on the model the attack's own server step sent; it may return more images than the batch (a set
+recovered from an aggregate), and an analytic one (`Attack.analytic`) iterates nothing.
 """
 from __future__ import annotations
 
@@ -53,6 +56,16 @@ def classifier(pool, batch: int = 2, **threat: bool) -> Observation:
     return sc.simulate(generator=torch.Generator().manual_seed(1))[0]
 
 
+def served(pool, name: str, options: dict[str, Any], batch: int = 2, **threat: bool) -> Observation:
+    """The classifier client computing on the model the active attack `name` sends (its server step granted
+    everything it needs; the observation carries `threat`)."""
+    m = build_model("convnet", channels=1, num_classes=10, size=32, width=4, generator=torch.Generator().manual_seed(0))
+    server = threat_model(modifies_model=True)
+    sent = build_attack(name, **options).serve(m, pool.spec, server, pool.images[100:], torch.Generator())
+    sc = Scenario(m, pool.subset(torch.arange(100)), ClientProtocol(), batch, threat_model(**threat), served=sent)
+    return sc.simulate(generator=torch.Generator().manual_seed(1))[0]
+
+
 def diffusion(digits, **threat: bool) -> Observation:
     """FedSGD on a tiny untrained DDPM UNet at 16 px, one digit."""
     from giaudit.priors.ddpm import DDPMConfig, untrained_ddpm
@@ -65,7 +78,7 @@ def diffusion(digits, **threat: bool) -> Observation:
 
 @dataclass(frozen=True)
 class Case:
-    scenario: str                                        # "classifier" or "diffusion"
+    scenario: str                                        # "classifier", "diffusion" or "served"
     threat: dict[str, bool] = field(default_factory=dict)  # what the scenario grants beyond the defaults
     options: dict[str, Any] = field(default_factory=dict)  # only options that make the run cheaper
     iterations: int = 3
@@ -81,12 +94,16 @@ CASES = {
     "diffula": Case("classifier", {"surrogate_data": True}, {"denoise_steps": 2}, iterations=2),
     "gidm": Case("diffusion", {"diffusion_noise": True}, {"sampler_steps": 1}),
     "gidm_plus": Case("diffusion", options={"sampler_steps": 1, "t_grid": 2}),
+    "imprint": Case("served", {"modifies_model": True}, {"bins": 16}),
+    "trap_weights": Case("served", {"modifies_model": True}, {"neurons": 50}),
 }
 
 
 @pytest.fixture(scope="module")
 def observe(pool, digits16) -> Callable[[str, dict[str, bool]], Observation]:
-    def make(scenario: str, threat: dict[str, bool]) -> Observation:
+    def make(scenario: str, threat: dict[str, bool], name: str = "") -> Observation:
+        if scenario == "served":
+            return served(pool, name, CASES[name].options, **threat)
         return classifier(pool, **threat) if scenario == "classifier" else diffusion(digits16, **threat)
 
     return make
@@ -118,7 +135,7 @@ def test_refuses_a_threat_model_without_what_it_requires(name, observe):
     attack = build_attack(name, **case.options)
     assert attack.requires, name
     for cap in sorted(attack.requires, key=lambda c: c.value):
-        obs = observe(case.scenario, {**case.threat, cap.value: False})
+        obs = observe(case.scenario, {**case.threat, cap.value: False}, name)
         assert cap not in obs.threat.granted
         with pytest.raises(ThreatModelError, match=cap.value):
             attack.reconstruct(obs, budget=Budget(iterations=case.iterations))
@@ -132,7 +149,7 @@ def _state(obs: Observation) -> tuple[dict[str, torch.Tensor], list[bool], list[
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_reconstruction_contract(name, observe):
     case = CASES[name]
-    obs = observe(case.scenario, case.threat)
+    obs = observe(case.scenario, case.threat, name)
     attack = build_attack(name, **case.options)
     weights, modes, update = _state(obs)
     budget = Budget(iterations=case.iterations)
@@ -141,12 +158,18 @@ def test_reconstruction_contract(name, observe):
 
     assert isinstance(a, Reconstruction) and isinstance(a.trace, Trace)
     n = obs.batch_size
-    assert a.images.shape == (n, *obs.data_spec.shape) and a.labels.shape == (n,)
+    assert n is not None
+    if attack.active():  # a set recovered from the aggregate: at least the batch
+        assert a.images.shape[0] >= n and a.images.shape[1:] == obs.data_spec.shape
+        assert a.labels.shape == (a.images.shape[0],)
+    else:
+        assert a.images.shape == (n, *obs.data_spec.shape) and a.labels.shape == (n,)
     lo, hi = obs.data_spec.value_range
     assert torch.isfinite(a.images).all() and a.images.min() >= lo and a.images.max() <= hi
     assert isinstance(a.label_source, str) and a.label_source
     t = a.trace
-    assert 1 <= t.iterations <= case.iterations and len(t.losses) == t.iterations
+    assert (t.iterations == 0 if attack.analytic else 1 <= t.iterations <= case.iterations)
+    assert len(t.losses) == t.iterations
     assert len(t.restart_losses) == budget.restarts and t.best_restart == 0
     assert all(math.isfinite(v) for v in t.losses) and t.wall_s >= 0
     json.dumps(dict(t.extra), default=str)  # the record stores it

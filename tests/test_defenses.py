@@ -295,6 +295,7 @@ EXAMPLES = {
     "large_batch": {"batch_size": 6},
     "label_disguise": {"mix": 0.5, "labels_per_batch": 2},
     "secure_agg": {"clients": 2},
+    "model_validation": {"check": "architecture"},
 }
 
 

@@ -40,6 +40,15 @@ def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path,
         assert r.timings == first[rid].timings and r.config_hash == first[rid].config_hash, rid
         assert r.metrics == pytest.approx(first[rid].metrics, nan_ok=True), rid
     assert again["passed"] is res["passed"] and again["md"].read_text() == report
+    # --active adds one malicious server's row beside them (the others resume untouched); the verdict judges
+    # the honest-but-curious rows as before and says the malicious one is outside the policy's classes.
+    act = demo.run_demo(tmp_path / "demo", show_progress=False, log=lambda m: None, active=True)
+    rows = {(r.defense, r.attack): r for r in act["store"].records}
+    assert set(rows) - {(r.defense, r.attack) for r in second.values()} == {("secure-agg-8", "imprint")}
+    assert rows[("secure-agg-8", "imprint")].active and rows[("secure-agg-8", "imprint")].metrics["psnr_db_worst"] > 30
+    assert act["passed"] is res["passed"]
+    md = act["md"].read_text()
+    assert "A malicious server (SoK classes F-H" in md and "secure-agg-8 / imprint (class G" in md
 
 
 def test_demo_faces_says_how_to_install_the_backend(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from giaudit.attacks import diffula, dlg, ggl, gias, gidm, gidm_plus, giml, ig  # noqa: F401 (registers the attacks)
+from giaudit.attacks import (  # noqa: F401 (registers the attacks)
+    diffula,
+    dlg,
+    ggl,
+    gias,
+    gidm,
+    gidm_plus,
+    giml,
+    ig,
+    imprint,
+    trap_weights,
+)
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Reconstruction
 from giaudit.attacks.direct import UpdateReconstruction, attack_update
 

@@ -18,6 +18,12 @@ is the name reports print (default: the registered name). Explicit hooks replace
 orchestrator: `capabilities_used(obs)` (what this configuration actually used, for the report's threat
 model), `prepare(others)` with `others_wanted()` (other clients' observations, e.g. GIML's meta-learning),
 and `before_restarts(obs, budget)`.
+
+Active attacks (a malicious server, SoK classes F-H) require `Capability.MODIFIES_MODEL` and implement
+`modify`: the server step that turns the agreed global model into the one the server sends. `serve` is its
+one entry point (it checks the threat model first); the scenario sends what it returns, the clients compute
+their updates on it under every configured defense, and `reconstruct` then reads the observation as usual
+(its model is the one the server sent). `modification(model)` describes the change for the record.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from functools import partial
 from typing import Any, ClassVar, Literal, final
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from giaudit.attacks.labels import LABEL_METHODS, recover_labels
 from giaudit.attacks.restarts import (
@@ -47,7 +53,7 @@ from giaudit.fl import compute_update
 from giaudit.registry import Configurable, Registry, check_choice, check_number
 from giaudit.replay import replay_for
 from giaudit.threat import check
-from giaudit.types import Capability, ClientProtocol, Observation, Reconstruction, ThreatModel, Trace
+from giaudit.types import Capability, ClientProtocol, DataSpec, Observation, Reconstruction, ThreatModel, Trace
 
 __all__ = ["ATTACKS", "Attack", "Budget", "Descent", "Plateau", "Progress", "RestartResult", "device_of", "drive"]
 
@@ -130,12 +136,16 @@ class Attack(Configurable):
     # The options a server may tune on clients it simulates from its own data (`attacks.NAME.tune`); empty:
     # the attack has nothing to tune (analytic, or too costly to repeat per trial).
     search_space: ClassVar[Mapping[str, Dim]] = {}
+    # Recovers in closed form from the update (Robbing the Fed's imprint): no iterations, the budget unused.
+    analytic: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "reconstruct" in vars(cls):
-            raise TypeError(f"{cls.__qualname__} overrides Attack.reconstruct, which is final: put per-run "
-                            "setup in before_restarts(obs, budget) and the optimisation in run_restart or descend")
+        for final_method in ("reconstruct", "serve"):
+            if final_method in vars(cls):
+                raise TypeError(f"{cls.__qualname__} overrides Attack.{final_method}, which is final: put per-run "
+                                "setup in before_restarts(obs, budget), the optimisation in run_restart or descend "
+                                "and a malicious server's change of the model in modify")
 
     def __init__(self, *, labels: str = "auto", adaptive: bool = False) -> None:
         check_choice("labels", labels, LABEL_METHODS)
@@ -189,10 +199,51 @@ class Attack(Configurable):
         used = self.capabilities_used(obs) | set(also_used)
         if label_source == "oracle":
             used.add(Capability.TRUE_LABELS)
+        return self._threat(obs.threat, used, self.modification(obs.model))
+
+    def planned_threat(self, threat: ThreatModel, sent: nn.Module | None = None) -> dict[str, Any]:
+        """`threat_record` of a run with no observation (its client refused `sent`, the model the server
+        sent): what the attack requires, under the granted `threat`."""
+        return self._threat(threat, set(self.requires), self.modification(sent) if sent is not None else {})
+
+    def _threat(self, threat: ThreatModel, used: set[Capability], modification: dict[str, Any]) -> dict[str, Any]:
         used_model = ThreatModel(frozenset(used))
-        return {"sok_class": max(used_model.sok_class, self.sok_class),
-                "granted": sorted(c.value for c in obs.threat.granted),
-                "used": sorted(c.value for c in used), "oracles": list(used_model.oracles)}
+        record: dict[str, Any] = {"sok_class": max(used_model.sok_class, self.sok_class),
+                                  "granted": sorted(c.value for c in threat.granted),
+                                  "used": sorted(c.value for c in used), "oracles": list(used_model.oracles)}
+        if self.active():
+            record.update(active=True, modification=modification)
+        return record
+
+    @classmethod
+    def active(cls) -> bool:
+        """A malicious server's attack: it changes the global model before the clients compute their updates."""
+        return Capability.MODIFIES_MODEL in cls.requires
+
+    def modify(self, model: nn.Module, data_spec: DataSpec, surrogate: Tensor | None,
+               generator: torch.Generator) -> nn.Module:
+        """The server step of an active attack: the global model to send instead of `model` (the attacker's
+        own copy of the agreed one, free to change or wrap). `surrogate`: images the server holds (N,C,H,W,
+        never the audited client's), given only when the threat model grants surrogate data."""
+        raise NotImplementedError(f"attack {self.name!r} is passive: it does not modify the model")
+
+    def modification(self, model: nn.Module) -> dict[str, Any]:
+        """What the server changed to make `model` (the one it sent), as plain data for the record; {}: nothing
+        found."""
+        return {}
+
+    @final
+    def serve(self, model: nn.Module, data_spec: DataSpec, threat: ThreatModel, surrogate: Tensor | None,
+              generator: torch.Generator) -> nn.Module:
+        """The global model a malicious server sends in place of `model` (left as it was), in its train/eval
+        mode, after checking that the threat model lets the server modify the model (and hold `surrogate`)."""
+        if not self.active():
+            raise ThreatModelError(f"attack {self.name!r} is passive: an honest-but-curious server sends the "
+                                   "agreed model")
+        check(self.name, self.requires, threat)
+        data = surrogate if threat.has(Capability.SURROGATE_DATA) else None
+        sent = self.modify(copy.deepcopy(model), data_spec, data, generator)
+        return sent.train(model.training)
 
     def others_wanted(self) -> int:
         """How many other clients' observations `prepare` wants (0: none)."""

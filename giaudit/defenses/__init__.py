@@ -7,7 +7,17 @@ chain and, when a server could replay it, provides its own replay rule
 (folded by `giaudit.replay` for adaptive attacks, which never import this
 package).
 """
-from giaudit.defenses import clip, dpsgd, label_disguise, large_batch, noise, quantize, secure_agg, sparsify  # noqa: F401 (registers)
+from giaudit.defenses import (  # noqa: F401 (registers)
+    clip,
+    dpsgd,
+    label_disguise,
+    large_batch,
+    model_validation,
+    noise,
+    quantize,
+    secure_agg,
+    sparsify,
+)
 from giaudit.defenses.base import Chain, ClientStep, Defense
 from giaudit.defenses.registry import DEFENSES, build_chain, build_defense, load_defense_file
 

@@ -125,10 +125,10 @@ def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
         notes.append(f"clamped {100.0 * outside / rec.numel():.2f}% of reconstructed pixel values into [0, 1]")
     rec = rec.clamp(0.0, 1.0)
 
-    perm = match(rec, orig)  # rec[perm[i]] pairs with orig[i]; ValueError on unequal counts
+    perm = match(rec, orig)  # rec[perm[i]] pairs with orig[i]; ValueError on fewer reconstructions
     n = orig.shape[0]
     y_true = _labels(truth.labels, n, "ground truth")
-    y_pred_rows = _labels(reconstruction.labels, n, "reconstruction")
+    y_pred_rows = _labels(reconstruction.labels, rec.shape[0], "reconstruction")
     rec = rec[perm]
     y_pred = y_pred_rows[perm]
 

@@ -7,6 +7,12 @@ scipy's ``linear_sum_assignment``). This is standard in the gradient-inversion
 literature (e.g. Geiping et al. 2020; Carletti et al.'s SoK) and is the most
 favourable pairing for the attacker, hence the conservative one for an audit.
 Only the evaluator runs it: it needs the ground truth, which no attack sees.
+
+A malicious server's attack (e.g. the imprint of Robbing the Fed) recovers a
+set of images from an aggregate of many users, which may hold more images than
+the audited client's batch: each private image is then paired with a distinct
+one of them (the same assignment, rectangular). Fewer reconstructions than
+private images cannot be paired.
 """
 from __future__ import annotations
 
@@ -30,9 +36,10 @@ def pairwise_mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 def match(reconstruction: Tensor, original: Tensor) -> torch.LongTensor:
-    """Permutation `perm` such that ``reconstruction[perm[i]]`` pairs with ``original[i]``.
+    """Indices `perm` such that ``reconstruction[perm[i]]`` pairs with ``original[i]`` (distinct rows; a
+    permutation when both batches have the same size).
 
-    Raises ValueError when the batches differ in size or image shape, naming
+    Raises ValueError when there are fewer reconstructions than originals or the image shapes differ, naming
     both, since a one-to-one pairing is then undefined.
     """
     if reconstruction.dim() != 4 or original.dim() != 4:
@@ -40,10 +47,10 @@ def match(reconstruction: Tensor, original: Tensor) -> torch.LongTensor:
             f"match takes N,C,H,W batches; got reconstruction {tuple(reconstruction.shape)} "
             f"and original {tuple(original.shape)}")
     n_rec, n_org = reconstruction.shape[0], original.shape[0]
-    if n_rec != n_org:
+    if n_rec < n_org:
         raise ValueError(
             f"cannot pair {n_rec} reconstructed images with {n_org} original images one-to-one; "
-            "the attack must return as many images as the client's batch")
+            "the attack must return at least as many images as the client's batch")
     if reconstruction.shape[1:] != original.shape[1:]:
         raise ValueError(
             f"reconstructed images have shape {tuple(reconstruction.shape[1:])} but originals "

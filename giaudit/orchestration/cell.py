@@ -9,29 +9,39 @@ see the private batch (`giaudit.orchestration.record`). Every draw comes from
 generators seeded by the seed, the client and the attack name, so client c of
 a seed gets the same batch and the same attack start under every defense
 (paired comparisons across defenses).
+
+An active attack (a malicious server, `Attack.active()`) adds the server
+step before any client computes: the attack's `serve` changes the global
+model, estimated on the server's own held-out images (`server_data`), and
+every client of the cell computes on the model it received. When a defense
+makes the client refuse that model (model_validation), the cell's record is
+"blocked": no update left the client, so nothing was attacked.
 """
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from giaudit.attacks import build_attack
+from giaudit.attacks import ATTACKS, Attack, build_attack
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
+from giaudit.errors import ConfigError, ModelRefused
 from giaudit.orchestration import evaluators
 from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
-from giaudit.orchestration.record import CellOutcome, CellResult, cell_record
+from giaudit.orchestration.record import CellOutcome, CellResult, blocked_record, cell_record
 from giaudit.orchestration.tuning import tune_attack, tuning_key
-from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name, surrogate_scenario
+from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name, server_data, surrogate_scenario
 from giaudit.scenario.capture import CaptureScenario, deployment, read_meta
+from giaudit.scenario.client import Scenario
 from giaudit.training import TrainingSettings, stable_seed
-from giaudit.types import GroundTruth, Observation
+from giaudit.types import Capability, GroundTruth, Observation
 
 
 def build_defense(spec: AuditSpec) -> tuple[str, Chain]:
@@ -51,6 +61,24 @@ def simulate_clients(scenario: AnyScenario | CaptureScenario, defense: Chain, se
         stable_seed("batch", seed, *((c,) if c else ())))) for c in range(n)]
 
 
+def malicious_server(spec: AuditSpec, scenario: AnyScenario | CaptureScenario, attack: Attack,
+                     seed: int) -> Scenario:
+    """The scenario with the server step of the active `attack`: the model it sends, made from the agreed one
+    and the server's held-out images (surrogate data, when the threat model grants it)."""
+    if not isinstance(scenario, Scenario):
+        key = "scenario.capture" if isinstance(scenario, CaptureScenario) else "scenario.model"
+        raise ConfigError(f"attacks.{attack.name}: a malicious server changes the model a simulated classifier "
+                          f"client computes on; {key} gives no such client (its update is computed already, or "
+                          "it is a diffusion model)")
+    held = server_data(spec.data, seed).images if scenario.threat.has(Capability.SURROGATE_DATA) else None
+    if held is not None and held.shape[0] == 0:
+        raise ConfigError(f"attacks.{attack.name}: the server's surrogate images are the held-out split, and "
+                          "data.holdout = 0 leaves it none; raise data.holdout")
+    gen = torch.Generator().manual_seed(stable_seed("server", attack.name, seed))
+    return scenario.serve(partial(attack.serve, data_spec=scenario.pool.spec, threat=scenario.threat,
+                                  surrogate=held, generator=gen))
+
+
 def _progress_bar(desc: str, total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, leave=False, file=sys.stderr)
 
@@ -67,10 +95,19 @@ def run_cell(cell: Cell) -> CellResult:
     if cell.round is not None:
         checkpoint = cell.checkpoint or seed_checkpoints(spec, seed, cell.training or TrainingSettings())[cell.round]
         train_info = at_checkpoint(scenario, checkpoint)
-    clients = simulate_clients(scenario, defense, seed, spec.scenario.clients)
+    config = spec.attacks[attack_name]
+    active = ATTACKS[attack_name].active()
+    if active:  # passive attacks are built after the clients, as they always were
+        attack = config.build()
+        scenario = malicious_server(spec, scenario, attack, seed)
+    try:
+        clients = simulate_clients(scenario, defense, seed, spec.scenario.clients)
+    except ModelRefused as refused:  # only a malicious server's model is ever refused
+        return blocked_record(cell, scenario_name(spec.data, spec.scenario), attack if active else config.build(),
+                              spec.threat.model(), getattr(scenario, "served", None),
+                              str(refused), {"setup_s": time.perf_counter() - start}, train_info)
     galleries = [evaluators.gallery(spec, face_analyzer, scenario, t, seed) for _, t in clients]
     setup_s = time.perf_counter() - start
-    config = spec.attacks[attack_name]
     tuned = None
     settings = config.tune
     if settings is not None and not isinstance(scenario, CaptureScenario):  # the config refuses tune with capture
@@ -78,7 +115,7 @@ def run_cell(cell: Cell) -> CellResult:
         tuned = tune_attack(config, settings, surrogate_scenario(spec.data, scenario, seed), defense, seed,
                             tuning_key(cell.config_hash, attack_name, cell.round), cell.tuning_dir)
         attack = build_attack(attack_name, **{**config.options, **tuned.params})
-    else:
+    elif not active:
         attack = config.build()
     budget = config.budget
     wants = attack.others_wanted()

@@ -7,6 +7,8 @@ them, the timings and the training round. `cell_record` scores it
 used (`Attack.threat_record`: the capabilities it read, their SoK class and any
 oracle) and assembles the record. A capture without the client's batch has
 no ground truth: its record holds the server's view and a note, no metrics.
+`blocked_record` is the record of a cell whose client refused the model a
+malicious server sent: no update, no reconstruction, no metrics.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from giaudit.attacks import Attack
 from giaudit.metrics.assemble import Scorers, assess
 from giaudit.metrics.faces import Gallery
 from giaudit.orchestration.plan import Cell
 from giaudit.results import AuditRecord, images_file, images_npz
-from giaudit.types import Capability, GroundTruth, Observation, Reconstruction, disclosed_values
+from giaudit.types import Capability, GroundTruth, Observation, Reconstruction, ThreatModel, disclosed_values
 
 NO_TRUTH_NOTE = ("no ground truth: the capture holds no client batch (the server's view), so nothing is measured; "
                  "the reconstructions are shown alone (capture with store_batch=True, as the data owner, to measure "
@@ -88,3 +91,15 @@ def cell_record(outcome: CellOutcome) -> CellResult:
         images_file=images_file(cell.record_id) if images is not None else None, training=dict(outcome.training),
         tuning=dict(outcome.tuning)),
         images)
+
+
+def blocked_record(cell: Cell, scenario: str, attack: Attack, threat: ThreatModel, sent: nn.Module | None,
+                   reason: str, timings: dict[str, float], training: dict[str, Any]) -> CellResult:
+    """The record of a cell whose clients refused `sent`, the server's model (`reason`): nothing was sent or
+    attacked."""
+    return CellResult(AuditRecord(
+        record_id=cell.record_id, config_hash=cell.config_hash, scenario=scenario, defense=cell.label,
+        attack=cell.attack, seed=cell.seed, threat=attack.planned_threat(threat, sent),
+        attack_params=dict(attack.params()), label_source="", metrics={}, per_image=(),
+        timings={**timings, "attack_s": 0.0, "metrics_s": 0.0, "iterations": 0}, trace={}, notes=(),
+        training=dict(training), blocked=reason), None)

@@ -25,6 +25,7 @@ from giaudit.metrics.registry import summarised
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
 from giaudit.report.templating import environment
 from giaudit.results import write_table
+from giaudit.types import a_server
 
 
 def _metric_columns() -> list[tuple[str, str, tuple[str, str] | None, int]]:
@@ -182,13 +183,26 @@ def _head(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def _cells(r: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     rounds = any(x.get("round") is not None for x in rows)
     extra = [str(r.get("round")), cell(r, "model_accuracy", None, 3)] if rounds else []
-    return [str(r["defense"]), str(r["attack"])] + extra + [cell(r, k, ci, d) for _, k, ci, d in COLUMNS]
+    return [str(r["defense"]), _attack_cell(r)] + extra + [cell(r, k, ci, d) for _, k, ci, d in COLUMNS]
+
+
+def _attack_cell(r: Mapping[str, Any]) -> str:
+    """The attack, and for a malicious server's row that it is one (and whether its clients refused it)."""
+    if not r.get("active"):
+        return str(r["attack"])
+    blocked = f"; blocked in {r['blocked']} of {r['records']} records" if r.get("blocked") else ""
+    return f"{r['attack']} ({a_server(True)}, class {r.get('sok_class')}{blocked})"
+
+
+def _ordered(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of an honest-but-curious server first, then a malicious one's (each in their order)."""
+    return sorted(rows, key=lambda r: bool(r.get("active")))
 
 
 def _table_md(rows: Sequence[Mapping[str, Any]]) -> str:
     head = _head(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    for r in _ordered(rows):
         lines.append("| " + " | ".join(_cells(r, rows)) + " |")
     return "\n".join(lines)
 
@@ -196,7 +210,7 @@ def _table_md(rows: Sequence[Mapping[str, Any]]) -> str:
 def _table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     head = _head(rows)
     out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for r in rows:
+    for r in _ordered(rows):
         cells = _cells(r, rows)
         out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")

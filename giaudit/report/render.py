@@ -106,6 +106,7 @@ class ReportData:
     verdict_failed: list[str] = field(default_factory=list)
     utility_png: bytes | None = None
     scenario: str = ""
+    verdict_coverage: str | None = None  # which SoK classes the policy judged (the verdict's coverage())
 
 
 # --------------------------------------------------------------------------- collecting the content
@@ -135,7 +136,7 @@ def _threat_groups(records: Sequence[AuditRecord]) -> list[ThreatGroup]:
         key = (sok, granted, oracles)
         g = groups.setdefault(key, ThreatGroup(sok, granted, oracles, [], []))
         g.record_ids.append(r.record_id)
-        if r.label_source not in g.label_sources:
+        if r.label_source and r.label_source not in g.label_sources:
             g.label_sources.append(r.label_source)
     return list(groups.values())
 
@@ -337,6 +338,8 @@ def _verdict(verdict: Any) -> tuple[bool | None, Table | None]:
         rows.append([str(getattr(rule, "metric", "")), str(getattr(rule, "scope", "")),
                      str(getattr(rule, "op", "")), fmt_num(getattr(rule, "threshold", None)),
                      fmt_num(getattr(rule, "measured", None)),
+                     # a blocked record is not a pass on measured leakage: the client sent nothing
+                     "BLOCKED" if getattr(rule, "status", "") == "BLOCKED" else
                      "PASS" if getattr(rule, "passed", False) else "FAIL"])
     return bool(verdict.passed), Table(["metric", "scope", "rule", "threshold", "measured", "result"], rows,
                                        numeric={3, 4})
@@ -423,6 +426,7 @@ def collect(store: ResultsStore, verdict: Any = None,
         verdict_failed=failed,
         utility_png=_utility_png(summary),
         scenario=", ".join(dict.fromkeys(r.scenario for r in records)),
+        verdict_coverage=verdict.coverage() if hasattr(verdict, "coverage") else None,
     )
 
 

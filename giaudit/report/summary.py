@@ -8,7 +8,10 @@ re-identification pooled over images with their Wilson intervals, attributes
 beside the same classifier on the originals and chance, ε (δ) where the
 defense discloses it or the utility training spent it, and utility when a
 comparison measured it. This module only turns those numbers into cells and
-one sentence per row.
+one sentence per row. A malicious server's row (an active attack, SoK classes
+F-H) says so in its sentence, with what the server changed, and a row whose
+clients refused the server's model says it was blocked (nothing was sent),
+not that the attack failed.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from giaudit.metrics.registry import Metric, summarised
 from giaudit.report.format import MISSING, pct
 from giaudit.results import AuditRecord, undefended
 from giaudit.stats import finite
-from giaudit.types import UNDECLARED_DEFENSE
+from giaudit.types import UNDECLARED_DEFENSE, a_server, server_kind
+
+BLOCKED = "blocked"  # the cells of a row whose clients refused the malicious server's model
 
 
 def display_name(attack: str) -> str:
@@ -51,11 +56,31 @@ class SummaryRow:
     finding: str
     values: dict[str, Any]  # the aggregated numbers (giaudit.aggregate.summarise's row)
 
+    @property
+    def active(self) -> bool:
+        """A malicious server's row (its attack changed the model)."""
+        return bool(self.values.get("active"))
+
+    @property
+    def server(self) -> str:
+        return server_kind(self.active)
+
 
 @dataclass
 class Summary:
     columns: list[tuple[str, str]]  # (key, human header with unit)
     rows: list[SummaryRow]
+
+    @property
+    def split(self) -> list[tuple[str, list[SummaryRow]]]:
+        """The rows by the server they assume, honest-but-curious first: [(heading, rows)], only the servers
+        some row assumes ("An honest-but-curious server (SoK classes A-E) could:" ...)."""
+        out = []
+        for active, classes in ((False, "A-E"), (True, "F-H, it changes the model it sends")):
+            rows = [r for r in self.rows if r.active == active]
+            if rows:
+                out.append((f"{a_server(active).capitalize()} (SoK classes {classes}) could:", rows))
+        return out
 
 
 def _image_cell(v: Mapping[str, Any], metric: Metric) -> Cell:
@@ -130,6 +155,9 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None) ->
             interval = f" [{pct(acc_lo, 1)}, {pct(acc_hi, 1)}]" if finite(acc_lo) else ""
             cells["utility"] = Cell(pct(values["utility_accuracy_mean"], 1) + interval,
                                     [f"undefended {pct(base, 1)}"] if finite(base) else [])
+        if values.get("active") and values.get("blocked") == values["records"]:
+            # Nothing was sent: every measurement cell says so, not that it is missing.
+            cells.update({k: Cell(BLOCKED, ["the clients refused the model"]) for k, _ in columns if k != "setting"})
         rows.append(SummaryRow(defense, attack, cells, finding(values, attrs), values))
     return Summary(columns, rows)
 
@@ -146,6 +174,16 @@ def _quality(ssim_worst: float, psnr_worst: float) -> str:
     return "could not be measured"
 
 
+def _changed(modification: Mapping[str, Any]) -> str:
+    """What a malicious server changed, in words (from the attack's record of its modification)."""
+    if not modification:
+        return "it changed the model"
+    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in modification.items() if k not in ("block", "placed"))
+    block = modification.get("block", "a block")
+    placed = f" {modification['placed']}" if modification.get("placed") else ""
+    return f"it sent a model with an added {block} block{placed}" + (f" ({what})" if what else "")
+
+
 def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
     """One plain-language sentence for a summary row."""
     attack = display_name(str(v["attack"]))
@@ -158,6 +196,12 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
         where = f"Under {defense}"
         if finite(v.get("epsilon")):
             where += f" (ε = {float(v['epsilon']):.3g})"
+    if v.get("active"):
+        changed = _changed(v.get("modification") or {})
+        where += f", {a_server(True)} (SoK class {v.get('sok_class')}: {changed})"
+        if v.get("blocked") and v["blocked"] == v.get("records"):
+            return (f"{where} was blocked: the clients refused its model ({v['blocked_reason']}), so no update was "
+                    f"sent and {attack} had nothing to attack.")
     parts = []
     if v.get("reid_n"):
         chance = v.get("reid_chance")
@@ -190,6 +234,8 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
         parts.append(f"labels recovered for {pct(lab)}")
     if finite(v.get("utility_accuracy_mean")):
         parts.append(f"model accuracy {pct(v['utility_accuracy_mean'], 1)}")
+    if v.get("blocked"):
+        parts.append(f"{v['blocked']} of {v['records']} records blocked (the clients refused the model)")
     return f"{where}, " + "; ".join(parts) + "."
 
 

@@ -107,6 +107,14 @@ def cell_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatMo
     return build_scenario(data, scenario, threat, seed)[0]
 
 
+def server_data(data: DataSection, seed: int) -> ImageDataset:
+    """The images a server holds besides the federation's: the seed's held-out split (never the audited
+    client's pool). A malicious server estimates its modification on them (surrogate data)."""
+    images = load_data(data)
+    _pool, held_idx = _split(data, len(images), seed)
+    return images.subset(held_idx)
+
+
 def training_data(data: DataSection, scenario: ScenarioSection, threat: ThreatModel,
                   seed: int) -> tuple[AnyScenario, ImageDataset, ImageDataset]:
     """The scenario, the federation's training data (every image not held out: the audited client's pool and

@@ -7,10 +7,22 @@ w_before), passes the update through the defenses, and returns two objects:
 the attacker's `Observation` and the `GroundTruth`, split where the batch is
 drawn. The global model the attacker receives is a copy taken before the
 client trains, so BN running statistics the client moves do not leak through it.
+
+The server step: an honest-but-curious server (SoK classes A-E) sends the
+agreed global model. A malicious one (F-H) sends another (`Scenario.served`,
+made by an active attack's `serve` with `Scenario.serve`): every client then
+computes its update on the model it received, and every defense applies as
+usual (secure aggregation's other clients received it too). Defenses find the
+model the server sent under ``context["served_model"]`` and the agreed one
+under ``context["agreed_model"]`` (what a client can check, e.g.
+model_validation); ``context["model"]`` is the model the client trains, which
+a defense may replace (DP-SGD's GroupNorm conversion).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,38 +56,51 @@ def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.
 
 def configure_client(pool: ImageDataset, model: nn.Module, protocol: ClientProtocol, batch_size: int,
                      defenses: Chain | Defense | None, generator: torch.Generator | None,
-                     client_data: str = "iid") -> tuple[torch.Generator, Chain, ClientStep]:
+                     client_data: str = "iid", agreed: nn.Module | None = None
+                     ) -> tuple[torch.Generator, Chain, ClientStep]:
     """The client's step as its defenses configure it, checked against its pool (every scenario starts here).
     `client_data` names how the private batch is drawn (`SAMPLERS`: iid, or one_label for one user's batch).
+    `model` is the global model the server sent; `agreed` the one the federation agreed on (None: the same).
 
     Returns the generator (seed 0 when none is given), the defenses as one chain, and the configured step.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
     step = defense.configure(ClientStep(protocol, batch_size, pool.spec.num_classes, sampler=SAMPLERS[client_data],
-                                        context={"pool": pool, "model": model}))
+                                        context={"pool": pool, "model": model, "served_model": model,
+                                                 "agreed_model": model if agreed is None else agreed}))
     if step.batch_size > len(pool):
         raise ConfigError(f"scenario.batch_size: {step.batch_size} is larger than the data pool "
                           f"({len(pool)} images)")
     return gen, defense, step
 
 
+# A malicious server's change of the global model (an active attack's `serve` with its other arguments bound).
+ServerStep = Callable[[nn.Module], nn.Module]
+
+
 @dataclass
 class Scenario:
-    model: nn.Module          # the global model, in the BN mode the client uses
+    model: nn.Module          # the agreed global model, in the BN mode the client uses
     pool: ImageDataset        # the client's private data pool
     protocol: ClientProtocol
     batch_size: int
     threat: ThreatModel
     client_data: str = "iid"  # how the private batch is drawn (configure_client)
+    served: nn.Module | None = None  # the model a malicious server sends instead of `model`; None: the agreed one
+
+    def serve(self, step: ServerStep) -> Scenario:
+        """This scenario with a malicious server: it sends `step(model)` instead of the agreed model."""
+        return dataclasses.replace(self, served=step(self.model))
 
     def simulate(self, defenses: Chain | Defense | None = None,
                  generator: torch.Generator | None = None) -> tuple[Observation, GroundTruth]:
-        gen, defense, step = configure_client(self.pool, self.model, self.protocol, self.batch_size, defenses,
-                                              generator, self.client_data)
+        sent = self.model if self.served is None else self.served
+        gen, defense, step = configure_client(self.pool, sent, self.protocol, self.batch_size, defenses,
+                                              generator, self.client_data, agreed=self.model)
         # A defense may replace the global model (DP-SGD converting BatchNorm to
         # GroupNorm); the client trains, and the attacker observes, that model.
-        global_model = step.context.get("model", self.model)
+        global_model = step.context.get("model", sent)
         idx = step.sampler(self.pool.labels, step.batch_size, gen)
         batch = self.pool.subset(idx)
         truth = GroundTruth(batch.images.clone(), batch.labels.clone(), batch.meta)
