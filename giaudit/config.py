@@ -212,6 +212,12 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     data, output = _resolve_paths(source, data, output)
     if scenario.capture is not None:
         scenario = dataclasses.replace(scenario, capture=str(_resolve(source, scenario.capture)))
+    if scenario.weights is not None:
+        weights = _resolve(source, scenario.weights)
+        if not weights.is_file():
+            raise ConfigError(f"{source}: scenario.weights: file {weights} does not exist; point it at a "
+                              ".safetensors file or a torch state dict (relative paths: to the config's folder)")
+        scenario = dataclasses.replace(scenario, weights=str(weights))
 
     defenses = config.get("defenses", [])
     if not isinstance(defenses, list) or not all(isinstance(d, Mapping) for d in defenses):

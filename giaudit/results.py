@@ -58,6 +58,9 @@ class AuditRecord:
     # Leakage over training: {"round": r, "held_out_accuracy": a} when the attacked update was taken at
     # round r of the federated training (scenario.checkpoints); empty for an audit of the scenario's model.
     training: Mapping[str, Any] = field(default_factory=dict)
+    # The audited model: {"name": built-in} or {"factory": "module:function", "args": {...}}, plus "weights" and
+    # "weights_sha256" when its state was loaded from scenario.weights (empty in records written before).
+    model: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def undefended(self) -> bool:
@@ -120,6 +123,10 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
     }
     if record.training:
         row.update({"round": record.training.get("round"), "model_accuracy": record.training.get("held_out_accuracy")})
+    if "factory" in record.model:
+        row["model_factory"] = record.model["factory"]
+    if "weights_sha256" in record.model:
+        row["weights_sha256"] = record.model["weights_sha256"]
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
     for where, params in record.disclosed.items():

@@ -18,7 +18,8 @@ from giaudit.config import load_config
 from giaudit.engine import LocalEngine
 from giaudit.errors import DataError
 from giaudit.orchestration import run_audit
-from giaudit.scenario.capture import CaptureScenario, load_capture, load_factory, write_capture
+from giaudit.scenario.capture import CaptureScenario, load_capture, write_capture
+from giaudit.scenario.factory import call_factory
 from giaudit.threat import threat_model
 
 # The Flower simulations start Ray: they run on the worker that runs every other test that starts Ray.
@@ -108,8 +109,8 @@ def test_flower_capture_is_what_left_the_client_and_leaks_the_digit(tmp_path, ca
 
 def test_capture_checked_against_the_model_factory(tmp_path):
     app = _app_copy(tmp_path / "app")
-    make_model = load_factory("task:make_model", app)
-    state = {k: v.numpy() for k, v in make_model().state_dict().items()}
+    model = call_factory("scenario.model_factory", "task:make_model", None, app)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
     bad = dict(state)
     bad["fc.weight"] = np.zeros((10, 7), np.float32)
     folder = write_capture(tmp_path / "c", global_arrays=bad, update_arrays=bad,

@@ -26,8 +26,9 @@ from giaudit.orchestration import evaluators
 from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
 from giaudit.orchestration.record import CellOutcome, CellResult, cell_record
-from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name
+from giaudit.scenario.build import AnyScenario, cell_scenario, model_provenance, scenario_name
 from giaudit.scenario.capture import CaptureScenario
+from giaudit.scenario.state import sha256
 from giaudit.training import TrainingSettings, stable_seed
 from giaudit.types import GroundTruth, Observation
 
@@ -92,4 +93,5 @@ def run_cell(cell: Cell) -> CellResult:
         observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
         scorers=evaluators.scorers(spec, face_analyzer, user_level_run(spec)), galleries=galleries,
         timings={"setup_s": setup_s, "attack_s": attack_s}, training=train_info,
-        notes=(analyzer_note,) if analyzer_note else ()))
+        notes=(analyzer_note,) if analyzer_note else (),
+        model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None)))

@@ -47,6 +47,7 @@ class CellOutcome:
     timings: dict[str, float]                      # setup_s, attack_s
     training: dict[str, Any] = field(default_factory=dict)  # round and held-out accuracy of a checkpoint cell
     notes: tuple[str, ...] = ()                    # e.g. why the semantic metrics did not run
+    model: dict[str, Any] = field(default_factory=dict)  # the audited model's provenance (AuditRecord.model)
 
 
 def cell_record(outcome: CellOutcome) -> CellResult:
@@ -78,5 +79,6 @@ def cell_record(outcome: CellOutcome) -> CellResult:
                "stopped_early": tr.stopped_early, **({"clients": len(recs)} if len(recs) > 1 else {}),
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
         disclosed=disclosed_values(obs.disclosed), notes=tuple(notes),
-        images_file=images_file(cell.record_id) if images is not None else None, training=dict(outcome.training)),
+        images_file=images_file(cell.record_id) if images is not None else None, training=dict(outcome.training),
+        model=dict(outcome.model)),
         images)

@@ -36,7 +36,7 @@ from giaudit.orchestration.record import CellResult
 from giaudit.policy import Policy, Verdict, check, load_policy
 from giaudit.report import render
 from giaudit.results import AuditRecord, ResultsStore
-from giaudit.scenario.build import preload
+from giaudit.scenario.build import check_scenario, preload
 from giaudit.training import TrainingSettings
 from giaudit.version import __version__
 
@@ -44,6 +44,12 @@ from giaudit.version import __version__
 def versions() -> dict[str, str]:
     return {"giaudit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def preflight(spec: AuditSpec) -> None:
+    """What fails before the first cell: the model the cells will build (factory, weights, normalisation,
+    classes) and the capture, built once in the driver; errors name their key. Nothing is written before it."""
+    check_scenario(spec.data, spec.scenario, spec.threat.model(), spec.base)
 
 
 def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: TrainingSettings | None = None,
@@ -83,6 +89,7 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
     if not todo:
         return store  # nothing to do: the run folder is left untouched
+    preflight(spec)  # before the first file is written
     engine = engine or LocalEngine()
     for result in run_cells(spec, todo, engine, training, show_progress):
         write_cell(out, store, result)
@@ -98,6 +105,7 @@ def compute_records(spec: AuditSpec, *, show_progress: bool = False, engine: Eng
                     training: TrainingSettings | None = None) -> list[AuditRecord]:
     """Every cell of `spec` computed on `engine` without a run folder: nothing is written (the records'
     `images_file` names where `run_audit` would put the images). The records come back in plan order."""
+    preflight(spec)
     label, _defense = build_defense(spec)
     cells = plan_cells(spec, label, training, show_progress)
     done = {r.record.record_id: r.record for r in run_cells(spec, cells, engine or LocalEngine(), training,

@@ -19,22 +19,22 @@ pickles:
 
 `CaptureScenario` turns a capture into the same (Observation, GroundTruth)
 pair `Scenario.simulate` produces: the global model comes from a user factory
-(``module:function``) whose state-dict names and shapes must match the
-capture (the first difference is named), with the captured global weights
-loaded; the update is the FedAvg delta (sent - received) of the trainable
-parameters with the captured training details (E local epochs of plain SGD
-over ordered mini-batches of the captured batch size; a class-C attacker
-knows them). Defenses were applied by the deployment itself, so none may be
-configured on top.
+(``module:function`` with ``scenario.model_args``, `giaudit.scenario.factory`)
+whose state-dict names and shapes must match the capture (the first
+difference is named), with the captured global weights loaded and the data's
+normalisation (``data.mean`` / ``data.std``) as its first operation; the
+update is the FedAvg delta (sent - received) of the trainable parameters
+with the captured training details (E local epochs of plain SGD over ordered
+mini-batches of the captured batch size; a class-C attacker knows them).
+Defenses were applied by the deployment itself, so none may be configured on
+top.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +47,8 @@ from torch import nn
 
 from giaudit.errors import ConfigError, DataError
 from giaudit.io import atomic_write_bytes, atomic_write_text
+from giaudit.scenario.factory import call_factory
+from giaudit.scenario.models import normalise_inputs, seeded_init
 from giaudit.threat import observe
 from giaudit.types import ClientProtocol, DataSpec, GroundTruth, Observation, SharedUpdate, ThreatModel
 
@@ -113,23 +115,6 @@ def load_capture(folder: str | Path) -> Capture:
     return Capture(folder, meta, {k: glob[k] for k in order}, {k: upd[k] for k in uorder}, batch)
 
 
-def load_factory(spec: str, base: Path | None = None) -> Callable[[], nn.Module]:
-    """`module:function` -> the function; `base` (the config's folder) is searched for the module first."""
-    module_name, sep, func = spec.partition(":")
-    if not sep or not module_name or not func:
-        raise ConfigError(f"scenario.model_factory: expected 'module:function', got {spec!r}")
-    if base is not None and str(base) not in sys.path:
-        sys.path.insert(0, str(base))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"scenario.model_factory: cannot import {module_name!r} ({exc})") from None
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise ConfigError(f"scenario.model_factory: {module_name!r} has no function {func!r}")
-    return fn
-
-
 def match_state(model: nn.Module, arrays: Mapping[str, np.ndarray], factory: str,
                 what: str = "global") -> dict[str, torch.Tensor]:
     """The captured arrays under the model's state-dict names; raises naming the first differing tensor.
@@ -184,11 +169,16 @@ class CaptureScenario:
 
     @classmethod
     def build(cls, folder: str | Path, factory: str, threat: ThreatModel, *, bn_mode: str = "train",
-              base: Path | None = None) -> CaptureScenario:
+              base: Path | None = None, factory_args: Mapping[str, Any] | None = None,
+              normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> CaptureScenario:
+        """The capture in `folder` with the model `factory` builds (called with `factory_args`; `base`: the
+        config's folder, searched last for its module), its inputs normalised by (mean, std) when given."""
         cap = load_capture(folder)
-        model = load_factory(factory, base)()
+        model = seeded_init(lambda: call_factory("scenario.model_factory", factory, factory_args, base), None)
         model.load_state_dict(match_state(model, cap.global_arrays, factory, "global"))
         match_state(model, cap.update_arrays, factory, "update")
+        if normalisation is not None:
+            normalise_inputs(model, *normalisation)
         model.train(bn_mode == "train")
         data = cap.meta.get("data") or {}
         shape = data.get("shape") or (list(cap.batch[0].shape[1:]) if cap.batch is not None else None)
