@@ -25,6 +25,7 @@ from typing import Any
 
 from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
 from giaudit.defenses import build_chain
+from giaudit.device import Runtime, check_device_name, check_dtype_name, resolve
 from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
 from giaudit.registry import build_from, check_number, check_value, options
@@ -87,10 +88,36 @@ class OutputSection:
         return REID_GALLERY if self.reid_gallery is None else self.reid_gallery
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    """``[run]``: where the audit computes (`giaudit.device`). Unset: the CPU in float32, and the section stays
+    out of the canonical config (so configs that do not set it keep their hashes)."""
+
+    device: str | None = None   # auto | cpu | cuda | cuda:N | mps
+    dtype: str | None = None    # float32 (default) | float64
+    gpus_per_task: float | None = None  # ray engine on CUDA: the GPU share each task asks for (default 1)
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            check_device_name(self.device)
+        if self.dtype is not None:
+            check_dtype_name(self.dtype)
+        check_number("gpus_per_task", self.gpus_per_task, low=0.0, strict_low=True)
+
+    @property
+    def gpu_share(self) -> float:
+        """The GPUs (or fraction of one) a Ray task asks for on CUDA: `gpus_per_task`, 1 when unset."""
+        return 1.0 if self.gpus_per_task is None else self.gpus_per_task
+
+    def runtime(self) -> Runtime:
+        """The resolved device and dtype; raises naming run.device when the device is not on this machine."""
+        return resolve(self.device, self.dtype)
+
+
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
-                             "output": OutputSection}
+                             "output": OutputSection, "run": RunSection}
 BUDGET_KEYS = tuple(options(Budget))
-TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output"}
+TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output", "run"}
 
 
 def _section(src: str, name: str, table: Any) -> Any:
@@ -152,16 +179,20 @@ class AuditSpec:
     attacks: Mapping[str, AttackConfig]
     output: OutputSection
     source: str = "<config>"
+    run: RunSection = RunSection()
 
     @property
     def raw(self) -> dict[str, Any]:
-        """The canonical config (defaults filled in): what the config hash is taken over."""
+        """The canonical config (defaults filled in): what the config hash is taken over. ``run`` is in it only
+        when the config sets a key of it."""
+        run = canonical(self.run)
         return {
             "name": self.name, "seeds": list(self.seeds), "data": canonical(self.data),
             "scenario": canonical(self.scenario), "threat": canonical(self.threat),
             "defenses": [dict(d) for d in self.defenses],
             "attacks": {k: dict(v.table) for k, v in self.attacks.items()},
             "output": {k: v for k, v in canonical(self.output).items() if k != "dir"},
+            **({"run": run} if run else {}),
         }
 
     @property
@@ -209,6 +240,7 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     scenario: ScenarioSection = _section(source, "scenario", config.get("scenario"))
     threat: ThreatSection = _section(source, "threat", config.get("threat"))
     output: OutputSection = _section(source, "output", config.get("output"))
+    run: RunSection = _section(source, "run", config.get("run"))
     data, output = _resolve_paths(source, data, output)
     if scenario.capture is not None:
         scenario = dataclasses.replace(scenario, capture=str(_resolve(source, scenario.capture)))
@@ -232,7 +264,7 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
         raise ConfigError(f"{source}: attacks: expected tables like [attacks.ig]")
     attacks = {name_: AttackConfig(name_, _attack_table(source, name_, table)) for name_, table in attacks_in.items()}
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
-                     output, source)
+                     output, source, run)
 
 
 def _check_name(source: str, name: str) -> None:

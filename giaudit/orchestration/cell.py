@@ -58,7 +58,8 @@ def run_cell(cell: Cell) -> CellResult:
     start = time.perf_counter()
     _label, defense = build_defense(spec)
     face_analyzer, analyzer_note = evaluators.analyzer(spec.output)
-    scenario = cell_scenario(spec.data, spec.scenario, spec.threat.model(), seed, spec.base)
+    runtime = spec.run.runtime()
+    scenario = cell_scenario(spec.data, spec.scenario, spec.threat.model(), seed, spec.base, runtime)
     train_info: dict[str, Any] = {}
     if cell.round is not None:
         checkpoint = cell.checkpoint or seed_checkpoints(spec, seed, cell.training or TrainingSettings())[cell.round]
@@ -94,4 +95,5 @@ def run_cell(cell: Cell) -> CellResult:
         scorers=evaluators.scorers(spec, face_analyzer, user_level_run(spec)), galleries=galleries,
         timings={"setup_s": setup_s, "attack_s": attack_s}, training=train_info,
         notes=(analyzer_note,) if analyzer_note else (),
-        model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None)))
+        model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None),
+        runtime=runtime.record()))

@@ -27,7 +27,7 @@ import numpy
 import torch
 
 from giaudit.config import AuditSpec
-from giaudit.engine import Engine, LocalEngine
+from giaudit.engine import Engine, LocalEngine, RayEngine
 from giaudit.io import atomic_write_bytes
 from giaudit.orchestration.cell import build_defense, run_cell
 from giaudit.orchestration.checkpoints import checkpoint_task
@@ -47,8 +47,10 @@ def versions() -> dict[str, str]:
 
 
 def preflight(spec: AuditSpec) -> None:
-    """What fails before the first cell: the model the cells will build (factory, weights, normalisation,
-    classes) and the capture, built once in the driver; errors name their key. Nothing is written before it."""
+    """What fails before the first cell: the device (``run.device`` on this machine), the model the cells will
+    build (factory, weights, normalisation, classes) and the capture, built once in the driver on the CPU;
+    errors name their key. Nothing is written before it."""
+    spec.run.runtime()
     check_scenario(spec.data, spec.scenario, spec.threat.model(), spec.base)
 
 
@@ -57,6 +59,8 @@ def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: 
     """The results of `cells` (of `spec`) as they finish on `engine`: first the federated training of each seed
     with checkpoint cells, whose checkpoints go into those cells, then the cells."""
     preload(spec.data, spec.scenario)
+    if isinstance(engine, RayEngine) and spec.run.runtime().cuda:
+        engine.num_gpus = spec.run.gpu_share  # each task asks Ray for its GPU share
     todo = list(cells)
     with engine:  # one Ray instance for the training and the cells
         to_train = sorted({c.seed for c in todo if c.round is not None})

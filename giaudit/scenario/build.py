@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from giaudit.data import ImageDataset, load_dataset, split_indices
+from giaudit.device import CPU, Runtime
 from giaudit.errors import ConfigError
 from giaudit.scenario.capture import CaptureScenario
 from giaudit.scenario.client import Scenario, pretrain
@@ -145,14 +146,16 @@ def _check_logits(model: nn.Module, spec: DataSpec, where: str, own: bool) -> No
 
 def _split(data: DataSection, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(client pool, held-out) indices of the seed's split."""
-    split_gen = torch.Generator().manual_seed(stable_seed("split", seed))
+    split_gen = torch.Generator(device="cpu").manual_seed(stable_seed("split", seed))
     return split_indices(n, data.holdout, split_gen, data.pool_every)
 
 
 def build_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatModel,
-                   seed: int, *, base: Path | None = None) -> tuple[AnyScenario, ImageDataset]:
-    """The global model (initialised or loaded from `scenario.weights`, optionally pretrained) and the client's
-    pool; plus the held-out split. `base`: the config's folder, searched last for a model factory."""
+                   seed: int, *, base: Path | None = None,
+                   runtime: Runtime = CPU) -> tuple[AnyScenario, ImageDataset]:
+    """The global model (initialised or loaded from `scenario.weights` on the CPU, then moved to the runtime's
+    device and dtype, optionally pretrained there) and the client's pool; plus the held-out split. `base`: the
+    config's folder, searched last for a model factory."""
     images = load_data(data)
     spec = data_spec(images, scenario)
     if spec is not images.spec:
@@ -165,21 +168,24 @@ def build_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatM
     protocol = ClientProtocol(name, s.local_steps, float(s.local_lr), s.local_batch_size)
     if s.diffusion:
         unet, schedule = diffusion_global_model(images.spec, s.diffusion_prior, s.width, s.pretrain_steps, gen)
+        unet, schedule = unet.to(runtime.device, runtime.dtype), schedule.to(runtime.device, runtime.dtype)
         return DiffusionScenario(unet, schedule, pool, protocol, s.batch_size, threat, s.client_data), held
     model, _digest = global_model(data, s, spec, gen, base)
+    model = model.to(runtime.device, runtime.dtype)
     pretrain(model, pool, s.pretrain_steps, gen)
     model.train(s.bn_mode == "train")
     return Scenario(model, pool, protocol, s.batch_size, threat, s.client_data), held
 
 
 def cell_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatModel, seed: int,
-                  base: Path) -> AnyScenario | CaptureScenario:
+                  base: Path, runtime: Runtime = CPU) -> AnyScenario | CaptureScenario:
     """The simulated client of the sections, or the captured real update when `scenario.capture` is set
-    (`base`: the config's folder, searched first for the capture's model factory)."""
+    (`base`: the config's folder, searched last for a model factory), its model on the runtime's device."""
     if scenario.capture is not None and scenario.model_factory is not None:
         return CaptureScenario.build(scenario.capture, scenario.model_factory, threat, bn_mode=scenario.bn_mode,
-                                     base=base, factory_args=scenario.model_args, normalisation=data.normalisation)
-    return build_scenario(data, scenario, threat, seed, base=base)[0]
+                                     base=base, factory_args=scenario.model_args, normalisation=data.normalisation,
+                                     runtime=runtime)
+    return build_scenario(data, scenario, threat, seed, base=base, runtime=runtime)[0]
 
 
 def check_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatModel, base: Path | None) -> None:
@@ -196,13 +202,15 @@ def check_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatM
     global_model(data, scenario, spec, torch.Generator().manual_seed(0), base)
 
 
-def training_data(data: DataSection, scenario: ScenarioSection, threat: ThreatModel,
-                  seed: int, *, base: Path | None = None) -> tuple[AnyScenario, ImageDataset, ImageDataset]:
-    """The scenario, the federation's training data (every image not held out: the audited client's pool and
-    the other clients' data) and the held-out split the accuracy is measured on."""
-    built, held = build_scenario(data, scenario, threat, seed, base=base)
+def training_data(data: DataSection, scenario: ScenarioSection, threat: ThreatModel, seed: int, *,
+                  base: Path | None = None,
+                  runtime: Runtime = CPU) -> tuple[AnyScenario, ImageDataset, ImageDataset]:
+    """The scenario (its model on the runtime's device), the federation's training data (every image not held
+    out: the audited client's pool and the other clients' data) and the held-out split the accuracy is
+    measured on."""
+    built, held = build_scenario(data, scenario, threat, seed, base=base, runtime=runtime)
     images = load_data(data)
     _pool, held_idx = _split(data, len(images), seed)
-    mask = torch.ones(len(images), dtype=torch.bool)
+    mask = torch.ones(len(images), dtype=torch.bool, device="cpu")
     mask[held_idx] = False
     return built, images.subset(torch.nonzero(mask).flatten()), held

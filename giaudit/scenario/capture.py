@@ -45,6 +45,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
+from giaudit.device import CPU, Runtime, to_model
 from giaudit.errors import ConfigError, DataError
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.scenario.factory import call_factory
@@ -170,15 +171,18 @@ class CaptureScenario:
     @classmethod
     def build(cls, folder: str | Path, factory: str, threat: ThreatModel, *, bn_mode: str = "train",
               base: Path | None = None, factory_args: Mapping[str, Any] | None = None,
-              normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> CaptureScenario:
+              normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+              runtime: Runtime = CPU) -> CaptureScenario:
         """The capture in `folder` with the model `factory` builds (called with `factory_args`; `base`: the
-        config's folder, searched last for its module), its inputs normalised by (mean, std) when given."""
+        config's folder, searched last for its module), its inputs normalised by (mean, std) when given, on the
+        runtime's device and dtype."""
         cap = load_capture(folder)
         model = seeded_init(lambda: call_factory("scenario.model_factory", factory, factory_args, base), None)
         model.load_state_dict(match_state(model, cap.global_arrays, factory, "global"))
         match_state(model, cap.update_arrays, factory, "update")
         if normalisation is not None:
             normalise_inputs(model, *normalisation)
+        model = model.to(runtime.device, runtime.dtype)
         model.train(bn_mode == "train")
         data = cap.meta.get("data") or {}
         shape = data.get("shape") or (list(cap.batch[0].shape[1:]) if cap.batch is not None else None)
@@ -215,15 +219,15 @@ class CaptureScenario:
         sent = match_state(self.model, self.capture.update_arrays, "the factory", "update")
         names = [n for n, _ in self.model.named_parameters()]
         before = dict(self.model.named_parameters())
-        delta = tuple((sent[n] - before[n].detach()).float() for n in names)
+        delta = tuple(to_model(sent[n], self.model) - before[n].detach() for n in names)
         if not all(math.isfinite(float(d.abs().sum())) for d in delta):
             raise DataError(f"{self.capture.folder}: the captured update has non-finite values")
         labels = None
         truth = None
         if self.capture.batch is not None:
             images, lab = self.capture.batch
-            labels = torch.from_numpy(np.array(lab)).long()
-            truth = GroundTruth(torch.from_numpy(np.array(images)).float(), labels.clone())
+            labels = to_model(torch.from_numpy(np.array(lab)).long(), self.model)
+            truth = GroundTruth(torch.from_numpy(np.array(images)).float(), labels.cpu().clone())
         obs = observe(model=copy.deepcopy(self.model), update=SharedUpdate(delta, "delta"),
                       data_spec=self.data_spec, threat=self.threat,
                       batch_size=int((self.capture.meta.get("training") or {})["num_examples"]),
