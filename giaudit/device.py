@@ -73,10 +73,11 @@ def resolve(device: str | None = None, dtype: str | None = None, key: str = "run
             built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
             raise ConfigError(f"{key}: {device!r} but this machine has no CUDA device (torch {torch.__version__}, "
                               f"{built}); use \"cpu\" or \"auto\"")
-        index = int(name.split(":")[1]) if ":" in name else 0
+        index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise ConfigError(f"{key}: {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
                               f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        name = f"cuda:{index}"  # one name for the device (records, placement checks)
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"{key}: 'mps' but this machine has no Apple GPU available to torch; use \"cpu\" or "
                           "\"auto\"")
@@ -98,3 +99,11 @@ def to_model(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
 def generator_device(generator: torch.Generator | None) -> torch.device:
     """Where `generator` draws (the CPU when there is none: torch's global CPU generator)."""
     return generator.device if generator is not None else torch.device("cpu")
+
+
+def moved(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` on `device` in `dtype`, moved in place only when it is not there already (diffusers' UNet warns
+    on every cast, even one to its own dtype)."""
+    if placement(module) != (device, dtype):
+        module.to(device, dtype)
+    return module

@@ -54,6 +54,10 @@ def make_net(classes, width=16, size=48):
     return TwoConv(classes, width, size)
 
 
+def linear(classes, size=48):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, classes))
+
+
 def broken(classes):
     raise RuntimeError("no GPU weights here")
 
@@ -279,3 +283,21 @@ def test_bad_factory_through_a_real_cli_process(deployment, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"giaudit: error: scenario.model: {MODULE}:broken(classes=7) raised RuntimeError: no GPU weights here"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_capture_builds_its_model_through_the_same_factory(deployment, tmp_path):
+    from giaudit.scenario.capture import CaptureScenario, write_capture
+    from giaudit.threat import threat_model
+
+    ref = f"{MODULE}:linear"
+    state = {k: v.detach().numpy() for k, v in call_factory("k", ref, {"classes": 7}, deployment).state_dict().items()}
+    folder = write_capture(tmp_path / "c", global_arrays=state, update_arrays={k: v + 0.01 for k, v in state.items()},
+                           meta={"training": {"lr": 0.1, "local_epochs": 1, "batch_size": 1, "num_examples": 1},
+                                 "data": {"shape": [3, 48, 48], "num_classes": 7}})
+    scen = CaptureScenario.build(folder, ref, threat_model(), base=deployment, factory_args={"classes": 7},
+                                 normalisation=(tuple(MEAN), tuple(STD)))
+    assert normalisation_of(scen.model) is not None and scen.model[1].out_features == 7
+    obs, _ = scen.simulate()
+    assert all(torch.allclose(t, torch.full_like(t, 0.01), atol=1e-6) for t in obs.update.tensors)
+    with pytest.raises(ConfigError, match="scenario.model_args: .*missing a required argument: 'classes'"):
+        CaptureScenario.build(folder, ref, threat_model(), base=deployment, factory_args={})

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from giaudit.attacks._common.distances import cosine_distance
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
-from giaudit.device import placement, to_model
+from giaudit.device import moved, placement, to_model
 from giaudit.errors import ConfigError
 from giaudit.priors.ddpm import as_ddpm, ddpm_denoise, from_model
 from giaudit.registry import check_number
@@ -185,7 +185,7 @@ class DiffULA(Attack):
         lo, hi = obs.data_spec.value_range
         ac = prior.alphas_cumprod.to(dev, dtype)
         t_cap = prior.num_train_timesteps
-        unet = prior.unet.to(dev, dtype)  # the prior computes where (and in the dtype) the observation's model does
+        unet = moved(prior.unet, dev, dtype)  # the prior computes where (and in the dtype) the observation's model does
         model, target = obs.model, obs.update.tensors
         n_layers = len(target)
         x0 = to_model(torch.randn((1, *obs.data_spec.shape), generator=generator, device=generator.device), model)

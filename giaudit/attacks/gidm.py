@@ -40,7 +40,7 @@ from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, RestartResult, device_of
-from giaudit.device import placement, to_model
+from giaudit.device import moved, placement, to_model
 from giaudit.errors import ConfigError, ThreatModelError
 from giaudit.fl_diffusion import diffusion_update
 from giaudit.priors.ddpm import as_ddpm, ddim_sample, from_model
@@ -139,7 +139,7 @@ class GIDM(Attack):
                                    "trained on similar data: set threat.surrogate_data = true, or sampler = 'global'")
         # The copy computes where (and in the dtype) the observation's model does.
         dev, dtype = placement(obs.model)
-        unet = copy.deepcopy(self._prior.unet).to(dev, dtype).eval().requires_grad_(False)
+        unet = moved(copy.deepcopy(self._prior.unet), dev, dtype).eval().requires_grad_(False)
         return unet, self._prior.alphas_cumprod.to(dev, dtype), f"prior {self._prior.name}"
 
     def client_noise(self, obs: Observation, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, str]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from giaudit.data import ImageDataset, load_dataset, split_indices
-from giaudit.device import CPU, Runtime
+from giaudit.device import CPU, Runtime, moved
 from giaudit.errors import ConfigError
 from giaudit.scenario.capture import CaptureScenario
 from giaudit.scenario.client import Scenario, pretrain
@@ -168,7 +168,7 @@ def build_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatM
     protocol = ClientProtocol(name, s.local_steps, float(s.local_lr), s.local_batch_size)
     if s.diffusion:
         unet, schedule = diffusion_global_model(images.spec, s.diffusion_prior, s.width, s.pretrain_steps, gen)
-        unet, schedule = unet.to(runtime.device, runtime.dtype), schedule.to(runtime.device, runtime.dtype)
+        unet, schedule = moved(unet, runtime.device, runtime.dtype), schedule.to(runtime.device, runtime.dtype)
         return DiffusionScenario(unet, schedule, pool, protocol, s.batch_size, threat, s.client_data), held
     model, _digest = global_model(data, s, spec, gen, base)
     model = model.to(runtime.device, runtime.dtype)
