@@ -301,3 +301,17 @@ def test_a_capture_builds_its_model_through_the_same_factory(deployment, tmp_pat
     assert all(torch.allclose(t, torch.full_like(t, 0.01), atol=1e-6) for t in obs.update.tensors)
     with pytest.raises(ConfigError, match="scenario.model_args: .*missing a required argument: 'classes'"):
         CaptureScenario.build(folder, ref, threat_model(), base=deployment, factory_args={})
+
+
+def test_new_weights_under_the_same_name_recompute_the_cells(deployment, tmp_path):
+    from giaudit.orchestration.plan import plan_cells
+
+    path = tmp_path / "global.safetensors"
+    path.write_bytes((deployment / "untrained.safetensors").read_bytes())
+    text = config_text(str(path)).replace('path = "photos"', f'path = "{deployment / "photos"}"')
+    (tmp_path / "a.toml").write_text(text)
+    before = plan_cells(load_config(tmp_path / "a.toml"), "none")[0].config_hash
+    trained = torch.load(deployment / "trained.pt", weights_only=True)
+    save_file(trained, path)
+    after = plan_cells(load_config(tmp_path / "a.toml"), "none")[0].config_hash
+    assert before != after
