@@ -20,6 +20,7 @@ from giaudit.config import parse_config
 from giaudit.defenses import DEFENSES
 from giaudit.device import resolve
 from giaudit.errors import ConfigError
+from giaudit.orchestration import cell as cell_module
 from giaudit.orchestration.cell import build_defense, run_cell
 from giaudit.orchestration.plan import plan_cells
 from giaudit.scenario.build import load_data
@@ -117,10 +118,21 @@ def test_the_cpu_numbers_do_not_change_with_run_set():
     assert plain.config_hash != explicit.config_hash
 
 
-def test_float64_runs_the_cell_in_float64():
-    config = {**CLASSIFIER, "attacks": {"ig": {"iterations": 2}}, "run": {"dtype": "float64"}}
+def test_float64_runs_the_cell_in_float64(monkeypatch):
+    # Secure aggregation computes the other clients' updates from the pool: those batches follow the model too.
+    config = {**CLASSIFIER, "defenses": [{"name": "secure_agg", "clients": 2}], "attacks": {"ig": {"iterations": 2}},
+              "run": {"dtype": "float64"}}
+    seen = []
+    original = cell_module.cell_record
+
+    def spy(outcome):
+        seen.extend(t.dtype for t in outcome.observations[0].update.tensors)
+        return original(outcome)
+
+    monkeypatch.setattr(cell_module, "cell_record", spy)
     rec = run_cell(_cell(config)).record
     assert rec.runtime["dtype"] == "float64" and rec.metrics["psnr_db_mean"] > 0
+    assert seen and set(seen) == {torch.float64}
 
 
 def test_device_names_and_missing_devices():
