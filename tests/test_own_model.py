@@ -315,3 +315,22 @@ def test_new_weights_under_the_same_name_recompute_the_cells(deployment, tmp_pat
     save_file(trained, path)
     after = plan_cells(load_config(tmp_path / "a.toml"), "none")[0].config_hash
     assert before != after
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"scenario": {"model": "lenet", "model_args": {"k": 1}}}, "scenario.model_args: keyword arguments of a factory"),
+    ({"scenario": {"model": "mynet"}}, "scenario.model: unknown model 'mynet'"),
+    ({"scenario": {"model": "my-net:build"}}, "scenario.model: expected 'package.module:factory'"),
+    ({"scenario": {"model": "m:f", "width": 8}}, "scenario.width: sets the size of a built-in model"),
+    ({"scenario": {"model": "ddpm_unet", "num_classes": 3}}, "scenario.num_classes: a DDPM has no classes"),
+    ({"scenario": {"model": "lenet", "num_classes": 1}}, "scenario.num_classes: must be >= 2"),
+    ({"data": {"mean": [0.5]}}, "data.std: data.mean and data.std go together"),
+    ({"data": {"mean": [0.5, 0.5], "std": [0.2]}}, "data.std: has 1 values, data.mean has 2"),
+    ({"data": {"mean": [0.5], "std": [0.0]}}, "data.std: every value must be > 0"),
+    ({"scenario": {"weights": "nowhere.safetensors"}}, "scenario.weights: file"),
+])
+def test_model_keys_checked_while_the_config_is_parsed(config, expected, tmp_path):
+    from giaudit.config import parse_config
+
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(config, str(tmp_path / "c.toml"))

@@ -197,6 +197,9 @@ def check_scenario(data: DataSection, scenario: ScenarioSection, threat: ThreatM
                               factory_args=scenario.model_args, normalisation=data.normalisation)
         return
     if scenario.diffusion:
+        if data.normalisation is not None:
+            raise ConfigError("data.mean: the diffusion client's UNet takes images in [0, 1] as its DDPM loss "
+                              "defines them; remove data.mean and data.std with scenario.model = 'ddpm_unet'")
         return
     spec = data_spec(load_data(data), scenario)
     global_model(data, scenario, spec, torch.Generator().manual_seed(0), base)

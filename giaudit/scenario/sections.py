@@ -158,6 +158,14 @@ class ScenarioSection:
                 raise ParamError("pretrain_steps", "scenario.weights is the state the audit attacks; remove "
                                  "scenario.pretrain_steps (or the weights)")
         check_number("num_classes", self.num_classes, low=2)
+        if self.capture is not None and self.num_classes is not None:
+            raise ParamError("num_classes", "a capture names its classes (capture.json's data.num_classes); remove "
+                             "scenario.num_classes when scenario.capture is set")
+        if self.diffusion and self.weights is not None:
+            raise ParamError("weights", "not used with the diffusion client; start from a trained DDPM with "
+                             "scenario.diffusion_prior")
+        if self.diffusion and self.num_classes is not None:
+            raise ParamError("num_classes", "a DDPM has no classes; remove it with scenario.model = 'ddpm_unet'")
         check_choice("client_data", self.client_data, ("iid", "one_label"))
         check_number("clients_per_seed", self.clients_per_seed, low=1)
         if self.checkpoints is not None:
