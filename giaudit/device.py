@@ -73,7 +73,8 @@ def resolve(device: str | None = None, dtype: str | None = None, key: str = "run
             built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
             raise ConfigError(f"{key}: {device!r} but this machine has no CUDA device (torch {torch.__version__}, "
                               f"{built}); use \"cpu\" or \"auto\"")
-        index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+        # Not torch.cuda.current_device(): that would initialise CUDA in the driver, which forked workers inherit.
+        index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"{key}: {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
                               f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")

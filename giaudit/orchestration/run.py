@@ -59,8 +59,12 @@ def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: 
     """The results of `cells` (of `spec`) as they finish on `engine`: first the federated training of each seed
     with checkpoint cells, whose checkpoints go into those cells, then the cells."""
     preload(spec.data, spec.scenario)
-    if isinstance(engine, RayEngine) and spec.run.runtime().cuda:
+    runtime = spec.run.runtime()
+    if isinstance(engine, RayEngine) and runtime.cuda:
         engine.num_gpus = spec.run.gpu_share  # each task asks Ray for its GPU share
+    if isinstance(engine, LocalEngine) and runtime.device.type != "cpu" and engine.workers > 1:
+        # Forked workers cannot share a GPU the driver may have touched: one process drives it, cell by cell.
+        engine = LocalEngine(1)
     todo = list(cells)
     with engine:  # one Ray instance for the training and the cells
         to_train = sorted({c.seed for c in todo if c.round is not None})
