@@ -155,3 +155,29 @@ def test_cuda_without_cuda_is_one_line_naming_the_key(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "run.device: 'cuda' but this machine has no CUDA device" in err
     assert not out.exists()
+
+
+def test_on_cuda_ray_tasks_ask_for_gpus_and_local_cells_share_one_process(monkeypatch):
+    """No GPU here: the run's device is made to resolve to CUDA and the engines' map records what it was given."""
+    from giaudit.config import RunSection
+    from giaudit.device import Runtime
+    from giaudit.engine import LocalEngine, RayEngine
+    from giaudit.orchestration.run import run_cells
+
+    monkeypatch.setattr(RunSection, "runtime", lambda self: Runtime(torch.device("cuda", 0), torch.float32))
+    seen = []
+
+    def record_map(self, fn, tasks, **kw):
+        seen.append((type(self).__name__, getattr(self, "workers", None), getattr(self, "num_gpus", None)))
+        return iter(())
+
+    for cls in (LocalEngine, RayEngine):
+        monkeypatch.setattr(cls, "map", record_map)
+    monkeypatch.setattr(RayEngine, "__enter__", lambda self: self)
+    monkeypatch.setattr(RayEngine, "__exit__", lambda self, *exc: None)
+    spec = parse_config({"name": "dev", **CLASSIFIER, "attacks": {"ig": {"iterations": 1}},
+                         "run": {"device": "cuda", "gpus_per_task": 0.25}})
+    cells = plan_cells(spec, "none")
+    list(run_cells(spec, cells, LocalEngine(4)))
+    list(run_cells(spec, cells, RayEngine()))
+    assert seen == [("LocalEngine", 1, None), ("RayEngine", None, 0.25)]
