@@ -25,11 +25,12 @@ from typing import Any
 
 from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
 from giaudit.defenses import build_chain
+from giaudit.device import Runtime, check_device_name, check_dtype_name, resolve
 from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
 from giaudit.metrics import registry
 from giaudit.registry import build_from, check_number, check_value, options
-from giaudit.scenario.sections import CAPTURE_KEYS, DataSection, ScenarioSection, canonical
+from giaudit.scenario.sections import CAPTURE_DATA_KEYS, CAPTURE_KEYS, DataSection, ScenarioSection, canonical
 from giaudit.threat import threat_model
 from giaudit.types import CAPABILITIES, Capability, ThreatModel
 
@@ -90,10 +91,36 @@ class OutputSection:
         return REID_GALLERY if self.reid_gallery is None else self.reid_gallery
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    """``[run]``: where the audit computes (`giaudit.device`). Unset: the CPU in float32, and the section stays
+    out of the canonical config (so configs that do not set it keep their hashes)."""
+
+    device: str | None = None   # auto | cpu | cuda | cuda:N | mps
+    dtype: str | None = None    # float32 (default) | float64
+    gpus_per_task: float | None = None  # ray engine on CUDA: the GPU share each task asks for (default 1)
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            check_device_name(self.device)
+        if self.dtype is not None:
+            check_dtype_name(self.dtype)
+        check_number("gpus_per_task", self.gpus_per_task, low=0.0, strict_low=True)
+
+    @property
+    def gpu_share(self) -> float:
+        """The GPUs (or fraction of one) a Ray task asks for on CUDA: `gpus_per_task`, 1 when unset."""
+        return 1.0 if self.gpus_per_task is None else self.gpus_per_task
+
+    def runtime(self) -> Runtime:
+        """The resolved device and dtype; raises naming run.device when the device is not on this machine."""
+        return resolve(self.device, self.dtype)
+
+
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
-                             "output": OutputSection}
+                             "output": OutputSection, "run": RunSection}
 BUDGET_KEYS = tuple(options(Budget))
-TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output"}
+TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output", "run"}
 
 
 def _section(src: str, name: str, table: Any) -> Any:
@@ -212,16 +239,20 @@ class AuditSpec:
     attacks: Mapping[str, AttackConfig]
     output: OutputSection
     source: str = "<config>"
+    run: RunSection = RunSection()
 
     @property
     def raw(self) -> dict[str, Any]:
-        """The canonical config (defaults filled in): what the config hash is taken over."""
+        """The canonical config (defaults filled in): what the config hash is taken over. ``run`` is in it only
+        when the config sets a key of it."""
+        run = canonical(self.run)
         return {
             "name": self.name, "seeds": list(self.seeds), "data": canonical(self.data),
             "scenario": canonical(self.scenario), "threat": canonical(self.threat),
             "defenses": [dict(d) for d in self.defenses],
             "attacks": {k: dict(v.table) for k, v in self.attacks.items()},
             "output": {k: v for k, v in canonical(self.output).items() if k != "dir"},
+            **({"run": run} if run else {}),
         }
 
     @property
@@ -269,10 +300,17 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     scenario: ScenarioSection = _section(source, "scenario", config.get("scenario"))
     threat: ThreatSection = _section(source, "threat", config.get("threat"))
     output: OutputSection = _section(source, "output", config.get("output"))
+    run: RunSection = _section(source, "run", config.get("run"))
     data, output = _resolve_paths(source, data, output)
     if scenario.capture is not None:
         _check_capture_keys(source, data, scenario)
         scenario = dataclasses.replace(scenario, capture=str(_resolve(source, scenario.capture)))
+    if scenario.weights is not None:
+        weights = _resolve(source, scenario.weights)
+        if not weights.is_file():
+            raise ConfigError(f"{source}: scenario.weights: file {weights} does not exist; point it at a "
+                              ".safetensors file or a torch state dict (relative paths: to the config's folder)")
+        scenario = dataclasses.replace(scenario, weights=str(weights))
 
     defenses = config.get("defenses", [])
     if not isinstance(defenses, list) or not all(isinstance(d, Mapping) for d in defenses):
@@ -296,14 +334,14 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
             raise ConfigError(f"{source}: attacks.{name_}.tune: tuning simulates clients from the server's own "
                               "data (surrogate data, SoK class D); set threat.surrogate_data = true or remove it")
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
-                     output, source)
+                     output, source, run)
 
 
 def _check_capture_keys(source: str, data: DataSection, scenario: ScenarioSection) -> None:
     """A capture holds its own data, model state and training details: a [data] or simulation key set beside
     `scenario.capture` would be silently ignored, so it is refused, naming it."""
     for f in dataclasses.fields(DataSection):
-        if getattr(data, f.name) != _default(f):
+        if f.name not in CAPTURE_DATA_KEYS and getattr(data, f.name) != _default(f):
             raise ConfigError(f"{source}: data.{f.name}: a capture holds its own data (shape, classes, batch); "
                               "remove [data] when scenario.capture is set")
     for f in dataclasses.fields(ScenarioSection):

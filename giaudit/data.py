@@ -229,12 +229,12 @@ def split_indices(n: int, holdout: float, generator: torch.Generator,
     held-out split (utility) is then a random `holdout` fraction of the other
     images. With k = 1 the pool is a random (1 - holdout) share of everything.
     """
-    idx = torch.arange(n)
+    idx = torch.arange(n, device="cpu")  # indices into the data, which stay on the CPU
     if pool_every > 1:
         rest = idx[idx % pool_every != 0]
-        rest = rest[torch.randperm(rest.numel(), generator=generator)]
+        rest = rest[torch.randperm(rest.numel(), generator=generator, device=generator.device)]
         return idx[idx % pool_every == 0], rest[: int(round(rest.numel() * holdout))]
-    perm = torch.randperm(n, generator=generator)
+    perm = torch.randperm(n, generator=generator, device=generator.device)
     k = int(round(n * holdout))
     return perm[k:], perm[:k]
 
@@ -247,7 +247,7 @@ def digit_user(data: ImageDataset, candidates: torch.Tensor, digit: int, size: i
     cand = candidates[data.labels[candidates] == digit]
     if len(cand) < size:
         raise DataError(f"digit_user: {len(cand)} images of digit {digit} to draw from, a user needs {size}")
-    idx = cand[torch.randperm(len(cand), generator=generator)[:size]]
+    idx = cand[torch.randperm(len(cand), generator=generator, device=generator.device)[:size]]
     spec = DataSpec(data.spec.channels, data.spec.height, data.spec.width, 2, data.spec.value_range,
                     f"{data.spec.name}-parity")
     return ImageDataset(data.images[idx], data.labels[idx] % 2, spec)

@@ -14,8 +14,9 @@ by a worker is never half-written by two processes.
   worker or one task it runs in the driver, also single-threaded.
   A worker that dies (killed, out of memory) breaks the pool: the unfinished
   tasks are submitted again to a fresh pool, up to ``max_retries`` times.
-- ``ray``: every task is a Ray task (``num_cpus=1``, retried up to
-  ``max_retries`` times when its worker dies). Without an address it starts a
+- ``ray``: every task is a Ray task (``num_cpus=1``, and ``num_gpus`` =
+  `RayEngine.num_gpus` when the audit runs on CUDA, a fraction allowed;
+  retried up to ``max_retries`` times when its worker dies). Without an address it starts a
   local Ray instance (loopback only, no dashboard) and shuts it down at the
   end; with ``address="auto"`` or ``"HOST:PORT"`` it joins an existing
   cluster, whose nodes must have giaudit (and the same data) installed.
@@ -179,6 +180,7 @@ class RayEngine:
         self.num_cpus = num_cpus
         self.max_retries = max_retries
         self.runtime_env = runtime_env
+        self.num_gpus = 0.0  # GPUs (or a fraction) each task asks for: set for an audit on CUDA
         self._session = False
 
     def __enter__(self) -> RayEngine:
@@ -223,7 +225,10 @@ class RayEngine:
         ray, started = self.start()
         bar = _bar(desc, len(tasks), show_progress)
         try:
-            remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(_call)
+            resources: dict[str, Any] = {"num_cpus": 1, "max_retries": self.max_retries}
+            if self.num_gpus:
+                resources["num_gpus"] = self.num_gpus
+            remote = ray.remote(**resources)(_call)
             if self.runtime_env:  # e.g. {"env_vars": ...} or {"working_dir": ...} for the tasks of this engine
                 remote = remote.options(runtime_env=self.runtime_env)
             fn_ref = ray.put(fn)

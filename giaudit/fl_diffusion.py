@@ -38,8 +38,8 @@ class DiffusionDraw:
 
 def draw(n: int, shape: Sequence[int], num_train_timesteps: int, generator: torch.Generator) -> DiffusionDraw:
     """Uniform timesteps in [0, T) and standard-normal noise, from `generator`."""
-    t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
-    return DiffusionDraw(t, torch.randn((n, *shape), generator=generator))
+    t = torch.randint(0, num_train_timesteps, (n,), generator=generator, device=generator.device)
+    return DiffusionDraw(t, torch.randn((n, *shape), generator=generator, device=generator.device))
 
 
 def diffusion_loss(model: nn.Module, x: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor,

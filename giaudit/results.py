@@ -69,6 +69,11 @@ class AuditRecord:
     def active(self) -> bool:
         """The record's attack was a malicious server's (it changed the model the clients computed on)."""
         return bool(self.threat.get("active"))
+    # The audited model: {"name": built-in} or {"factory": "module:function", "args": {...}}, plus "weights" and
+    # "weights_sha256" when its state was loaded from scenario.weights (empty in records written before).
+    model: Mapping[str, Any] = field(default_factory=dict)
+    # What computed it: {"device": "cpu", "dtype": "float32", "torch": "2.13.0"} (empty in records written before).
+    runtime: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def undefended(self) -> bool:
@@ -133,6 +138,11 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
         row.update({"round": record.training.get("round"), "model_accuracy": record.training.get("held_out_accuracy")})
     if record.blocked:
         row["blocked"] = record.blocked
+    if "factory" in record.model:
+        row["model_factory"] = record.model["factory"]
+    if "weights_sha256" in record.model:
+        row["weights_sha256"] = record.model["weights_sha256"]
+    row.update({k: record.runtime[k] for k in ("device", "dtype") if k in record.runtime})
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
     for where, params in record.disclosed.items():

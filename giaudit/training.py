@@ -40,6 +40,7 @@ from torch.func import functional_call, grad, vmap
 from giaudit.data import ImageDataset
 from giaudit.defenses import Chain, ClientStep, build_chain
 from giaudit.defenses.base import default_compute
+from giaudit.device import to_model
 from giaudit.errors import ConfigError
 from giaudit.fl import classification_loss
 from giaudit.types import ClientProtocol, SharedUpdate
@@ -111,7 +112,8 @@ def accuracy(model: nn.Module, data: ImageDataset, limit: int | None = None, bat
     model.eval()
     correct = 0
     for i in range(0, n, batch):
-        correct += int((model(data.images[i:min(i + batch, n)]).argmax(1) == data.labels[i:min(i + batch, n)]).sum())
+        x, y = to_model(data.images[i:min(i + batch, n)], model), to_model(data.labels[i:min(i + batch, n)], model)
+        correct += int((model(x).argmax(1) == y).sum())
     model.train(was)
     return correct / max(n, 1)
 
@@ -144,7 +146,8 @@ def train(model: nn.Module, pool: ImageDataset, held_out: ImageDataset, protocol
     def snapshot(r: int) -> bool:
         """Evaluate (and keep) at round r; True when the stop level is reached."""
         if r in keep_set:
-            states[r] = {n: t.detach().clone() for n, t in global_model.state_dict().items()}
+            # On the CPU: checkpoints go back to the driver and into cells on any device.
+            states[r] = {n: t.detach().cpu().clone() for n, t in global_model.state_dict().items()}
         if r in keep_set or r % settings.eval_every == 0 or r == rounds:
             acc = accuracy(global_model, held_out, settings.eval_limit)
             curve.append((r, acc))
@@ -166,9 +169,10 @@ def train(model: nn.Module, pool: ImageDataset, held_out: ImageDataset, protocol
         for r in range(1, rounds + 1):
             batches = []
             for c, step in enumerate(steps):
-                generator = torch.Generator().manual_seed(stable_seed(seed, r - 1, c, 0))
+                generator = torch.Generator(device="cpu").manual_seed(stable_seed(seed, r - 1, c, 0))
                 idx = step.sampler(pool.labels, step.batch_size, generator)
-                batches.append((pool.images[idx], step.targets(pool.labels[idx], k)))
+                batches.append((to_model(pool.images[idx], global_model),
+                                to_model(step.targets(pool.labels[idx], k), global_model)))
             if batched:
                 params = tuple(p.detach() for p in global_model.parameters())
                 grads = per_client(params, torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
@@ -179,7 +183,7 @@ def train(model: nn.Module, pool: ImageDataset, held_out: ImageDataset, protocol
             updates = []
             for c, (chain, tensors) in enumerate(zip(chains, computed)):
                 kind: Literal["gradient", "delta"] = "gradient" if steps[c].protocol.name == "fedsgd" else "delta"
-                noise_gen = torch.Generator().manual_seed(stable_seed(seed, r - 1, c, 1))
+                noise_gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, r - 1, c, 1))
                 updates.append(chain.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind),
                                                noise_gen).tensors)
             mean = [torch.stack(ts).mean(0) for ts in zip(*updates)]

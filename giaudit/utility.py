@@ -129,7 +129,8 @@ def compute_utility(spec: AuditSpec, tables: Sequence[Mapping[str, Any]], seed: 
     """Train with `tables` on every client for `rounds` rounds (or until `stop_at`); accuracy with its interval,
     the curve and what the defenses' accountants say was spent. No cache: the same result in any process."""
     key = utility_key(spec, tables, seed, settings, rounds, stop_at)
-    scenario, train_set, held = training_data(spec.data, spec.scenario, spec.threat.model(), seed)
+    scenario, train_set, held = training_data(spec.data, spec.scenario, spec.threat.model(), seed, base=spec.base,
+                                              runtime=spec.run.runtime())
     if len(held) == 0:
         raise ConfigError("data.holdout: the held-out split is empty; set data.holdout > 0 to measure utility")
     run = train(scenario.model, train_set, held, scenario.protocol, scenario.batch_size, tables, settings, seed,

@@ -30,7 +30,8 @@ from giaudit.fl import compute_update
 from giaudit.orchestration import run_audit
 from giaudit.report import render
 from giaudit.results import AuditRecord
-from giaudit.scenario.capture import CaptureScenario, load_capture, load_factory, write_capture
+from giaudit.scenario.capture import CaptureScenario, load_capture, write_capture
+from giaudit.scenario.factory import call_factory
 from giaudit.threat import threat_model
 
 # The Flower simulations start Ray: they run on the worker that runs every other test that starts Ray.
@@ -122,7 +123,7 @@ BN_ATTACK = ("ig", "iterations = 400\nlr = 0.1\ntv_weight = 1e-4")
 def test_batchnorm_shuffled_capture_round_trips_and_unrolls_the_real_steps(tmp_path, captures):
     cap = load_capture(captures["bn"])
     app = _app_copy(tmp_path / "app")
-    model = load_factory("task:make_bn_model", app)()
+    model = call_factory("scenario.model_factory", "task:make_bn_model", None, app)
     state = model.state_dict()
     # Every array keeps its shape and dtype: BatchNorm's 0-d int64 counters too.
     assert [a.shape for a in cap.global_arrays.values()] == [tuple(v.shape) for v in state.values()]
@@ -157,8 +158,8 @@ def test_batchnorm_shuffled_capture_round_trips_and_unrolls_the_real_steps(tmp_p
 
 def test_capture_checked_against_the_model_factory(tmp_path):
     app = _app_copy(tmp_path / "app")
-    make_model = load_factory("task:make_model", app)
-    state = {k: v.numpy() for k, v in make_model().state_dict().items()}
+    model = call_factory("scenario.model_factory", "task:make_model", None, app)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
     bad = dict(state)
     bad["fc.weight"] = np.zeros((10, 7), np.float32)
     folder = write_capture(tmp_path / "c", global_arrays=bad, update_arrays=bad,
@@ -298,7 +299,7 @@ def test_deployment_defenses_recorded_described_and_declared(tmp_path):
     assert [x.name for x in dep.chain.defenses] == ["clip"] and "after the capture point" in dep.lines[1]
 
     app = _app_copy(tmp_path / "app")
-    state = {k: v.numpy() for k, v in load_factory("task:make_model", app)().state_dict().items()}
+    state = {k: v.numpy() for k, v in call_factory("scenario.model_factory", "task:make_model", None, app).state_dict().items()}
     meta = {"training": {"lr": 0.1, "local_epochs": 1, "batch_size": 1, "num_examples": 1},
             "data": {"shape": [1, 32, 32], "num_classes": 10}}
     folder = write_capture(tmp_path / "c", global_arrays=state, update_arrays=state, meta=meta)
@@ -342,7 +343,7 @@ def test_server_view_capture_shows_its_reconstructions(tmp_path, capsys):
     from giaudit.cli import main
 
     app = _app_copy(tmp_path / "app")
-    model = load_factory("task:make_model", app)()
+    model = call_factory("scenario.model_factory", "task:make_model", None, app)
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     upd = {k: v - 0.001 for k, v in state.items()}
     folder = write_capture(tmp_path / "server-1", global_arrays=state, update_arrays=upd,

@@ -48,6 +48,7 @@ from giaudit.attacks.restarts import (
     run_restarts,
     workers_for,
 )
+from giaudit.device import to_model
 from giaudit.errors import ThreatModelError
 from giaudit.fl import compute_update
 from giaudit.registry import Configurable, Registry, check_choice, check_number
@@ -280,9 +281,10 @@ class Attack(Configurable):
         return trial
 
     def initial_images(self, obs: Observation, n: int, generator: torch.Generator) -> Tensor:
-        """Uniform in the data range, drawn on the CPU generator and moved to the observation's device."""
+        """Uniform in the data range, drawn on the CPU generator and moved to the observation's device and dtype."""
         lo, hi = obs.data_spec.value_range
-        return (lo + (hi - lo) * torch.rand((n, *obs.data_spec.shape), generator=generator)).to(device_of(obs))
+        x = lo + (hi - lo) * torch.rand((n, *obs.data_spec.shape), generator=generator, device=generator.device)
+        return to_model(x, obs.model)
 
     @final
     def reconstruct(self, obs: Observation, *, budget: Budget = Budget(), rng: torch.Generator | None = None,
@@ -300,7 +302,7 @@ class Attack(Configurable):
         gen = rng if rng is not None else torch.Generator().manual_seed(0)
         start = time.perf_counter()
         labels, source = self.labels_for(obs, gen)
-        seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=gen)]
+        seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=gen, device=gen.device)]
         outcome = run_restarts(
             seeds, partial(self.run_restart, obs_local, labels, budget),
             start=partial(self.descend, obs_local, labels, budget) if self.pausable() else None,

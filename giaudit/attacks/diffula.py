@@ -51,6 +51,7 @@ from torch import Tensor
 
 from giaudit.attacks._common.distances import cosine_distance
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult
+from giaudit.device import moved, placement, to_model
 from giaudit.errors import ConfigError
 from giaudit.priors.ddpm import as_ddpm, ddpm_denoise, from_model
 from giaudit.registry import check_number
@@ -58,37 +59,44 @@ from giaudit.types import Capability, Observation
 
 
 def augment(x: Tensor, b: int, generator: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-    """`b` random semantics-preserving augmentations of one image `x` (1,C,H,W in [lo, hi]); differentiable."""
+    """`b` random semantics-preserving augmentations of one image `x` (1,C,H,W in [lo, hi]); differentiable.
+    The draws come from the (CPU) `generator` and move to `x`'s device and dtype."""
     out = x.expand(b, -1, -1, -1)
     c, h, w = x.shape[1:]
+    dev, dtype = x.device, x.dtype
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(shape, generator=generator, device=generator.device).to(dev, dtype)
 
     def coin() -> Tensor:
-        return (torch.rand((b, 1, 1, 1), generator=generator) < 0.5).float()
+        return (rand(b, 1, 1, 1) < 0.5).to(x.dtype)
 
     # brightness / contrast ("colour") jitter
     m = coin()
-    scale = 1 + m * (torch.rand((b, 1, 1, 1), generator=generator) - 0.5) * 0.4
-    shift = m * (torch.rand((b, 1, 1, 1), generator=generator) - 0.5) * 0.2 * (hi - lo)
+    scale = 1 + m * (rand(b, 1, 1, 1) - 0.5) * 0.4
+    shift = m * (rand(b, 1, 1, 1) - 0.5) * 0.2 * (hi - lo)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * scale + mean + shift
     # small perspective warp (random projective homography close to the identity)
     m = coin().view(b, 1, 1)
-    theta = torch.eye(3).expand(b, 3, 3) + m * (torch.rand((b, 3, 3), generator=generator) - 0.5) * 0.12
+    theta = torch.eye(3, device=dev, dtype=dtype).expand(b, 3, 3) + m * (rand(b, 3, 3) - 0.5) * 0.12
     theta = theta.clone()
     theta[:, 2, 2] = 1.0
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=dev, dtype=dtype),
+                            torch.linspace(-1, 1, w, device=dev, dtype=dtype), indexing="ij")
     pts = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)
     warped = pts @ theta.transpose(1, 2)
     grid = (warped[..., :2] / warped[..., 2:].clamp_min(1e-3)).view(b, h, w, 2)
     out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=True)
     # 3x3 Gaussian blur
     m = coin()
-    k = torch.tensor([1.0, 2.0, 1.0])
+    k = torch.tensor([1.0, 2.0, 1.0], device=dev, dtype=dtype)
     k = (k[:, None] * k[None, :]) / 16
     blurred = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), k.expand(c, 1, 3, 3).contiguous(), groups=c)
     out = m * blurred + (1 - m) * out
     # Gaussian pixel noise
-    out = out + coin() * 0.03 * (hi - lo) * torch.randn(out.shape, generator=generator)
+    noise = torch.randn(out.shape, generator=generator, device=generator.device).to(dev, dtype)
+    out = out + coin() * 0.03 * (hi - lo) * noise
     return out
 
 
@@ -113,7 +121,7 @@ def layer_window(n_layers: int, progress: float, width: float = 0.4) -> list[flo
 
 def tau_schedule(s: float, t_max: int, t_min: int, jitter: int, generator: torch.Generator, t_cap: int) -> int:
     base = t_min + (t_max - t_min) * (1 - s) * (1 + math.cos(math.pi * s)) / 2
-    j = (float(torch.rand((), generator=generator)) * 2 - 1) * jitter
+    j = (float(torch.rand((), generator=generator, device=generator.device)) * 2 - 1) * jitter
     return int(min(max(round(base + j), 1), t_cap - 1))
 
 
@@ -172,24 +180,25 @@ class DiffULA(Attack):
                               f"{prior.config.size}px images, the data are {obs.data_spec.shape}")
         n = labels.numel()
         b = self.augmentations or n
-        aug_labels = labels if b == n else labels[torch.arange(b) % n]
+        dev, dtype = placement(obs.model)
+        aug_labels = labels if b == n else labels[torch.arange(b, device=labels.device) % n]
         lo, hi = obs.data_spec.value_range
-        ac = prior.alphas_cumprod
+        ac = prior.alphas_cumprod.to(dev, dtype)
         t_cap = prior.num_train_timesteps
-        unet = prior.unet
+        unet = moved(prior.unet, dev, dtype)  # the prior computes where (and in the dtype) the observation's model does
         model, target = obs.model, obs.update.tensors
         n_layers = len(target)
-        x0 = torch.randn((1, *obs.data_spec.shape), generator=generator)
+        x0 = to_model(torch.randn((1, *obs.data_spec.shape), generator=generator, device=generator.device), model)
         steps = budget.iterations
         losses: list[float] = []
         for i in range(steps):
             s = i / max(1, steps - 1)
             tau = tau_schedule(s, min(self.t_max, t_cap - 1), self.t_min, self.t_jitter, generator, t_cap)
-            eps = torch.randn(x0.shape, generator=generator)
+            eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
             with torch.no_grad():
                 a = ac[tau]
                 x_tau = a.sqrt() * x0 + (1 - a).sqrt() * eps
-                g_p = unet(x_tau, torch.tensor([tau])).sample - eps
+                g_p = unet(x_tau, torch.tensor([tau], device=dev)).sample - eps
             xv = x0.clone().requires_grad_(True)
             x_img = lo + (hi - lo) * from_model(xv)
             batch = augment(x_img, b, generator, lo, hi)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import l2_distance
-from giaudit.attacks.base import ATTACKS, LABEL_DIM, Attack, Budget, Dim, Plateau, Progress, RestartResult, device_of
+from giaudit.attacks.base import ATTACKS, LABEL_DIM, Attack, Budget, Dim, Plateau, Progress, RestartResult
+from giaudit.device import to_model
 from giaudit.types import Capability, Observation
 
 
@@ -42,8 +43,8 @@ class DLG(Attack):
         variables = [x]
         label_logits = None
         if self.optimise_labels:
-            label_logits = torch.randn((n, obs.data_spec.num_classes), generator=generator).to(
-                device_of(obs)).requires_grad_(True)
+            draw = torch.randn((n, obs.data_spec.num_classes), generator=generator, device=generator.device)
+            label_logits = to_model(draw, obs.model).requires_grad_(True)
             variables.append(label_logits)
         opt = torch.optim.LBFGS(variables, lr=self.lr, max_iter=self.max_eval, history_size=self.history_size,
                                 line_search_fn="strong_wolfe")

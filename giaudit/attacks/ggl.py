@@ -51,6 +51,7 @@ from torch.func import functional_call, grad, vmap
 from giaudit.attacks._common.optimise import adam_descent
 from giaudit.attacks.base import ATTACKS, Budget, Plateau, Progress, RestartResult
 from giaudit.attacks.gias import PriorAttack
+from giaudit.device import to_model
 from giaudit.fl import classification_loss, local_batches
 from giaudit.priors.generator import Generator
 from giaudit.registry import check_choice, check_number
@@ -128,7 +129,7 @@ class GGL(PriorAttack):
         # The same replay `trial_update` applies when adaptive (cached per observation).
         replay = replay_for(obs) if self.adaptive else IDENTITY
         scale = sum((t * t).sum() for t in target) / len(target)
-        return gen, replay, target, torch.as_tensor(scale).clamp_min(1e-20)
+        return gen, replay, target, torch.as_tensor(scale, device=target[0].device).clamp_min(1e-20)
 
     @staticmethod
     def _distance(adapted: Sequence[Tensor], target: Sequence[Tensor], scale: Tensor) -> Tensor:
@@ -139,6 +140,7 @@ class GGL(PriorAttack):
                             setup: tuple | None = None, update_fn: Callable | None = None) -> Tensor:
         """Objective of P candidates, z: (P, B, latent) -> (P,). `batched=False` loops (benchmark only)."""
         gen, replay, target, scale = setup if setup is not None else self._setup(obs)
+        z = to_model(z, gen)  # candidates live on the CPU (CMA-ES, BO); the generator computes on the device
         p, b, d = z.shape
         with torch.no_grad():
             x = gen(z.reshape(p * b, d)).reshape(p, b, *obs.data_spec.shape)
@@ -159,11 +161,11 @@ class GGL(PriorAttack):
         setup = self._setup(obs)
         gen, replay = setup[0], setup[1]
         shape = (n, gen.config.latent_dim)
-        z0 = torch.randn(shape, generator=generator)
+        z0 = torch.randn(shape, generator=generator, device=generator.device)
         run = {"cma": self._cma, "bo": self._bo, "adam": self._adam}[self.optimizer]
         best_z, best, losses, stopped, extra = run(obs, labels, budget, generator, progress, setup, z0)
         with torch.no_grad():
-            x = gen(best_z.reshape(shape))
+            x = gen(to_model(best_z.reshape(shape), gen))
         extra = {"optimizer": self.optimizer, "adapted": list(replay.names), **self.prior.describe(), **extra}
         return RestartResult(x, labels, losses, best, stopped, extra)
 
@@ -172,7 +174,7 @@ class GGL(PriorAttack):
         import cma
 
         shape = z0.shape
-        seed = int(torch.randint(1, 2**31 - 1, (1,), generator=generator))
+        seed = int(torch.randint(1, 2**31 - 1, (1,), generator=generator, device=generator.device))
         es = cma.CMAEvolutionStrategy(z0.reshape(-1).double().numpy(), self.sigma0,
                                       {"popsize": self.population, "seed": seed, "verbose": -9,
                                        "maxiter": budget.iterations, "tolfun": 0, "tolx": 0,
@@ -206,7 +208,7 @@ class GGL(PriorAttack):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         shape = z0.shape
         dim = int(z0.numel())
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
         initial = min(self.bo_initial, budget.iterations)
         sampler = (optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial) if self.bo_sampler == "gp"
                    else optuna.samplers.TPESampler(seed=seed, n_startup_trials=initial))
@@ -216,7 +218,8 @@ class GGL(PriorAttack):
         update_fn = functional_update_fn(obs.model, self.protocol_for(obs))
         # The random initial design as one batch; our own seeded draws (N(0,1) clipped to the box)
         # so the batch does not depend on the sampler's internals.
-        init = torch.randn((initial, dim), generator=generator).clamp(-self.bo_bound, self.bo_bound)
+        init = torch.randn((initial, dim), generator=generator, device=generator.device)
+        init = init.clamp(-self.bo_bound, self.bo_bound)
         init[0] = z0.reshape(-1).clamp(-self.bo_bound, self.bo_bound)
         values = self.evaluate_population(obs, labels, init.reshape(initial, *shape), setup=setup, update_fn=update_fn)
         for row, v in zip(init.tolist(), values.tolist()):
@@ -231,7 +234,7 @@ class GGL(PriorAttack):
         stopped = False
         for _ in range(budget.iterations - initial):
             trial = study.ask(dists)
-            z = torch.tensor([trial.params[f"z{i}"] for i in range(dim)], dtype=torch.float32)
+            z = torch.tensor([trial.params[f"z{i}"] for i in range(dim)], dtype=torch.float32, device="cpu")
             v = float(self.evaluate_population(obs, labels, z.reshape(1, *shape), setup=setup, update_fn=update_fn)[0])
             study.tell(trial, v)
             if v < best:
@@ -249,7 +252,7 @@ class GGL(PriorAttack):
     def _adam(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
               progress: Progress | None, setup: tuple, z0: Tensor) -> tuple:
         gen, _, target, scale = setup
-        z = z0.clone().requires_grad_(True)
+        z = to_model(z0, gen).clone().requires_grad_(True)
 
         def step() -> tuple[Tensor, Tensor, Tensor]:
             trial = self.trial_update(obs, obs.model, gen(z), labels)  # adapted when self.adaptive
@@ -258,5 +261,5 @@ class GGL(PriorAttack):
 
         losses: list[float] = []
         best_z, best, stopped = adam_descent([z], step, lr=self.lr, iterations=budget.iterations, budget=budget,
-                                             progress=progress, losses=losses, start=z0.clone())
+                                             progress=progress, losses=losses, start=z.detach().clone())
         return best_z, best, losses, stopped, {}

@@ -33,18 +33,8 @@ from torch.func import functional_call
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
 from giaudit.attacks._common.optimise import PhaseSteps, adam_steps, at_most
-from giaudit.attacks.base import (
-    ATTACKS,
-    LABEL_DIM,
-    Attack,
-    Budget,
-    Descent,
-    Dim,
-    Progress,
-    RestartResult,
-    device_of,
-    drive,
-)
+from giaudit.attacks.base import ATTACKS, LABEL_DIM, Attack, Budget, Descent, Dim, Progress, RestartResult, drive
+from giaudit.device import placement, to_model
 from giaudit.errors import ConfigError, ParamError
 from giaudit.priors.generator import Generator
 from giaudit.priors.io import Prior, as_prior
@@ -104,7 +94,7 @@ class PriorAttack(Attack):
         """A frozen eval-mode copy of the prior's generator, after checking it makes the data's image shape."""
         prior = self.prior
         check_prior_matches(prior, obs, self.name)
-        return frozen_copy(prior.generator).to(device_of(obs))
+        return frozen_copy(prior.generator).to(*placement(obs.model))
 
 
 @ATTACKS.register("gias")
@@ -190,7 +180,7 @@ class GIAS(PriorAttack):
     def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
         n = obs.batch_size or labels.numel()
         gen = self.generator_for(obs)
-        z0 = torch.randn((n, gen.config.latent_dim), generator=generator).to(device_of(obs))
+        z0 = to_model(torch.randn((n, gen.config.latent_dim), generator=generator, device=generator.device), obs.model)
         iters = budget.iterations
         n_z = iters if self.mode == "z" else max(1, int(round(iters * self.z_fraction)))
         losses: list[float] = []

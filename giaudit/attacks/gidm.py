@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from giaudit.attacks._common.distances import DISTANCES
-from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, RestartResult
+from giaudit.attacks.base import ATTACKS, Attack, Budget, Descent, RestartResult, device_of
+from giaudit.device import moved, placement, to_model
 from giaudit.errors import ConfigError, ThreatModelError
 from giaudit.fl_diffusion import diffusion_update
 from giaudit.priors.ddpm import as_ddpm, ddim_sample, from_model
@@ -102,7 +103,7 @@ class GIDM(Attack):
         n = obs.batch_size
         if n is None:
             raise ThreatModelError(f"attack {self.name!r} needs the batch size: set threat.batch_size = true")
-        return torch.zeros(n, dtype=torch.long), "none"
+        return torch.zeros(n, dtype=torch.long, device=device_of(obs)), "none"
 
     def phase_budgets(self, budget: Budget) -> tuple[int, int]:
         """(latent, pixel) iterations, together never more than `budget.iterations` (N).
@@ -136,8 +137,10 @@ class GIDM(Attack):
         if not obs.threat.has(Capability.SURROGATE_DATA):
             raise ThreatModelError(f"attack {self.name!r} with sampler = {self.sampler!r} uses a DDPM prior "
                                    "trained on similar data: set threat.surrogate_data = true, or sampler = 'global'")
-        unet = copy.deepcopy(self._prior.unet).eval().requires_grad_(False)
-        return unet, self._prior.alphas_cumprod, f"prior {self._prior.name}"
+        # The copy computes where (and in the dtype) the observation's model does.
+        dev, dtype = placement(obs.model)
+        unet = moved(copy.deepcopy(self._prior.unet), dev, dtype).eval().requires_grad_(False)
+        return unet, self._prior.alphas_cumprod.to(dev, dtype), f"prior {self._prior.name}"
 
     def client_noise(self, obs: Observation, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, str]:
         """The client's (t, eps): given when the server fixed them, else assumed (t) and random (eps)."""
@@ -147,8 +150,8 @@ class GIDM(Attack):
         if self.assume_t is None:
             raise ThreatModelError(f"attack {self.name!r} needs the client's t and eps: set threat.diffusion_noise = "
                                    f"true (the server fixes them), set attacks.{self.name}.assume_t, or use gidm_plus")
-        t = torch.full((n,), min(self.assume_t, info.num_train_timesteps - 1), dtype=torch.long)
-        eps = torch.randn((n, *obs.data_spec.shape), generator=generator)
+        t = torch.full((n,), min(self.assume_t, info.num_train_timesteps - 1), dtype=torch.long, device=device_of(obs))
+        eps = to_model(torch.randn((n, *obs.data_spec.shape), generator=generator, device=generator.device), obs.model)
         return t, eps, f"assumed t={int(t[0])}, random eps"
 
     # -- the attack ----------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class GIDM(Attack):
         if lat_iters:
             unet, sac, desc = self.sampler_for(obs)
             extra["sampler"] = desc
-            z = torch.randn((n, *obs.data_spec.shape), generator=generator).requires_grad_(True)
+            z = to_model(torch.randn((n, *obs.data_spec.shape), generator=generator, device=generator.device),
+                         obs.model).requires_grad_(True)
             opt = torch.optim.Adam([z], lr=self.latent_lr)
             for _ in range(lat_iters):
                 step(from_model(ddim_sample(unet, sac, z, self.sampler_steps)), z, opt, "latent")

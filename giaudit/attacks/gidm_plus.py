@@ -27,14 +27,15 @@ from torch import Tensor
 from giaudit.attacks._common.distances import DISTANCES
 from giaudit.attacks.base import ATTACKS, Budget, Descent
 from giaudit.attacks.gidm import GIDM, diffusion_info
+from giaudit.device import placement
 from giaudit.fl_diffusion import diffusion_update
 from giaudit.registry import check_number
 from giaudit.types import Capability, Observation
 
 
-def timestep_grid(num_train_timesteps: int, k: int) -> Tensor:
-    """K cell centres evenly covering [0, T): e.g. T=1000, K=10 -> 50, 150, ..., 950."""
-    return ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long().clamp(
+def timestep_grid(num_train_timesteps: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+    """K cell centres evenly covering [0, T): e.g. T=1000, K=10 -> 50, 150, ..., 950 (on `device`)."""
+    return ((torch.arange(k, dtype=torch.float64, device=device) + 0.5) * num_train_timesteps / k).long().clamp(
         0, num_train_timesteps - 1)
 
 
@@ -66,9 +67,11 @@ class GIDMPlus(GIDM):
         protocol = self.protocol_for(obs)
         target = obs.update.tensors
         model, ac = obs.model, info.alphas_cumprod
-        grid = timestep_grid(info.num_train_timesteps, self.t_grid).expand(n, -1)
-        eps = torch.randn((n, *obs.data_spec.shape), generator=generator).requires_grad_(True)
-        logits = torch.zeros((n, self.t_grid), requires_grad=True)
+        dev, dtype = placement(model)
+        grid = timestep_grid(info.num_train_timesteps, self.t_grid, dev).expand(n, -1)
+        eps = torch.randn((n, *obs.data_spec.shape), generator=generator, device=generator.device).to(dev, dtype)
+        eps.requires_grad_(True)
+        logits = torch.zeros((n, self.t_grid), device=dev, dtype=dtype, requires_grad=True)
         others = ((torch.optim.Adam([eps], lr=self.eps_lr), eps), (torch.optim.Adam([logits], lr=self.t_lr), logits))
 
         def weights(i: int) -> Tensor:

@@ -44,9 +44,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from giaudit.attacks.base import ATTACKS, Budget, Descent, device_of
+from giaudit.attacks.base import ATTACKS, Budget, Descent
 from giaudit.attacks.gias import GIAS, frozen_copy, gan_prior
 from giaudit.attacks.labels import recover_labels
+from giaudit.device import placement
 from giaudit.errors import ConfigError
 from giaudit.priors.generator import Generator, GeneratorConfig, build_generator
 from giaudit.priors.io import Prior
@@ -147,15 +148,16 @@ class GIML(GIAS):
         """Reptile on the generator (see the module docstring); the threat model was checked by the caller."""
         meta_steps, inner_z_steps, inner_theta_steps = steps
         start = time.perf_counter()
-        device = device_of(observations[0])
-        gen = self._initial_generator(observations[0]).to(device)
+        device, dtype = placement(observations[0].model)
+        gen = self._initial_generator(observations[0]).to(device, dtype)
         theta = list(gen.parameters())
         for p in theta:
             p.requires_grad_(False)
         tasks: list[tuple[Observation, Tensor, Tensor]] = []
         for o in observations:
             labels, _ = recover_labels(o, self.label_method, gen_rng, self.name)
-            z = torch.randn((o.batch_size or labels.numel(), gen.config.latent_dim), generator=gen_rng).to(device)
+            z = torch.randn((o.batch_size or labels.numel(), gen.config.latent_dim), generator=gen_rng,
+                            device=gen_rng.device).to(device, dtype)
             tasks.append((o, labels, z))
         self.meta_losses, self.snapshots = [], {}
         quiet = Budget(iterations=inner_z_steps)
@@ -163,7 +165,7 @@ class GIML(GIAS):
         buffers = dict(gen.named_buffers())
         for step in range(1, meta_steps + 1):
             k = min(self.tasks_per_step, len(tasks))
-            chosen = [int(i) for i in torch.randperm(len(tasks), generator=gen_rng)[:k]]
+            chosen = [int(i) for i in torch.randperm(len(tasks), generator=gen_rng, device=gen_rng.device)[:k]]
             task_losses = []
             for i in chosen:
                 o, labels, z = tasks[i]

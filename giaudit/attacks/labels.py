@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from giaudit.device import generator_device, to_model
 from giaudit.errors import ThreatModelError
 from giaudit.types import Capability, Observation
 
@@ -70,7 +71,9 @@ def count_based(obs: Observation, batch_size: int, generator: torch.Generator | 
     model = obs.model
     lo, hi = obs.data_spec.value_range
     # Drawn on the (CPU) generator, then moved where the model is.
-    x = (lo + (hi - lo) * torch.rand((probes, *obs.data_spec.shape), generator=generator)).to(gw.device)
+    x = lo + (hi - lo) * torch.rand((probes, *obs.data_spec.shape), generator=generator,
+                                    device=generator_device(generator))
+    x = to_model(x, model)
     was_training = model.training
     model.eval()  # estimating the offset must not move BN running statistics
     with torch.no_grad():

@@ -29,7 +29,7 @@ Compute = Callable[[nn.Module, Tensor, Tensor, ClientProtocol], tuple[Tensor, ..
 
 def uniform_sampler(labels: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
     """Draw `batch_size` distinct indices uniformly from the pool."""
-    return torch.randperm(labels.numel(), generator=generator)[:batch_size]
+    return torch.randperm(labels.numel(), generator=generator, device=generator.device)[:batch_size]
 
 
 def one_label_sampler(labels: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -40,9 +40,9 @@ def one_label_sampler(labels: Tensor, batch_size: int, generator: torch.Generato
     if eligible.numel() == 0:
         raise ConfigError(f"scenario.client_data = 'one_label': no label has {batch_size} images in the pool "
                           f"(at most {int(counts.max())}); lower scenario.batch_size")
-    label = eligible[torch.randint(0, eligible.numel(), (1,), generator=generator)]
+    label = eligible[torch.randint(0, eligible.numel(), (1,), generator=generator, device=generator.device)]
     idx = (labels == label).nonzero().flatten()
-    return idx[torch.randperm(idx.numel(), generator=generator)[:batch_size]]
+    return idx[torch.randperm(idx.numel(), generator=generator, device=generator.device)[:batch_size]]
 
 
 # scenario.client_data: how a client's private batch is drawn from its pool.

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from giaudit.defenses.base import ClientStep
 from giaudit.defenses.registry import RegisteredDefense, RngTap, register
+from giaudit.device import placement
 from giaudit.errors import ConfigError, ParamError
 from giaudit.fl import classification_loss, local_batches, minibatches
 from giaudit.ops import clip_tensors
@@ -64,10 +65,12 @@ def opacus_problems(model: nn.Module) -> list[str]:
 
 
 def convert_model(model: nn.Module) -> nn.Module:
-    """Opacus's fix (BatchNorm -> GroupNorm) on a copy, keeping the train/eval mode."""
+    """Opacus's fix (BatchNorm -> GroupNorm) on a copy, keeping the train/eval mode, device and dtype."""
     from opacus.validators import ModuleValidator
 
-    fixed = ModuleValidator.fix(copy.deepcopy(model))
+    device, dtype = placement(model)
+    with torch.device(device):  # the new GroupNorm layers are made where the model is
+        fixed = ModuleValidator.fix(copy.deepcopy(model)).to(device, dtype)
     fixed.train(model.training)
     return fixed
 
@@ -99,6 +102,15 @@ def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int, acco
                                           steps=steps, accountant=accountant))
 
 
+def _on_model_device(generator: torch.Generator | None, params: list[nn.Parameter]) -> torch.Generator | None:
+    """Opacus draws its noise on the parameters' device, with a generator of that device: on the CPU the
+    caller's generator itself; elsewhere a generator of that device seeded from it (reproducible per device)."""
+    if generator is None or not params or params[0].device == generator.device:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=params[0].device).manual_seed(seed)
+
+
 def dp_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol, *, noise_multiplier: float,
               max_grad_norm: float, generator: torch.Generator | None) -> tuple[Tensor, ...]:
     """The client's DP update, computed by Opacus (GradSampleModule + DPOptimizer) on a copy of `model`.
@@ -111,6 +123,7 @@ def dp_update(model: nn.Module, x: Tensor, y: Tensor, protocol: ClientProtocol, 
 
     net = copy.deepcopy(model)
     params = list(net.parameters())
+    generator = _on_model_device(generator, params)
     # Opacus computes the noise std as noise_multiplier * max_grad_norm: an infinite bound with zero noise
     # would give 0 * inf = nan, so "no clipping" is passed as the largest float (a clip factor of exactly 1).
     bound = max_grad_norm if math.isfinite(max_grad_norm) else sys.float_info.max

@@ -44,13 +44,13 @@ def spread_sampler(labels: Tensor, batch_size: int, n_labels: int, generator: to
     if eligible.numel() < n_labels:
         raise ValueError(f"only {eligible.numel()} classes have {per[0]} images; cannot build a batch of "
                          f"{batch_size} from {n_labels} labels")
-    chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:n_labels]]
+    chosen = eligible[torch.randperm(eligible.numel(), generator=generator, device=generator.device)[:n_labels]]
     parts = []
     for c, n in zip(chosen.tolist(), per):
         members = torch.nonzero(labels == c).view(-1)
-        parts.append(members[torch.randperm(members.numel(), generator=generator)[:n]])
+        parts.append(members[torch.randperm(members.numel(), generator=generator, device=generator.device)[:n]])
     idx = torch.cat(parts)
-    return idx[torch.randperm(idx.numel(), generator=generator)]
+    return idx[torch.randperm(idx.numel(), generator=generator, device=generator.device)]
 
 
 @register("label_disguise")
@@ -96,7 +96,8 @@ class LabelDisguise(RegisteredDefense):
             if mix > 0:
                 # A decoy class != the true one, uniform over the other K-1, drawn from the scenario's generator.
                 y = labels[idx]
-                decoys["current"] = (y + 1 + torch.randint(0, k - 1, y.shape, generator=generator)) % k
+                shift = torch.randint(0, k - 1, y.shape, generator=generator, device=generator.device)
+                decoys["current"] = (y + 1 + shift) % k
             return idx
 
         def targets(y: Tensor, num_classes: int) -> Tensor:

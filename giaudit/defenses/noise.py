@@ -31,13 +31,15 @@ class AdditiveNoise(RegisteredDefense):
         self.sigma, self.distribution = float(sigma), distribution
 
     def sample(self, like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Noise shaped like `like`, drawn from the (CPU) generator `rng` and moved to `like`'s device."""
         if self.distribution == "gaussian":
-            return torch.randn(like.shape, generator=rng, dtype=like.dtype) * self.sigma
+            return (torch.randn(like.shape, generator=rng, dtype=like.dtype, device=rng.device) * self.sigma).to(
+                like.device)
         # Laplace(b) is the difference of two Exp(1/b) draws; exponential_ takes a generator.
         b = self.sigma / math.sqrt(2.0)
-        e1 = torch.empty(like.shape, dtype=like.dtype).exponential_(generator=rng)
-        e2 = torch.empty(like.shape, dtype=like.dtype).exponential_(generator=rng)
-        return (e1 - e2) * b
+        e1 = torch.empty(like.shape, dtype=like.dtype, device=rng.device).exponential_(generator=rng)
+        e2 = torch.empty(like.shape, dtype=like.dtype, device=rng.device).exponential_(generator=rng)
+        return ((e1 - e2) * b).to(like.device)
 
     def transform(self, update: SharedUpdate, rng: torch.Generator) -> SharedUpdate:
         if self.sigma == 0:

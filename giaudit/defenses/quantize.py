@@ -42,7 +42,7 @@ class Quantize(RegisteredDefense):
         y = t / scale * levels
         if self.stochastic:
             low = torch.floor(y)
-            y = low + (torch.rand(t.shape, generator=rng) < (y - low)).to(t.dtype)
+            y = low + (torch.rand(t.shape, generator=rng, device=rng.device).to(t.device) < (y - low)).to(t.dtype)
         else:
             y = torch.round(y)
         return y / levels * scale

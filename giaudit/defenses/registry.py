@@ -136,7 +136,7 @@ class RngTap:
 
     def sampler(self, labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         idx = self.inner(labels, batch_size, generator)
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         return idx
 
     def generator(self) -> torch.Generator:

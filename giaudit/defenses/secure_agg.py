@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from giaudit.defenses.base import ClientStep
 from giaudit.defenses.registry import RegisteredDefense, RngTap, register
+from giaudit.device import to_model
 from giaudit.errors import ParamError
 from giaudit.types import ClientProtocol, SharedUpdate
 
@@ -60,8 +61,10 @@ class SecureAggregation(RegisteredDefense):
             gen = tap.generator()
             for _ in range(others):
                 idx = inner_sampler(pool.labels, batch_size, gen)
-                u = inner_compute(copy.deepcopy(start), pool.images[idx], inner_targets(pool.labels[idx], num_classes),
-                                  protocol)
+                # The other clients' batches come from the (CPU) pool and go where the model computes.
+                xo = to_model(pool.images[idx], start)
+                yo = to_model(inner_targets(pool.labels[idx], num_classes), start)
+                u = inner_compute(copy.deepcopy(start), xo, yo, protocol)
                 total = [a + b.detach() for a, b in zip(total, u)]
             return tuple(total)
 

@@ -47,7 +47,7 @@ MODES = ("topk", "topk_global", "random")
 def topk_mask(t: Tensor, k: int) -> Tensor:
     """Boolean mask of exactly `k` largest-magnitude entries of `t` (ties broken by torch.topk)."""
     flat = t.reshape(-1).abs()
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=t.device)
     if k > 0:
         mask[torch.topk(flat, k, sorted=False).indices] = True
     return mask.view_as(t)
@@ -144,13 +144,13 @@ class Sparsify(RegisteredDefense):
         for t in tensors:
             if self.k is not None:
                 self._check_sizes([("#", t.numel())])
-                mask = torch.zeros(t.numel(), dtype=torch.bool)
-                mask[torch.randperm(t.numel(), generator=rng)[:self.k]] = True
+                mask = torch.zeros(t.numel(), dtype=torch.bool, device=rng.device)
+                mask[torch.randperm(t.numel(), generator=rng, device=rng.device)[:self.k]] = True
                 rate = self.k / t.numel()
             else:
                 rate = 1.0 - float(self.sparsity or 0.0)
-                mask = torch.rand(t.numel(), generator=rng) < rate
-            kept = t * mask.view_as(t)
+                mask = torch.rand(t.numel(), generator=rng, device=rng.device) < rate
+            kept = t * mask.to(t.device).view_as(t)  # drawn on the (CPU) generator
             out.append(kept / rate if self.rescale else kept)
         return tuple(out)
 

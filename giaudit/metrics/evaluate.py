@@ -77,7 +77,7 @@ def _images(x: Tensor, what: str) -> Tensor:
 
 
 def _labels(y: Tensor, n: int, what: str) -> Tensor:
-    y = torch.as_tensor(y).detach().cpu().reshape(-1)
+    y = torch.as_tensor(y, device="cpu").detach().reshape(-1)
     if y.numel() != n:
         raise DataError(f"{what} has {y.numel()} labels for {n} images")
     return y.long()
@@ -86,7 +86,7 @@ def _labels(y: Tensor, n: int, what: str) -> Tensor:
 def distinct_rows(rec: Tensor | np.ndarray) -> list[int]:
     """The rows of a batch that are not copies of an earlier row (a representative image repeated per batch
     element counts once when scored against every original)."""
-    x = torch.as_tensor(rec)
+    x = torch.as_tensor(rec, device="cpu")
     distinct = [0]
     for j in range(1, x.shape[0]):
         if not any(torch.equal(x[j], x[k]) for k in distinct):
@@ -182,7 +182,7 @@ def evaluate(reconstruction: Reconstruction, truth: GroundTruth, *,
     if user_level:
         aggregate.update(user_level_scores(rec, orig, metric or None))
 
-    idx = torch.tensor(order, dtype=torch.long)
+    idx = torch.tensor(order, dtype=torch.long, device="cpu")
     return Evaluation(
         per_image=per_image,
         aggregate=aggregate,

@@ -76,7 +76,7 @@ def psnr(a: Tensor, b: Tensor, peak: float = 1.0) -> Tensor:
 def _gaussian_taps(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> Tensor:
     """1-D Gaussian weights as scipy.ndimage.gaussian_filter builds them (normalised to sum 1)."""
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device="cpu")
     w = torch.exp(-0.5 * (x / sigma) ** 2)
     return w / w.sum()
 

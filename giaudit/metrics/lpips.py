@@ -213,7 +213,7 @@ class LPIPSMetric:
                 x, y = self._prepare(a[i:i + _CHUNK]), self._prepare(b[i:i + _CHUNK])
                 out.append(self._model(x, y).reshape(-1))
         if not out:
-            return torch.zeros(0, dtype=torch.float64)
+            return torch.zeros(0, dtype=torch.float64, device="cpu")
         return torch.cat(out).to(torch.float64)
 
 

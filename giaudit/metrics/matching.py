@@ -56,7 +56,7 @@ def match(reconstruction: Tensor, original: Tensor) -> torch.LongTensor:
             f"reconstructed images have shape {tuple(reconstruction.shape[1:])} but originals "
             f"{tuple(original.shape[1:])}")
     if n_org == 0:
-        return torch.zeros(0, dtype=torch.long)  # type: ignore[return-value]
+        return torch.zeros(0, dtype=torch.long, device="cpu")  # type: ignore[return-value]
     cost = pairwise_mse(original, reconstruction).numpy()  # rows: originals, cols: reconstructions
     if not np.isfinite(cost).all():
         raise ValueError("cannot pair images: the reconstruction contains NaN or infinite pixel values")

@@ -37,9 +37,17 @@ from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
 from giaudit.orchestration.record import CellOutcome, CellResult, blocked_record, cell_record
 from giaudit.orchestration.tuning import tune_attack, tuning_key
-from giaudit.scenario.build import AnyScenario, cell_scenario, scenario_name, server_data, surrogate_scenario
+from giaudit.scenario.build import (
+    AnyScenario,
+    cell_scenario,
+    model_provenance,
+    scenario_name,
+    server_data,
+    surrogate_scenario,
+)
 from giaudit.scenario.capture import CaptureScenario, deployment, read_meta
 from giaudit.scenario.client import Scenario
+from giaudit.scenario.state import sha256
 from giaudit.training import TrainingSettings, stable_seed
 from giaudit.types import Capability, GroundTruth, Observation
 
@@ -90,7 +98,8 @@ def run_cell(cell: Cell) -> CellResult:
     start = time.perf_counter()
     _label, defense = build_defense(spec)
     face_analyzer, analyzer_note = evaluators.analyzer(spec.output)
-    scenario = cell_scenario(spec.data, spec.scenario, spec.threat.model(), seed, spec.base)
+    runtime = spec.run.runtime()
+    scenario = cell_scenario(spec.data, spec.scenario, spec.threat.model(), seed, spec.base, runtime)
     train_info: dict[str, Any] = {}
     if cell.round is not None:
         checkpoint = cell.checkpoint or seed_checkpoints(spec, seed, cell.training or TrainingSettings())[cell.round]
@@ -144,4 +153,6 @@ def run_cell(cell: Cell) -> CellResult:
         timings={"setup_s": setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
         training=train_info, tuning=tuned.record() if tuned else {},
         notes=((analyzer_note,) if analyzer_note else ()) + ((tuned.note(),) if tuned else ())
-        + (scenario.notes if isinstance(scenario, CaptureScenario) else ())))
+        + (scenario.notes if isinstance(scenario, CaptureScenario) else ()),
+        model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None),
+        runtime=runtime.record()))

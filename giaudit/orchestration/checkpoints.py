@@ -34,7 +34,8 @@ class Checkpoint:
 
 def checkpoint_training(spec: AuditSpec, seed: int, settings: TrainingSettings) -> TrainingRun:
     """The federated training (the configured defenses on every client) up to the last checkpoint."""
-    scenario, train_set, held = training_data(spec.data, spec.scenario, spec.threat.model(), seed)
+    scenario, train_set, held = training_data(spec.data, spec.scenario, spec.threat.model(), seed, base=spec.base,
+                                              runtime=spec.run.runtime())
     rounds = [r for r in spec.scenario.rounds if r is not None]
     return train(scenario.model, train_set, held, scenario.protocol, scenario.batch_size,
                  [dict(d) for d in spec.defenses], settings, seed, rounds=max(rounds), keep=rounds)

@@ -84,7 +84,7 @@ def gallery(spec: AuditSpec, face_analyzer: Any, scenario: AnyScenario | Capture
     n = spec.output.gallery_size
     pool = scenario.pool.images
     gen = torch.Generator().manual_seed(stable_seed("gallery", seed))
-    order = torch.randperm(len(pool), generator=gen)
+    order = torch.randperm(len(pool), generator=gen, device=gen.device)
     batch = truth.images.reshape(truth.images.shape[0], -1)
     keep = [int(i) for i in order if not bool((pool[i].reshape(1, -1) == batch).all(1).any())][: n - 1]
     if not keep:

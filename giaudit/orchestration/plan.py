@@ -3,8 +3,9 @@
 A cell is an idempotent task keyed by its record id and its config hash. The
 hash is taken over the canonical config (`AuditSpec.raw`) without the seeds,
 the other attacks and the name, plus the cell's own attack table and seed
-(and its round and training settings for a checkpoint cell, and a user-level
-flag when the run holds a user-level attack). A run folder that already holds
+(and its round and training settings for a checkpoint cell, a user-level
+flag when the run holds a user-level attack, and the SHA-256 of
+``scenario.weights`` when it is set). A run folder that already holds
 a record with the same id and hash skips the cell, so a crashed or
 interrupted sweep run again computes only what is missing, and a config
 change recomputes exactly the cells it touches. Saved runs and shipped caches
@@ -19,6 +20,7 @@ from giaudit.attacks import ATTACKS
 from giaudit.config import AuditSpec
 from giaudit.orchestration.checkpoints import Checkpoint
 from giaudit.results import config_hash
+from giaudit.scenario.state import sha256
 from giaudit.training import TrainingSettings
 
 
@@ -59,6 +61,9 @@ def plan_cells(spec: AuditSpec, label: str, training: TrainingSettings | None = 
     # (only then, so the hashes of other runs stay as they were).
     user = {"user_level": True} if user_level_run(spec) else {}
     shared = {k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")}
+    if spec.scenario.weights is not None:
+        # The weights' content, not only their path: a new round saved under the same name recomputes the cells.
+        shared["weights_sha256"] = sha256(spec.scenario.weights)
     cells = []
     for seed in spec.seeds:
         for round_ in spec.scenario.rounds:

@@ -54,6 +54,8 @@ class CellOutcome:
     training: dict[str, Any] = field(default_factory=dict)  # round and held-out accuracy of a checkpoint cell
     notes: tuple[str, ...] = ()                    # e.g. why the semantic metrics did not run
     tuning: dict[str, Any] = field(default_factory=dict)  # the attack's options tuned on the server's own clients
+    model: dict[str, Any] = field(default_factory=dict)  # the audited model's provenance (AuditRecord.model)
+    runtime: dict[str, Any] = field(default_factory=dict)  # device, dtype and torch version (AuditRecord.runtime)
 
 
 def cell_record(outcome: CellOutcome) -> CellResult:
@@ -89,7 +91,7 @@ def cell_record(outcome: CellOutcome) -> CellResult:
                **{k: v for k, v in tr.extra.items() if k not in ("workers", "label_source")}},
         disclosed=disclosed_values(obs.disclosed), notes=tuple(notes),
         images_file=images_file(cell.record_id) if images is not None else None, training=dict(outcome.training),
-        tuning=dict(outcome.tuning)),
+        tuning=dict(outcome.tuning), model=dict(outcome.model), runtime=dict(outcome.runtime)),
         images)
 
 

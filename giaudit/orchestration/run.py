@@ -27,7 +27,7 @@ import numpy
 import torch
 
 from giaudit.config import AuditSpec
-from giaudit.engine import Engine, LocalEngine
+from giaudit.engine import Engine, LocalEngine, RayEngine
 from giaudit.io import atomic_write_bytes
 from giaudit.orchestration.cell import build_defense, run_cell
 from giaudit.orchestration.checkpoints import checkpoint_task
@@ -36,7 +36,7 @@ from giaudit.orchestration.record import CellResult
 from giaudit.policy import Policy, Verdict, check, load_policy
 from giaudit.report import render
 from giaudit.results import AuditRecord, ResultsStore
-from giaudit.scenario.build import preload
+from giaudit.scenario.build import check_scenario, preload
 from giaudit.scenario.capture import summary as capture_summary
 from giaudit.training import TrainingSettings
 from giaudit.version import __version__
@@ -47,11 +47,25 @@ def versions() -> dict[str, str]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def preflight(spec: AuditSpec) -> None:
+    """What fails before the first cell: the device (``run.device`` on this machine), the model the cells will
+    build (factory, weights, normalisation, classes) and the capture, built once in the driver on the CPU;
+    errors name their key. Nothing is written before it."""
+    spec.run.runtime()
+    check_scenario(spec.data, spec.scenario, spec.threat.model(), spec.base)
+
+
 def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: TrainingSettings | None = None,
               show_progress: bool = False) -> Iterator[CellResult]:
     """The results of `cells` (of `spec`) as they finish on `engine`: first the federated training of each seed
     with checkpoint cells, whose checkpoints go into those cells, then the cells."""
     preload(spec.data, spec.scenario)
+    runtime = spec.run.runtime()
+    if isinstance(engine, RayEngine) and runtime.cuda:
+        engine.num_gpus = spec.run.gpu_share  # each task asks Ray for its GPU share
+    if isinstance(engine, LocalEngine) and runtime.device.type != "cpu" and engine.workers > 1:
+        # Forked workers cannot share a GPU the driver may have touched: one process drives it, cell by cell.
+        engine = LocalEngine(1)
     todo = list(cells)
     with engine:  # one Ray instance for the training and the cells
         to_train = sorted({c.seed for c in todo if c.round is not None})
@@ -87,6 +101,7 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
     if not todo:
         return store  # nothing to do: the run folder is left untouched
+    preflight(spec)  # before the first file is written
     engine = engine or LocalEngine()
     for result in run_cells(spec, todo, engine, training, show_progress):
         write_cell(out, store, result)
@@ -102,6 +117,7 @@ def compute_records(spec: AuditSpec, *, show_progress: bool = False, engine: Eng
                     training: TrainingSettings | None = None) -> list[AuditRecord]:
     """Every cell of `spec` computed on `engine` without a run folder: nothing is written (the records'
     `images_file` names where `run_audit` would put the images). The records come back in plan order."""
+    preflight(spec)
     label, _defense = build_defense(spec)
     cells = plan_cells(spec, label, training, show_progress)
     done = {r.record.record_id: r.record for r in run_cells(spec, cells, engine or LocalEngine(), training,

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from giaudit.device import generator_device, placement
 from giaudit.errors import ConfigError, DataError, ParamError
 from giaudit.priors.base import register_format
 from giaudit.priors.io import load_prior, save_prior, shipped_priors
@@ -132,7 +133,7 @@ def build_unet(config: DDPMConfig, seed: int = 0) -> UNet2DModel:
     from diffusers import UNet2DModel
 
     n = len(config.block_out_channels)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # built on the CPU (the same init everywhere)
         torch.manual_seed(seed)
         unet = UNet2DModel(sample_size=config.size, in_channels=config.channels, out_channels=config.channels,
                            block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
@@ -145,8 +146,9 @@ def build_unet(config: DDPMConfig, seed: int = 0) -> UNet2DModel:
 def make_scheduler(config: DDPMConfig) -> DDPMScheduler:
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                         beta_start=config.beta_start, beta_end=config.beta_end)
+    with torch.device("cpu"):  # its schedule tensors live on the CPU; users move them where they compute
+        return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                             beta_start=config.beta_start, beta_end=config.beta_end)
 
 
 def to_model(x: Tensor) -> Tensor:
@@ -179,7 +181,7 @@ class DDPMPrior:
     def eps(self, x_t: Tensor, t: Tensor | int) -> Tensor:
         """Predicted noise for model-space `x_t` at timestep(s) `t`."""
         if not torch.is_tensor(t):
-            t = torch.tensor([int(t)] * x_t.shape[0])
+            t = torch.tensor([int(t)] * x_t.shape[0], device=x_t.device)
         return self.unet(x_t, t).sample
 
     @property
@@ -200,7 +202,8 @@ class DDPMPrior:
     @torch.no_grad()
     def sample(self, n: int, *, steps: int = 50, generator: torch.Generator | None = None) -> Tensor:
         """`n` images in [0, 1] by deterministic DDIM (eta 0) with `steps` steps from seeded noise."""
-        z = torch.randn((n, self.config.channels, self.config.size, self.config.size), generator=generator)
+        shape = (n, self.config.channels, self.config.size, self.config.size)
+        z = torch.randn(shape, generator=generator, device=generator_device(generator)).to(placement(self.unet)[0])
         return from_model(ddim_sample(self.unet, self.alphas_cumprod, z, steps, clip=True)).clamp(0, 1)
 
 
@@ -224,8 +227,8 @@ def ddim_sample(unet: torch.nn.Module, alphas_cumprod: Tensor, z: Tensor, steps:
     x = z
     for i, t in enumerate(ts):
         a_t = alphas_cumprod[t]
-        a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        eps = unet(x, torch.full((x.shape[0],), t, dtype=torch.long)).sample
+        a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=alphas_cumprod.device)
+        eps = unet(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)).sample
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -244,20 +247,21 @@ def ddpm_denoise(prior: DDPMPrior, x: Tensor, t_start: int, *, generator: torch.
     ac = prior.alphas_cumprod
     t_start = int(max(0, min(t_start, len(ac) - 1)))
     x0 = to_model(x)
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, device=generator_device(generator)).to(x0.device)
     xt = ac[t_start].sqrt() * x0 + (1 - ac[t_start]).sqrt() * noise
     if steps is not None:
         k = max(1, min(steps, t_start + 1))
         ts = sorted({round(t_start * (1 - i / k)) for i in range(k)}, reverse=True)
         return from_model(ddim_sample(prior.unet, ac, xt, len(ts), clip=True, timesteps=ts)).clamp(0, 1)
-    betas = 1 - ac / torch.cat([torch.ones(1), ac[:-1]])
+    betas = 1 - ac / torch.cat([torch.ones(1, device=ac.device, dtype=ac.dtype), ac[:-1]])
     for t in range(t_start, -1, -1):
         eps = prior.eps(xt, t)
         a_t, b_t = ac[t], betas[t]
         mean = (xt - b_t / (1 - a_t).sqrt() * eps) / (1 - b_t).sqrt()
         if t > 0:
             var = b_t * (1 - ac[t - 1]) / (1 - a_t)
-            xt = mean + var.sqrt() * torch.randn(xt.shape, generator=generator)
+            xt = mean + var.sqrt() * torch.randn(xt.shape, generator=generator,
+                                                 device=generator_device(generator)).to(xt.device)
         else:
             xt = mean
     return from_model(xt).clamp(0, 1)
@@ -392,9 +396,9 @@ def train_ddpm(images: Tensor, *, config: DDPMConfig, seed: int = 0, steps: int 
     while step < done + steps:
         if minutes is not None and time.perf_counter() - start > minutes * 60:
             break
-        x0 = data[torch.randint(0, n, (batch_size,), generator=rng)]
-        t = torch.randint(0, config.num_train_timesteps, (batch_size,), generator=rng)
-        noise = torch.randn(x0.shape, generator=rng)
+        x0 = data[torch.randint(0, n, (batch_size,), generator=rng, device=rng.device)]
+        t = torch.randint(0, config.num_train_timesteps, (batch_size,), generator=rng, device=rng.device)
+        noise = torch.randn(x0.shape, generator=rng, device=rng.device)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step - done + 1) / max(1, warmup))
         loss = ddpm_loss(unet, ac, x0, t, noise)

@@ -145,7 +145,8 @@ def init_weights(module: nn.Module, generator: torch.Generator) -> None:
 
 
 def build_generator(config: GeneratorConfig, generator: torch.Generator | None = None) -> Generator:
-    """A fresh (untrained) generator with reproducible weights."""
-    g = Generator(config)
-    init_weights(g, generator if generator is not None else torch.Generator().manual_seed(0))
+    """A fresh (untrained) generator with reproducible weights, built on the CPU (the same init everywhere)."""
+    with torch.device("cpu"):
+        g = Generator(config)
+        init_weights(g, generator if generator is not None else torch.Generator().manual_seed(0))
     return g

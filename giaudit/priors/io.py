@@ -130,7 +130,8 @@ def load_prior(name_or_path: str | os.PathLike[str], *, device: str | torch.devi
         raise DataError(f"{weights}: not a readable safetensors file ({exc}); re-save or re-train the prior") from exc
     if not doc.get("name"):
         doc = {**doc, "name": path.stem if path.suffix == ".safetensors" else path.name}
-    return LOADERS[fmt](doc, state, str(weights))
+    with torch.device("cpu"):  # the prior's modules are built on the CPU; attacks move them where they compute
+        return LOADERS[fmt](doc, state, str(weights))
 
 
 def _load_gan(doc: Mapping[str, Any], state: dict[str, torch.Tensor], where: str) -> Prior:

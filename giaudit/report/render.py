@@ -47,7 +47,7 @@ from giaudit.report.format import (
 from giaudit.report.summary import Summary, summarise
 from giaudit.report.templating import environment
 from giaudit.results import AuditRecord, ResultsStore, load_images, load_results
-from giaudit.scenario.sections import CAPTURE_KEYS
+from giaudit.scenario.sections import CAPTURE_DATA_KEYS, CAPTURE_KEYS
 from giaudit.stats import finite
 from giaudit.types import CAPABILITIES, SOK_CLASSES, UNDECLARED_DEFENSE
 
@@ -257,8 +257,9 @@ def _effective(config: Mapping[str, Any], capture: Mapping[str, Any] | None) -> 
     if capture is None:
         return config
     scenario = {k: v for k, v in (config.get("scenario") or {}).items() if k in CAPTURE_KEYS and v is not None}
+    data = {k: v for k, v in (config.get("data") or {}).items() if k in CAPTURE_DATA_KEYS and v is not None}
     out = {k: v for k, v in config.items() if k not in ("data", "scenario", "defenses")}
-    return {**out, "scenario": scenario, "capture": dict(capture)}
+    return {**out, **({"data": data} if data else {}), "scenario": scenario, "capture": dict(capture)}
 
 
 def _deployment_lines(capture: Mapping[str, Any]) -> list[str]:

@@ -25,28 +25,28 @@ pickles:
 
 `CaptureScenario` turns a capture into the same (Observation, GroundTruth)
 pair `Scenario.simulate` produces: the global model comes from a user factory
-(``module:function``) whose state-dict names and shapes must match the
-capture (the first difference is named), with the captured global weights
-loaded, and, when the capture holds a fingerprint, a factory computing a
-different function from the deployed model (same shapes, another activation)
-is refused. The update is the FedAvg delta (sent - received) of the trainable
-parameters with the captured training details (plain SGD over the recorded
-local steps, or E local epochs of ordered mini-batches of the captured batch
-size when the order was not recorded, which the report says; a class-C
-attacker knows them). Defenses were applied by the deployment itself, so none
-may be configured on top: the capture records them (or the audit config
-declares them, ``scenario.deployment_defenses``), the record is labelled with
-them ("not declared" when nobody said), and their disclosed parameters (a
-clip norm) reach adaptive attacks as in simulation.
+(``module:function`` with ``scenario.model_args``, `giaudit.scenario.factory`)
+whose state-dict names and shapes must match the capture (the first
+difference is named), with the captured global weights loaded and the data's
+normalisation (``data.mean`` / ``data.std``) as its first operation; when the
+capture holds a fingerprint, a factory computing a different function from
+the deployed model (same shapes, another activation) is refused. The update
+is the FedAvg delta (sent - received) of the trainable parameters with the
+captured training details (plain SGD over the recorded local steps, or E
+local epochs of ordered mini-batches of the captured batch size when the
+order was not recorded, which the report says; a class-C attacker knows
+them). Defenses were applied by the deployment itself, so none may be
+configured on top: the capture records them (or the audit config declares
+them, ``scenario.deployment_defenses``), the record is labelled with them
+("not declared" when nobody said), and their disclosed parameters (a clip
+norm) reach adaptive attacks as in simulation.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,8 +58,11 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 from giaudit.defenses import Chain, build_chain
+from giaudit.device import CPU, Runtime, to_model
 from giaudit.errors import ConfigError, DataError
 from giaudit.io import atomic_write_bytes, atomic_write_text
+from giaudit.scenario.factory import call_factory
+from giaudit.scenario.models import normalise_inputs, seeded_init
 from giaudit.threat import observe
 from giaudit.types import (
     NO_DEFENSE,
@@ -266,23 +269,6 @@ def deployment(meta: Mapping[str, Any], declared: Sequence[Mapping[str, Any]] | 
     return Deployment("+".join(names) if names else NO_DEFENSE, chain, tuple(lines), True)
 
 
-def load_factory(spec: str, base: Path | None = None) -> Callable[[], nn.Module]:
-    """`module:function` -> the function; `base` (the config's folder) is searched for the module first."""
-    module_name, sep, func = spec.partition(":")
-    if not sep or not module_name or not func:
-        raise ConfigError(f"scenario.model_factory: expected 'module:function', got {spec!r}")
-    if base is not None and str(base) not in sys.path:
-        sys.path.insert(0, str(base))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"scenario.model_factory: cannot import {module_name!r} ({exc})") from None
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise ConfigError(f"scenario.model_factory: {module_name!r} has no function {func!r}")
-    return fn
-
-
 def match_state(model: nn.Module, arrays: Mapping[str, np.ndarray], factory: str,
                 what: str = "global") -> dict[str, torch.Tensor]:
     """The captured arrays under the model's state-dict names; raises naming the first differing tensor.
@@ -348,12 +334,19 @@ class CaptureScenario:
 
     @classmethod
     def build(cls, folder: str | Path, factory: str, threat: ThreatModel, *, bn_mode: str = "train",
-              base: Path | None = None,
-              declared: Sequence[Mapping[str, Any]] | None = None) -> CaptureScenario:
+              base: Path | None = None, factory_args: Mapping[str, Any] | None = None,
+              normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+              runtime: Runtime = CPU, declared: Sequence[Mapping[str, Any]] | None = None) -> CaptureScenario:
+        """The capture in `folder` with the model `factory` builds (called with `factory_args`; `base`: the
+        config's folder, searched last for its module), its inputs normalised by (mean, std) when given, on the
+        runtime's device and dtype; `declared`: the deployment's defenses as the config declares them."""
         cap = load_capture(folder)
-        model = load_factory(factory, base)()
+        model = seeded_init(lambda: call_factory("scenario.model_factory", factory, factory_args, base), None)
         model.load_state_dict(match_state(model, cap.global_arrays, factory, "global"))
         match_state(model, cap.update_arrays, factory, "update")
+        if normalisation is not None:
+            normalise_inputs(model, *normalisation)
+        model = model.to(runtime.device, runtime.dtype)
         if cap.probe is not None:
             check_fingerprint(model, cap.probe, factory)
         model.train(bn_mode == "train")
@@ -413,15 +406,15 @@ class CaptureScenario:
         sent = match_state(self.model, self.capture.update_arrays, "the factory", "update")
         names = [n for n, _ in self.model.named_parameters()]
         before = dict(self.model.named_parameters())
-        delta = tuple((sent[n] - before[n].detach()).float() for n in names)
+        delta = tuple(to_model(sent[n], self.model) - before[n].detach() for n in names)
         if not all(math.isfinite(float(d.abs().sum())) for d in delta):
             raise DataError(f"{self.capture.folder}: the captured update has non-finite values")
         labels = None
         truth = None
         if self.capture.batch is not None:
             images, lab = self.capture.batch
-            labels = torch.from_numpy(np.array(lab)).long()
-            truth = GroundTruth(torch.from_numpy(np.array(images)).float(), labels.clone())
+            labels = to_model(torch.from_numpy(np.array(lab)).long(), self.model)
+            truth = GroundTruth(torch.from_numpy(np.array(images)).float(), labels.cpu().clone())
         update = SharedUpdate(delta, "delta")
         obs = observe(model=copy.deepcopy(self.model), update=update,
                       data_spec=self.data_spec, threat=self.threat,

@@ -31,6 +31,7 @@ from torch import nn
 
 from giaudit.data import ImageDataset
 from giaudit.defenses.base import SAMPLERS, Chain, ClientStep, Defense
+from giaudit.device import to_model
 from giaudit.errors import ConfigError
 from giaudit.fl import BNStatsRecorder
 from giaudit.threat import observe
@@ -39,16 +40,18 @@ from giaudit.types import ClientProtocol, GroundTruth, Observation, SharedUpdate
 
 def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.Generator,
              lr: float = 0.05, batch_size: int = 64) -> nn.Module:
-    """Train the global model for `steps` SGD steps (the "trained for N steps" setting)."""
+    """Train the global model for `steps` SGD steps (the "trained for N steps" setting), on the model's device
+    (the batches are drawn on the CPU)."""
     if steps <= 0:
         return model
     was_training = model.training
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for _ in range(steps):
-        idx = torch.randint(0, len(data), (batch_size,), generator=generator)
+        idx = torch.randint(0, len(data), (batch_size,), generator=generator, device=generator.device)
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx]).backward()
+        x, y = to_model(data.images[idx], model), to_model(data.labels[idx], model)
+        nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     model.train(was_training)
     return model
@@ -64,7 +67,7 @@ def configure_client(pool: ImageDataset, model: nn.Module, protocol: ClientProto
 
     Returns the generator (seed 0 when none is given), the defenses as one chain, and the configured step.
     """
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
     defense = defenses if isinstance(defenses, Chain) else Chain([defenses] if defenses is not None else [])
     step = defense.configure(ClientStep(protocol, batch_size, pool.spec.num_classes, sampler=SAMPLERS[client_data],
                                         context={"pool": pool, "model": model, "served_model": model,
@@ -107,8 +110,9 @@ class Scenario:
 
         client_model = copy.deepcopy(global_model)
         recorder = BNStatsRecorder(client_model, detach=True)
-        targets = step.targets(batch.labels, step.num_classes)
-        tensors = step.compute(client_model, batch.images, targets, step.protocol)
+        # The private batch goes to the model's device for the client's step; the ground truth stays on the CPU.
+        targets = to_model(step.targets(batch.labels, step.num_classes), client_model)
+        tensors = step.compute(client_model, to_model(batch.images, client_model), targets, step.protocol)
         bn_stats = recorder.take() if recorder.layers else None
         recorder.close()
         kind: Literal["gradient", "delta"] = "gradient" if step.protocol.name == "fedsgd" else "delta"
@@ -116,5 +120,6 @@ class Scenario:
 
         obs = observe(model=copy.deepcopy(global_model), update=update, data_spec=self.pool.spec,
                       threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
-                      labels=batch.labels, bn_statistics=bn_stats, disclosed=defense.disclosures(update))
+                      labels=to_model(batch.labels, global_model), bn_statistics=bn_stats,
+                      disclosed=defense.disclosures(update))
         return obs, truth

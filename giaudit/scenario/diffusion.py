@@ -24,6 +24,7 @@ from torch import nn
 
 from giaudit.data import ImageDataset
 from giaudit.defenses.base import Chain, Defense, default_compute
+from giaudit.device import to_model
 from giaudit.errors import ConfigError
 from giaudit.fl_diffusion import diffusion_update, draw
 from giaudit.priors.ddpm import DDPMConfig, build_unet, load_ddpm, make_scheduler
@@ -53,18 +54,22 @@ class DiffusionScenario:
         idx = step.sampler(self.pool.labels, step.batch_size, gen)
         batch = self.pool.subset(idx)
         d = draw(len(idx), batch.images.shape[1:], int(self.alphas_cumprod.numel()), gen)
+        device = self.alphas_cumprod.device
         meta = batch.meta or tuple({} for _ in range(len(idx)))
         meta = tuple({**m, "diffusion_t": int(t)} for m, t in zip(meta, d.timesteps))
         truth = GroundTruth(batch.images.clone(), batch.labels.clone(), meta)
         client_model = copy.deepcopy(self.model)
-        tensors = diffusion_update(client_model, batch.images, d.timesteps, d.noise, self.alphas_cumprod,
-                                   step.protocol)
+        # Drawn on the CPU, computed on the model's device.
+        t_dev, noise_dev = d.timesteps.to(device), to_model(d.noise, client_model)
+        tensors = diffusion_update(client_model, to_model(batch.images, client_model), t_dev, noise_dev,
+                                   self.alphas_cumprod, step.protocol)
         kind: Literal["gradient", "delta"] = "gradient" if step.protocol.name == "fedsgd" else "delta"
         update = defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), gen)
-        info = DiffusionInfo(self.alphas_cumprod.clone(), d.timesteps.clone(), d.noise.clone())
+        info = DiffusionInfo(self.alphas_cumprod.clone(), t_dev.clone(), noise_dev.clone())
         obs = observe(model=copy.deepcopy(self.model), update=update, data_spec=self.pool.spec,
                       threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
-                      labels=batch.labels, bn_statistics=None, disclosed=defense.disclosures(update), diffusion=info)
+                      labels=batch.labels.to(device), bn_statistics=None, disclosed=defense.disclosures(update),
+                      diffusion=info)
         return obs, truth
 
 
@@ -81,7 +86,7 @@ def diffusion_global_model(spec: DataSpec, prior: str | None, width: int | None,
                               f"{p.config.size} images, the data are {'x'.join(map(str, spec.shape))}; "
                               "set data.size / data.channels to match")
         return p.unet, p.alphas_cumprod
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     config = DDPMConfig(size=spec.height, channels=spec.channels,
                         block_out_channels=(width or 32, 2 * (width or 32), 2 * (width or 32)))
     return build_unet(config, seed), make_scheduler(config).alphas_cumprod.float()

@@ -8,8 +8,10 @@
   conv-BN-ReLU blocks with two max-pools and a linear head.
 - ResNet-18, CIFAR variant (3x3 stem, no max-pool).
 
-All take images in [0, 1] directly (no normalisation layer), so the data range
-the attacks clamp to is the model's input range.
+All take images in [0, 1] directly. A deployment's input normalisation
+(``data.mean`` / ``data.std``) is added to any model, built-in or the user's,
+by `normalise_inputs`: (x - mean) / std becomes the first operation of its
+forward, so attacks, priors and metrics keep working on images in [0, 1].
 """
 from __future__ import annotations
 
@@ -141,6 +143,47 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+class Normalise:
+    """Forward pre-hook: the model's input x (N, C, H, W in [0, 1]) becomes (x - mean) / std per channel.
+
+    A hook rather than a wrapper module, so the model keeps its state-dict names, its parameter order and its
+    attributes (the deployment's weights, captures and checkpoints match it name for name). The constants
+    follow the input's device and dtype."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, *rest = args
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"data.mean: {len(self.mean)} values for an input of {x.shape[1]} channels")
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return ((x - mean) / std, *rest)
+
+
+def normalise_inputs(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    """`model` with (x - mean) / std as the first operation of its forward (a `Normalise` pre-hook)."""
+    model.register_forward_pre_hook(Normalise(mean, std))
+    return model
+
+
+def normalisation_of(model: nn.Module) -> Normalise | None:
+    """The `Normalise` hook on `model`, if it has one."""
+    return next((h for h in model._forward_pre_hooks.values() if isinstance(h, Normalise)), None)
+
+
+def seeded_init(build: Callable[[], nn.Module], generator: torch.Generator | None) -> nn.Module:
+    """`build()` with the global RNG forked and seeded from `generator`, on the CPU: the initial weights depend
+    only on `generator` (the same on every device), and the caller's global RNG state is untouched."""
+    seed = 0
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        return build()
+
+
 def build_model(name: str, *, channels: int, num_classes: int, size: int,
                 width: int | None = None, generator: torch.Generator | None = None) -> nn.Module:
     """Build a model with weights drawn from `generator` (reproducible init)."""
@@ -150,14 +193,14 @@ def build_model(name: str, *, channels: int, num_classes: int, size: int,
     if width is not None and not entry.takes_width:
         raise ConfigError(f"scenario.width: {name} takes no width; models that do: "
                           f"{', '.join(n for n, e in MODELS.items() if e.takes_width)}")
-    # nn.Module initialisers draw from the global RNG; fork it so the caller's
-    # global state is untouched and the weights depend only on `generator`.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+
+    def build() -> nn.Module:
         model = entry.build(channels, num_classes, size, width)
         if entry.uniform_init is not None:
             for p in model.parameters():
                 p.data.uniform_(-entry.uniform_init, entry.uniform_init)
-    return model
+        return model
+
+    # nn.Module initialisers draw from the global RNG: forked, so the weights depend only on `generator`.
+    return seeded_init(build, generator)
 
