@@ -51,6 +51,8 @@ ATTACK_TABLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "diffula": (CLASSIFIER, {"iterations": 2, "denoise_steps": 2}),
     "gidm": (DIFFUSION, {"iterations": 2, "sampler_steps": 1}),
     "gidm_plus": (DIFFUSION, {"iterations": 2, "sampler_steps": 1, "t_grid": 2}),
+    "imprint": ({**CLASSIFIER, "threat": {"surrogate_data": True, "modifies_model": True}}, {"bins": 16}),
+    "trap_weights": ({**CLASSIFIER, "threat": {"modifies_model": True}}, {"neurons": 32}),
 }
 DEFENSE_TABLES = {
     "noise": {"name": "noise", "sigma": 0.01},
@@ -61,6 +63,7 @@ DEFENSE_TABLES = {
     "label_disguise": {"name": "label_disguise", "mix": 0.5},
     "large_batch": {"name": "large_batch", "batch_size": 4},
     "secure_agg": {"name": "secure_agg", "clients": 4},
+    "model_validation": {"name": "model_validation"},
 }
 
 

@@ -75,7 +75,7 @@ def measurement_direction(kind: str, shape: tuple[int, int, int], generator: tor
     size = math.prod(shape)
     if kind == "brightness":
         return torch.full((size,), 1.0 / size, device=like.device, dtype=like.dtype)
-    d = torch.randn(size, generator=generator, dtype=torch.float64)
+    d = torch.randn(size, generator=generator, dtype=torch.float64, device=generator.device)
     return (d / d.norm()).to(device=like.device, dtype=like.dtype)
 
 

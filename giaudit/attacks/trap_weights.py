@@ -47,7 +47,7 @@ class TrapBlock(nn.Module):
         size = math.prod(shape)
         self.trap = nn.Linear(size, neurons, device=like.device, dtype=like.dtype)
         self.back = nn.Linear(neurons, size, device=like.device, dtype=like.dtype)
-        w = torch.randn(neurons, size, generator=generator)
+        w = torch.randn(neurons, size, generator=generator, device=generator.device)
         w = torch.where(w > 0, w * scale, w)
         with torch.no_grad():
             self.trap.weight.copy_(w.to(like))
