@@ -73,7 +73,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
-from giaudit.errors import GiauditError
+from giaudit.errors import GiauditError, ParamError
 from giaudit.scenario.build import client_pool
 from giaudit.scenario.sections import DataSection
 from giaudit.stats import clopper_pearson
@@ -420,22 +420,32 @@ def bracket(criterion: Criterion, release: Guarantee | None, training: Guarantee
     train = training.gamma(k, adjacency) if training is not None else math.nan
     gdp = training.gdp_gamma(k, adjacency) if training is not None else None
     mu = empirical_mu(lo, k)
+    mu_point = empirical_mu(share, k) if criterion.n else math.nan
     p = f"rero_{criterion.key}_"
     return {p + "label": criterion.label, p + "kappa": k, p + "kappa_estimate": criterion.kappa.estimate,
             p + "kappa_how": criterion.kappa.how, p + "hits": criterion.hits, p + "n": criterion.n,
             p + "measured": share, p + "low": lo, p + "high": hi, p + "bound": bound, p + "training_bound": train,
             p + "training_gdp": gdp if gdp is not None else math.nan,
             p + "alarm": bool(math.isfinite(bound) and math.isfinite(lo) and lo > bound + 1e-12),
-            p + "mu": mu, p + "epsilon": mu_to_epsilon(mu, delta)}
-
-
-__all__ = ["ADJACENCIES", "CONFIDENCE", "DEFAULT_ADJACENCY", "DEFAULT_DELTA", "PSNR_THRESHOLD_DB", "Criterion",
-           "Guarantee", "Kappa", "Profile", "attribute_kappa", "bracket", "empirical_mu", "eps_delta_gamma",
-           "gaussian_gamma", "gaussian_release", "mu_to_epsilon", "psnr_kappa", "reid_kappa", "release_guarantee",
-           "subsampled_training", "training_guarantee", "training_spent"]
+            p + "mu": mu, p + "mu_point": mu_point, p + "epsilon": mu_to_epsilon(mu, delta)}
 
 
 # ---- the run's context: the pool's baseline and the settings -------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundsSection:
+    """``[bounds]``: the reconstruction criterion's PSNR threshold τ (dB) and the adjacency of the bounds. Read
+    by the report, `compare` and the policy only: it changes no attack, so no record's config hash."""
+
+    psnr_threshold: float = PSNR_THRESHOLD_DB
+    adjacency: str = DEFAULT_ADJACENCY
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.psnr_threshold):
+            raise ParamError("psnr_threshold", f"must be a finite number of dB, got {self.psnr_threshold}")
+        if self.adjacency not in ADJACENCIES:
+            raise ParamError("adjacency", f"{self.adjacency!r}; use one of {', '.join(ADJACENCIES)}")
 
 
 @dataclass(frozen=True)
@@ -450,11 +460,11 @@ class BoundsContext:
 
 
 def _settings(config: Mapping[str, Any]) -> tuple[float, Adjacency]:
+    """τ and the adjacency of a recorded config's ``[bounds]`` (validated when the config was read)."""
     found = config.get("bounds")
-    table: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-    tau = float(table.get("psnr_threshold", PSNR_THRESHOLD_DB))
-    adjacency = table.get("adjacency", DEFAULT_ADJACENCY)
-    return tau, adjacency if adjacency in ADJACENCIES else DEFAULT_ADJACENCY
+    section = BoundsSection(**found) if isinstance(found, Mapping) else BoundsSection()
+    adjacency: Adjacency = "replace" if section.adjacency == "replace" else "add_remove"
+    return float(section.psnr_threshold), adjacency
 
 
 @lru_cache(maxsize=8)
@@ -483,3 +493,10 @@ def bounds_context(meta: Mapping[str, Any]) -> BoundsContext:
         return BoundsContext(_pool_kappa(data, seeds, tau), tau, adjacency)
     except (GiauditError, TypeError, ValueError, OSError) as exc:
         return BoundsContext(None, tau, adjacency, f"the client pool could not be rebuilt ({exc})")
+
+
+__all__ = ["ADJACENCIES", "BoundsContext", "BoundsSection", "CONFIDENCE", "Criterion", "DEFAULT_ADJACENCY",
+           "DEFAULT_DELTA", "Guarantee", "Kappa", "PSNR_THRESHOLD_DB", "Profile", "ProfileCurve", "attribute_kappa",
+           "bounds_context", "bracket", "empirical_mu", "eps_delta_gamma", "gaussian_gamma", "gaussian_release",
+           "mu_to_epsilon", "psnr_kappa", "reid_kappa", "release_guarantee", "subsampled_training",
+           "training_guarantee", "training_spent"]

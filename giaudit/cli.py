@@ -94,7 +94,7 @@ def _report(args: argparse.Namespace) -> int:
     store = load_results(args.results)
     verdict = None
     if args.policy:
-        verdict = check(store.records, load_policy(args.policy))
+        verdict = check(store.records, load_policy(args.policy), store.meta)
     html, md = render(store, store.run_dir, verdict=verdict)
     print(f"report: {html}\nmarkdown: {md}")
     return 0
@@ -119,7 +119,7 @@ def _check(args: argparse.Namespace) -> int:
     """Print each rule and PASS/FAIL; exit 0 when every rule passes, 1 when one fails (2: bad input, via main)."""
     policy = load_policy(args.policy)
     store = load_results(args.results)
-    verdict = check(store.records, policy)
+    verdict = check(store.records, policy, store.meta)
     print(f"policy {policy.source} on {args.results} ({len(store.records)} records)")
     print(verdict.format())
     return 0 if verdict.passed else 1

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
+from giaudit.bounds import BoundsSection
 from giaudit.defenses import build_chain
 from giaudit.errors import ConfigError, ParamError
 from giaudit.io import read_toml
@@ -88,9 +89,9 @@ class OutputSection:
 
 
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
-                             "output": OutputSection}
+                             "output": OutputSection, "bounds": BoundsSection}
 BUDGET_KEYS = tuple(options(Budget))
-TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output"}
+TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output", "bounds"}
 
 
 def _section(src: str, name: str, table: Any) -> Any:
@@ -152,6 +153,7 @@ class AuditSpec:
     attacks: Mapping[str, AttackConfig]
     output: OutputSection
     source: str = "<config>"
+    bounds: BoundsSection | None = None   # [bounds] as given; None when the config has none (kept out of raw)
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -162,6 +164,7 @@ class AuditSpec:
             "defenses": [dict(d) for d in self.defenses],
             "attacks": {k: dict(v.table) for k, v in self.attacks.items()},
             "output": {k: v for k, v in canonical(self.output).items() if k != "dir"},
+            **({"bounds": canonical(self.bounds)} if self.bounds is not None else {}),
         }
 
     @property
@@ -225,8 +228,9 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
     if not isinstance(attacks_in, Mapping) or not attacks_in:
         raise ConfigError(f"{source}: attacks: expected tables like [attacks.ig]")
     attacks = {name_: AttackConfig(name_, _attack_table(source, name_, table)) for name_, table in attacks_in.items()}
+    bounds: BoundsSection | None = _section(source, "bounds", config["bounds"]) if "bounds" in config else None
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
-                     output, source)
+                     output, source, bounds)
 
 
 def _check_name(source: str, name: str) -> None:

@@ -2,6 +2,7 @@
 single release, the baselines κ, the empirical μ, and measured attack success never above the bound."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -224,3 +225,75 @@ def test_the_prior_aware_attack_on_clip_noise_meets_but_never_passes_the_bound(u
     lo, hi = clopper_pearson(_informed_attack(chain, worst, refs, 2000, seed=2), 2000)
     assert lo <= bound <= hi                                  # tight: the bound is what the best attack reaches
     assert lo > B.gaussian_release(2 * sigma).gamma(0.5)      # half the μ would be broken
+
+
+def _faces(defense: str, disclosed: dict, hits: int, n: int = 16, seed: int = 0):
+    from giaudit.results import AuditRecord
+
+    return AuditRecord(
+        record_id=f"f__{defense}__ig__s{seed}", config_hash="h", scenario="f", defense=defense, attack="ig",
+        seed=seed, threat={"sok_class": "B"}, attack_params={}, label_source="oracle",
+        metrics={"reid_rank1": hits / n, "reid_scored": float(n), "reid_gallery_size": 100.0}, per_image=(),
+        timings={}, trace={}, disclosed=disclosed)
+
+
+def test_rero_row_policy_and_alarm() -> None:
+    """The aggregation's bracket on re-identification among 100 (κ = 1 %), judged by rero_bound and
+    empirical_mu rules; a measured lower bound above the bound raises the alarm."""
+    from giaudit.aggregate import summarise
+    from giaudit.policy import check, parse_policy
+    from giaudit.report.summary import finding
+
+    dp = {"0:dpsgd": {"dp_noise_multiplier": 2.0, "dp_max_grad_norm": 1.0, "dp_steps": 10, "dp_rounds": 10,
+                      "dp_sample_rate": 0.01, "delta": 1e-5, "epsilon": 1.0}}
+    recs = [_faces("dpsgd", dp, 0), _faces("none", {}, 12)]
+    rows = {r["defense"]: r for r in summarise(recs)}
+    v = rows["dpsgd"]
+    bound = B.gaussian_gamma(0.01, 0.5)
+    assert v["rero_reid_bound"] == pytest.approx(bound) and v["rero_bound"] == pytest.approx(bound)
+    assert v["rero_reid_training_bound"] < bound and (v["rero_reid_low"], v["rero_reid_hits"]) == (0.0, 0)
+    assert not v["rero_alarm"] and v["empirical_mu"] == 0.0
+    assert "DP bounds any attacker to ≤ 3 % re-identified among 100 (κ = 1.0 %); the attacks run reached 0 of 16 " \
+           "[0 %, 21 %]" in finding(v, [])
+    none = rows["none"]
+    assert none["rero_bound"] == 1.0 and none["rero_release"] is None
+    lo = clopper_pearson(12, 16)[0]
+    assert none["empirical_mu"] == pytest.approx(float(norm.ppf(lo) - norm.ppf(0.01)))
+    assert none["empirical_mu_epsilon"] == pytest.approx(B.mu_to_epsilon(none["empirical_mu"], 1e-5))
+    # A broken accountant (noise far above what the update had): the attacks' lower bound exceeds the bound.
+    broken = summarise([_faces("dpsgd", {"0:dpsgd": {**dp["0:dpsgd"], "dp_noise_multiplier": 50.0}}, 12)])[0]
+    assert broken["rero_alarm"] and "ALARM" in finding(broken, [])
+    policy = parse_policy({"rules": {"rero_bound": {"max": 0.05}, "empirical_mu": {"max": 1.0}}})
+    verdict = {(r.defense, r.metric): r for r in check(recs, policy).rules}
+    assert verdict[("dpsgd", "rero_bound")].passed and not verdict[("none", "rero_bound")].passed
+    assert verdict[("dpsgd", "empirical_mu")].passed and not verdict[("none", "empirical_mu")].passed
+    # With confidence the empirical μ is taken at the Clopper-Pearson lower bound (smaller than at the share).
+    point = verdict[("none", "empirical_mu")].measured
+    conf = parse_policy({"confidence": 0.95, "rules": {"empirical_mu": {"max": 1.0}}})
+    at_lo = check(recs, conf).rules[1].measured
+    assert at_lo == pytest.approx(none["empirical_mu"]) and point == pytest.approx(
+        float(norm.ppf(12 / 16) - norm.ppf(0.01))) and at_lo < point
+    # Nothing to bound (no baseline): fails closed, or skips when asked.
+    bare = [dataclasses.replace(recs[0], metrics={"psnr_db_worst": 10.0})]
+    assert not check(bare, parse_policy({"rules": {"rero_bound": {"max": 0.5}}})).passed
+    assert check(bare, parse_policy({"rules": {"rero_bound": {"max": 0.5, "missing": "skip"}}})).passed
+
+
+def test_bounds_section_is_validated_read_by_the_context_and_out_of_the_cell_hash() -> None:
+    from giaudit.config import demo_config_path, load_config
+    from giaudit.errors import ConfigError
+    from giaudit.orchestration.plan import plan_cells
+
+    spec = load_config(demo_config_path())
+    assert "bounds" not in spec.raw  # unset: the shipped configs' hashes are what they were
+    tight = spec.replace(bounds={"psnr_threshold": 25.0, "adjacency": "replace"})
+    ctx = B.bounds_context({"config": tight.raw})
+    assert (ctx.psnr_threshold, ctx.adjacency) == (25.0, "replace") and ctx.psnr_kappa is not None
+    assert "within 25 dB" in ctx.psnr_kappa.how
+    assert B.bounds_context({"config": spec.raw}).psnr_threshold == B.PSNR_THRESHOLD_DB
+    assert [c.config_hash for c in plan_cells(tight, "x")] == [c.config_hash for c in plan_cells(spec, "x")]
+    for bad, key in [({"adjacency": "swap"}, "bounds.adjacency"), ({"tau": 3}, "bounds.tau"),
+                     ({"psnr_threshold": float("inf")}, "bounds.psnr_threshold")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            spec.replace(bounds=bad)
+    assert "captured update" in B.bounds_context({"config": {**spec.raw, "scenario": {"capture": "x"}}}).note
