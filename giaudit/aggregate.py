@@ -17,6 +17,12 @@ Nothing is recomputed from images: every value comes from the records.
   (its rounds and sampling rate), otherwise what the audited client's defense
   disclosed.
 - Utility: held-out accuracy pooled over seeds with its Wilson interval.
+- Leakage bracketed (`giaudit.bounds`): per success criterion (re-identified
+  rank-1 among N, an attribute inferred, a reconstruction within τ dB PSNR),
+  the DP bound on any attacker's success beside the share of images the
+  attacks run reached (Clopper-Pearson interval) and the empirical μ, under
+  ``rero_<criterion>_*`` keys; ``rero_bound`` and ``empirical_mu`` are their
+  largest over the criteria (the registry's derived metrics).
 - Against a reference defense (the preset without defenses): a one-sided
   paired Wilcoxon test of the headline metric's (PSNR's) per-image values on
   the same images and attack starts.
@@ -29,6 +35,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from giaudit.bounds import (
+    CONFIDENCE,
+    DEFAULT_DELTA,
+    BoundsContext,
+    Criterion,
+    attribute_kappa,
+    bracket,
+    reid_kappa,
+    release_guarantee,
+    training_guarantee,
+    training_spent,
+)
 from giaudit.metrics.registry import Metric, headline, parse, summarised
 from giaudit.results import AuditRecord, disclosed_value
 from giaudit.stats import bootstrap_mean, finite, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
@@ -201,6 +219,78 @@ def epsilon(records: Sequence[AuditRecord], runs: Sequence[Mapping[str, Any]]) -
     return (float(eps) if eps is not None else None), delta, ("audited update" if eps is not None else None)
 
 
+def _attribute_hits(records: Sequence[AuditRecord], name: str) -> tuple[int, int]:
+    """(correct, images) of an attribute over the group's images: per-image true/predicted values where the
+    records keep them, else the records' accuracies times their image counts."""
+    hits = n = 0
+    for r in records:
+        rows = [row for row in r.per_image if f"attribute_{name}_true" in row and f"attribute_{name}_pred" in row]
+        if rows:
+            n += len(rows)
+            hits += sum(row[f"attribute_{name}_true"] == row[f"attribute_{name}_pred"] for row in rows)
+        elif finite(r.metrics.get(f"attribute_{name}_accuracy")):
+            k = image_count(r)
+            n += k
+            hits += int(round(float(r.metrics[f"attribute_{name}_accuracy"]) * k))
+    return hits, n
+
+
+def criteria(records: Sequence[AuditRecord], context: BoundsContext | None = None) -> list[Criterion]:
+    """The success criteria a (defense, attack)'s records can be judged on, each with its baseline κ and the
+    images that met it: re-identified rank-1 among N, each classifier attribute inferred (κ: its majority
+    class), and, when the context holds the pool's baseline, a reconstruction within τ dB PSNR."""
+    out: list[Criterion] = []
+    reid = _reid(records)
+    if reid.get("reid_n") and reid.get("reid_gallery_size"):
+        size = int(reid["reid_gallery_size"])
+        out.append(Criterion("reid", f"re-identified among {size}", reid_kappa(size), int(reid["reid_hits"]),
+                             int(reid["reid_n"])))
+    for a in attribute_names(records):
+        chance = _weighted(records, f"attribute_{a}_chance")
+        hits, n = _attribute_hits(records, a)
+        if finite(chance) and 0 < chance < 1 and n:
+            out.append(Criterion(f"attr_{a}", f"{a.replace('_', ' ')} inferred", attribute_kappa(chance), hits, n))
+    if context is not None and context.psnr_kappa is not None:
+        key = headline().per_image or headline().name
+        vals = list(image_values(records, key).values())
+        if vals:
+            tau = context.psnr_threshold
+            out.append(Criterion("psnr", f"reconstructed within {tau:g} dB PSNR", context.psnr_kappa,
+                                 sum(v >= tau for v in vals), len(vals)))
+    return out
+
+
+def rero(records: Sequence[AuditRecord], runs: Sequence[Mapping[str, Any]] = (),
+         context: BoundsContext | None = None, *, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The leakage bracket of a (defense, attack): per criterion (`criteria`) the DP bound on the audited update
+    and on the whole training, the measured success with its Clopper-Pearson interval at `confidence`, the
+    alarm and the empirical μ; then the derived metrics (`rero_bound`, `empirical_mu`: the largest over the
+    criteria) and what the guarantees rest on."""
+    context = context or BoundsContext()
+    disclosed = records[0].disclosed if records else {}
+    release = release_guarantee(disclosed)
+    spent, spent_from = training_spent(disclosed, runs)
+    training = training_guarantee(spent) if spent is not None else None
+    eps, delta, _ = epsilon(records, runs)
+    at = float(delta) if finite(delta) and delta > 0 else DEFAULT_DELTA
+    out: dict[str, Any] = {"rero_release": release.what if release is not None else None,
+                           "rero_training": (f"{training.what} ({spent_from})" if training is not None else None),
+                           "rero_adjacency": context.adjacency, "rero_delta": at, "rero_note": context.note}
+    crits = criteria(records, context)
+    out["rero_criteria"] = ",".join(c.key for c in crits)
+    for c in crits:
+        out.update(bracket(c, release, training, adjacency=context.adjacency, confidence=confidence, delta=at))
+    bounds = [(out[f"rero_{c.key}_bound"], c.key) for c in crits if finite(out[f"rero_{c.key}_bound"])]
+    mus = [(out[f"rero_{c.key}_mu"], c.key) for c in crits if not math.isnan(out[f"rero_{c.key}_mu"])]
+    top_bound = max(bounds) if bounds else (math.nan, None)
+    top_mu = max(mus) if mus else (math.nan, None)
+    out.update({"rero_bound": top_bound[0], "rero_bound_criterion": top_bound[1],
+                "empirical_mu": top_mu[0], "empirical_mu_criterion": top_mu[1],
+                "empirical_mu_epsilon": out.get(f"rero_{top_mu[1]}_epsilon", math.nan) if top_mu[1] else math.nan,
+                "rero_alarm": any(out[f"rero_{c.key}_alarm"] for c in crits)})
+    return out
+
+
 def _paired(records: Sequence[AuditRecord], reference: Sequence[AuditRecord]) -> dict[str, Any]:
     key = headline().per_image or headline().name
     ref, got = image_values(reference, key), image_values(records, key)
@@ -211,13 +301,15 @@ def _paired(records: Sequence[AuditRecord], reference: Sequence[AuditRecord]) ->
 
 
 def summarise(records: Sequence[AuditRecord], utility: Utility | None = None, *, by_round: bool = False,
-              reference: str | None = None, order: Sequence[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+              reference: str | None = None, order: Sequence[tuple[str, str]] | None = None,
+              context: BoundsContext | None = None) -> list[dict[str, Any]]:
     """One row (a plain dict) per (defense, attack[, round]): every figure the report, `compare` and the
     policy check share.
 
     `utility`: per defense label, the per-seed utility results of a comparison (``accuracy``, ``n_test``,
     ``epsilon``...). `reference`: the defense label the paired test compares against. `order`: the
-    (defense, attack) pairs to show, in that order (default: as the records first appear)."""
+    (defense, attack) pairs to show, in that order (default: as the records first appear). `context`: the
+    run's bounds context (`giaudit.bounds.bounds_context`: the pool's PSNR baseline, τ, adjacency)."""
     utility = utility or {}
     groups = group(records, by_round=by_round)
     keys = list(groups)
@@ -248,6 +340,7 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None, *,
             for stat, v in _attribute(recs, a).items():
                 row[f"attr_{a}_{stat}"] = v
         row["epsilon"], row["delta"], row["epsilon_source"] = epsilon(recs, runs)
+        row.update(rero(recs, runs, context))
         if reference and defense != reference:
             row.update(_paired(recs, [r for r in records if str(r.defense) == reference and str(r.attack) == attack
                                       and (not by_round or record_round(r) == key[2])]))
@@ -278,5 +371,5 @@ def _mean(runs: Sequence[Mapping[str, Any]], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-__all__ = ["Pooled", "attribute_names", "epsilon", "group", "image_count", "image_summary",
+__all__ = ["Pooled", "attribute_names", "criteria", "epsilon", "rero", "group", "image_count", "image_summary",
            "image_values", "per_image_values", "pooled", "rate", "record_round", "summarise"]

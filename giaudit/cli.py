@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from giaudit.calibrate import calibrate
 from giaudit.compare import run_compare
 from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
@@ -99,7 +100,7 @@ def _report(args: argparse.Namespace) -> int:
     store = load_results(args.results)
     verdict = None
     if args.policy:
-        verdict = check(store.records, load_policy(args.policy))
+        verdict = check(store.records, load_policy(args.policy), store.meta)
     html, md = render(store, store.run_dir, verdict=verdict)
     print(f"report: {html}\nmarkdown: {md}")
     return 0
@@ -120,11 +121,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    """Exit 0 with the chosen setting written as a preset, 1 when no setting in the bracket passes."""
+    res = calibrate(args.defense, args.param, args.policy, config=args.config, out=args.out, low=args.low,
+                    high=args.high, steps=args.steps, utility_rounds=args.utility_rounds, engine=_engine(args),
+                    log=print)
+    print(f"frontier: {Path(args.out) / 'calibrate.png'}\nevaluations: {Path(args.out) / 'calibrate.json'}")
+    return 0 if res["chosen"] is not None else 1
+
+
 def _check(args: argparse.Namespace) -> int:
     """Print each rule and PASS/FAIL; exit 0 when every rule passes, 1 when one fails (2: bad input, via main)."""
     policy = load_policy(args.policy)
     store = load_results(args.results)
-    verdict = check(store.records, policy)
+    verdict = check(store.records, policy, store.meta)
     print(f"policy {policy.source} on {args.results} ({len(store.records)} records)")
     print(verdict.format())
     return 0 if verdict.passed else 1
@@ -258,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("results", help="run folder or its results.json")
     k.add_argument("--policy", required=True, help="policy TOML (see examples/policy.toml)")
     k.set_defaults(func=_check)
+
+    cb = sub.add_parser("calibrate", help="the weakest setting of one defense parameter that passes a policy "
+                        "(exit 0 found, 1 none, 2 bad input)",
+                        description="Bisect one monotone parameter of a defense preset (dpsgd noise_multiplier or "
+                        "epsilon, noise sigma, sparsify sparsity): DP bounds first, then attacks (and utility) at "
+                        "the candidates; write the frontier plot and the chosen setting as a preset.")
+    cb.add_argument("defense", help="defense preset (TOML), e.g. defenses/dpsgd-eps8.toml")
+    cb.add_argument("--param", required=True, help="the parameter to bisect, e.g. noise_multiplier")
+    cb.add_argument("--policy", required=True, help="policy TOML the setting must pass")
+    cb.add_argument("--config", help="base audit config (default: the embedded demo)")
+    cb.add_argument("--low", type=float, help="bracket's low end (default per parameter)")
+    cb.add_argument("--high", type=float, help="bracket's high end (default per parameter)")
+    cb.add_argument("--steps", type=int, default=4, help="bisection steps after both ends (default 4)")
+    cb.add_argument("--utility-rounds", type=int, default=0, help="federated training rounds to measure each "
+                    "candidate's utility (default 0: skip)")
+    cb.add_argument("--out", default="reports/calibrate", help="output folder (default reports/calibrate)")
+    _add_engine_arguments(cb)
+    cb.set_defaults(func=_calibrate)
 
     at = sub.add_parser("attribute", help="attribute classifiers for semantic leakage",
                         description="Train classifiers that read an attribute off reconstructions.")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from giaudit.attacks import ATTACKS, Attack, Budget, build_attack
+from giaudit.bounds import BoundsSection
 from giaudit.defenses import build_chain
 from giaudit.device import Runtime, check_device_name, check_dtype_name, resolve
 from giaudit.errors import ConfigError, ParamError
@@ -118,9 +119,9 @@ class RunSection:
 
 
 SECTIONS: dict[str, type] = {"data": DataSection, "scenario": ScenarioSection, "threat": ThreatSection,
-                             "output": OutputSection, "run": RunSection}
+                             "output": OutputSection, "run": RunSection, "bounds": BoundsSection}
 BUDGET_KEYS = tuple(options(Budget))
-TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output", "run"}
+TOP_KEYS = {"name", "seeds", "data", "scenario", "threat", "defenses", "attacks", "output", "run", "bounds"}
 
 
 def _section(src: str, name: str, table: Any) -> Any:
@@ -240,6 +241,7 @@ class AuditSpec:
     output: OutputSection
     source: str = "<config>"
     run: RunSection = RunSection()
+    bounds: BoundsSection | None = None   # [bounds] as given; None when the config has none (kept out of raw)
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -253,6 +255,7 @@ class AuditSpec:
             "attacks": {k: dict(v.table) for k, v in self.attacks.items()},
             "output": {k: v for k, v in canonical(self.output).items() if k != "dir"},
             **({"run": run} if run else {}),
+            **({"bounds": canonical(self.bounds)} if self.bounds is not None else {}),
         }
 
     @property
@@ -333,8 +336,9 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> AuditSp
         if not threat.model().has(Capability.SURROGATE_DATA):
             raise ConfigError(f"{source}: attacks.{name_}.tune: tuning simulates clients from the server's own "
                               "data (surrogate data, SoK class D); set threat.surrogate_data = true or remove it")
+    bounds: BoundsSection | None = _section(source, "bounds", config["bounds"]) if "bounds" in config else None
     return AuditSpec(name, tuple(seeds), data, scenario, threat, tuple(dict(d) for d in defenses), attacks,
-                     output, source, run)
+                     output, source, run, bounds)
 
 
 def _check_capture_keys(source: str, data: DataSection, scenario: ScenarioSection) -> None:

@@ -157,7 +157,7 @@ def run_demo(out: str | Path | None = None, *, faces: bool = False, show_progres
         wanted |= {(ACTIVE_DEFENSE[0], a) for a in ACTIVE_ATTACKS}
     store.records = [r for r in store.records if (r.defense, r.attack) in wanted and r.seed in spec.seeds]
     store.meta = {**store.meta, "config": spec.raw, "name": spec.name, "defense_tables": audited}
-    verdict = check(store.records, load_policy(policy_path()))
+    verdict = check(store.records, load_policy(policy_path()), store.meta)
     html, md = render(store, out_dir, verdict=verdict, utility=utility)
     return {"html": html, "md": md, "passed": verdict.passed, "wall_s": time.perf_counter() - start,
             "store": store}

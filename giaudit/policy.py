@@ -53,6 +53,18 @@ Scopes: for each (defense, attack) and each (metric, bound), the most
 specific rule wins: attack scope over defense scope over [rules], so a scope
 can relax as well as tighten a global bound.
 
+Derived metrics (the registry's, computed per (defense, attack) by
+`giaudit.aggregate.rero`, never stored in a record): ``rero_bound`` is the
+largest DP bound on any attacker's success over the success criteria the
+group has a baseline for (re-identification among N, an attribute
+classifier's majority class, a reconstruction within τ dB PSNR of the
+client pool's best fixed guess when the run's metadata is given), so
+``rero_bound.max = 0.2`` asks that no attacker can succeed on more than 20 %
+of targets; a defense without a DP guarantee has bound 1. ``empirical_mu`` is
+the largest empirical μ = Φ⁻¹(p) - Φ⁻¹(κ) over those criteria, with p the
+measured success, or, with ``confidence`` set, its Clopper-Pearson lower
+bound at that confidence.
+
 Missing metrics fail closed: a rule whose metric a record lacks FAILS for that
 record (a gate must not pass what was not measured), unless the rule says
 ``missing = "skip"``; a rule whose metric no record has FAILS with a message
@@ -72,11 +84,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from giaudit.aggregate import image_count, pooled
+from giaudit.aggregate import image_count, pooled, rero
 from giaudit.attacks import ATTACKS
+from giaudit.bounds import CONFIDENCE, BoundsContext, bounds_context
 from giaudit.errors import ConfigError
 from giaudit.io import read_toml
-from giaudit.metrics.registry import is_metric, is_rate, names, policy_key
+from giaudit.metrics.registry import is_metric, is_rate, names, parse, policy_key
 from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, a_server, server_kind
 
 OPS = ("max", "min")
@@ -363,13 +376,51 @@ def _judge_aggregate(group: list[Any], rule: Rule, key: str, base: dict[str, Any
                       basis=f"{how} {side} {confidence:.0%} bound over {unit} (mean {mean:.4g})", samples=n)
 
 
-def check(records: Sequence[Any], policy: Policy) -> Verdict:
+def is_derived(metric: str) -> bool:
+    """A rule's metric is computed per group (`giaudit.aggregate.rero`), not read from the records."""
+    found = parse(metric)
+    return found is not None and found.metric.derived
+
+
+def _judge_derived(group: list[Any], rule: Rule, base: dict[str, Any], confidence: float | None,
+                   context: BoundsContext) -> RuleResult:
+    """`rero_bound`: the largest DP bound over the group's criteria; `empirical_mu`: the largest empirical μ, at
+    the measured share or, with `confidence`, at its Clopper-Pearson lower bound."""
+    row = rero(group, (), context, confidence=confidence or CONFIDENCE)
+    keys = [k for k in str(row.get("rero_criteria") or "").split(",") if k]
+    samples = sum(image_count(r) for r in group)
+    if not keys:
+        return RuleResult(**base, measured=None, passed=rule.missing == "skip", record_id=None, key=None,
+                          samples=samples, message=("skipped: " if rule.missing == "skip" else "")
+                          + f"{rule.metric}: no success criterion has a baseline here (re-identification, an "
+                          "attribute classifier, or the client pool's PSNR baseline from the run's metadata)")
+    if rule.metric == "rero_bound":
+        crit = row["rero_bound_criterion"]
+        value = float(row["rero_bound"])
+        basis = (f"DP bound on {row[f'rero_{crit}_label']}, κ = {row[f'rero_{crit}_kappa']:.3g}, "
+                 f"{row['rero_adjacency']}" if row.get("rero_release") else "no DP guarantee: bound 1")
+    else:
+        stat = "mu" if confidence is not None else "mu_point"
+        value, crit = max((float(row[f"rero_{k}_{stat}"]), k) for k in keys)
+        basis = (f"empirical μ on {row[f'rero_{crit}_label']} at the Clopper-Pearson lower {confidence:.0%} bound"
+                 if confidence is not None else f"empirical μ on {row[f'rero_{crit}_label']} at the measured share")
+    n = int(row[f"rero_{crit}_n"])
+    if math.isnan(value):
+        return RuleResult(**base, measured=value, passed=False, record_id=None, key=rule.metric, samples=n,
+                          basis=basis, message="measured value is not finite")
+    ok = value <= rule.threshold if rule.op == "max" else value >= rule.threshold
+    return RuleResult(**base, measured=value, passed=ok, record_id=None, key=rule.metric, basis=basis, samples=n)
+
+
+def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None = None) -> Verdict:
     """Judge every (defense, attack) of the records (giaudit.results.AuditRecord) against the rules that apply.
 
     Worst-case rules (a metric that resolves to ``<metric>_worst``, e.g. ``psnr_db.max``) hold per image: the
     most leaked image of all the group's records decides. Rules on means and rates (``psnr_db_mean``,
     ``identity_match_rate``, ``label_accuracy``) are judged on the aggregate over all the group's images,
-    or on its interval's bound when the policy sets ``confidence``.
+    or on its interval's bound when the policy sets ``confidence``. Derived metrics (``rero_bound``,
+    ``empirical_mu``) are computed per group; `meta` (the run folder's metadata) adds the reconstruction
+    criterion, whose baseline comes from the client pool.
     """
     results: list[RuleResult] = []
     covered = policy.covered
@@ -394,6 +445,7 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
                                   f"{BLOCKED}: {group[0].blocked} (nothing was sent in {len(group)} record"
                                   f"{'s' if len(group) != 1 else ''})", defense, attack, samples=len(group),
                                   active=True))
+    context: BoundsContext | None = None
     for (defense, attack), group in groups.items():
         chosen: dict[tuple[str, str], Rule] = {}
         for rule in policy.rules:
@@ -406,6 +458,11 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
             seen.add(rule)
             base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
                                         defense=defense, attack=attack, active=_active(group[0]))
+            if is_derived(rule.metric):
+                if context is None:  # rebuilt once, only when a rule needs it (it may load the client pool)
+                    context = bounds_context(meta) if meta is not None else BoundsContext()
+                results.append(_judge_derived(group, rule, base, policy.confidence, context))
+                continue
             keys = [resolve_metric(r.metrics, rule.metric) for r in group]
             if not any(resolve_metric(r.metrics, rule.metric) for r in records):
                 continue  # reported once below
@@ -424,7 +481,11 @@ def check(records: Sequence[Any], policy: Policy) -> Verdict:
             else:
                 results.append(_judge_aggregate(group, rule, key, {**base, "key": key}, policy.confidence))
     for rule in policy.rules:
-        if not any(resolve_metric(r.metrics, rule.metric) for r in records):
+        if is_derived(rule.metric):
+            if rule not in seen:
+                results.append(RuleResult(rule.metric, rule.scope, rule.op, rule.threshold, None, True, None, None,
+                                          "skipped: no record in this scope"))
+        elif not any(resolve_metric(r.metrics, rule.metric) for r in records):
             skip = rule.missing == "skip"
             results.append(RuleResult(
                 rule.metric, rule.scope, rule.op, rule.threshold, None, skip, None, None,
@@ -454,5 +515,5 @@ def _active(record: Any) -> bool:
     return bool((record.threat or {}).get("active"))
 
 
-__all__ = ["Policy", "Rule", "RuleResult", "Verdict", "check", "is_rate", "load_policy", "parse_policy",
+__all__ = ["Policy", "Rule", "RuleResult", "Verdict", "check", "is_derived", "is_rate", "load_policy", "parse_policy",
            "resolve_metric"]

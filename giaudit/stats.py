@@ -11,6 +11,8 @@ the reports use the same definitions.
   high percentile (the 95th by default) of per-image values.
 - `wilson_interval`: the Wilson score interval of a rate k / n (Wilson 1927),
   which stays inside [0, 1] and is honest for 0 or n successes.
+- `clopper_pearson`: the exact binomial interval of a rate (Clopper & Pearson
+  1934), for measured attack success set against an upper bound.
 - `paired_test`: Wilcoxon signed-rank on paired differences (scipy), one-sided
   by default ("is the defended leakage lower than without the defense?").
 
@@ -126,6 +128,19 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Clopper-Pearson (exact binomial) interval of successes / n (Clopper & Pearson 1934): two-sided at
+    `confidence`, each side holding at least (1 - confidence) / 2; (nan, nan) for n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    from scipy.stats import beta
+
+    a = (1.0 - confidence) / 2.0
+    lo = 0.0 if successes <= 0 else float(beta.ppf(a, successes, n - successes + 1))
+    hi = 1.0 if successes >= n else float(beta.ppf(1.0 - a, successes + 1, n - successes))
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class PairedTest:
     n_pairs: int            # pairs compared
@@ -170,5 +185,5 @@ def paired_test(defended: Sequence[float], reference: Sequence[float],
     return PairedTest(n, nonzero, med, p, nonzero < MIN_PAIRS)
 
 
-__all__ = ["MIN_PAIRS", "MIN_SAMPLES", "PairedTest", "Summary", "bootstrap_mean", "paired_test", "summary",
-           "wilson_interval"]
+__all__ = ["MIN_PAIRS", "MIN_SAMPLES", "PairedTest", "Summary", "bootstrap_mean", "clopper_pearson", "paired_test",
+           "summary", "wilson_interval"]

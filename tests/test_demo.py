@@ -29,6 +29,9 @@ def test_demo_writes_one_report_with_comparison_plot_and_verdict(tmp_path: Path,
     assert "Policy verdict:" in doc and "privacy-utility trade-off" in doc and "Model accuracy with the defense" in doc
     assert "Digit inferred (originals, chance)" in doc and "Under dpsgd (ε = " in doc  # ε as accounted over the utility training
     assert (tmp_path / "demo" / "figures" / "privacy_utility.png").is_file()
+    # The DP-SGD rows carry the bound on any attacker beside what the attacks reached; the others have none.
+    dp = [r for r in res["store"].records if r.defense == "dpsgd"]
+    assert dp and doc.count("DP bounds any attacker to ≤") == 2 and "the attacks run reached" in doc
     report = res["md"].read_text()
     # A second run resumes: every record is read back as it was written (its timings too, so none was attacked
     # again), and the report and the verdict are the same.

@@ -21,6 +21,13 @@ SSIM, accuracies, re-identification rates), ``"lower"`` when a smaller one
 does (MSE, LPIPS, age error); ``None`` for counts and chance levels, which
 measure nothing leaked. The worst case of a direction is its max or min.
 
+Derived metrics (`derived`) are not in any record: `giaudit.aggregate.rero`
+computes them per (defense, attack) from the records and the defenses'
+disclosures: ``rero_bound``, the largest DP bound on any attacker's success
+over the success criteria measured (`giaudit.bounds`), and ``empirical_mu``,
+the largest empirical μ (the weakest Gaussian DP the measured success still
+permits).
+
 Kind: ``"rate"`` (a share of images: pooled with a Wilson interval),
 ``"mean"`` (a mean of continuous values: a bootstrap interval) or
 ``"count"`` (how many: summed or taken at its minimum when clients merge).
@@ -55,6 +62,7 @@ class Metric:
     merge: Literal["mean", "sum", "min"] = "mean"  # how several clients' values combine (counts)
     optional: bool = False         # measured only when its model is installed (LPIPS): shown only where measured
     headline: bool = False         # the one figure the comparison's paired test and percentile columns use
+    derived: bool = False          # computed per (defense, attack) by giaudit.aggregate.rero, never in a record
 
     @property
     def worst(self) -> Literal["max", "min"]:
@@ -86,6 +94,8 @@ _ALL: tuple[Metric, ...] = (
     Metric("reid_rank5", "re-identified rank-5", "rate", "higher"),
     Metric("reid_gallery_size", "gallery size N", "count", None, merge="min"),
     Metric("reid_scored", "reconstructions ranked", "count", None, merge="sum"),
+    Metric("rero_bound", "DP bound on any attacker's success", "rate", "higher", derived=True),
+    Metric("empirical_mu", "empirical μ (Gaussian DP)", "mean", "higher", derived=True),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
 
@@ -171,6 +181,11 @@ def summarised() -> tuple[Metric, ...]:
     return tuple(m for m in _ALL if m.summarised)
 
 
+def derived() -> tuple[Metric, ...]:
+    """The metrics computed per (defense, attack) from the records (`giaudit.aggregate.rero`), not stored."""
+    return tuple(m for m in _ALL if m.derived)
+
+
 def headline() -> Metric:
     """The headline image metric (PSNR): the paired test against the reference defense runs on it."""
     return next(m for m in _ALL if m.headline)
@@ -199,5 +214,5 @@ def merge_values(key: str, values: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in values) / max(sum(n for _, n in values), 1)
 
 
-__all__ = ["METRICS", "Metric", "MetricKey", "headline", "is_metric", "is_rate", "merge_values", "names",
+__all__ = ["METRICS", "Metric", "MetricKey", "derived", "headline", "is_metric", "is_rate", "merge_values", "names",
            "parse", "policy_key", "summarised"]

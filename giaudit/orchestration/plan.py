@@ -60,7 +60,8 @@ def plan_cells(spec: AuditSpec, label: str, training: TrainingSettings | None = 
     # With a user-level attack in the run every record is also scored at user level, which its hash records
     # (only then, so the hashes of other runs stay as they were).
     user = {"user_level": True} if user_level_run(spec) else {}
-    shared = {k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name")}
+    # [bounds] only changes how the records are read (the DP bounds), never an attack: not in the cell hash.
+    shared = {k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name", "bounds")}
     if spec.scenario.weights is not None:
         # The weights' content, not only their path: a new round saved under the same name recomputes the cells.
         shared["weights_sha256"] = sha256(spec.scenario.weights)

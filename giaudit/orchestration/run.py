@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy
 import torch
@@ -138,9 +139,11 @@ def policy_of(spec: AuditSpec) -> Policy | None:
     return load_policy(spec.output.policy) if spec.output.policy else None
 
 
-def verdict_of(policy: Policy | None, records: Sequence[AuditRecord]) -> Verdict | None:
-    """The records judged by the policy; None without one."""
-    return check(records, policy) if policy is not None else None
+def verdict_of(policy: Policy | None, records: Sequence[AuditRecord],
+               meta: Mapping[str, Any] | None = None) -> Verdict | None:
+    """The records judged by the policy (`meta`: the run folder's, for the DP bounds' pool baseline); None
+    without one."""
+    return check(records, policy, meta) if policy is not None else None
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,6 @@ def run_and_render(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool 
     """`giaudit audit`: run (or resume) the audit into `out_dir`, judge it by the policy, write the report."""
     policy = policy_of(spec)
     store = run_audit(spec, out_dir, show_progress=show_progress, engine=engine)
-    verdict = verdict_of(policy, store.records)
+    verdict = verdict_of(policy, store.records, store.meta)
     html, md = render(store, out_dir, verdict=verdict)
     return RenderedRun(store, verdict, html, md)

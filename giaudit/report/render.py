@@ -30,6 +30,7 @@ from typing import Any
 
 from jinja2 import Environment
 
+from giaudit.bounds import bounds_context
 from giaudit.io import atomic_write_bytes, atomic_write_text, config_as_text
 from giaudit.metrics.registry import Metric, is_rate, parse, summarised
 from giaudit.report import figures
@@ -392,7 +393,7 @@ def collect(store: ResultsStore, verdict: Any = None,
     loss_png, loss_msg = _loss_curves(records)
     passed, rules = _verdict(verdict)
     grids = _grids(store, records)
-    summary = summarise(records, utility)
+    summary = summarise(records, utility, bounds_context(meta))
     failed = [f"{getattr(r, 'metric', '')} {getattr(r, 'op', '')} {fmt_num(getattr(r, 'threshold', None))} "
               f"({getattr(r, 'scope', '')}): measured {fmt_num(getattr(r, 'measured', None))}"
               for r in (getattr(verdict, "rules", ()) or ()) if not getattr(r, "passed", False)]

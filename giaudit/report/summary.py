@@ -7,11 +7,14 @@ interval over images for the image metrics, label recovery and
 re-identification pooled over images with their Wilson intervals, attributes
 beside the same classifier on the originals and chance, ε (δ) where the
 defense discloses it or the utility training spent it, and utility when a
-comparison measured it. This module only turns those numbers into cells and
-one sentence per row. A malicious server's row (an active attack, SoK classes
-F-H) says so in its sentence, with what the server changed, and a row whose
-clients refused the server's model says it was blocked (nothing was sent),
-not that the attack failed.
+comparison measured it, and the leakage bracket (`giaudit.bounds`): what DP
+bounds *any* attacker to on each success criterion beside what the attacks run
+reached (Clopper-Pearson interval), the alarm when the measured lower bound
+exceeds the DP bound, and the empirical μ. This module only turns those
+numbers into cells and one sentence per row. A malicious server's row (an
+active attack, SoK classes F-H) says so in its sentence, with what the server
+changed, and a row whose clients refused the server's model says it was
+blocked (nothing was sent), not that the attack failed.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from typing import Any
 from giaudit.aggregate import Utility, attribute_names
 from giaudit.aggregate import summarise as aggregate
 from giaudit.attacks import ATTACKS
+from giaudit.bounds import ADJACENCIES, CONFIDENCE, BoundsContext
 from giaudit.metrics.registry import Metric, summarised
-from giaudit.report.format import MISSING, pct
+from giaudit.report.format import MISSING, Table, fmt_num, pct
 from giaudit.results import AuditRecord, undefended
 from giaudit.stats import finite
 from giaudit.types import UNDECLARED_DEFENSE, a_server, server_kind
@@ -70,6 +74,8 @@ class SummaryRow:
 class Summary:
     columns: list[tuple[str, str]]  # (key, human header with unit)
     rows: list[SummaryRow]
+    notes: list[str] = field(default_factory=list)  # how the bounds were obtained (adjacency, baselines)
+    bounds: Table = field(default_factory=lambda: Table([], []))  # every criterion of every row
 
     @property
     def split(self) -> list[tuple[str, list[SummaryRow]]]:
@@ -101,8 +107,102 @@ def _shown(metric: Metric, records: Sequence[AuditRecord]) -> bool:
     return not metric.optional or any(f"{metric.name}_mean" in r.metrics for r in records)
 
 
-def summarise(records: Sequence[AuditRecord], utility: Utility | None = None) -> Summary:
-    """One row per (defense, attack) in the order the records first appear."""
+def _criteria(v: Mapping[str, Any]) -> list[str]:
+    return [k for k in str(v.get("rero_criteria") or "").split(",") if k]
+
+
+def _top(v: Mapping[str, Any]) -> str | None:
+    """The criterion a row's bracket sentence names: the one with the largest DP bound."""
+    return v.get("rero_bound_criterion") or next(iter(_criteria(v)), None)
+
+
+def bound_sentence(v: Mapping[str, Any], key: str) -> str:
+    """"DP bounds any attacker to ≤ 9 % re-identified among 100 (κ = 1 %); the attacks run reached 0 of 16
+    [0, 21 %]" for one criterion of a summary row (or "no DP guarantee" when the release has none)."""
+    p = f"rero_{key}_"
+    label, kappa = v[p + "label"], v[p + "kappa"]
+    reached = (f"the attacks run reached {v[p + 'hits']} of {v[p + 'n']} "
+               f"[{pct(v[p + 'low'])}, {pct(v[p + 'high'])}]")
+    if v.get("rero_release") is None:
+        return f"no DP guarantee bounds {label} (κ = {pct(kappa, 1)}); {reached}"
+    text = f"DP bounds any attacker to ≤ {pct(v[p + 'bound'])} {label} (κ = {pct(kappa, 1)}); {reached}"
+    if v.get(p + "alarm"):
+        text += (" — ALARM: the measured lower bound is above the DP bound (a bug, or an accountant that does "
+                 "not describe this release)")
+    return text
+
+
+def mu_sentence(v: Mapping[str, Any]) -> str | None:
+    """The empirical μ of a row, with its meaning."""
+    key, mu = v.get("empirical_mu_criterion"), v.get("empirical_mu")
+    if key is None or mu is None or not (finite(mu) or mu == math.inf):
+        return None
+    eps = v.get("empirical_mu_epsilon")
+    at = f"ε = {eps:.3g} at δ = {v.get('rero_delta', 0):.0e}" if finite(eps) else "ε = ∞"
+    if mu == 0:
+        return f"empirical μ 0: no success above κ at the {CONFIDENCE * 100:.0f} % lower confidence bound"
+    return f"against these attacks it behaved no better than a {mu:.2f}-GDP mechanism ({at})"
+
+
+def bounds_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """Every criterion of every row: κ, the bound on the audited update and on the whole training (with the
+    GDP approximation), what the attacks reached, the alarm and the empirical μ (ε at δ)."""
+    out = []
+    for v in rows:
+        for k in _criteria(v):
+            p = f"rero_{k}_"
+            has = v.get("rero_release") is not None
+            gdp = v.get(p + "training_gdp")
+            out.append([f"{v['defense']} · {display_name(str(v['attack']))}", str(v[p + "label"]),
+                        pct(v[p + "kappa"], 1), pct(v[p + "bound"], 1) if has else "no DP guarantee",
+                        pct(v[p + "training_bound"], 1) + (f" (GDP {pct(gdp, 1)})" if finite(gdp) else ""),
+                        f"{v[p + 'hits']} of {v[p + 'n']} [{pct(v[p + 'low'])}, {pct(v[p + 'high'])}]",
+                        "ALARM" if v.get(p + "alarm") else "no",
+                        f"{v[p + 'mu']:.2f} (ε {fmt_num(v[p + 'epsilon'], 3)})" if not math.isnan(v[p + "mu"])
+                        else MISSING])
+    return Table(["defense · attack", "criterion", "κ", "bound (audited update)", "bound (whole training)",
+                  "attacks reached (95 % CI)", "alarm", "empirical μ"], out, numeric={2, 3})
+
+
+def _bound_notes(rows: Sequence[Mapping[str, Any]], context: BoundsContext | None) -> list[str]:
+    """How the bracket was obtained: each guarantee, the adjacency, each baseline's estimator."""
+    if not any(_criteria(v) for v in rows):
+        return []
+    adjacency = rows[0].get("rero_adjacency") or ""
+    notes = [f"DP bounds (reconstruction robustness: γ ≤ 1 − f(κ), Φ(Φ⁻¹(κ) + μ) for μ-GDP) under {adjacency} "
+             f"adjacency ({ADJACENCIES.get(adjacency, adjacency)}), for the audited update; the whole training's "
+             "bound comes from Opacus's PRV accountant. Measured: the share of images meeting the criterion with "
+             f"its {CONFIDENCE * 100:.0f} % Clopper–Pearson interval. Empirical μ = Φ⁻¹(p_lo) − Φ⁻¹(κ), the weakest "
+             "Gaussian DP the measured lower-confidence success permits."]
+    seen: set[str] = set()
+    for v in rows:
+        for what in (v.get("rero_release"), v.get("rero_training")):
+            if what and what not in seen:
+                seen.add(what)
+                notes.append(f"{v['defense']}: {what}")
+        for k in _criteria(v):
+            how = f"κ for {v[f'rero_{k}_label']}: {v[f'rero_{k}_kappa_how']}"
+            if how not in seen:
+                seen.add(how)
+                notes.append(how)
+    worst: dict[str, Mapping[str, Any]] = {}
+    for v in rows:  # each defense's empirical μ: the largest over its attacks
+        mu = v.get("empirical_mu")
+        if finite(mu) and (v["defense"] not in worst or mu > worst[v["defense"]]["empirical_mu"]):
+            worst[v["defense"]] = v
+    for defense, v in worst.items():
+        sentence, label = mu_sentence(v), v.get(f"rero_{v.get('empirical_mu_criterion')}_label")
+        if sentence:
+            notes.append(f"{defense} ({display_name(str(v['attack']))}, {label}): {sentence}")
+    if context is not None and context.note:
+        notes.append(f"No reconstruction criterion: {context.note}")
+    return notes
+
+
+def summarise(records: Sequence[AuditRecord], utility: Utility | None = None,
+              context: BoundsContext | None = None) -> Summary:
+    """One row per (defense, attack) in the order the records first appear; `context` (the run's
+    `giaudit.bounds.bounds_context`) adds the reconstruction criterion to the DP bounds."""
     attrs = attribute_names(records)
     metrics = [m for m in summarised() if _shown(m, records)]
     has_reid = any("reid_rank1" in r.metrics for r in records)
@@ -118,8 +218,9 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None) ->
         columns.append((f"attr:{a}", f"{a.replace('_', ' ').capitalize()} inferred (originals, chance)"))
     if utility:
         columns.append(("utility", "Model accuracy with the defense"))
+    aggregated = aggregate(records, utility, context=context)
     rows = []
-    for values in aggregate(records, utility):
+    for values in aggregated:
         defense, attack = values["defense"], values["attack"]
         cells: dict[str, Cell] = {}
         seeds = values["seeds"]
@@ -159,7 +260,7 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None) ->
             # Nothing was sent: every measurement cell says so, not that it is missing.
             cells.update({k: Cell(BLOCKED, ["the clients refused the model"]) for k, _ in columns if k != "setting"})
         rows.append(SummaryRow(defense, attack, cells, finding(values, attrs), values))
-    return Summary(columns, rows)
+    return Summary(columns, rows, _bound_notes(aggregated, context), bounds_table(aggregated))
 
 
 def _quality(ssim_worst: float, psnr_worst: float) -> str:
@@ -236,7 +337,11 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
         parts.append(f"model accuracy {pct(v['utility_accuracy_mean'], 1)}")
     if v.get("blocked"):
         parts.append(f"{v['blocked']} of {v['records']} records blocked (the clients refused the model)")
-    return f"{where}, " + "; ".join(parts) + "."
+    text = f"{where}, " + "; ".join(parts) + "."
+    top = _top(v)
+    if top is not None and v.get("rero_release") is not None:  # a DP guarantee: the bracket, in words
+        text += " " + bound_sentence(v, top) + "."
+    return text
 
 
-__all__ = ["Cell", "Summary", "SummaryRow", "display_name", "finding", "summarise"]
+__all__ = ["Cell", "Summary", "SummaryRow", "bound_sentence", "display_name", "finding", "mu_sentence", "summarise"]

@@ -233,3 +233,10 @@ def training_data(data: DataSection, scenario: ScenarioSection, threat: ThreatMo
     mask = torch.ones(len(images), dtype=torch.bool, device="cpu")
     mask[held_idx] = False
     return built, images.subset(torch.nonzero(mask).flatten()), held
+
+
+def client_pool(data: DataSection, seed: int) -> ImageDataset:
+    """The audited client's pool of one seed (what its private batches are drawn from), without the model."""
+    images = load_data(data)
+    pool_idx, _held = _split(data, len(images), seed)
+    return images.subset(pool_idx)
