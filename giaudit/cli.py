@@ -9,6 +9,7 @@ not ask for one.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from giaudit.compare import run_compare
 from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
-from giaudit.engine import ENGINES, Engine, make_engine
+from giaudit.engine import ENGINES, Engine, Interrupted, make_engine
 from giaudit.errors import ConfigError, GiauditError, ParamError
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.orchestration.run import run_and_render
@@ -326,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GiauditError as exc:
         print(f"giaudit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # SIGINT / SIGTERM during a sweep: the finished cells are written
+        saved = (f"{stop.saved} finished record(s) are saved in {stop.folder}" if stop.folder is not None
+                 else "the finished results are saved")
+        command = shlex.join(["giaudit", *(sys.argv[1:] if argv is None else argv)])
+        print(f"giaudit: stopped by {stop}: {saved}; resume with: {command}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("giaudit: interrupted; finished records are saved, run the same command again to resume",
               file=sys.stderr)

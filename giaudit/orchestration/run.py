@@ -27,7 +27,7 @@ import numpy
 import torch
 
 from giaudit.config import AuditSpec
-from giaudit.engine import Engine, LocalEngine
+from giaudit.engine import Engine, Interrupted, LocalEngine
 from giaudit.io import atomic_write_bytes
 from giaudit.orchestration.cell import build_defense, run_cell
 from giaudit.orchestration.checkpoints import checkpoint_task
@@ -84,8 +84,12 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     if not todo:
         return store  # nothing to do: the run folder is left untouched
     engine = engine or LocalEngine()
-    for result in run_cells(spec, todo, engine, training, show_progress):
-        write_cell(out, store, result)
+    try:
+        for result in run_cells(spec, todo, engine, training, show_progress):
+            write_cell(out, store, result)
+    except Interrupted as stop:  # every cell that finished is on disk already: say where, for the resume
+        stop.folder, stop.saved = str(out), len(store.records)
+        raise
     order = {c.record_id: i for i, c in enumerate(cells)}
     store.records.sort(key=lambda r: order.get(r.record_id, -1))
     store.meta["last_run"] = {"engine": engine.name, "cells": len(cells),
