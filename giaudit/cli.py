@@ -19,6 +19,7 @@ from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
 from giaudit.engine import ENGINES, Engine, Interrupted, make_engine
 from giaudit.errors import ConfigError, GiauditError, ParamError
+from giaudit.io import check_output_dir
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.orchestration.run import run_and_render
 from giaudit.policy import check, load_policy
@@ -47,6 +48,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _attribute_train(args: argparse.Namespace) -> int:
+    if args.size < 4:  # checked before any image is read (0 failed inside the resize)
+        raise ConfigError(f"--size: must be >= 4, got {args.size}")
+    check_output_dir(args.out, "--out")
     cfg = train_attribute_classifier(args.data, args.label, args.out, size=args.size, channels=args.channels,
                                      epochs=args.epochs, width=args.width, pool_every=args.pool_every,
                                      seed=args.seed, limit=args.limit,
@@ -93,6 +97,7 @@ def _summary(store: ResultsStore) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     store = load_results(args.results)
+    check_output_dir(store.run_dir, "run folder")  # the report is written beside the results
     verdict = None
     if args.policy:
         verdict = check(store.records, load_policy(args.policy))
@@ -133,6 +138,12 @@ def _prior_train(a: argparse.Namespace) -> int:
     for flag, value in (("--minutes", a.minutes), ("--checkpoint-minutes", a.checkpoint_minutes)):
         if value is not None and not value > 0:
             raise ConfigError(f"{flag}: must be > 0, got {value:g}")
+    if a.out.suffix == ".safetensors":
+        check_output_dir(a.out.parent, "--out")
+    elif a.out.exists() and not a.out.is_dir():
+        raise ConfigError(f"--out {a.out}: an existing file; pass a folder or NAME.safetensors")
+    else:
+        check_output_dir(a.out, "--out")
     if a.kind == "ddpm":
         path = train_ddpm_main(a.data, a.out, steps=a.steps or 100_000, minutes=a.minutes, size=a.size, seed=a.seed,
                                batch_size=a.batch_size, lr=a.lr, holdout_mod=a.holdout_mod, limit=a.limit,
@@ -191,6 +202,8 @@ def _doctor(args: argparse.Namespace) -> int:
 def _weights_fetch(args: argparse.Namespace) -> int:
     from giaudit.weights import fetch_main
 
+    if args.dest is not None:
+        check_output_dir(args.dest, "--dest")
     return fetch_main(args.names, source=args.source, dest=args.dest, engine=args.engine, sha256=args.sha256,
                       allow_unpinned=args.allow_unpinned)
 
