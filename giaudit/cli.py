@@ -127,6 +127,9 @@ def _check(args: argparse.Namespace) -> int:
     store = load_results(args.results)
     verdict = check(store.records, policy)
     print(f"policy {policy.source} on {args.results} ({len(store.records)} records)")
+    if store.duplicates:
+        repeated = ", ".join(sorted(set(store.duplicates)))
+        print(f"note: {len(store.duplicates)} repeated record(s) counted once: {repeated}")
     print(verdict.format())
     return 0 if verdict.passed else 1
 

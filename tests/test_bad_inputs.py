@@ -150,7 +150,7 @@ def test_files_are_created_with_the_umask(tmp_path):
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
 
 
-def test_disk_full_after_computing_keeps_the_records_and_names_the_path(tmp_path, monkeypatch, capsys):
+def test_disk_full_keeps_the_records_and_readers_count_a_repeated_cell_once(tmp_path, monkeypatch, capsys):
     """ENOSPC on the second cell's images: one line naming the file, the first record kept, resume computes only
     the rest."""
     import giaudit.orchestration.run as run
@@ -177,3 +177,19 @@ def test_disk_full_after_computing_keeps_the_records_and_names_the_path(tmp_path
     monkeypatch.setattr(run, "atomic_write_bytes", real)
     assert main(["audit", str(config), "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     assert load_results(out).meta["last_run"]["computed"] == ["t__none__ig__s1"]
+
+    # The same cell twice in results.json (a file edited by hand): every reader counts it once and says so.
+    payload = json.loads((out / "results.json").read_text())
+    payload["records"].append(payload["records"][0])
+    (out / "results.json").write_text(json.dumps(payload))
+    store = load_results(out)
+    assert len(store.records) == 2 and store.duplicates == ("t__none__ig__s0",)
+    capsys.readouterr()
+    policy = tmp_path / "p.toml"
+    policy.write_text("[rules]\npsnr_db.max = 1000\n")
+    assert main(["check", str(out), "--policy", str(policy)]) == 0
+    printed = capsys.readouterr().out
+    assert "(2 records)" in printed and "1 repeated record(s) counted once: t__none__ig__s0" in printed
+    from giaudit.report.render import collect
+
+    assert any("repeated record" in note for note, _ids in collect(store).notes)
