@@ -13,7 +13,8 @@ by a worker is never half-written by two processes.
   per core beats two threads in one process on this kind of CPU. With one
   worker or one task it runs in the driver, also single-threaded.
   A worker that dies (killed, out of memory) breaks the pool: the unfinished
-  tasks are submitted again to a fresh pool, up to ``max_retries`` times.
+  tasks are submitted again to a fresh pool; a task that was running when its
+  pool broke more than ``max_retries`` times fails the map.
 - ``ray``: every task is a Ray task (``num_cpus=1``, retried up to
   ``max_retries`` times when its worker dies). Without an address it starts a
   local Ray instance (loopback only, no dashboard) and shuts it down at the
@@ -271,7 +272,7 @@ class LocalEngine:
         # about 1 s of CPU per process (several seconds per worker when the workers start together).
         importlib.import_module("torch._dynamo")
         queue = list(range(len(tasks)))  # not yet finished, in order
-        attempts = 0
+        deaths = dict.fromkeys(queue, 0)  # pools broken while the task ran (like Ray's per-task max_retries)
         try:
             while queue:
                 pool = ProcessPoolExecutor(max_workers=min(self.workers, len(queue)), mp_context=mp.get_context("fork"),
@@ -293,6 +294,7 @@ class LocalEngine:
                                 result = fut.result()
                             except BrokenProcessPool:
                                 broken = True
+                                deaths[i] += 1
                                 continue
                             queue.remove(i)
                             bar.update(1)
@@ -300,11 +302,10 @@ class LocalEngine:
                 finally:
                     _stop_pool(pool, abandon=bool(running))
                 stop.check()
-                if broken:
-                    attempts += 1
-                    if attempts > self.max_retries:
-                        raise EngineError(f"local engine: a worker process died {attempts} times; "
-                                          f"{len(queue)} task(s) not finished")
+                worst = max((deaths[i] for i in queue), default=0)
+                if broken and worst > self.max_retries:
+                    raise EngineError(f"local engine: a task's worker process died {worst} times; "
+                                      f"{len(queue)} task(s) not finished")
         finally:
             bar.close()
 
@@ -356,6 +357,9 @@ class RayEngine:
         if ray.is_initialized():
             return ray, False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray's coming default (tasks without GPUs keep the visible-devices variable as it is), chosen here so
+        # that Ray prints no FutureWarning about it on every run.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
         if self.address:
