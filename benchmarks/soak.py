@@ -2,7 +2,7 @@
 
 200 cells (100 seeds x IG and DLG on 16 px digits, LeNet-ReLU, a few iterations) run twice through the real
 CLI with two workers: once undisturbed, once while a random worker is SIGKILLed every `--kill-every` seconds
-and the driver itself is SIGKILLed twice (after a third and two thirds of the records), each time resumed
+(IG `--iterations`, default 60) and the driver itself is SIGKILLed twice (after a third and two thirds of the records), each time resumed
 with the same command. The disturbed run must end with every record once, and each record's metrics equal
 to the undisturbed run's (the cells are seeded, so exactly equal).
 
@@ -38,7 +38,7 @@ batch_size = 1
 [threat]
 batch_size = true
 [attacks.ig]
-iterations = 5
+iterations = {iterations}
 [attacks.dlg]
 iterations = 2
 [output]
@@ -64,12 +64,13 @@ def main() -> int:
     ap.add_argument("--kill-every", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/giaudit-soak"))
+    ap.add_argument("--iterations", type=int, default=60, help="IG iterations per cell (the cells' cost)")
     ap.add_argument("--rng", type=int, default=0)
     a = ap.parse_args()
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
     cfg = a.out / "soak.toml"
-    cfg.write_text(CONFIG.format(seeds=list(range(a.seeds))))
+    cfg.write_text(CONFIG.format(seeds=list(range(a.seeds)), iterations=a.iterations))
     total = 2 * a.seeds
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "env": env}
@@ -81,25 +82,29 @@ def main() -> int:
 
     rng = random.Random(a.rng)
     run = a.out / "disturbed"
-    worker_kills, driver_kills, exits, leftovers = 0, 0, [], 0
+    driver_kills, exits, leftovers = 0, [], 0
+    current: list[subprocess.Popen] = []
+    kills: list[int] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        """Every `kill_every` seconds of the disturbed run (across its drivers), SIGKILL a random worker."""
+        while not done.wait(a.kill_every):
+            try:
+                kids = psutil.Process(current[-1].pid).children() if current else []
+            except psutil.NoSuchProcess:
+                continue
+            if kids:
+                victim = rng.choice(kids)
+                victim.kill()
+                kills.append(victim.pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
     t0 = time.time()
+    thread.start()
     for stop_at in (total // 3, 2 * total // 3, None):
         proc = subprocess.Popen(command(cfg, run, a.workers), **quiet)
-        done = threading.Event()
-
-        def killer(p: subprocess.Popen = proc, ev: threading.Event = done) -> None:
-            nonlocal worker_kills
-            while not ev.wait(a.kill_every):
-                try:
-                    kids = psutil.Process(p.pid).children()
-                except psutil.NoSuchProcess:
-                    return
-                if kids:
-                    rng.choice(kids).kill()
-                    worker_kills += 1
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
+        current.append(proc)
         tree: list[psutil.Process] = []
         while proc.poll() is None:
             if stop_at is not None and len(records(run)) >= stop_at:
@@ -109,14 +114,15 @@ def main() -> int:
                 break
             time.sleep(0.1)
         proc.wait()
-        done.set()
-        thread.join()
         exits.append(proc.returncode)
         _gone, alive = psutil.wait_procs(tree, timeout=10)
         leftovers += len(alive)
         if proc.returncode not in (0, -signal.SIGKILL):
             print(f"driver exit {proc.returncode}: {proc.stderr.read().decode().strip() if proc.stderr else ''}")
     disturbed_s = time.time() - t0
+    done.set()
+    thread.join()
+    worker_kills = len(kills)
 
     want = {r["record_id"]: r for r in records(a.out / "undisturbed")}
     got = records(run)
