@@ -1,10 +1,10 @@
 """Soak: a sweep of tiny cells on the local engine, disturbed, gives the records of an undisturbed run.
 
-200 cells (100 seeds x IG and DLG on 16 px digits, LeNet-ReLU, a few iterations) run twice through the real
-CLI with two workers: once undisturbed, once while a random worker is SIGKILLed every `--kill-every` seconds
-(IG `--iterations`, default 60) and the driver itself is SIGKILLed twice (after a third and two thirds of the records), each time resumed
-with the same command. The disturbed run must end with every record once, and each record's metrics equal
-to the undisturbed run's (the cells are seeded, so exactly equal).
+200 cells (100 seeds x IG and DLG on 16 px digits, LeNet-ReLU; IG `--iterations`, default 60) run twice
+through the real CLI with two workers: once undisturbed, once while a random worker is SIGKILLed every
+`--kill-every` seconds and the driver itself is SIGKILLed twice (after a third and two thirds of the records),
+each time resumed with the same command. The disturbed run must end with every record once, each with the
+metrics of the undisturbed run (the cells are seeded, so exactly equal), and no process left behind.
 
     python benchmarks/soak.py [--seeds 100] [--kill-every 20] [--workers 2] [--out /tmp/giaudit-soak]
 """
