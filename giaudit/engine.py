@@ -283,8 +283,12 @@ class LocalEngine:
                 try:
                     while todo or running:
                         while todo and len(running) < self.workers and stop.signum is None and not broken:
-                            i = todo.pop(0)
-                            running[pool.submit(_call, fn, tasks[i])] = i
+                            try:
+                                running[pool.submit(_call, fn, tasks[todo[0]])] = todo[0]
+                            except BrokenProcessPool:  # a worker died since the last result: a fresh pool
+                                broken = True
+                                break
+                            todo.pop(0)
                         if not running:
                             break
                         done, _ = wait(running, return_when=FIRST_COMPLETED)
