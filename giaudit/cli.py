@@ -9,6 +9,7 @@ not ask for one.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,9 @@ from giaudit.calibrate import calibrate
 from giaudit.compare import run_compare
 from giaudit.config import AuditSpec, load_config
 from giaudit.demo import run_demo
-from giaudit.engine import ENGINES, Engine, make_engine
+from giaudit.engine import ENGINES, Engine, Interrupted, make_engine
 from giaudit.errors import ConfigError, GiauditError, ParamError
+from giaudit.io import check_output_dir
 from giaudit.metrics.attributes import train_attribute_classifier
 from giaudit.orchestration.run import run_and_render
 from giaudit.policy import check, load_policy
@@ -48,6 +50,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _attribute_train(args: argparse.Namespace) -> int:
+    if args.size < 4:  # checked before any image is read (0 failed inside the resize)
+        raise ConfigError(f"--size: must be >= 4, got {args.size}")
+    check_output_dir(args.out, "--out")
     cfg = train_attribute_classifier(args.data, args.label, args.out, size=args.size, channels=args.channels,
                                      epochs=args.epochs, width=args.width, pool_every=args.pool_every,
                                      seed=args.seed, limit=args.limit,
@@ -98,6 +103,7 @@ def _summary(store: ResultsStore) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     store = load_results(args.results)
+    check_output_dir(store.run_dir, "run folder")  # the report is written beside the results
     verdict = None
     if args.policy:
         verdict = check(store.records, load_policy(args.policy), store.meta)
@@ -136,6 +142,9 @@ def _check(args: argparse.Namespace) -> int:
     store = load_results(args.results)
     verdict = check(store.records, policy, store.meta)
     print(f"policy {policy.source} on {args.results} ({len(store.records)} records)")
+    if store.duplicates:
+        repeated = ", ".join(sorted(set(store.duplicates)))
+        print(f"note: {len(store.duplicates)} repeated record(s) counted once: {repeated}")
     print(verdict.format())
     return 0 if verdict.passed else 1
 
@@ -147,6 +156,12 @@ def _prior_train(a: argparse.Namespace) -> int:
     for flag, value in (("--minutes", a.minutes), ("--checkpoint-minutes", a.checkpoint_minutes)):
         if value is not None and not value > 0:
             raise ConfigError(f"{flag}: must be > 0, got {value:g}")
+    if a.out.suffix == ".safetensors":
+        check_output_dir(a.out.parent, "--out")
+    elif a.out.exists() and not a.out.is_dir():
+        raise ConfigError(f"--out {a.out}: an existing file; pass a folder or NAME.safetensors")
+    else:
+        check_output_dir(a.out, "--out")
     if a.kind == "ddpm":
         path = train_ddpm_main(a.data, a.out, steps=a.steps or 100_000, minutes=a.minutes, size=a.size, seed=a.seed,
                                batch_size=a.batch_size, lr=a.lr, holdout_mod=a.holdout_mod, limit=a.limit,
@@ -205,6 +220,8 @@ def _doctor(args: argparse.Namespace) -> int:
 def _weights_fetch(args: argparse.Namespace) -> int:
     from giaudit.weights import fetch_main
 
+    if args.dest is not None:
+        check_output_dir(args.dest, "--dest")
     return fetch_main(args.names, source=args.source, dest=args.dest, engine=args.engine, sha256=args.sha256,
                       allow_unpinned=args.allow_unpinned)
 
@@ -361,6 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GiauditError as exc:
         print(f"giaudit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # SIGINT / SIGTERM during a sweep: the finished cells are written
+        saved = (f"{stop.saved} finished record(s) are saved in {stop.folder}" if stop.folder is not None
+                 else "the finished results are saved")
+        command = shlex.join(["giaudit", *(sys.argv[1:] if argv is None else argv)])
+        print(f"giaudit: stopped by {stop}: {saved}; resume with: {command}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("giaudit: interrupted; finished records are saved, run the same command again to resume",
               file=sys.stderr)

@@ -15,9 +15,11 @@ Images are resized with antialiased bilinear interpolation to ``size`` (square).
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,11 @@ import torch.nn.functional as F
 from giaudit.errors import ConfigError, DataError
 from giaudit.types import DataSpec
 
+
+class DataWarning(UserWarning):
+    """A data source was read, but not all of it (e.g. file names that do not parse)."""
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".webp"}
 
 
@@ -39,6 +46,7 @@ class ImageDataset:
     labels: torch.Tensor  # N int64
     spec: DataSpec
     meta: tuple[dict[str, Any], ...] = field(default=())
+    skipped: tuple[str, ...] = ()  # files of the folder that were not read (names that did not parse)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -132,13 +140,31 @@ def parse_utkface(name: str) -> dict[str, Any] | None:
     return {"age": age, "gender": gender, "race": race}
 
 
+# Integer modes PIL decodes wider than 8 bits (16-bit PNG and TIFF greys): their full scale.
+WIDE_GREY_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0}
+
+
 def _read_image(path: Path) -> torch.Tensor:
+    """One image as C,H,W float32 in [0, 1], its bit depth scaled (a 16-bit grey is divided by 65535, not
+    clipped at 255); "F" (float) images must already lie in [0, 1]. PIL's decompression-bomb limit holds."""
     from PIL import Image
 
     try:
         with Image.open(path) as src:
-            im = src.convert("RGB") if src.mode not in ("L", "I;16") else src.convert("L")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            if src.mode in WIDE_GREY_SCALE:
+                wide = np.asarray(src, dtype=np.float64) / WIDE_GREY_SCALE[src.mode]
+                if wide.max(initial=0.0) > 1.0:
+                    raise DataError(f"{path}: {src.mode} image with values above 65535; convert it to 8 or 16 bits")
+                arr = wide.astype(np.float32)
+            elif src.mode == "F":
+                arr = np.asarray(src, dtype=np.float32)
+                if arr.size and not (np.isfinite(arr).all() and 0.0 <= arr.min() and arr.max() <= 1.0):
+                    raise DataError(f"{path}: a float image must hold values in [0, 1]; convert it")
+            else:
+                im = src.convert("L") if src.mode == "L" else src.convert("RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused as a decompression bomb ({exc}); remove it or shrink it") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read image ({exc}); remove it or convert it") from exc
     t = torch.from_numpy(arr)
@@ -166,6 +192,7 @@ def load_folder(path: str | os.PathLike[str], size: int | None = 32, channels: i
     if not root.is_dir():
         raise DataError(f"data.path: folder {root} does not exist; point it at an image folder")
     items: list[tuple[Path, int, dict[str, Any]]] = []
+    skipped: tuple[str, ...] = ()
     if label_parser == "subfolder":
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
@@ -182,13 +209,22 @@ def load_folder(path: str | os.PathLike[str], size: int | None = 32, channels: i
     elif label_parser == "utkface":
         if label_field not in ("gender", "race", "age"):
             raise ConfigError(f"data.label_field: {label_field!r} unknown; use gender, race or age")
+        unparsed = []
         for p in _list_images(root):
             attrs = parse_utkface(p.name)
             if attrs is None:
+                unparsed.append(p.name)
                 continue
+            if attrs["age"] < 0:
+                raise DataError(f"{p}: UTKFace age {attrs['age']} is negative; rename or remove the file")
             label = attrs[label_field] if label_field != "age" else min(attrs["age"] // 10, 9)
             items.append((p, label, {"file": p.name, **attrs}))
         num_classes = {"gender": 2, "race": 5, "age": 10}[label_field]
+        skipped = tuple(unparsed)
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            warnings.warn(f"data.path: {len(skipped)} file name(s) in {root} are not AGE_GENDER_RACE_*: {shown}; "
+                          "skipped", DataWarning, stacklevel=2)
     else:
         raise ConfigError(f"data.label_parser: {label_parser!r} unknown; known: {', '.join(LABEL_PARSERS)}")
     if not items:
@@ -202,7 +238,8 @@ def load_folder(path: str | os.PathLike[str], size: int | None = 32, channels: i
     c = max(t.shape[1] for t in tensors)
     images = torch.cat([_to_channels(t, c) for t in tensors])
     labels = torch.tensor([lab for _, lab, _ in items])
-    return _finish(images, labels, f"folder:{root.name}", None, channels, num_classes, [m for _, _, m in items])
+    data = _finish(images, labels, f"folder:{root.name}", None, channels, num_classes, [m for _, _, m in items])
+    return dataclasses.replace(data, skipped=skipped)
 
 
 SOURCES: dict[str, Callable[..., ImageDataset]] = {

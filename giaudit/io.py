@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -36,10 +37,27 @@ def read_toml(path: str | os.PathLike[str], what: str, hint: str) -> dict[str, A
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
 
 
+def umask() -> int:
+    """The process's file-creation mask (read from /proc where it can be, which changes nothing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically, with the mode a plain ``open(path, "wb")`` would give (0666 less the
+    umask; a temporary file alone would be 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -52,6 +70,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str, need_bytes: int = 0) -> Path:
+    """Refuse, in one `ConfigError` line naming `path` (`what` is its role: "--out", "run folder"), a folder that
+    cannot be written before anything is: a file in its place or above it, no write permission where it is (or
+    would be) created, less free space than `need_bytes` (an estimate of what will be written). Nothing is
+    created."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {p}: is a file, not a folder; pass a folder")
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {p}: {existing} is a file, not a folder")
+    try:  # a real try (permissions, a read-only mount, root's rights): a file created and removed at once
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {p}: {existing} is not writable ({exc.strerror or exc}); pass a folder you can "
+                          "write") from None
+    if (p / "results.json").exists() and not os.access(p / "results.json", os.R_OK):
+        raise ConfigError(f"{what} {p}: {p / 'results.json'} is not readable")
+    free = shutil.disk_usage(existing).free
+    if need_bytes > free:
+        raise ConfigError(f"{what} {p}: {free / 2**20:.0f} MiB free on its disk, about {need_bytes / 2**20:.0f} MiB "
+                          "needed for the planned records; free some space or pass another folder")
+    return p
 
 
 # ---- writing TOML (the report's config block: a config that parses back to itself) ------------------------

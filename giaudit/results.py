@@ -159,6 +159,9 @@ class ResultsStore:
     run_dir: Path
     meta: dict[str, Any] = field(default_factory=dict)
     records: list[AuditRecord] = field(default_factory=list)
+    # Record ids that results.json held more than once (a file edited or concatenated by hand): each cell is
+    # read once, its first record kept; readers say so.
+    duplicates: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str]) -> ResultsStore:
@@ -167,7 +170,8 @@ class ResultsStore:
         store = cls(run_dir)
         path = run_dir / "results.json"
         if path.is_file():
-            store.meta, store.records = _read(path)
+            store.meta, records = _read(path)
+            store.records, store.duplicates = unique_cells(records)
         return store
 
     def has(self, record_id: str, chash: str) -> bool:
@@ -184,6 +188,7 @@ class ResultsStore:
             path = self.run_dir / "results.json"
             if path.is_file():
                 _meta, on_disk = _read(path)
+                on_disk, _repeated = unique_cells(on_disk)
                 known = {r.record_id for r in self.records}
                 self.records += [r for r in on_disk if r.record_id not in known]
             self.records = [r for r in self.records if r.record_id != record.record_id] + [record]
@@ -247,6 +252,19 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
+
+
+def unique_cells(records: Sequence[AuditRecord]) -> tuple[list[AuditRecord], tuple[str, ...]]:
+    """The records with each cell (record id) once, its first record kept, and the ids that were repeated."""
+    seen: set[str] = set()
+    kept, repeated = [], []
+    for r in records:
+        if r.record_id in seen:
+            repeated.append(r.record_id)
+            continue
+        seen.add(r.record_id)
+        kept.append(r)
+    return kept, tuple(repeated)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], list[AuditRecord]]:

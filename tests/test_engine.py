@@ -101,39 +101,54 @@ def test_local_processes_give_the_records_of_the_serial_run(tmp_path):
     assert local.meta["last_run"]["engine"] == "local"
 
 
-def test_interrupted_driver_computes_only_the_missing_cells_when_run_again(tmp_path):
-    """Ctrl-C on `giaudit audit` mid-sweep, then the same command: finished records are kept as they are."""
+def _records(out: Path) -> dict[str, AuditRecord]:
+    try:
+        return {r.record_id: r for r in load_results(out).records}
+    except Exception:  # noqa: BLE001 - no file yet
+        return {}
+
+
+def test_a_signalled_or_killed_driver_leaves_no_process_and_resume_computes_only_the_rest(tmp_path):
+    """A 2-worker `giaudit audit` in a subprocess, stopped three times: SIGTERM to its process group (as a job
+    scheduler sends), SIGINT to the driver alone (`kill -INT PID`), SIGKILL to the driver alone. After each no
+    process of its tree is alive 10 s later; after SIGTERM / SIGINT it exits 143 / 130 naming the resume
+    command, with the records of the cells that were running kept; resuming computes only the rest."""
+    psutil = pytest.importorskip("psutil")
     cfg = tmp_path / "sweep.toml"
-    cfg.write_text(BASE.replace("seeds = [0, 1]", "seeds = [0, 1, 2, 3]").replace("iterations = 20",
-                                                                                    "iterations = 150"))
+    cfg.write_text(BASE.replace("seeds = [0, 1]", f"seeds = {list(range(8))}"))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "giaudit.cli", "audit", str(cfg), "--out", str(out), "--no-progress",
            "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # A process started with SIGINT ignored (a background job of a non-interactive shell, as CI may be) hands
-    # that on, and Python then installs no KeyboardInterrupt handler: give the driver the default disposition.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 90
-    first: dict[str, AuditRecord] = {}
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "results.json").is_file():
-            try:
-                first = {r.record_id: r for r in load_results(out).records}
-            except Exception:  # noqa: BLE001 - a file being replaced; read it again
-                first = {}
-            if len(first) >= 2:
-                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the driver and its workers
-                break
-        time.sleep(0.05)
-    proc.communicate(timeout=60)
-    first = {r.record_id: r for r in load_results(out).records}
-    assert 2 <= len(first) < 8, "the sweep was not interrupted mid-way"
-
+    for sig, group, code in ((signal.SIGTERM, True, 143), (signal.SIGINT, False, 130), (signal.SIGKILL, False, -9)):
+        before = len(_records(out))
+        # A process started with SIGINT ignored (a background job of a non-interactive shell, as CI may be) keeps
+        # it ignored: give the driver the default disposition, as an interactive shell does.
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(_records(out)) <= before:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep finished before it could be stopped"
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        seen = len(_records(out))
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        _, err = proc.communicate(timeout=30)
+        _gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"{sig.name}: {alive} outlived the driver"
+        assert proc.returncode == code, err
+        if sig != signal.SIGKILL:
+            line = err.decode().strip().splitlines()[-1]
+            assert line.startswith(f"giaudit: stopped by {sig.name}") and f"resume with: giaudit audit {cfg}" in line
+            assert len(_records(out)) > seen  # a cell that was running when the signal came is kept
+            assert f"{len(_records(out))} finished record(s)" in line
+    first = _records(out)
+    assert 3 <= len(first) < 16
     again = run_audit(load_config(cfg), out, show_progress=False, engine=LocalEngine(2))
-    computed = set(again.meta["last_run"]["computed"])
-    assert computed == {r.record_id for r in again.records} - set(first)
-    assert len(again.records) == 8
+    assert set(again.meta["last_run"]["computed"]) == {r.record_id for r in again.records} - set(first)
+    assert len(again.records) == len({r.record_id for r in again.records}) == 16
     for rid, rec in first.items():  # untouched: same timings, so not recomputed
         assert next(r for r in again.records if r.record_id == rid).timings == rec.timings
 

@@ -28,8 +28,9 @@ import numpy
 import torch
 
 from giaudit.config import AuditSpec
-from giaudit.engine import Engine, LocalEngine, RayEngine
-from giaudit.io import atomic_write_bytes
+from giaudit.engine import Engine, Interrupted, LocalEngine, RayEngine
+from giaudit.errors import DataError
+from giaudit.io import atomic_write_bytes, check_output_dir
 from giaudit.orchestration.cell import build_defense, run_cell
 from giaudit.orchestration.checkpoints import checkpoint_task
 from giaudit.orchestration.plan import Cell, plan_cells
@@ -89,7 +90,7 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
 
     With ``scenario.checkpoints`` the federated training (`training` settings) of each seed that still has
     cells to compute runs first, one engine task per seed; its checkpoints go into the cells."""
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "run folder")
     store = ResultsStore.open(out)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     store.meta = {**store.meta, "name": spec.name, "config": spec.raw, "versions": versions(),
@@ -103,15 +104,42 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     if not todo:
         return store  # nothing to do: the run folder is left untouched
     preflight(spec)  # before the first file is written
+    check_output_dir(out, "run folder", planned_bytes(spec, len(todo)) + results_bytes(store, len(todo)))
     engine = engine or LocalEngine()
-    for result in run_cells(spec, todo, engine, training, show_progress):
-        write_cell(out, store, result)
+    try:
+        for result in run_cells(spec, todo, engine, training, show_progress):
+            write_cell(out, store, result)
+    except Interrupted as stop:  # every cell that finished is on disk already: say where, for the resume
+        stop.folder, stop.saved = str(out), len(store.records)
+        raise
+    except OSError as exc:  # disk full, the folder made read-only: what was written stays, atomically
+        where = exc.filename or out
+        raise DataError(f"{where}: cannot write ({exc.strerror or exc}); the {len(store.records)} record(s) "
+                        f"finished so far are kept in {out}; make room or restore write access, then run the same "
+                        "command again to compute only the rest") from None
     order = {c.record_id: i for i, c in enumerate(cells)}
     store.records.sort(key=lambda r: order.get(r.record_id, -1))
     store.meta["last_run"] = {"engine": engine.name, "cells": len(cells),
                               "computed": [c.record_id for c in todo]}
     store.flush()
     return store
+
+
+# A record without its images: metrics, per-image rows, a trace of losses (generous: a few KiB in practice).
+RECORD_BYTES = 64 * 1024
+
+
+def planned_bytes(spec: AuditSpec, cells: int) -> int:
+    """An upper estimate of the images files of `cells` cells: every client's batch, originals and
+    reconstructions, float32 (stored compressed, so usually less)."""
+    pixels = spec.data.size ** 2 * (spec.data.channels or 3)
+    images = 2 * spec.scenario.batch_size * spec.scenario.clients * pixels * 4
+    return cells * (images + RECORD_BYTES)
+
+
+def results_bytes(store: ResultsStore, cells: int) -> int:
+    """results.json is rewritten with every record: its size with `cells` more (twice: the temporary copy)."""
+    return 2 * (len(store.records) + cells) * RECORD_BYTES
 
 
 def compute_records(spec: AuditSpec, *, show_progress: bool = False, engine: Engine | None = None,

@@ -408,7 +408,9 @@ def collect(store: ResultsStore, verdict: Any = None,
                          else _defense_configs(config, meta.get("defense_tables"))),
         disclosures=_disclosures(records),
         metrics=_metric_table(records),
-        notes=_notes(records),
+        notes=_notes(records) + ([(f"results.json held {len(store.duplicates)} repeated record(s) of the same "
+                                    "cell: each cell is counted once", sorted(set(store.duplicates)))]
+                                  if store.duplicates else []),
         grids=grids,
         loss_png=loss_png,
         loss_message=loss_msg,
