@@ -1,13 +1,14 @@
 """Flower capture: real flwr simulations (subprocesses) with the capture mod, audited by `giaudit audit`:
 
-- the example's LeNet client (batch 1): the captured update leaks the digit;
-- the BatchNorm variant (a shuffling DataLoader of batch 1 over 2 epochs): every array round-trips (0-d
-  BatchNorm counters included), the capture's step order reproduces the update exactly (the default order
-  does not), the fingerprint admits the deployed factory and refuses one with another activation;
+- the example's BatchNorm variant (a shuffling DataLoader of batch 1 over 2 epochs): every array round-trips (0-d
+  BatchNorm counters included), the recorded steps reproduce the update exactly, the fingerprint admits the
+  deployed factory and refuses one with another activation;
 - the same with Flower's LocalDpMod after the capture mod: the report names it and its disclosed clip norm,
   and reconstruction degrades.
 
-Also the capture format's checks against the model factory, the deployment's defenses and the server view.
+Also, in-process: a shuffling loader's recorded steps where the order changes the update (the default order
+misses it), the capture format's checks against the model factory, the deployment's defenses and the server
+view.
 """
 from __future__ import annotations
 
@@ -57,14 +58,14 @@ lpips = false
 
 
 def _simulations(root: Path) -> dict[str, Path]:
-    """The example app (LeNet; BatchNorm; BatchNorm with LocalDpMod) as concurrent subprocesses, each with its
+    """The example app's BatchNorm variant without and with LocalDpMod, as concurrent subprocesses, each with its
     own Ray; client 0's capture folder of each."""
     pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'giaudit[flower]'")
     # No bytecode: the app imports task.py from examples/flower/, and the test writes nowhere but tmp_path.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
     procs = [subprocess.Popen([sys.executable, str(APP / "app.py"), "--out", str(root / name)] + extra, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, extra in (("plain", []), ("bn", ["--bn"]), ("bn-dp", ["--bn", "--dp"]))]
+             for name, extra in (("bn", ["--bn"]), ("bn-dp", ["--bn", "--dp"]))]
     for proc in procs:
         try:
             _out, err = proc.communicate(timeout=240)
@@ -73,7 +74,7 @@ def _simulations(root: Path) -> dict[str, Path]:
                 p.kill()
             raise
         assert proc.returncode == 0, err[-2000:]
-    return {name: root / name / "round-1" / "client-0" for name in ("plain", "bn", "bn-dp")}
+    return {name: root / name / "round-1" / "client-0" for name in ("bn", "bn-dp")}
 
 
 def _app_copy(folder: Path) -> Path:
@@ -98,23 +99,21 @@ def captures(tmp_path_factory):
     return _simulations(tmp_path_factory.mktemp("flower"))
 
 
-ATTACK = ("ig", "iterations = 600\nlr = 0.03\ntv_weight = 1e-4")
 
 
-def test_flower_capture_is_what_left_the_client_and_leaks_the_digit(tmp_path, captures):
-    plain = captures["plain"]
-    cap = load_capture(plain)
-    assert cap.meta["view"] == "client" and cap.meta["training"] == {"lr": 0.1, "local_epochs": 1, "batch_size": 1,
-                                                                      "num_examples": 1}
-    assert cap.batch is not None and cap.batch[0].shape == (1, 1, 32, 32)
+def test_flower_capture_is_what_left_the_client(captures):
+    """What the capture mod and the strategy wrapper wrote: the client's view with its training details, its
+    steps, the deployed model's fingerprint and its (declared, empty) defenses; the server's view per client."""
+    bn = captures["bn"]
+    cap = load_capture(bn)
+    assert cap.meta["view"] == "client"
+    assert {k: v for k, v in cap.meta["training"].items() if k != "order"} == {
+        "lr": 0.1, "local_epochs": 2, "batch_size": 1, "num_examples": 2}
+    assert cap.batch is not None and cap.batch[0].shape == (2, 1, 16, 16)
     assert cap.probe is not None and cap.meta["deployment_defenses"] == []
-    server = [json.loads(p.read_text()) for p in (plain.parents[1] / "server" / "round-1").glob("*/capture.json")]
+    server = [json.loads(p.read_text()) for p in (bn.parents[1] / "server" / "round-1").glob("*/capture.json")]
     assert len(server) == 2 and {s["view"] for s in server} == {"server"}
-
-    rec = _audit(tmp_path, plain, "plain", *ATTACK)
-    print(f"PSNR {rec.metrics['psnr_db_mean']:.2f} dB")
-    assert rec.metrics["psnr_db_mean"] >= 20.0 and rec.defense == "none"
-    assert not any("LPIPS" in n for n in rec.notes)  # lpips = false: no note about a metric switched off
+    assert all(s["deployment_defenses"] == [] and s["has_probe"] for s in server)
 
 
 BN_ATTACK = ("ig", "iterations = 400\nlr = 0.1\ntv_weight = 1e-4")
