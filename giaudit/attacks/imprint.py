@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from giaudit.attacks._common.served import Prepended, agreed_part, classify
+from giaudit.attacks._common.served import Prepended, agreed_part, block_gradients, classified
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult, device_of
 from giaudit.errors import ThreatModelError
 from giaudit.registry import check_choice, check_number
@@ -161,18 +161,8 @@ class Imprint(Attack):
         if block is None:
             raise ThreatModelError(f"attack {self.name!r}: the observed model holds no imprint block; the update "
                                    "was not computed on the model this attack's server step sends")
-        params = list(obs.model.parameters())
-        index = {id(p): i for i, p in enumerate(params)}
-        weight_grad = obs.update.tensors[index[id(block.imprint.weight)]]
-        bias_grad = obs.update.tensors[index[id(block.imprint.bias)]]
-        flat, occupied = recover(weight_grad, bias_grad)
-        images = flat.reshape(-1, *obs.data_spec.shape)
-        n = max(images.shape[0], obs.batch_size or 0)
-        lo, hi = obs.data_spec.value_range
-        pad = images.new_full((n - images.shape[0], *obs.data_spec.shape), (lo + hi) / 2)
-        images = torch.cat([images, pad])
-        with torch.no_grad():
-            predicted = classify(obs.model, images.clamp(lo, hi))
-        return RestartResult(images.detach(), predicted, [], 0.0,
+        flat, occupied = recover(*block_gradients(obs, block.imprint))
+        images, predicted = classified(obs, flat)
+        return RestartResult(images, predicted, [], 0.0,
                              extra={"label_source": "classified", "occupied_bins": int(occupied.numel()),
                                     "bins": block.bins})

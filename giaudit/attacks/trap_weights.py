@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from giaudit.attacks._common.served import Prepended, agreed_part, classify
+from giaudit.attacks._common.served import Prepended, agreed_part, block_gradients, classified
 from giaudit.attacks.base import ATTACKS, Attack, Budget, Progress, RestartResult, device_of
 from giaudit.errors import ThreatModelError
 from giaudit.registry import check_number
@@ -105,6 +105,7 @@ class TrapWeights(Attack):
                 "parameters_added": sum(p.numel() for p in block.parameters())}
 
     def labels_for(self, obs: Observation, generator: torch.Generator) -> tuple[Tensor, str]:
+        # The server classifies the recovered images itself (run_restart): no label recovery from the update.
         return torch.zeros(0, dtype=torch.long, device=device_of(obs)), "classified"
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
@@ -113,15 +114,8 @@ class TrapWeights(Attack):
         if block is None:
             raise ThreatModelError(f"attack {self.name!r}: the observed model holds no trap-weight block; the "
                                    "update was not computed on the model this attack's server step sends")
-        index = {id(p): i for i, p in enumerate(obs.model.parameters())}
-        flat = recover(obs.update.tensors[index[id(block.trap.weight)]],
-                       obs.update.tensors[index[id(block.trap.bias)]])
-        images = flat.reshape(-1, *obs.data_spec.shape)
-        lo, hi = obs.data_spec.value_range
-        n = max(images.shape[0], obs.batch_size or 0)
-        images = torch.cat([images, images.new_full((n - images.shape[0], *obs.data_spec.shape), (lo + hi) / 2)])
-        with torch.no_grad():
-            predicted = classify(obs.model, images.clamp(lo, hi))
-        return RestartResult(images.detach(), predicted, [], 0.0,
+        flat = recover(*block_gradients(obs, block.trap))
+        images, predicted = classified(obs, flat)
+        return RestartResult(images, predicted, [], 0.0,
                              extra={"label_source": "classified", "distinct_images": int(flat.shape[0]),
                                     "neurons": block.trap.out_features})

@@ -1,7 +1,10 @@
 """What a malicious server's attack puts in front of the agreed model (shared by the active attacks)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+from giaudit.types import Observation
 
 
 class Prepended(nn.Module):
@@ -32,3 +35,22 @@ def classify(model: nn.Module, images: Tensor) -> Tensor:
     finally:
         inner.train(was)
     return out.detach()
+
+
+def block_gradients(obs: Observation, layer: nn.Linear) -> tuple[Tensor, Tensor]:
+    """The observed update's (weight, bias) entries of `layer`, a linear layer of the served model."""
+    index = {id(p): i for i, p in enumerate(obs.model.parameters())}
+    return obs.update.tensors[index[id(layer.weight)]], obs.update.tensors[index[id(layer.bias)]]
+
+
+def classified(obs: Observation, flat: Tensor) -> tuple[Tensor, Tensor]:
+    """The recovered rows `flat` as images of the data's shape, padded with mid-range images to at least the
+    batch size (fewer bins or neurons held an image than the batch has), and the agreed model's label for each."""
+    images = flat.reshape(-1, *obs.data_spec.shape)
+    lo, hi = obs.data_spec.value_range
+    n = max(images.shape[0], obs.batch_size or 0)
+    images = torch.cat([images, images.new_full((n - images.shape[0], *obs.data_spec.shape), (lo + hi) / 2)])
+    with torch.no_grad():
+        predicted = classify(obs.model, images.clamp(lo, hi))
+    return images.detach(), predicted
+
