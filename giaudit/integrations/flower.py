@@ -121,8 +121,8 @@ def describe_mod(mod: Any, config: Mapping[str, Any]) -> dict[str, Any]:
         norm = config.get(CLIPPING_NORM_KEY)
         return {"name": name, "params": {"clipping_norm": norm}, "before_capture": True,
                 "as": [{"name": "clip", "max_norm": float(norm)}] if isinstance(norm, (int, float)) else None}
-    params = {k: v for k, v in vars(mod).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))} \
-        if hasattr(mod, "__dict__") and not callable(getattr(mod, "__func__", None)) else {}
+    params = {k: v for k, v in getattr(mod, "__dict__", {}).items()
+              if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
     return {"name": name, "params": params, "before_capture": True, "as": None}
 
 
