@@ -85,7 +85,8 @@ def _modules() -> list[str]:
 _FORK_IMPORTS = r"""
 import importlib, json, os, sys
 # Third-party packages giaudit imports at module level, loaded once here: giaudit's own modules are what is tested.
-import jinja2, markupsafe, numpy, pandas, safetensors.torch, scipy.optimize, torch, tqdm.auto  # noqa: E401,F401
+import jinja2, markupsafe, numpy, pandas, safetensors.torch, scipy.optimize, scipy.stats, torch, tqdm.auto  # noqa: E401,F401
+import concurrent.futures.process, multiprocessing.connection, html, shlex, tomllib  # noqa: E401,F401
 assert not [m for m in sys.modules if m.split(".")[0] == "giaudit"], "giaudit loaded before the fork"
 failures, running = {}, {}
 width = max(1, len(os.sched_getaffinity(0)))  # one child per core at a time

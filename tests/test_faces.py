@@ -193,7 +193,13 @@ def _deepface_checks(tmp_path, utk64, monkeypatch):
     for r in res:
         assert r.gender in (0, 1) and r.race in range(5) and 0 <= r.age <= 100
         assert r.embedding is not None and r.embedding.shape == (160,)
+    # The analyses above are reused below (the same frame, the same capabilities): deepface is not called again.
+    calls = []
+    import deepface.DeepFace as df_mod
+    real = df_mod.analyze
+    monkeypatch.setattr(df_mod, "analyze", lambda *a, **k: calls.append(1) or real(*a, **k))
     sem = semantic_metrics(x, x, analyzer=an, labels_meta=[utk64.meta[0]])
+    assert not calls  # the original's analysis was memoised by content
     assert sem.aggregate["identity_match_rate"] == 1.0
     assert set(sem.aggregate) >= {"race_accuracy", "gender_accuracy", "age_abs_error", "face_detection_batch"}
     assert sem.aggregate["race_accuracy"] == sem.reference["race_accuracy"]

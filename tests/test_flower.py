@@ -3,8 +3,9 @@
 - the example's BatchNorm variant (a shuffling DataLoader of batch 1 over 2 epochs): every array round-trips (0-d
   BatchNorm counters included), the recorded steps reproduce the update exactly, the fingerprint admits the
   deployed factory and refuses one with another activation;
-- the same with Flower's LocalDpMod after the capture mod: the report names it and its disclosed clip norm,
-  and reconstruction degrades.
+- the same with Flower's LocalDpMod after the capture mod (one client round through the app's ClientApp and its
+  mods, without a second simulation): the report names it and its disclosed clip norm, and reconstruction
+  degrades.
 
 Also, in-process: a shuffling loader's recorded steps where the order changes the update (the default order
 misses it), the capture format's checks against the model factory, the deployment's defenses and the server
@@ -57,15 +58,41 @@ lpips = false
 """
 
 
+# One training round of client 0 through the example's ClientApp, its mods included, in this process: the train
+# message the simulation's server would send (the initial global model and the fit config), without Ray.
+_CLIENT_ROUND = r"""
+import sys, time
+from pathlib import Path
+from flwr.common import Context, FitIns, Message, MessageType, Metadata, RecordDict, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
+sys.path.insert(0, sys.argv[1])
+import app
+out, dp, bn = Path(sys.argv[2]), sys.argv[3] == "dp", True
+_server, client_app = app.build_apps(out, dp, bn)
+init = ndarrays_to_parameters([v.detach().numpy() for v in app.make_bn_model().state_dict().values()])
+fit = {"lr": 0.1, "local-epochs": app.BN_EPOCHS, "batch-size": app.BN_BATCH}
+meta = Metadata(run_id=1, message_id="train-1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})
+reply = client_app(Message(content=compat.fitins_to_recorddict(FitIns(init, fit), keep_input=True), metadata=meta),
+                   context)
+assert not reply.has_error(), reply.error
+"""
+
+
 def _simulations(root: Path) -> dict[str, Path]:
-    """The example app's BatchNorm variant without and with LocalDpMod, as concurrent subprocesses, each with its
-    own Ray; client 0's capture folder of each."""
+    """The example app's BatchNorm variant in a real Flower simulation (a subprocess with its own Ray) and, beside
+    it, the same variant with LocalDpMod for one client round through the same ClientApp and mods in a plain
+    subprocess (a second Ray start-up would double the cost and test nothing the first does not); client 0's
+    capture folder of each."""
     pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'giaudit[flower]'")
     # No bytecode: the app imports task.py from examples/flower/, and the test writes nowhere but tmp_path.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-    procs = [subprocess.Popen([sys.executable, str(APP / "app.py"), "--out", str(root / name)] + extra, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, extra in (("bn", ["--bn"]), ("bn-dp", ["--bn", "--dp"]))]
+    commands = {"bn": [str(APP / "app.py"), "--out", str(root / "bn"), "--bn"],
+                "bn-dp": ["-c", _CLIENT_ROUND, str(APP), str(root / "bn-dp"), "dp"]}
+    procs = [subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for cmd in commands.values()]
     for proc in procs:
         try:
             _out, err = proc.communicate(timeout=240)
@@ -74,7 +101,7 @@ def _simulations(root: Path) -> dict[str, Path]:
                 p.kill()
             raise
         assert proc.returncode == 0, err[-2000:]
-    return {name: root / name / "round-1" / "client-0" for name in ("bn", "bn-dp")}
+    return {name: root / name / "round-1" / "client-0" for name in commands}
 
 
 def _app_copy(folder: Path) -> Path:
