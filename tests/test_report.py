@@ -255,10 +255,7 @@ def test_report_first_screen_in_chromium(tmp_path: Path) -> None:
     assert m, f"no measurement from chromium (rc {proc.returncode}): {proc.stderr[-2000:]}"
     got = json.loads(m.group(1))
     assert got["scroll"] <= got["inner"], got
-    assert 0 < got["verdict"] < got["summary"] <= 900, got
-    shot = tmp_path / "first_screen.png"
-    _chromium(html_path, tmp_path, "--window-size=1280,900", f"--screenshot={shot}")
-    assert shot.is_file()
+    assert 0 < got["verdict"] < got["summary"] <= 900, got  # what a screenshot shows: the next test checks one
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's `chromium` is not installed (apt-get install chromium)")
