@@ -36,8 +36,9 @@ from giaudit.scenario.capture import CaptureScenario, load_capture, write_captur
 from giaudit.scenario.factory import call_factory
 from giaudit.threat import threat_model
 
-# The Flower simulations start Ray: they run on the worker that runs every other test that starts Ray.
-pytestmark = pytest.mark.xdist_group("ray")
+# The Flower simulation starts Ray: the tests that use it run on the worker that runs every other test that starts
+# Ray; the in-process tests go wherever there is room.
+ON_RAY = pytest.mark.xdist_group("ray")
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "examples" / "flower"
@@ -128,6 +129,7 @@ def captures(tmp_path_factory):
 
 
 
+@ON_RAY
 def test_flower_capture_is_what_left_the_client(captures):
     """What the capture mod and the strategy wrapper wrote: the client's view with its training details, its
     steps, the deployed model's fingerprint and its (declared, empty) defenses; the server's view per client."""
@@ -146,6 +148,7 @@ def test_flower_capture_is_what_left_the_client(captures):
 BN_ATTACK = ("ig", "iterations = 400\nlr = 0.1\ntv_weight = 1e-4")
 
 
+@ON_RAY
 def test_batchnorm_shuffled_capture_round_trips_and_unrolls_the_real_steps(tmp_path, captures):
     cap = load_capture(captures["bn"])
     app = _app_copy(tmp_path / "app")
