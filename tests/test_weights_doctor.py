@@ -268,8 +268,8 @@ def test_report_notes_name_the_fix():
         name = "stub"
         provides = frozenset({"detection"})
 
-        def analyze(self, images, *, what=()):  # type: ignore[no-untyped-def]
-            return [FaceAnalysis(detected=True) for _ in images]
+        def _analyze_frames(self, frames, want):  # type: ignore[no-untyped-def]
+            return [FaceAnalysis(detected=True) for _ in frames]
 
     images = torch.rand(2, 1, 8, 8).numpy()
     notes = semantic_metrics(images, images, analyzer=Detector()).notes

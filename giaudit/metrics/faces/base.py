@@ -14,6 +14,7 @@ detector looks for faces of about 80 px and larger), see `to_rgb_uint8`.
 """
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from giaudit.errors import ConfigError, DataError
 
 #: What an analyzer may provide; `FaceAnalyzer.provides` is a subset.
 CAPABILITIES = ("detection", "identity", "gender", "age", "race")
+
+#: Analyses an analyzer keeps (a few KB each: an embedding and a few fields), oldest dropped first.
+MEMO_SIZE = 4096
 
 #: Race codes follow UTKFace's file names (giaudit.data.UTK_RACES).
 RACES = ("white", "black", "asian", "indian", "others")
@@ -70,9 +74,30 @@ class FaceAnalyzer(ABC):
     identity_metric: str = "euclidean"   # "euclidean" | "cosine" (cosine distance = 1 - cosine similarity)
     identity_threshold: float = 0.6
 
-    @abstractmethod
     def analyze(self, images: np.ndarray, *, what: Collection[str] = CAPABILITIES) -> list[FaceAnalysis]:
-        """One FaceAnalysis per image; ``what`` limits the work to some capabilities."""
+        """One FaceAnalysis per image; ``what`` limits the work to some capabilities.
+
+        Analyses are memoised by frame content and ``what``: an audit scores the same originals against every
+        attack's reconstructions, and identical frames within a batch are analysed once.
+        """
+        frames = self.rgb_images(images)
+        want = frozenset(what)
+        memo: dict[tuple[bytes, frozenset[str]], FaceAnalysis] = self.__dict__.setdefault("_memo", {})
+        keys = [(hashlib.blake2b(f.tobytes(), digest_size=16, key=repr(f.shape).encode()).digest(), want)
+                for f in frames]
+        todo = {k: f for k, f in zip(keys, frames) if k not in memo}
+        if todo:
+            fresh = self._analyze_frames(list(todo.values()), want)
+            if len(fresh) != len(todo):
+                raise DataError(f"analyzer {self.name} returned {len(fresh)} results for {len(todo)} images")
+            while memo and len(memo) + len(todo) > MEMO_SIZE:
+                memo.pop(next(iter(memo)))
+            memo.update(zip(todo, fresh))
+        return [memo[k] for k in keys]
+
+    @abstractmethod
+    def _analyze_frames(self, frames: list[np.ndarray], want: frozenset[str]) -> list[FaceAnalysis]:
+        """One FaceAnalysis per H,W,3 uint8 RGB frame (from `rgb_images`), limited to the capabilities ``want``."""
 
     def rgb_images(self, images: np.ndarray) -> list[np.ndarray]:
         """Validate a float N,C,H,W batch and return it as the H,W,3 uint8 RGB frames the backend is fed.

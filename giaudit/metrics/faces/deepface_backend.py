@@ -23,10 +23,9 @@ white 0, black 1, asian 2, indian 3, middle eastern and latino hispanic 4
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,6 @@ FETCH_NAMES = {
 
 RACE_TO_UTK = {"white": 0, "black": 1, "asian": 2, "indian": 3, "middle eastern": 4, "latino hispanic": 4}
 ENGINES = ("tf", "tensorflow", "pytorch", "onnx")
-_MEMO_SIZE = 4096  # analyses kept per analyzer (a few KB each: an embedding and a few fields)
 
 
 def weights_dir(home: str | os.PathLike[str] | None = None) -> Path:
@@ -106,9 +104,6 @@ class DeepFaceAnalyzer(FaceAnalyzer):
         self.working_size = int(working_size)
         self.actions = tuple(actions)
         self.provides = frozenset({"detection", "identity", *self.actions})
-        # One analysis per (frame content, requested capabilities): the same originals are scored against every
-        # attack's reconstructions, and deepface's 224 px VGG models are the slowest step of a face audit.
-        self._memo: dict[tuple[bytes, frozenset[str]], FaceAnalysis] = {}
         with self._env():
             from deepface.modules import verification
 
@@ -165,20 +160,13 @@ class DeepFaceAnalyzer(FaceAnalyzer):
         detected = [o for o in objs if float(o.get("face_confidence") or 0.0) > 0.0]
         return max(detected or objs, key=area)
 
-    def analyze(self, images: np.ndarray, *, what: Collection[str] = CAPABILITIES) -> list[FaceAnalysis]:
-        frames = self.rgb_images(images)
-        want = set(what)
+    def _analyze_frames(self, frames: list[np.ndarray], want: frozenset[str]) -> list[FaceAnalysis]:
         actions = [a for a in self.actions if a in want]
         out: list[FaceAnalysis] = []
         with self._env():
             from deepface import DeepFace
 
             for rgb in frames:
-                key = (hashlib.blake2b(rgb.tobytes(), digest_size=16, key=repr(rgb.shape).encode()).digest(),
-                       frozenset(want))
-                if key in self._memo:
-                    out.append(self._memo[key])
-                    continue
                 bgr = np.ascontiguousarray(rgb[:, :, ::-1])
                 row: dict[str, Any] = {"detected": False}
                 detected_by: list[bool] = []
@@ -213,7 +201,4 @@ class DeepFaceAnalyzer(FaceAnalyzer):
                 if not row["detected"]:
                     row.pop("box", None)
                 out.append(FaceAnalysis(**row))
-                if len(self._memo) >= _MEMO_SIZE:
-                    self._memo.pop(next(iter(self._memo)))
-                self._memo[key] = out[-1]
         return out

