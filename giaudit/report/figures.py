@@ -70,9 +70,73 @@ def to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     return np.clip(a.mean(axis=0), 0.0, 1.0), "gray"
 
 
+# Grid layout, in pixels of the drawn PNG (figures are drawn at 100 dpi).
+_CELL_PX = 125            # an image's drawn side (1.25 inches): small images are enlarged by whole pixels
+_BORDER = (0x9A, 0xA5, 0xB1)
+_PAIR_GAP, _GROUP_GAP, _LINE_PX, _LABEL_PX, _TITLE_PX = 5, 30, 13, 16, 28
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """One CHW/HW image as H,W,3 float in [0, 1], shown as `to_display` shows it."""
+    img, cmap = to_display(image)
+    return np.repeat(img[:, :, None], 3, axis=2) if cmap == "gray" else img
+
+
+def _mosaic(images: np.ndarray, cols: int, group: int, *, captions: Sequence[str] = (),
+            labels: Sequence[str] | None = None, title: str | None = None,
+            footer: str | None = None) -> tuple[np.ndarray, list[tuple[float, float, str, dict]]]:
+    """Images side by side in groups of ``group`` (an original and its reconstruction: 2), ``cols`` groups per
+    row, each enlarged by a whole factor to about `_CELL_PX`, with a border; ``captions[g]`` under group g,
+    ``labels[j]`` above the j-th image of each group in the first row. Returns the H,W,3 canvas and the texts
+    (x, y, string, style) to draw on it in its pixel coordinates. One canvas and one axes: a grid of 64
+    images costs one image draw instead of 64 subplots."""
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    f = max(1, round(_CELL_PX / max(h, w)))
+    ih, iw = h * f + 2, w * f + 2  # with a one-pixel border
+    rows = math.ceil(math.ceil(n / group) / cols)
+    lines = max((c.count("\n") + 1 for c in captions), default=0)
+    gw = group * iw + (group - 1) * _PAIR_GAP
+    gap = _GROUP_GAP if group > 1 else _PAIR_GAP + 3
+    top = (_TITLE_PX if title else 0) + (_LABEL_PX if labels else 0)
+    row_h = ih + lines * _LINE_PX + (10 if lines else 6)
+    width = cols * gw + (cols - 1) * gap
+    height = top + rows * row_h + (_LINE_PX + 4 if footer else 0)
+    canvas = np.ones((height, width, 3), np.float32)
+    border = np.asarray(_BORDER, np.float32) / 255.0
+    texts: list[tuple[float, float, str, dict]] = []
+    if title:
+        texts.append((width / 2, 6, title, {"fontsize": 10}))
+    label_style = {"fontsize": 8, "color": "#52606d"}
+    for i in range(n):
+        g, j = divmod(i, group)
+        r, c = divmod(g, cols)
+        gx, y0 = c * (gw + gap), top + r * row_h
+        x0 = gx + j * (iw + _PAIR_GAP)
+        canvas[y0:y0 + ih, x0:x0 + iw] = border
+        canvas[y0 + 1:y0 + ih - 1, x0 + 1:x0 + iw - 1] = np.repeat(np.repeat(_rgb(images[i]), f, axis=0), f, axis=1)
+        if labels and r == 0:
+            texts.append((x0 + iw / 2, y0 - 3, labels[j], {**label_style, "va": "bottom"}))
+        if j == 0 and g < len(captions):
+            texts.append((gx + gw / 2, y0 + ih + 3, captions[g], {"fontsize": 7.5}))
+    if footer:
+        texts.append((width / 2, height - _LINE_PX - 2, footer, label_style))
+    return canvas, texts
+
+
+def _draw(canvas: np.ndarray, texts: Sequence[tuple[float, float, str, dict]]) -> bytes:
+    height, width = canvas.shape[:2]
+    fig = new_figure((width / 100, height / 100))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.imshow(canvas, interpolation="nearest", aspect="equal")
+    ax.set_axis_off()
+    for x, y, text, style in texts:
+        ax.text(x, y, text, **{"ha": "center", "va": "top", "color": "#1f2933", **style})
+    return figure_to_png(fig)
+
+
 def pair_grid_png(original: np.ndarray, reconstruction: np.ndarray,
                   captions: Sequence[str] | None = None, *, pairs_per_row: int = 4,
-                  max_pairs: int | None = 32, cell_inches: float = 1.25,
+                  max_pairs: int | None = 32,
                   labels: tuple[str, str] = ("original", "reconstruction"),
                   title: str | None = None) -> bytes:
     """Grid of (original | reconstruction) pairs, row i of one beside row i of the other.
@@ -91,56 +155,20 @@ def pair_grid_png(original: np.ndarray, reconstruction: np.ndarray,
     if n == 0:
         raise ValueError("no image pairs to draw")
     cols = max(1, min(pairs_per_row, n))
-    rows = math.ceil(n / cols)
-    has_caption = captions is not None
-    # Height per grid row: the images plus room for the caption line(s).
-    row_h = cell_inches + (0.42 if has_caption else 0.12)
-    fig = new_figure((cols * 2 * cell_inches + (cols - 1) * 0.25, rows * row_h + (0.35 if title else 0.0)))
-    outer = fig.add_gridspec(rows, cols, wspace=0.12, hspace=0.45 if has_caption else 0.15)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        inner = outer[r, c].subgridspec(1, 2, wspace=0.04)
-        for j, (arr, lab) in enumerate(((original[i], labels[0]), (reconstruction[i], labels[1]))):
-            ax = fig.add_subplot(inner[0, j])
-            img, cmap = to_display(arr)
-            ax.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color("#9aa5b1")
-            if r == 0:
-                ax.set_title(lab, fontsize=8, color="#52606d", pad=3)
-            if j == 0 and captions is not None and i < len(captions):
-                # Caption centred under the pair: anchor at the right edge of the original.
-                ax.text(1.02, -0.06, captions[i], transform=ax.transAxes, ha="center", va="top",
-                        fontsize=7.5, color="#1f2933")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    if n < n_total:
-        fig.text(0.5, 0.0, f"showing the {n} most leaked of {n_total} pairs", ha="center", va="top",
-                 fontsize=8, color="#52606d")
-    return figure_to_png(fig)
+    shown = list(captions[:n]) if captions is not None else []
+    interleaved = np.stack([original[:n], reconstruction[:n]], axis=1).reshape(2 * n, *original.shape[1:])
+    footer = f"showing the {n} most leaked of {n_total} pairs" if n < n_total else None
+    return _draw(*_mosaic(interleaved, cols, 2, captions=shown, labels=labels, title=title, footer=footer))
 
 
 def image_grid_png(images: np.ndarray, *, per_row: int = 8, max_images: int | None = 32,
-                   cell_inches: float = 1.25, title: str | None = None) -> bytes:
+                   title: str | None = None) -> bytes:
     """Grid of images alone (N,C,H,W or N,H,W in [0, 1]): the reconstructions of an audit without ground truth."""
     images = np.asarray(images)
     n = images.shape[0] if max_images is None else min(images.shape[0], max_images)
     if n == 0:
         raise ValueError("no images to draw")
-    cols = max(1, min(per_row, n))
-    rows = math.ceil(n / cols)
-    fig = new_figure((cols * cell_inches, rows * cell_inches + (0.35 if title else 0.1)))
-    for i in range(n):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        img, cmap = to_display(images[i])
-        ax.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return figure_to_png(fig)
+    return _draw(*_mosaic(images[:n], max(1, min(per_row, n)), 1, title=title))
 
 
 def positive_finite(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
