@@ -36,7 +36,16 @@ utility training's accountant spent), all on Opacus's accountants:
   into a lower bound on the trade-off curve through
   f(α) ≥ sup_ε 1 - δ(ε) - e^ε α over every real ε (and its mirror
   e^-ε (1 - δ(ε) - α) where the profile is symmetric), evaluated with
-  Gopi et al.'s error bound δ(ε) ≤ δ̂(ε - ε_err) + δ_err. Opacus's GDP
+  Gopi et al.'s error bound δ(ε) ≤ δ̂(ε - ε_err) + δ_err. Where the PRV's
+  discretisation would span more than ±`PRV_MAX_DOMAIN` in privacy loss
+  (very little noise: millions of mesh points, minutes), the profile comes
+  from Opacus's RDP accountant instead, through the conversion its
+  `get_privacy_spent` uses, δ(ε) ≤ min over orders α of
+  exp((α-1)(ρ_α - ε + log(1 - 1/α)) - log α): looser, also an upper bound.
+  Poisson subsampling bounds the training whatever the noise: the target
+  takes part in none of the T steps with probability (1 - q)^T, when the
+  release is distributed exactly as without it, so γ ≤ κ + p (1 - κ) with
+  p = 1 - (1 - q)^T; the bound is the smaller of the two. Opacus's GDP
   central-limit μ (Bu, Dong, Long & Su 2020) is its cross-check, not a bound.
 - A defense that declares only (ε, δ): f(α) = max(0, 1 - δ - e^ε α,
   e^-ε (1 - δ - α)), the weakest of the three.
@@ -90,6 +99,9 @@ CONFIDENCE = 0.95          # the Clopper-Pearson interval of measured success an
 # Opacus's PRV discretisation: ε and δ errors of the privacy profile (Gopi et al.'s Theorem 5.5).
 PRV_EPS_ERROR = 0.01
 PRV_DELTA_ERROR = 1e-9
+# The largest privacy-loss span (±) of the PRV discretisation computed; beyond it the RDP profile is used.
+PRV_MAX_DOMAIN = 150.0
+RDP_ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512])
 # The most pool images the PSNR baseline compares pairwise (a seeded subset of a larger pool).
 KAPPA_POOL_MAX = 2000
 
@@ -107,7 +119,7 @@ def gaussian_gamma(kappa: float, mu: float) -> float:
 
 def eps_delta_gamma(kappa: float, epsilon: float, delta: float) -> float:
     """The ReRo bound of an (ε, δ)-DP mechanism: 1 - f(κ) with f(α) = max(0, 1-δ-e^ε α, e^-ε (1-δ-α))."""
-    if epsilon == math.inf:
+    if epsilon == math.inf or epsilon > 700 or math.exp(epsilon) * kappa >= 1.0:  # e^ε κ ≥ 1: nothing bounded
         return 1.0
     f = max(0.0, 1.0 - delta - math.exp(epsilon) * kappa, math.exp(-epsilon) * (1.0 - delta - kappa))
     return min(1.0, max(kappa, 1.0 - f))
@@ -142,7 +154,12 @@ class ProfileCurve:
             return 0.0
         if kappa >= 1.0:
             return 1.0
-        lo, hi = self.span()  # the minimiser is the log-likelihood ratio at the test's threshold: inside
+        # The minimiser is the log-likelihood ratio at the test's threshold, inside the span; every real ε gives a
+        # valid bound, so the search may stop at ln(1/κ), beyond which e^ε κ alone exceeds 1, and at -50, below
+        # which δ(ε) ≥ 1 - e^ε is 1 to double precision.
+        lo, hi = self.span()
+        hi = min(hi, math.log(1.0 / kappa))
+        lo = min(max(lo, -50.0), hi - 1e-6)
 
         def g(e: float) -> float:
             return self.delta(e) + math.exp(e) * kappa
@@ -165,16 +182,65 @@ class Profile(ProfileCurve):
     sample_rate: float
     steps: int
 
+    @property
+    def accountant(self) -> Literal["prv", "rdp"]:
+        """Which of Opacus's accountants gives the profile: the PRV unless its domain would be too wide."""
+        orders, rdp = _rdp(self.sigma, self.sample_rate, self.steps)
+        return "prv" if _rdp_epsilon(orders, rdp, PRV_DELTA_ERROR) <= PRV_MAX_DOMAIN else "rdp"
+
+    @property
+    def participation(self) -> float:
+        """The probability that the target takes part in at least one of the steps."""
+        return float(-np.expm1(self.steps * np.log1p(-self.sample_rate))) if self.sample_rate < 1 else 1.0
+
     def delta(self, eps: float) -> float:
-        """δ(ε) ≤ δ̂(ε - ε_err) + δ_err: the PRV accountant's estimate made an upper bound (Gopi et al.)."""
+        """δ(ε) ≤ δ̂(ε - ε_err) + δ_err: the PRV accountant's estimate made an upper bound (Gopi et al.); or the
+        RDP accountant's conversion (`accountant`)."""
+        if self.accountant == "rdp":
+            return min(1.0, _rdp_delta(*_rdp(self.sigma, self.sample_rate, self.steps), eps))
         d = _dprv(self.sigma, self.sample_rate, self.steps)
         with np.errstate(over="ignore"):
             est = float(d.compute_delta_estimate(eps - PRV_EPS_ERROR))
         return min(1.0, max(0.0, est) + PRV_DELTA_ERROR)
 
     def span(self) -> tuple[float, float]:
+        if self.accountant == "rdp":
+            orders, rdp = _rdp(self.sigma, self.sample_rate, self.steps)
+            top = _rdp_epsilon(orders, rdp, PRV_DELTA_ERROR)
+            return -top, top
         d = _dprv(self.sigma, self.sample_rate, self.steps)
         return float(d.domain.t_min), float(d.domain.t_max)
+
+    def gamma(self, kappa: float) -> float:
+        """The profile's bound, or the participation bound κ + p (1 - κ) where that is smaller."""
+        g = super().gamma(kappa)
+        return min(g, max(kappa, kappa + self.participation * (1.0 - kappa))) if 0.0 < kappa < 1.0 else g
+
+
+@lru_cache(maxsize=64)
+def _rdp(sigma: float, sample_rate: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Opacus's RDP of `steps` Poisson-subsampled Gaussian steps at `RDP_ORDERS`."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        rdp = compute_rdp(q=float(sample_rate), noise_multiplier=float(sigma), steps=int(steps),
+                          orders=list(RDP_ORDERS))
+    return np.asarray(RDP_ORDERS, dtype=np.float64), np.asarray(rdp, dtype=np.float64)
+
+
+def _rdp_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
+    """ε at δ from RDP, by the conversion of Opacus's `get_privacy_spent`."""
+    eps = rdp - (math.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    eps = eps[np.isfinite(eps)]
+    return float(eps.min()) if eps.size else math.inf
+
+
+def _rdp_delta(orders: np.ndarray, rdp: np.ndarray, eps: float) -> float:
+    """δ at ε from RDP: the same conversion solved for δ, the smallest over the orders."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        log_delta = (orders - 1) * (rdp - eps + np.log((orders - 1) / orders)) - np.log(orders)
+    log_delta = log_delta[np.isfinite(log_delta)]
+    return float(math.exp(min(0.0, float(log_delta.min())))) if log_delta.size else 1.0
 
 
 @lru_cache(maxsize=16)

@@ -53,6 +53,29 @@ def test_calibrate_finds_the_weakest_noise_that_passes(tmp_path: Path, capsys) -
     assert "chosen: noise_multiplier" in capsys.readouterr().out
 
 
+def test_calibrate_with_the_example_policy_on_digits(tmp_path: Path) -> None:
+    """examples/policy.toml as shipped (no rero_bound rule: every candidate is audited) on digits: the returned
+    noise multiplier passes, the next weaker point evaluated fails, no point leaves the bracket, and what decides
+    is a measurement (labels recovered through the gradient at little noise), not an unmeasurable metric."""
+    config = tmp_path / "digits.toml"
+    config.write_text('name = "digits"\nseeds = [0, 1, 2]\n[data]\nsource = "mnist5k"\nsize = 16\n'
+                      '[scenario]\nmodel = "lenet_relu"\nbatch_size = 1\n[threat]\ntrue_labels = false\n'
+                      '[attacks.ig]\niterations = 2\n[output]\nlpips = false\n')
+    out = tmp_path / "cal"
+    policy = Path(__file__).resolve().parents[1] / "examples" / "policy.toml"
+    assert main(["calibrate", "defenses/dpsgd-eps8.toml", "--param", "noise_multiplier", "--policy", str(policy),
+                 "--config", str(config), "--out", str(out), "--steps", "2", "--low", "0.05", "--high", "5",
+                 "--workers", "1"]) == 0
+    res = json.loads((out / "calibrate.json").read_text())
+    chosen, weaker = res["chosen"], res["next_weaker_failed"]
+    audits = {e["value"]: e for e in res["evaluations"] if e["phase"] == "audit"}
+    assert chosen is not None and weaker is not None and weaker < chosen
+    assert audits[chosen]["passed"] and not audits[weaker]["passed"]
+    assert all(0.05 <= v <= 5.0 for v in audits) and len(audits) == 4
+    assert any("label_accuracy" in line for line in audits[weaker]["failed"])
+    assert not any("lpips" in line for e in audits.values() for line in e["failed"])
+
+
 def test_calibrate_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     preset = tmp_path / "noise.toml"
     preset.write_text('label = "n"\n[[defenses]]\nname = "noise"\nsigma = 0.1\n')
