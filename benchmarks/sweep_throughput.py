@@ -1,12 +1,16 @@
 """Sweep throughput: cells per minute for serial, local with N processes and Ray with N CPUs, on one sweep.
 
-    python benchmarks/sweep_throughput.py [--workers 2] [--seeds 4] [--iterations 100]
+    python benchmarks/sweep_throughput.py [--workers 2] [--seeds 4] [--iterations 100] [--compare-unbatched]
 
 The sweep is 2 defenses (none, noise 0.01) x 2 attacks (IG, DLG) x S seeds on 16 px digits through the ReLU
 LeNet. Serial runs the cells one after the other in this process, single-threaded (the unit of work every
 engine's workers use); scaling efficiency = (engine throughput / serial throughput) / N. Ray's figure includes
 starting the local instance (about 10 s here), which a long sweep amortises. Each engine writes its own run
 folders; the records are checked to agree.
+
+`--compare-unbatched` adds the local engine with ``[run] batch_cells = "auto"`` (the IG cells of a defense
+stacked into one solve per worker, `giaudit.attacks.batched`; DLG is not stacked) beside the same engine
+unbatched, in the same run, with the mean and largest |ΔPSNR| between their records.
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ from giaudit.engine import LocalEngine, RayEngine
 from giaudit.orchestration import run_audit
 
 
-def sweep(seeds: int, iterations: int) -> list:
+def sweep(seeds: int, iterations: int, batch_cells: str | int | None = None, dlg: bool = True) -> list:
     base = {"name": "bench", "seeds": list(range(seeds)), "data": {"source": "digits", "size": 16},
             "scenario": {"model": "lenet_relu", "protocol": "fedsgd", "batch_size": 1},
-            "threat": {"batch_size": True}, "attacks": {"ig": {"iterations": iterations}, "dlg": {"iterations": 5}},
-            "output": {"lpips": False}}
+            "threat": {"batch_size": True}, "attacks": {"ig": {"iterations": iterations}, **({"dlg": {"iterations": 5}} if dlg else {})},
+            "output": {"lpips": False}, **({"run": {"batch_cells": batch_cells}} if batch_cells else {})}
     return [parse_config(base), parse_config({**base, "defenses": [{"name": "noise", "sigma": 0.01}]})]
 
 
@@ -46,9 +50,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--compare-unbatched", action="store_true", help="add the local engine with stacked cells")
+    p.add_argument("--no-dlg", action="store_true", help="IG cells only (DLG is not stacked)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    specs = sweep(args.seeds, args.iterations)
+    specs = sweep(args.seeds, args.iterations, dlg=not args.no_dlg)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -59,6 +65,14 @@ def main() -> None:
         rows.append(("serial (1 process, 1 thread)", wall, n))
         wall, n, local = run(LocalEngine(args.workers), specs, root / "local")
         rows.append((f"local, {args.workers} processes", wall, n))
+        if args.compare_unbatched:
+            wall, n, stacked = run(LocalEngine(args.workers), sweep(args.seeds, args.iterations, "auto", dlg=not args.no_dlg),
+                                   root / "stacked")
+            rows.append((f"local, {args.workers} processes, batch_cells auto", wall, n))
+            gaps = [abs(a.metrics["psnr_db_mean"] - b.metrics["psnr_db_mean"]) for a, b in zip(local, stacked)
+                    if a.attack == "ig"]
+            print(f"stacked vs unbatched records (IG): mean |dPSNR| {sum(gaps) / len(gaps):.3f} dB, "
+                  f"max {max(gaps):.3f} dB over {len(gaps)} records")
         engines = [] if args.no_ray else [(f"ray, {args.workers} CPUs (incl. start)", RayEngine(
             num_cpus=args.workers))]
         for name, engine in engines:
@@ -69,7 +83,8 @@ def main() -> None:
         print(f"local records agree with serial: "
               f"{all(abs(a.metrics['psnr_db_mean'] - b.metrics['psnr_db_mean']) < 1e-6 for a, b in zip(ref, local))}")
     serial_rate = rows[0][2] / rows[0][1] * 60
-    print(f"\nsweep: 2 defenses x 2 attacks x {args.seeds} seeds = {rows[0][2]} cells, IG {args.iterations} "
+    attacks = "IG" if args.no_dlg else "2 attacks"
+    print(f"\nsweep: 2 defenses x {attacks} x {args.seeds} seeds = {rows[0][2]} cells, IG {args.iterations} "
           f"iterations, DLG 5, 16 px digits, ReLU LeNet; {os.cpu_count()} CPUs\n")
     print(f"| engine | wall s | cells/min | speed-up | scaling efficiency |")
     print("|---|---:|---:|---:|---:|")

@@ -100,6 +100,8 @@ class RunSection:
     device: str | None = None   # auto | cpu | cuda | cuda:N | mps
     dtype: str | None = None    # float32 (default) | float64
     gpus_per_task: float | None = None  # ray engine on CUDA: the GPU share each task asks for (default 1)
+    # Cells of one attack solved as one stacked problem (giaudit.attacks.batched): "auto", N, or 1 (off, default).
+    batch_cells: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -107,6 +109,9 @@ class RunSection:
         if self.dtype is not None:
             check_dtype_name(self.dtype)
         check_number("gpus_per_task", self.gpus_per_task, low=0.0, strict_low=True)
+        b = self.batch_cells
+        if b is not None and b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ParamError("batch_cells", f"{b!r}: use \"auto\", or a whole number of cells >= 1 (1: off)")
 
     @property
     def gpu_share(self) -> float:

@@ -19,8 +19,11 @@ makes the client refuse that model (model_validation), the cell's record is
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -28,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from giaudit.attacks import ATTACKS, Attack, build_attack
+from giaudit.attacks.batched import reconstruct_many
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
@@ -91,8 +95,28 @@ def _progress_bar(desc: str, total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, leave=False, file=sys.stderr)
 
 
-def run_cell(cell: Cell) -> CellResult:
-    """Compute one cell from its own seeds (the same record whichever process or machine runs it)."""
+@dataclass
+class _Prepared:
+    """A cell up to its reconstructions: everything `run_cell` builds before the attack runs."""
+
+    cell: Cell
+    scenario: Any
+    attack: Attack
+    budget: Any
+    clients: list[tuple[Observation, GroundTruth | None]]
+    rngs: list[torch.Generator]
+    galleries: list[Any]
+    face_analyzer: Any
+    analyzer_note: str | None
+    runtime: Any
+    setup_s: float
+    train_info: dict[str, Any]
+    tuned: Any = None
+
+
+def _prepare(cell: Cell) -> _Prepared | CellResult:
+    """The cell's scenario, clients, attack and attack starts; a finished (blocked) result when the client
+    refused the served model."""
     torch.set_flush_denormal(True)  # denormal floats slowed some attacks about 40x on CPU
     spec, seed, attack_name = cell.spec, cell.seed, cell.attack
     start = time.perf_counter()
@@ -126,33 +150,76 @@ def run_cell(cell: Cell) -> CellResult:
         attack = build_attack(attack_name, **{**config.options, **tuned.params})
     elif not active:
         attack = config.build()
-    budget = config.budget
     wants = attack.others_wanted()
     if wants:
         # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
         others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
             stable_seed("meta", seed, i)))[0] for i in range(wants)]
         attack.prepare(others)
-    recs = []
-    t0 = time.perf_counter()
-    for c, (obs, _truth) in enumerate(clients):
-        # The same attack start for a client under every defense: paired comparisons across defenses.
-        rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed, *((c,) if c else ())))
-        bar = _progress_bar(f"{attack_name} seed {seed}" + (f" client {c}" if len(clients) > 1 else "")
-                            + ("" if cell.round is None else f" round {cell.round}"),
-                            budget.iterations * budget.restarts, cell.show_progress and not in_worker())
-        try:
-            recs.append(attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update))
-        finally:
-            bar.close()
-    attack_s = time.perf_counter() - t0
+    # The same attack start for a client under every defense: paired comparisons across defenses.
+    rngs = [torch.Generator().manual_seed(stable_seed("attack", attack_name, seed, *((c,) if c else ())))
+            for c in range(len(clients))]
+    return _Prepared(cell, scenario, attack, config.budget, clients, rngs, galleries, face_analyzer, analyzer_note,
+                     runtime, setup_s, train_info, tuned)
+
+
+def _finish(p: _Prepared, recs: list[Any], attack_s: float) -> CellResult:
+    spec, tuned, scenario = p.cell.spec, p.tuned, p.scenario
     return cell_record(CellOutcome(
-        cell=cell, scenario=scenario_name(spec.data, spec.scenario), attack=attack,
-        observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
-        scorers=evaluators.scorers(spec, face_analyzer, user_level_run(spec)), galleries=galleries,
-        timings={"setup_s": setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
-        training=train_info, tuning=tuned.record() if tuned else {},
-        notes=((analyzer_note,) if analyzer_note else ()) + ((tuned.note(),) if tuned else ())
+        cell=p.cell, scenario=scenario_name(spec.data, spec.scenario), attack=p.attack,
+        observations=[o for o, _ in p.clients], truths=[t for _, t in p.clients], reconstructions=recs,
+        scorers=evaluators.scorers(spec, p.face_analyzer, user_level_run(spec)), galleries=p.galleries,
+        timings={"setup_s": p.setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
+        training=p.train_info, tuning=tuned.record() if tuned else {},
+        notes=((p.analyzer_note,) if p.analyzer_note else ()) + ((tuned.note(),) if tuned else ())
         + (scenario.notes if isinstance(scenario, CaptureScenario) else ()),
         model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None),
-        runtime=runtime.record()))
+        runtime=p.runtime.record()))
+
+
+def run_cell(cell: Cell) -> CellResult:
+    """Compute one cell from its own seeds (the same record whichever process or machine runs it)."""
+    p = _prepare(cell)
+    if isinstance(p, CellResult):
+        return p
+    recs = []
+    t0 = time.perf_counter()
+    for c, ((obs, _truth), rng) in enumerate(zip(p.clients, p.rngs)):
+        bar = _progress_bar(f"{cell.attack} seed {cell.seed}" + (f" client {c}" if len(p.clients) > 1 else "")
+                            + ("" if cell.round is None else f" round {cell.round}"),
+                            p.budget.iterations * p.budget.restarts, cell.show_progress and not in_worker())
+        try:
+            recs.append(p.attack.reconstruct(obs, budget=p.budget, rng=rng, progress=bar.update))
+        finally:
+            bar.close()
+    return _finish(p, recs, time.perf_counter() - t0)
+
+
+def run_cell_group(cells: Sequence[Cell]) -> list[CellResult]:
+    """Several cells of one attack computed together: each cell is prepared as `run_cell` prepares it, then every
+    client of every cell that can be stacked is reconstructed in one solve (`giaudit.attacks.batched`), and
+    each cell's record is made as `run_cell` makes it. Cells that cannot be stacked run as `run_cell` runs them.
+    Each cell's attack time is its share of the solve."""
+    prepared = [_prepare(c) for c in cells]
+    ready = [p for p in prepared if isinstance(p, _Prepared)]
+    recs: dict[int, list[Any]] = {}
+    if ready:
+        lead = ready[0]
+        t0 = time.perf_counter()
+        jobs = [(id(p), obs, rng) for p in ready for (obs, _), rng in zip(p.clients, p.rngs)]
+        out = reconstruct_many(lead.attack, [o for _, o, _ in jobs], budget=lead.budget,
+                               rngs=[r for _, _, r in jobs])
+        share = (time.perf_counter() - t0) / len(ready)
+        for (key, _o, _r), rec in zip(jobs, out):
+            recs.setdefault(key, []).append(rec)
+    return [p if isinstance(p, CellResult) else _finish(p, recs[id(p)], share) for p in prepared]
+
+
+def group_key(cell: Cell) -> tuple | None:
+    """What cells must share to be computed together (the attack and its options, the scenario but the seed);
+    None when the cell's attack cannot be stacked or is tuned per cell."""
+    spec = cell.spec
+    config = spec.attacks[cell.attack]
+    if cell.attack != "ig" or config.tune is not None or spec.scenario.capture is not None:
+        return None
+    return (cell.attack, json.dumps(dict(config.table), sort_keys=True, default=str), cell.label)

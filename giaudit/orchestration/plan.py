@@ -62,6 +62,9 @@ def plan_cells(spec: AuditSpec, label: str, training: TrainingSettings | None = 
     user = {"user_level": True} if user_level_run(spec) else {}
     # [bounds] only changes how the records are read (the DP bounds), never an attack: not in the cell hash.
     shared = {k: v for k, v in spec.raw.items() if k not in ("seeds", "attacks", "name", "bounds")}
+    # [run] batch_cells only changes how cells are computed together (their records agree to float tolerance).
+    run = {k: v for k, v in shared.get("run", {}).items() if k != "batch_cells"}
+    shared = {k: v for k, v in shared.items() if k != "run"} | ({"run": run} if run else {})
     if spec.scenario.weights is not None:
         # The weights' content, not only their path: a new round saved under the same name recomputes the cells.
         shared["weights_sha256"] = sha256(spec.scenario.weights)

@@ -1,0 +1,107 @@
+"""Stacked Inverting Gradients (giaudit.attacks.batched): each problem is its unbatched run to float tolerance,
+problems never mix, per-problem plateau stops and restarts behave as in `reconstruct`, and what cannot be
+stacked runs unbatched with the identical result."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from giaudit.attacks import build_attack
+from giaudit.attacks.base import Budget
+from giaudit.attacks.batched import reconstruct_many, why_not_batched
+from giaudit.data import load_mnist5k
+from giaudit.scenario.client import Scenario
+from giaudit.scenario.models import build_model
+from giaudit.threat import threat_model
+from giaudit.types import ClientProtocol, SharedUpdate
+
+POOL = None
+
+
+def _cases(k: int, batch: int = 1) -> list:
+    global POOL
+    POOL = POOL or load_mnist5k(size=16)
+    out = []
+    for seed in range(k):
+        g = torch.Generator().manual_seed(seed)
+        m = build_model("lenet_relu", channels=1, num_classes=10, size=16, generator=g)
+        out.append(Scenario(m, POOL, ClientProtocol(), batch, threat_model(batch_size=True)).simulate(None, generator=g))
+    return out
+
+
+def _gens(k: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(100 + i) for i in range(k)]
+
+
+def test_each_stacked_problem_is_its_unbatched_run() -> None:
+    cases = _cases(3, batch=2)
+    attack = build_attack("ig", tv_weight=1e-3)
+    budget = Budget(iterations=16, restarts=2, workers=1)
+    separate = [attack.reconstruct(obs, budget=budget, rng=g) for (obs, _), g in zip(cases, _gens(3))]
+    stacked = reconstruct_many(attack, [obs for obs, _ in cases], budget=budget, rngs=_gens(3))
+    for a, b in zip(separate, stacked):
+        assert (a.images - b.images).abs().max() < 1e-4
+        assert torch.equal(a.labels, b.labels) and a.label_source == b.label_source
+        assert a.trace.best_restart == b.trace.best_restart and a.trace.iterations == b.trace.iterations
+        assert max(abs(x - y) for x, y in zip(a.trace.losses, b.trace.losses)) < 1e-4
+        assert b.trace.extra["stacked"] == 6
+
+
+def test_problems_never_mix_and_stop_on_their_own_plateau() -> None:
+    """Replacing one problem's observation by another leaves every other problem's result as it was (the
+    gradient of problem k is that of its own objective), and a plateau stop freezes only its own problem."""
+    cases = _cases(3)
+    attack = build_attack("ig", schedule="constant")
+    budget = Budget(iterations=40, patience=3, min_delta=0.05, workers=1)
+    first = reconstruct_many(attack, [obs for obs, _ in cases], budget=budget, rngs=_gens(3))
+    other = dataclasses.replace(cases[1][0], update=SharedUpdate(
+        tuple(t.flip(0) if t.ndim else t for t in cases[1][0].update.tensors), cases[1][0].update.kind))
+    second = reconstruct_many(attack, [cases[0][0], other, cases[2][0]], budget=budget, rngs=_gens(3))
+    for k in (0, 2):
+        assert torch.allclose(first[k].images, second[k].images, atol=1e-6)
+        assert first[k].trace.losses == second[k].trace.losses or max(
+            abs(x - y) for x, y in zip(first[k].trace.losses, second[k].trace.losses)) < 1e-6
+    separate = [attack.reconstruct(obs, budget=budget, rng=g) for (obs, _), g in zip(cases, _gens(3))]
+    assert [r.trace.iterations for r in first] == [r.trace.iterations for r in separate]
+    assert any(r.trace.stopped_early for r in first) and min(r.trace.iterations for r in first) < 40
+
+
+def test_what_cannot_be_stacked_runs_unbatched_unchanged() -> None:
+    (obs, _), = _cases(1)
+    attack = build_attack("ig", schedule="plateau")
+    budget = Budget(iterations=6, workers=1)
+    assert "schedule" in (why_not_batched(attack, obs, budget) or "")
+    assert why_not_batched(build_attack("dlg"), obs, budget) is not None
+    alone = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(5))
+    (many,) = reconstruct_many(attack, [obs], budget=budget, rngs=[torch.Generator().manual_seed(5)])
+    assert torch.equal(alone.images, many.images) and "stacked" not in many.trace.extra
+
+
+def test_an_audit_with_stacked_cells_gives_the_unbatched_records(tmp_path) -> None:
+    """`[run] batch_cells` groups the cells of one attack into one task and one stacked solve: the records are
+    the unbatched run's to the stated tolerance (mean |ΔPSNR| <= 0.5 dB), with the same ids and hashes (the
+    setting is not in the cell hash), and attacks that cannot be stacked (DLG) are computed as before."""
+    from giaudit.config import parse_config
+    from giaudit.engine import LocalEngine
+    from giaudit.orchestration import run_audit
+    from giaudit.orchestration.run import cell_groups
+    from giaudit.orchestration.plan import plan_cells
+
+    base = {"name": "stack", "seeds": [0, 1, 2, 3], "data": {"source": "mnist5k", "size": 16},
+            "scenario": {"model": "lenet_relu", "batch_size": 1}, "threat": {"batch_size": True},
+            "attacks": {"ig": {"iterations": 24}, "dlg": {"iterations": 2}}, "output": {"lpips": False}}
+    plain = run_audit(parse_config(base), tmp_path / "plain", show_progress=False, engine=LocalEngine(1))
+    spec = parse_config({**base, "run": {"batch_cells": 4}})
+    groups = cell_groups(spec, plan_cells(spec, "none"), 1)
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 4]
+    stacked = run_audit(spec, tmp_path / "stacked", show_progress=False, engine=LocalEngine(1))
+    a = {r.record_id: r for r in plain.records}
+    b = {r.record_id: r for r in stacked.records}
+    assert a.keys() == b.keys() and all(a[k].config_hash == b[k].config_hash for k in a)
+    ig = [k for k in a if "__ig__" in k]
+    gap = [abs(a[k].metrics["psnr_db_mean"] - b[k].metrics["psnr_db_mean"]) for k in ig]
+    assert len(ig) == 4 and sum(gap) / len(gap) <= 0.5
+    for k in a:
+        if "__dlg__" in k:
+            assert a[k].metrics["psnr_db_mean"] == b[k].metrics["psnr_db_mean"]
