@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,19 +13,24 @@ from torch import nn
 
 from giaudit.aggregate import summarise
 from giaudit.attacks import build_attack
+from giaudit.attacks.base import Budget
+from giaudit.attacks.fishing import isolated, isolating_mask
 from giaudit.attacks.imprint import find_block
 from giaudit.attacks.trap_weights import find_trap
 from giaudit.config import parse_config
+from giaudit.data import load_digits
 from giaudit.defenses import build_chain
 from giaudit.engine import LocalEngine
 from giaudit.errors import ConfigError, ModelRefused, ThreatModelError
 from giaudit.fl import compute_update
+from giaudit.metrics import psnr
 from giaudit.orchestration import run_audit
 from giaudit.policy import check, parse_policy
 from giaudit.report import render
 from giaudit.report.compare import render_compare
 from giaudit.results import ResultsStore
 from giaudit.scenario.client import Scenario
+from giaudit.scenario.models import build_model
 from giaudit.threat import observe, threat_model
 from giaudit.types import CAPABILITIES, Capability, ClientProtocol, SharedUpdate
 
@@ -222,3 +228,79 @@ def test_an_image_alone_at_a_trap_neuron_is_returned_exactly(mnist32) -> None:
     with pytest.raises(ModelRefused, match="architecture|module"):
         client_scenario(mnist32).serve(lambda m: sent).simulate(
             build_chain([{"name": "model_validation", "check": "architecture"}]))
+
+
+class UserNet16(nn.Module):
+    """A user's own 16 px classifier, its last module an nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_digits(size=16)
+
+
+def _cosine(a, b) -> float:
+    fa, fb = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return float(torch.nn.functional.cosine_similarity(fa, fb, dim=0))
+
+
+@pytest.mark.parametrize("model", ["lenet_relu", "user"])
+def test_fishing_isolates_the_target_images_gradient(digits16, model) -> None:
+    """Class fishing (Wen et al. 2022), class F: on the fished model the gradient of a batch of 16, restricted to
+    the parameters the fishing isolates, is the gradient of its one target-class image; on the agreed model it
+    is not. The attack reads from the update that it caught one image."""
+    images, labels = digits16.images[:16], digits16.labels[:16]
+    counts = torch.bincount(labels, minlength=10)
+    target = int((counts == 1).nonzero()[0])              # the test's choice: a class held by one image
+    one = labels == target
+    agreed = build_model("lenet_relu", channels=1, num_classes=10, size=16,
+                         generator=torch.Generator().manual_seed(0)) if model == "lenet_relu" else UserNet16()
+    threat = threat_model(modifies_model=True, surrogate_data=False)
+    attack = build_attack("fishing", target_class=target)
+    sent = attack.serve(agreed, digits16.spec, threat, None, torch.Generator())
+    assert attack.modification(sent)["target_class"] == target and not attack.modification(agreed)
+    masks = isolating_mask(sent, target)
+    for net, close in ((sent, True), (agreed, False)):
+        whole = isolated(compute_update(net, images, labels), masks)
+        single = isolated(compute_update(net, images[one], labels[one]), masks)
+        cos = _cosine(whole, single)
+        assert (cos > 0.99) if close else (cos < 0.6), (model, close, cos)
+    grads = compute_update(sent, images, labels)
+    obs = observe(model=sent, update=SharedUpdate(tuple(g.detach() for g in grads)), data_spec=digits16.spec,
+                  threat=threat, batch_size=16, protocol=ClientProtocol(), labels=None, bn_statistics=None)
+    assert attack.labels_for(obs, torch.Generator())[0].tolist() == [target]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fishing_and_ig_break_secure_aggregation_where_ig_alone_does_not(digits16) -> None:
+    """Secure aggregation of 4 clients x 1 image on 16 px digits: IG on the fished aggregate recovers the audited
+    client's image, IG on the agreed model's aggregate of the same clients does not."""
+    seed = 0
+    agreed = build_model("lenet_relu", channels=1, num_classes=10, size=16,
+                         generator=torch.Generator().manual_seed(seed))
+    threat = threat_model(modifies_model=True, surrogate_data=False)
+    scenario = Scenario(agreed, digits16, ClientProtocol(), 1, threat)
+    chain = build_chain([{"name": "secure_agg", "clients": 4}])
+    plain, truth = scenario.simulate(chain, generator=torch.Generator().manual_seed(seed))
+    # The server declares the class it fishes for; the test picks the audited client's, which no other holds here.
+    attack = build_attack("fishing", target_class=int(truth.labels[0]))
+    served = scenario.serve(partial(attack.serve, data_spec=digits16.spec, threat=threat, surrogate=None,
+                                    generator=torch.Generator()))
+    fished, same = served.simulate(chain, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(same.images, truth.images)
+    budget = Budget(iterations=100)
+    rec = attack.reconstruct(fished, budget=budget)
+    assert rec.trace.extra["caught"] == 1 and rec.label_source == "fished"
+    ig = build_attack("ig").reconstruct(plain, budget=budget)
+    fish_db, ig_db = float(psnr(rec.images[:1], truth.images)), float(psnr(ig.images, truth.images))
+    assert fish_db > 18.0 and fish_db > ig_db + 8.0, (fish_db, ig_db)
+    record = attack.threat_record(fished, rec.label_source)
+    assert record["sok_class"] == "F" and record["modification"]["target_class"] == int(truth.labels[0])

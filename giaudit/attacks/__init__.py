@@ -13,6 +13,7 @@ from typing import Any
 from giaudit.attacks import (  # noqa: F401 (registers the attacks)
     diffula,
     dlg,
+    fishing,
     ggl,
     gias,
     gidm,

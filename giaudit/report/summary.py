@@ -279,7 +279,10 @@ def _changed(modification: Mapping[str, Any]) -> str:
     """What a malicious server changed, in words (from the attack's record of its modification)."""
     if not modification:
         return "it changed the model"
-    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in modification.items() if k not in ("block", "placed"))
+    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in modification.items()
+                     if k not in ("block", "placed", "changed"))
+    if modification.get("changed"):  # the same architecture, other values (class fishing's last layer)
+        return f"it changed {modification['changed']}" + (f" ({what})" if what else "")
     block = modification.get("block", "a block")
     placed = f" {modification['placed']}" if modification.get("placed") else ""
     return f"it sent a model with an added {block} block{placed}" + (f" ({what})" if what else "")
