@@ -14,6 +14,7 @@ from torch import nn
 from giaudit.aggregate import summarise
 from giaudit.attacks import build_attack
 from giaudit.attacks.base import Budget
+from giaudit.attacks.differencing import differenced
 from giaudit.attacks.fishing import isolated, isolating_mask
 from giaudit.attacks.imprint import find_block
 from giaudit.attacks.trap_weights import find_trap
@@ -304,3 +305,40 @@ def test_fishing_and_ig_break_secure_aggregation_where_ig_alone_does_not(digits1
     assert fish_db > 18.0 and fish_db > ig_db + 8.0, (fish_db, ig_db)
     record = attack.threat_record(fished, rec.label_source)
     assert record["sok_class"] == "F" and record["modification"]["target_class"] == int(truth.labels[0])
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_server_that_selects_clients_differences_secure_aggregation_away(digits16) -> None:
+    """Class H: the round through secure_agg-8 run again without the audited client (the other clients recompute
+    on their same batches); the difference of the two sums is the audited client's update to float precision.
+    Noise, central or DP-SGD's in every client, is drawn anew in the second round and does not cancel."""
+    threat = threat_model(selects_clients=True)
+    assert CAPABILITIES[Capability.SELECTS_CLIENTS].sok_class == "H" and threat.sok_class == "H" and threat.active
+    assert "selects_clients" not in parse_config({}).raw["threat"]
+    agreed = build_model("lenet_relu", channels=1, num_classes=10, size=16, generator=torch.Generator().manual_seed(0))
+    scenario = Scenario(agreed, digits16, ClientProtocol(), 2, threat)
+    secure_agg = {"name": "secure_agg", "clients": 8}
+    obs, truth = scenario.simulate(build_chain([secure_agg]), generator=torch.Generator().manual_seed(0))
+    own = _flat(compute_update(agreed, truth.images, truth.labels))
+    diff = _flat(differenced(obs).update.tensors)
+    assert float((diff - own).abs().max()) < 1e-5 * float(own.abs().max())
+    assert float((_flat(obs.update.tensors) - own).abs().max()) > 0.1 * float(own.abs().max())  # the sum is not it
+    # A passive server gets no second round.
+    assert Scenario(agreed, digits16, ClientProtocol(), 2, threat_model()).simulate(
+        build_chain([secure_agg]))[0].without_client is None
+    sigma = 0.01
+    noisy, _ = scenario.simulate(build_chain([secure_agg, {"name": "noise", "sigma": sigma}]),
+                                 generator=torch.Generator().manual_seed(0))
+    residual = float((_flat(differenced(noisy).update.tensors) - own).std())
+    assert abs(residual / (sigma * math.sqrt(2)) - 1) < 0.1, residual          # two rounds' noise, not zero
+    # DP-SGD in every client (no clipping at this bound): the others' noise is drawn anew in the second round, so
+    # the difference holds 1 + 2 x 7 clients' noise, not the audited client's alone.
+    dp = {"name": "dpsgd", "noise_multiplier": 1e-3, "max_grad_norm": 1e3}
+    private, _ = scenario.simulate(build_chain([dp, secure_agg]), generator=torch.Generator().manual_seed(0))
+    per_client = 1e-3 * 1e3 / 2
+    ratio = float((_flat(differenced(private).update.tensors) - own).std()) / per_client
+    assert ratio > 3.0, ratio                                                    # sqrt(15) ~ 3.9; 1 if it cancelled

@@ -131,7 +131,7 @@ class Fishing(InvertingGradients):
         if not others or bool(layer.weight[others].detach().any()) \
                 or not bool((layer.bias[others].detach() == self.margin).all()):
             return {}
-        return {"changed": f"the last layer ({name or type(layer).__name__}) of {type(model).__name__}",
+        return {"did": f"changed the last layer ({name or type(layer).__name__}) of {type(model).__name__}",
                 "target_class": self.target_class, "margin": self.margin, "rows_changed": len(others)}
 
     def capabilities_used(self, obs: Observation) -> set[Capability]:

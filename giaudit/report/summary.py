@@ -280,9 +280,9 @@ def _changed(modification: Mapping[str, Any]) -> str:
     if not modification:
         return "it changed the model"
     what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in modification.items()
-                     if k not in ("block", "placed", "changed"))
-    if modification.get("changed"):  # the same architecture, other values (class fishing's last layer)
-        return f"it changed {modification['changed']}" + (f" ({what})" if what else "")
+                     if k not in ("block", "placed", "did"))
+    if modification.get("did"):  # no added block: other values (class fishing), or a second round (class H)
+        return f"it {modification['did']}" + (f" ({what})" if what else "")
     block = modification.get("block", "a block")
     placed = f" {modification['placed']}" if modification.get("placed") else ""
     return f"it sent a model with an added {block} block{placed}" + (f" ({what})" if what else "")
