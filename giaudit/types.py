@@ -130,6 +130,12 @@ ACTIVE_CLASSES = frozenset(
     + [letter for row in CAPABILITIES.values() if row.active for _other, letter in row.combined])
 
 
+def class_span(active: bool) -> str:
+    """The SoK letters of one kind of server as a range: "A-E" (honest-but-curious), "F-H" (malicious)."""
+    letters = sorted(c for c in SOK_CLASSES if (c in ACTIVE_CLASSES) == active)
+    return f"{letters[0]}-{letters[-1]}" if len(letters) > 1 else "".join(letters)
+
+
 def server_kind(active: bool) -> str:
     """How reports name the server of a record: "malicious" (it changed the model, F-H) or
     "honest-but-curious" (A-E)."""

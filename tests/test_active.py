@@ -33,7 +33,7 @@ from giaudit.results import ResultsStore
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.models import build_model
 from giaudit.threat import observe, threat_model
-from giaudit.types import CAPABILITIES, Capability, ClientProtocol, SharedUpdate
+from giaudit.types import ACTIVE_CLASSES, CAPABILITIES, Capability, ClientProtocol, SharedUpdate, class_span
 
 BINS = 128
 CLIENTS, BATCH = 8, 8
@@ -187,6 +187,17 @@ def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_
     assert servers == {"malicious": False, "honest-but-curious": True}
     with pytest.raises(ConfigError, match="threat_classes"):
         parse_policy({**rules, "threat_classes": "E-A"})
+    # The verdict per SoK letter attacked (letters from the capability table), and per kind of server.
+    assert ACTIVE_CLASSES == {"F", "G", "H"} and class_span(False) == "A-E" and class_span(True) == "F-H"
+    assert every.by_class() == {
+        "B": {"passed": True, "server": "honest-but-curious", "failed": [], "blocked": []},
+        "G": {"passed": False, "server": "malicious", "failed": ["secure_agg / imprint"],
+              "blocked": ["model_validation+secure_agg / imprint"]}}
+    assert passive.by_class()["G"]["passed"] is None                        # outside "A-E": not judged
+    assert ("per threat class: an honest-but-curious server (SoK classes A-E): PASS (class B: PASS); a malicious "
+            "server (SoK classes F-H): FAIL (class G: FAIL: secure_agg / imprint)") in every.format()
+    assert every.by_defense()["secure_agg"]["classes"] == {"B": True, "G": False}
+    assert "a malicious server (SoK classes F-H): not judged (class G: not judged)" in passive.classes_text()
 
     store = ResultsStore(tmp_path / "run", {"name": "active"}, records)
     _html, md = render(store, tmp_path / "run", verdict=every)
@@ -199,10 +210,14 @@ def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_
         "added imprint block" in found
     assert "was blocked: the clients refused its model" in found
     assert "covers SoK classes A-H" in text
+    assert "Per threat class: an honest-but-curious server (SoK classes A-E): PASS" in text
+    assert "Threat classes attacked:" in text and "class G (active manipulator): secure\\_agg / imprint most leaked " \
+        "image" in text and "model\\_validation+secure\\_agg / imprint blocked" in text
     # The comparison table lists the malicious server's rows after the curious one's, marked as such.
     table = (render_compare(summarise(records), {}, tmp_path / "cmp").parent / "compare.md").read_text()
     assert table.index("| secure_agg | ig |") < table.index("| secure_agg | imprint (a malicious server, class G) |")
     assert "imprint (a malicious server, class G; blocked in 3 of 3 records)" in table
+    assert "- A malicious server (SoK classes F-H) was run in class G:" in table
 
 
 def test_an_image_alone_at_a_trap_neuron_is_returned_exactly(mnist32) -> None:

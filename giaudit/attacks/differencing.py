@@ -36,6 +36,9 @@ from giaudit.types import Capability, Observation, SharedUpdate
 def differenced(obs: Observation) -> Observation:
     """The observation with the audited client's update isolated: the round with it minus the round without it."""
     if obs.without_client is None:
+        if obs.threat.has(Capability.SELECTS_CLIENTS):
+            raise ThreatModelError("attack 'differencing': the scenario ran no round without the audited client "
+                                   "(a captured update or a diffusion client has none)")
         raise ThreatModelError("attack 'differencing' needs the round run without the audited client: set "
                                "threat.selects_clients = true")
     tensors = tuple(a - b for a, b in zip(obs.update.tensors, obs.without_client.tensors))
