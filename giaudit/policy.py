@@ -95,7 +95,7 @@ from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, a_server, class_span, ser
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
 SCOPE_KINDS = ("attack", "defense")
-DEFAULT_THREAT_CLASSES = "A-E"   # an honest-but-curious server: the passive attacks
+DEFAULT_THREAT_CLASSES = class_span(False)   # "A-E", an honest-but-curious server: the passive attacks
 
 
 @dataclass(frozen=True)
@@ -299,8 +299,9 @@ def class_range(text: str, source: str = "<policy>") -> frozenset[str]:
         return frozenset(parts)
     if len(parts) == 2 and all(p in SOK_CLASSES for p in parts) and parts[0] <= parts[1]:
         return frozenset(c for c in letters if parts[0] <= c <= parts[1])
-    raise ConfigError(f"{source}: threat_classes = {text!r}; expected a range of SoK classes such as \"A-E\" "
-                      "(an honest-but-curious server, the default) or \"A-H\" (a malicious one too)")
+    raise ConfigError(f"{source}: threat_classes = {text!r}; expected a range of SoK classes such as "
+                      f"\"{DEFAULT_THREAT_CLASSES}\" (an honest-but-curious server, the default) or "
+                      f"\"{letters[0]}-{letters[-1]}\" (a malicious one too)")
 
 
 def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
