@@ -293,6 +293,11 @@ def test_fishing_isolates_the_target_images_gradient(digits16, model) -> None:
     obs = observe(model=sent, update=SharedUpdate(tuple(g.detach() for g in grads)), data_spec=digits16.spec,
                   threat=threat, batch_size=16, protocol=ClientProtocol(), labels=None, bn_statistics=None)
     assert attack.labels_for(obs, torch.Generator())[0].tolist() == [target]
+    # The same architecture with other values: only the parameter check refuses it.
+    served = Scenario(agreed, digits16, ClientProtocol(), 1, threat).serve(lambda m: sent)
+    served.simulate(build_chain([{"name": "model_validation", "check": "architecture"}]))
+    with pytest.raises(ModelRefused, match="other values"):
+        served.simulate(build_chain([{"name": "model_validation"}]))
 
 
 @pytest.mark.usefixtures("one_thread")
