@@ -17,10 +17,10 @@ The attack reads from the isolated update how many images it caught: the target 
 per caught image, scaled as the client's step scales it (the mean over its batch: 1/B; a FedAvg delta: lr x
 epochs / mini-batch size), summed over clients of the same batch size. It then runs Inverting Gradients (the
 `ig` attack's own loop, options `lr`, `tv_weight`, `distance`, `schedule`) on the isolated update as a batch of
-that many images (a batch of one when one image was caught), every label the target class, matching the same
-restricted parameters. The result is padded to the batch size with mid-range images; the metrics pair each
-private image with a distinct one of them, so an image caught from another client of the aggregate matches
-none of the audited client's.
+that many images (a batch of one when one image was caught, or none: the record says how many), every label the
+target class, matching the same restricted parameters. The result is padded to the batch size with mid-range
+images; the metrics pair each private image with a distinct one of them, so an image caught from another client
+of the aggregate matches none of the audited client's.
 
 The target class is a declared option (`target_class`, default 0): the server chooses which class it fishes
 for before it sees any update; nothing is chosen from the ground truth. Deviations: the paper then fishes for
@@ -149,9 +149,11 @@ class Fishing(InvertingGradients):
             raise ThreatModelError(f"attack {self.name!r}: the observed model's last layer is not fished for class "
                                    f"{self.target_class}; the update was not computed on the model this attack's "
                                    "server step sends")
-        count = caught(obs, self._target(obs.data_spec.num_classes), self._steps_per_image(obs))
-        n = min(max(round(count), 1), obs.batch_size or 1)
+        n = min(max(self._caught(obs), 1), obs.batch_size or 1)  # none caught: IG still tries one image
         return torch.full((n,), self.target_class, dtype=torch.long, device=device_of(obs)), "fished"
+
+    def _caught(self, obs: Observation) -> int:
+        return max(round(caught(obs, self._target(obs.data_spec.num_classes), self._steps_per_image(obs))), 0)
 
     def trial_update(self, obs: Observation, model: torch.nn.Module, x: Tensor, labels: Tensor,
                      *, create_graph: bool = True) -> tuple[Tensor, ...]:
@@ -171,4 +173,4 @@ class Fishing(InvertingGradients):
         return RestartResult(images, torch.cat([labels, labels.new_full((pad,), self.target_class)]), result.losses,
                              result.final_loss, result.stopped_early,
                              extra={"label_source": "fished", "target_class": self.target_class,
-                                    "caught": labels.numel()})
+                                    "caught": self._caught(obs)})
