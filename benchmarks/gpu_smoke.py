@@ -60,6 +60,12 @@ ATTACK_TABLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "diffula": (CLASSIFIER, {"iterations": 3, "denoise_steps": 2}),
     "gidm": (DIFFUSION, {"iterations": 4, "sampler_steps": 2}),
     "gidm_plus": (DIFFUSION, {"iterations": 4, "sampler_steps": 2, "t_grid": 2}),
+    # A malicious server (SoK classes F-H): the server step and the second round run on the device too.
+    "imprint": ({**CLASSIFIER, "threat": {"surrogate_data": True, "modifies_model": True}}, {"bins": 16}),
+    "trap_weights": ({**CLASSIFIER, "threat": {"modifies_model": True}}, {"neurons": 32}),
+    "fishing": ({**CLASSIFIER, "threat": {"modifies_model": True}}, {"iterations": 3}),
+    "differencing": ({**CLASSIFIER, "threat": {"selects_clients": True},
+                      "defenses": [{"name": "secure_agg", "clients": 2}]}, {"iterations": 3}),
 }
 DEFENSE_TABLES: dict[str, dict[str, Any]] = {
     "noise": {"name": "noise", "sigma": 0.01},
@@ -70,6 +76,7 @@ DEFENSE_TABLES: dict[str, dict[str, Any]] = {
     "label_disguise": {"name": "label_disguise", "mix": 0.5},
     "large_batch": {"name": "large_batch", "batch_size": 4},
     "secure_agg": {"name": "secure_agg", "clients": 4},
+    "model_validation": {"name": "model_validation"},
 }
 
 

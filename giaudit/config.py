@@ -59,6 +59,8 @@ class ThreatSection:
     diffusion_noise: bool | None = None
     # A malicious server (SoK classes F-H); unset (None) like diffusion_noise, for the same reason.
     modifies_model: bool | None = None
+    # A malicious server that chooses which clients take part (SoK class H); unset (None) likewise.
+    selects_clients: bool | None = None
 
     def model(self) -> ThreatModel:
         """The threat model these flags grant."""

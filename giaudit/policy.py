@@ -90,12 +90,12 @@ from giaudit.bounds import CONFIDENCE, BoundsContext, bounds_context
 from giaudit.errors import ConfigError
 from giaudit.io import read_toml
 from giaudit.metrics.registry import is_metric, is_rate, names, parse, policy_key
-from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, a_server, server_kind
+from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, a_server, class_span, server_kind
 
 OPS = ("max", "min")
 MISSING = ("fail", "skip")
 SCOPE_KINDS = ("attack", "defense")
-DEFAULT_THREAT_CLASSES = "A-E"   # an honest-but-curious server: the passive attacks
+DEFAULT_THREAT_CLASSES = class_span(False)   # "A-E", an honest-but-curious server: the passive attacks
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ class RuleResult:
     basis: str = ""              # "worst image", "mean over images", "Wilson upper 95% bound over images ..."
     samples: int | None = None   # images (or records) the judgement rests on
     active: bool = False         # the (defense, attack) is a malicious server's (it changed the model)
+    sok_class: str = ""          # the SoK letter of the (defense, attack) judged
 
     @property
     def status(self) -> str:
@@ -169,6 +170,54 @@ class Verdict:
     policy_source: str = ""
     threat_classes: str = DEFAULT_THREAT_CLASSES
     uncovered: tuple[str, ...] = ()   # "defense / attack (class G)" groups outside the policy's classes
+    unjudged: tuple[str, ...] = ()    # the SoK letters of those groups
+
+    def by_class(self) -> dict[str, dict[str, Any]]:
+        """The verdict per SoK letter attacked, in letter order: `passed` (None: outside the policy's classes, not
+        judged), the kind of `server` and the (defense, attack) pairs that `failed` or were `blocked`."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(letter: str) -> dict[str, Any]:
+            return out.setdefault(letter, {"passed": True, "server": server_kind(letter in ACTIVE_CLASSES),
+                                           "failed": [], "blocked": []})
+
+        for r in self.rules:
+            if r.defense is None or r.status == "SKIP" or not r.sok_class:
+                continue
+            d, pair = entry(r.sok_class), f"{r.defense} / {r.attack}"
+            if not r.passed:
+                d["passed"] = False
+                d["failed"] += [pair] if pair not in d["failed"] else []
+            elif r.status == "BLOCKED":
+                d["blocked"] += [pair] if pair not in d["blocked"] else []
+        for letter in self.unjudged:
+            if letter not in out:
+                entry(letter)["passed"] = None
+        return dict(sorted(out.items()))
+
+    def classes_text(self) -> str:
+        """The verdict per kind of server and per SoK letter attacked, in words: "an honest-but-curious server
+        (SoK classes A-E): PASS (class B: PASS); a malicious server (SoK classes F-H): FAIL (class G: FAIL:
+        secure_agg / imprint)"."""
+        by = self.by_class()
+
+        def status(d: Mapping[str, Any]) -> str:
+            if d["passed"] is None:
+                return "not judged"
+            if not d["passed"]:
+                return "FAIL: " + ", ".join(d["failed"])
+            return "PASS" + (f" (blocked: {', '.join(d['blocked'])})" if d["blocked"] else "")
+
+        parts = []
+        for active in (False, True):
+            letters = [c for c in by if (c in ACTIVE_CLASSES) == active]
+            if not letters:
+                continue
+            judged = [by[c]["passed"] for c in letters if by[c]["passed"] is not None]
+            overall = "not judged" if not judged else "PASS" if all(judged) else "FAIL"
+            each = "; ".join(f"class {c}: {status(by[c])}" for c in letters)
+            parts.append(f"{a_server(active)} (SoK classes {class_span(active)}): {overall} ({each})")
+        return "; ".join(parts)
 
     def coverage(self) -> str:
         """What the verdict covers, in words (said with every verdict)."""
@@ -176,7 +225,8 @@ class Verdict:
         servers = " or ".join(dict.fromkeys(a_server(c in ACTIVE_CLASSES) for c in sorted(covered)))
         text = f"the policy covers SoK classes {self.threat_classes} ({servers})"
         if self.uncovered:
-            text += (f"; not judged, outside them: {', '.join(self.uncovered)} (set threat_classes = \"A-H\" "
+            every = f"{min(SOK_CLASSES)}-{max(SOK_CLASSES)}"
+            text += (f"; not judged, outside them: {', '.join(self.uncovered)} (set threat_classes = \"{every}\" "
                      "to judge a malicious server)")
         return text
 
@@ -187,7 +237,8 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "policy": self.policy_source, "rules": [asdict(r) for r in self.rules],
                 "defenses": self.by_defense(), "threat_classes": self.threat_classes,
-                "uncovered": list(self.uncovered), "coverage": self.coverage()}
+                "uncovered": list(self.uncovered), "coverage": self.coverage(), "classes": self.by_class(),
+                "per_class": self.classes_text()}
 
     def by_defense(self) -> dict[str, dict[str, Any]]:
         """The default verdict of each defense: the worst over every attack run, naming that attack.
@@ -200,9 +251,11 @@ class Verdict:
             if r.defense is None or r.status == "SKIP":
                 continue
             d = out.setdefault(r.defense, {"passed": True, "worst_attack": None, "worst_rule": None,
-                                           "servers": {}, "_margin": math.inf})
+                                           "servers": {}, "classes": {}, "_margin": math.inf})
             kind = server_kind(r.active)
             d["servers"][kind] = d["servers"].get(kind, True) and r.passed
+            if r.sok_class:
+                d["classes"][r.sok_class] = d["classes"].get(r.sok_class, True) and r.passed
             margin = (-math.inf if not r.passed else
                       abs(r.threshold - r.measured) / max(abs(r.threshold), 1e-12) if r.measured is not None
                       else math.inf)
@@ -212,17 +265,24 @@ class Verdict:
                 d.update(_margin=margin, worst_attack=r.attack, worst_rule=r.line())
         for d in out.values():
             d.pop("_margin")
+            d["classes"] = dict(sorted(d["classes"].items()))
             if server_kind(True) not in d["servers"]:
-                d.pop("servers")  # judged against an honest-but-curious server only: nothing to tell apart
+                # judged against an honest-but-curious server only: nothing to tell apart
+                d.pop("servers")
+                d.pop("classes")
         return out
 
     def format(self) -> str:
         lines = [r.line() for r in self.rules]
         for defense, d in self.by_defense().items():
-            against = "; ".join(f"{k} server: {'PASS' if ok else 'FAIL'}" for k, ok in d.get("servers", {}).items())
+            against = "; ".join([f"{k} server: {'PASS' if ok else 'FAIL'}" for k, ok in d.get("servers", {}).items()]
+                                + [f"class {c}: {'PASS' if ok else 'FAIL'}" for c, ok in d.get("classes", {}).items()])
             lines.append(f"defense {defense}: {'PASS' if d['passed'] else 'FAIL'} "
                          f"(worst attack: {d['worst_attack']}{'; ' + against if against else ''})")
         n_fail = len(self.failures)
+        per_class = self.classes_text()
+        if per_class:
+            lines.append(f"per threat class: {per_class}")
         lines.append(f"verdict: {'PASS' if self.passed else 'FAIL'} "
                      f"({n_fail} of {len(self.rules)} rule checks failed; policy {self.policy_source}; "
                      f"{self.coverage()})")
@@ -239,8 +299,9 @@ def class_range(text: str, source: str = "<policy>") -> frozenset[str]:
         return frozenset(parts)
     if len(parts) == 2 and all(p in SOK_CLASSES for p in parts) and parts[0] <= parts[1]:
         return frozenset(c for c in letters if parts[0] <= c <= parts[1])
-    raise ConfigError(f"{source}: threat_classes = {text!r}; expected a range of SoK classes such as \"A-E\" "
-                      "(an honest-but-curious server, the default) or \"A-H\" (a malicious one too)")
+    raise ConfigError(f"{source}: threat_classes = {text!r}; expected a range of SoK classes such as "
+                      f"\"{DEFAULT_THREAT_CLASSES}\" (an honest-but-curious server, the default) or "
+                      f"\"{letters[0]}-{letters[-1]}\" (a malicious one too)")
 
 
 def _parse_rules(table: Any, where: str, scope: str, source: str) -> list[Rule]:
@@ -444,7 +505,7 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
         results.append(RuleResult("*", "all", "max", math.nan, None, True, group[0].record_id, None,
                                   f"{BLOCKED}: {group[0].blocked} (nothing was sent in {len(group)} record"
                                   f"{'s' if len(group) != 1 else ''})", defense, attack, samples=len(group),
-                                  active=True))
+                                  active=True, sok_class=_letter(group[0])))
     context: BoundsContext | None = None
     for (defense, attack), group in groups.items():
         chosen: dict[tuple[str, str], Rule] = {}
@@ -457,7 +518,8 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
         for rule in chosen.values():
             seen.add(rule)
             base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
-                                        defense=defense, attack=attack, active=_active(group[0]))
+                                        defense=defense, attack=attack, active=_active(group[0]),
+                                        sok_class=_letter(group[0]))
             if is_derived(rule.metric):
                 if context is None:  # rebuilt once, only when a rule needs it (it may load the client pool)
                     context = bounds_context(meta) if meta is not None else BoundsContext()
@@ -503,7 +565,9 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
     elif not in_scope:
         results.append(RuleResult("*", "all", "max", math.nan, None, False, None, None,
                                   f"no record of the classes the policy covers ({policy.threat_classes})"))
-    return Verdict(all(r.passed for r in results), results, policy.source, policy.threat_classes, tuple(uncovered))
+    unjudged = tuple(sorted({_letter(r) for r in every if _letter(r) not in covered}))
+    return Verdict(all(r.passed for r in results), results, policy.source, policy.threat_classes, tuple(uncovered),
+                   unjudged)
 
 
 def _letter(record: Any) -> str:

@@ -40,7 +40,8 @@ def threat_model(**granted: bool | None) -> ThreatModel:
 def observe(*, model: nn.Module, update: SharedUpdate, data_spec: DataSpec, threat: ThreatModel,
             batch_size: int, protocol: ClientProtocol, labels: Tensor | None,
             bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None,
-            disclosed: Sequence[Disclosure] = (), diffusion: DiffusionInfo | None = None) -> Observation:
+            disclosed: Sequence[Disclosure] = (), diffusion: DiffusionInfo | None = None,
+            without_client: SharedUpdate | None = None) -> Observation:
     """Build the attacker's view; withheld extras are None."""
     g = threat.granted
     if diffusion is not None and Capability.DIFFUSION_NOISE not in g:
@@ -56,6 +57,7 @@ def observe(*, model: nn.Module, update: SharedUpdate, data_spec: DataSpec, thre
         bn_statistics=bn_statistics if Capability.BN_STATISTICS in g else None,
         disclosed=tuple(disclosed),
         diffusion=diffusion,
+        without_client=without_client if Capability.SELECTS_CLIENTS in g else None,
     )
 
 

@@ -60,6 +60,7 @@ class Capability(str, enum.Enum):
     TRUE_LABELS = "true_labels"
     DIFFUSION_NOISE = "diffusion_noise"
     MODIFIES_MODEL = "modifies_model"
+    SELECTS_CLIENTS = "selects_clients"
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class CapabilityInfo:
     a threat model is the highest of its capabilities'. `default`: granted unless the config says otherwise
     (`[threat]`, `threat_model()`). `text`: what it means for a reader of the report. `oracle`: the report's
     bold line when it is granted and used, for extras no real server has (None: a realistic capability).
+    `active`: a malicious server's capability (it departs from the protocol); the letters it reaches are the
+    malicious classes (`ACTIVE_CLASSES`), the others an honest-but-curious server's.
     """
 
     capability: Capability
@@ -78,6 +81,7 @@ class CapabilityInfo:
     default: bool
     text: str
     oracle: str | None = None
+    active: bool = False
     # The letters granting this capability reaches together with another granted one, e.g. a server that
     # modifies the model and holds surrogate data is class G rather than F.
     combined: tuple[tuple[Capability, str], ...] = ()
@@ -96,8 +100,11 @@ CAPABILITIES: dict[Capability, CapabilityInfo] = {row.capability: row for row in
     CapabilityInfo(Capability.DIFFUSION_NOISE, "", False,
                    "the diffusion client's timesteps and noise, fixed by the server"),
     CapabilityInfo(Capability.MODIFIES_MODEL, "F", False,
-                   "a malicious server: it changes the global model it sends to the clients",
+                   "a malicious server: it changes the global model it sends to the clients", active=True,
                    combined=((Capability.SURROGATE_DATA, "G"),)),
+    CapabilityInfo(Capability.SELECTS_CLIENTS, "H", False,
+                   "a malicious server that chooses which clients take part: it runs a round again without the "
+                   "audited client", active=True),
 )}
 
 # The label of a run with no defense (an empty chain): what the shared update is without any protection.
@@ -116,8 +123,17 @@ SOK_CLASSES = {
     "G": "active manipulator",
     "H": "active manipulator",
 }
-# The letters of a server that changes the model (a malicious one); the others are honest-but-curious.
-ACTIVE_CLASSES = frozenset("FGH")
+# The letters a malicious server's capabilities reach (from the capability table); the others are an
+# honest-but-curious server's.
+ACTIVE_CLASSES = frozenset(
+    [row.sok_class for row in CAPABILITIES.values() if row.active]
+    + [letter for row in CAPABILITIES.values() if row.active for _other, letter in row.combined])
+
+
+def class_span(active: bool) -> str:
+    """The SoK letters of one kind of server as a range: "A-E" (honest-but-curious), "F-H" (malicious)."""
+    letters = sorted(c for c in SOK_CLASSES if (c in ACTIVE_CLASSES) == active)
+    return f"{letters[0]}-{letters[-1]}" if len(letters) > 1 else "".join(letters)
 
 
 def server_kind(active: bool) -> str:
@@ -165,8 +181,9 @@ class ThreatModel:
 
     @property
     def active(self) -> bool:
-        """The server may change the model it sends (SoK classes F-H): a malicious rather than a curious one."""
-        return Capability.MODIFIES_MODEL in self.granted
+        """The server may depart from the protocol (SoK classes F-H: it changes the model it sends, or chooses
+        which clients take part): a malicious rather than a curious one."""
+        return any(CAPABILITIES[c].active for c in self.granted)
 
 
 ReplayFn = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
@@ -242,6 +259,9 @@ class Observation:
     bn_statistics: tuple[tuple[Tensor, Tensor], ...] | None = None  # (mean, var) per BN layer
     disclosed: tuple[Disclosure, ...] = ()
     diffusion: DiffusionInfo | None = None  # set by the diffusion scenario (scenario.model = "ddpm_unet")
+    # The same round run again without the audited client (the same other clients, the same model, every
+    # defense as usual): only with Capability.SELECTS_CLIENTS.
+    without_client: SharedUpdate | None = None
 
 
 @dataclass(frozen=True)

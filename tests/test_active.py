@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,21 +13,27 @@ from torch import nn
 
 from giaudit.aggregate import summarise
 from giaudit.attacks import build_attack
+from giaudit.attacks.base import Budget
+from giaudit.attacks.differencing import differenced
+from giaudit.attacks.fishing import isolated, isolating_mask
 from giaudit.attacks.imprint import find_block
 from giaudit.attacks.trap_weights import find_trap
 from giaudit.config import parse_config
+from giaudit.data import load_digits
 from giaudit.defenses import build_chain
 from giaudit.engine import LocalEngine
 from giaudit.errors import ConfigError, ModelRefused, ThreatModelError
 from giaudit.fl import compute_update
+from giaudit.metrics import psnr
 from giaudit.orchestration import run_audit
 from giaudit.policy import check, parse_policy
 from giaudit.report import render
 from giaudit.report.compare import render_compare
 from giaudit.results import ResultsStore
 from giaudit.scenario.client import Scenario
+from giaudit.scenario.models import build_model
 from giaudit.threat import observe, threat_model
-from giaudit.types import CAPABILITIES, Capability, ClientProtocol, SharedUpdate
+from giaudit.types import ACTIVE_CLASSES, CAPABILITIES, Capability, ClientProtocol, SharedUpdate, class_span
 
 BINS = 128
 CLIENTS, BATCH = 8, 8
@@ -180,6 +187,17 @@ def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_
     assert servers == {"malicious": False, "honest-but-curious": True}
     with pytest.raises(ConfigError, match="threat_classes"):
         parse_policy({**rules, "threat_classes": "E-A"})
+    # The verdict per SoK letter attacked (letters from the capability table), and per kind of server.
+    assert ACTIVE_CLASSES == {"F", "G", "H"} and class_span(False) == "A-E" and class_span(True) == "F-H"
+    assert every.by_class() == {
+        "B": {"passed": True, "server": "honest-but-curious", "failed": [], "blocked": []},
+        "G": {"passed": False, "server": "malicious", "failed": ["secure_agg / imprint"],
+              "blocked": ["model_validation+secure_agg / imprint"]}}
+    assert passive.by_class()["G"]["passed"] is None                        # outside "A-E": not judged
+    assert ("per threat class: an honest-but-curious server (SoK classes A-E): PASS (class B: PASS); a malicious "
+            "server (SoK classes F-H): FAIL (class G: FAIL: secure_agg / imprint)") in every.format()
+    assert every.by_defense()["secure_agg"]["classes"] == {"B": True, "G": False}
+    assert "a malicious server (SoK classes F-H): not judged (class G: not judged)" in passive.classes_text()
 
     store = ResultsStore(tmp_path / "run", {"name": "active"}, records)
     _html, md = render(store, tmp_path / "run", verdict=every)
@@ -192,10 +210,14 @@ def test_policy_and_report_keep_the_malicious_server_apart(tmp_path, secure_agg_
         "added imprint block" in found
     assert "was blocked: the clients refused its model" in found
     assert "covers SoK classes A-H" in text
+    assert "Per threat class: an honest-but-curious server (SoK classes A-E): PASS" in text
+    assert "Threat classes attacked:" in text and "class G (active manipulator): secure\\_agg / imprint most leaked " \
+        "image" in text and "model\\_validation+secure\\_agg / imprint blocked" in text
     # The comparison table lists the malicious server's rows after the curious one's, marked as such.
     table = (render_compare(summarise(records), {}, tmp_path / "cmp").parent / "compare.md").read_text()
     assert table.index("| secure_agg | ig |") < table.index("| secure_agg | imprint (a malicious server, class G) |")
     assert "imprint (a malicious server, class G; blocked in 3 of 3 records)" in table
+    assert "- A malicious server (SoK classes F-H) was run in class G:" in table
 
 
 def test_an_image_alone_at_a_trap_neuron_is_returned_exactly(mnist32) -> None:
@@ -222,3 +244,121 @@ def test_an_image_alone_at_a_trap_neuron_is_returned_exactly(mnist32) -> None:
     with pytest.raises(ModelRefused, match="architecture|module"):
         client_scenario(mnist32).serve(lambda m: sent).simulate(
             build_chain([{"name": "model_validation", "check": "architecture"}]))
+
+
+class UserNet16(nn.Module):
+    """A user's own 16 px classifier, its last module an nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_digits(size=16)
+
+
+def _cosine(a, b) -> float:
+    fa, fb = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return float(torch.nn.functional.cosine_similarity(fa, fb, dim=0))
+
+
+@pytest.mark.parametrize("model", ["lenet_relu", "user"])
+def test_fishing_isolates_the_target_images_gradient(digits16, model) -> None:
+    """Class fishing (Wen et al. 2022), class F: on the fished model the gradient of a batch of 16, restricted to
+    the parameters the fishing isolates, is the gradient of its one target-class image; on the agreed model it
+    is not. The attack reads from the update that it caught one image."""
+    images, labels = digits16.images[:16], digits16.labels[:16]
+    counts = torch.bincount(labels, minlength=10)
+    target = int((counts == 1).nonzero()[0])              # the test's choice: a class held by one image
+    one = labels == target
+    agreed = build_model("lenet_relu", channels=1, num_classes=10, size=16,
+                         generator=torch.Generator().manual_seed(0)) if model == "lenet_relu" else UserNet16()
+    threat = threat_model(modifies_model=True, surrogate_data=False)
+    attack = build_attack("fishing", target_class=target)
+    sent = attack.serve(agreed, digits16.spec, threat, None, torch.Generator())
+    assert attack.modification(sent)["target_class"] == target and not attack.modification(agreed)
+    masks = isolating_mask(sent, target)
+    for net, close in ((sent, True), (agreed, False)):
+        whole = isolated(compute_update(net, images, labels), masks)
+        single = isolated(compute_update(net, images[one], labels[one]), masks)
+        cos = _cosine(whole, single)
+        assert (cos > 0.99) if close else (cos < 0.6), (model, close, cos)
+    grads = compute_update(sent, images, labels)
+    obs = observe(model=sent, update=SharedUpdate(tuple(g.detach() for g in grads)), data_spec=digits16.spec,
+                  threat=threat, batch_size=16, protocol=ClientProtocol(), labels=None, bn_statistics=None)
+    assert attack.labels_for(obs, torch.Generator())[0].tolist() == [target]
+    # The same architecture with other values: only the parameter check refuses it.
+    served = Scenario(agreed, digits16, ClientProtocol(), 1, threat).serve(lambda m: sent)
+    served.simulate(build_chain([{"name": "model_validation", "check": "architecture"}]))
+    with pytest.raises(ModelRefused, match="other values"):
+        served.simulate(build_chain([{"name": "model_validation"}]))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fishing_and_ig_break_secure_aggregation_where_ig_alone_does_not(digits16) -> None:
+    """Secure aggregation of 4 clients x 1 image on 16 px digits: IG on the fished aggregate recovers the audited
+    client's image, IG on the agreed model's aggregate of the same clients does not."""
+    seed = 0
+    agreed = build_model("lenet_relu", channels=1, num_classes=10, size=16,
+                         generator=torch.Generator().manual_seed(seed))
+    threat = threat_model(modifies_model=True, surrogate_data=False)
+    scenario = Scenario(agreed, digits16, ClientProtocol(), 1, threat)
+    chain = build_chain([{"name": "secure_agg", "clients": 4}])
+    plain, truth = scenario.simulate(chain, generator=torch.Generator().manual_seed(seed))
+    # The server declares the class it fishes for; the test picks the audited client's, which no other holds here.
+    attack = build_attack("fishing", target_class=int(truth.labels[0]))
+    served = scenario.serve(partial(attack.serve, data_spec=digits16.spec, threat=threat, surrogate=None,
+                                    generator=torch.Generator()))
+    fished, same = served.simulate(chain, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(same.images, truth.images)
+    budget = Budget(iterations=100)
+    rec = attack.reconstruct(fished, budget=budget)
+    assert rec.trace.extra["caught"] == 1 and rec.label_source == "fished"
+    ig = build_attack("ig").reconstruct(plain, budget=budget)
+    fish_db, ig_db = float(psnr(rec.images[:1], truth.images)), float(psnr(ig.images, truth.images))
+    assert fish_db > 18.0 and fish_db > ig_db + 8.0, (fish_db, ig_db)
+    record = attack.threat_record(fished, rec.label_source)
+    assert record["sok_class"] == "F" and record["modification"]["target_class"] == int(truth.labels[0])
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_server_that_selects_clients_differences_secure_aggregation_away(digits16) -> None:
+    """Class H: the round through secure_agg-8 run again without the audited client (the other clients recompute
+    on their same batches); the difference of the two sums is the audited client's update to float precision.
+    Noise, central or DP-SGD's in every client, is drawn anew in the second round and does not cancel."""
+    threat = threat_model(selects_clients=True)
+    assert CAPABILITIES[Capability.SELECTS_CLIENTS].sok_class == "H" and threat.sok_class == "H" and threat.active
+    assert "selects_clients" not in parse_config({}).raw["threat"]
+    agreed = build_model("lenet_relu", channels=1, num_classes=10, size=16, generator=torch.Generator().manual_seed(0))
+    scenario = Scenario(agreed, digits16, ClientProtocol(), 2, threat)
+    secure_agg = {"name": "secure_agg", "clients": 8}
+    obs, truth = scenario.simulate(build_chain([secure_agg]), generator=torch.Generator().manual_seed(0))
+    own = _flat(compute_update(agreed, truth.images, truth.labels))
+    diff = _flat(differenced(obs).update.tensors)
+    assert float((diff - own).abs().max()) < 1e-5 * float(own.abs().max())
+    assert float((_flat(obs.update.tensors) - own).abs().max()) > 0.1 * float(own.abs().max())  # the sum is not it
+    # A passive server gets no second round.
+    assert Scenario(agreed, digits16, ClientProtocol(), 2, threat_model()).simulate(
+        build_chain([secure_agg]))[0].without_client is None
+    sigma = 0.01
+    noisy, _ = scenario.simulate(build_chain([secure_agg, {"name": "noise", "sigma": sigma}]),
+                                 generator=torch.Generator().manual_seed(0))
+    residual = float((_flat(differenced(noisy).update.tensors) - own).std())
+    assert abs(residual / (sigma * math.sqrt(2)) - 1) < 0.1, residual          # two rounds' noise, not zero
+    # DP-SGD in every client (no clipping at this bound): the others' noise is drawn anew in the second round, so
+    # the difference holds 1 + 2 x 7 clients' noise, not the audited client's alone.
+    dp = {"name": "dpsgd", "noise_multiplier": 1e-3, "max_grad_norm": 1e3}
+    private, _ = scenario.simulate(build_chain([dp, secure_agg]), generator=torch.Generator().manual_seed(0))
+    per_client = 1e-3 * 1e3 / 2
+    ratio = float((_flat(differenced(private).update.tensors) - own).std()) / per_client
+    assert ratio > 3.0, ratio                                                    # sqrt(15) ~ 3.9; 1 if it cancelled

@@ -96,6 +96,8 @@ CASES = {
     "gidm_plus": Case("diffusion", options={"sampler_steps": 1, "t_grid": 2}),
     "imprint": Case("served", {"modifies_model": True}, {"bins": 16}),
     "trap_weights": Case("served", {"modifies_model": True}, {"neurons": 50}),
+    "fishing": Case("served", {"modifies_model": True}),
+    "differencing": Case("classifier", {"selects_clients": True}),  # no aggregation: the second round is empty
 }
 
 

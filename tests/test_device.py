@@ -53,6 +53,9 @@ ATTACK_TABLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gidm_plus": (DIFFUSION, {"iterations": 2, "sampler_steps": 1, "t_grid": 2}),
     "imprint": ({**CLASSIFIER, "threat": {"surrogate_data": True, "modifies_model": True}}, {"bins": 16}),
     "trap_weights": ({**CLASSIFIER, "threat": {"modifies_model": True}}, {"neurons": 32}),
+    "fishing": ({**CLASSIFIER, "threat": {"modifies_model": True}}, {"iterations": 2}),
+    "differencing": ({**CLASSIFIER, "threat": {"selects_clients": True},
+                      "defenses": [{"name": "secure_agg", "clients": 2}]}, {"iterations": 2}),
 }
 DEFENSE_TABLES = {
     "noise": {"name": "noise", "sigma": 0.01},

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from giaudit.attacks import (  # noqa: F401 (registers the attacks)
+    differencing,
     diffula,
     dlg,
+    fishing,
     ggl,
     gias,
     gidm,

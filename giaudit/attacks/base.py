@@ -19,11 +19,14 @@ orchestrator: `capabilities_used(obs)` (what this configuration actually used, f
 model), `prepare(others)` with `others_wanted()` (other clients' observations, e.g. GIML's meta-learning),
 and `before_restarts(obs, budget)`.
 
-Active attacks (a malicious server, SoK classes F-H) require `Capability.MODIFIES_MODEL` and implement
+Active attacks (a malicious server, SoK classes F-H) require a malicious server's capability (`active` in
+the capability table). Those that require `Capability.MODIFIES_MODEL` (`modifies()`) implement
 `modify`: the server step that turns the agreed global model into the one the server sends. `serve` is its
 one entry point (it checks the threat model first); the scenario sends what it returns, the clients compute
 their updates on it under every configured defense, and `reconstruct` then reads the observation as usual
-(its model is the one the server sent). `modification(model)` describes the change for the record.
+(its model is the one the server sent). `modification(model)` describes the change for the record. One that
+requires `Capability.SELECTS_CLIENTS` reads the round the scenario ran again without the audited client
+(`Observation.without_client`).
 """
 from __future__ import annotations
 
@@ -54,7 +57,16 @@ from giaudit.fl import compute_update
 from giaudit.registry import Configurable, Registry, check_choice, check_number
 from giaudit.replay import replay_for
 from giaudit.threat import check
-from giaudit.types import Capability, ClientProtocol, DataSpec, Observation, Reconstruction, ThreatModel, Trace
+from giaudit.types import (
+    CAPABILITIES,
+    Capability,
+    ClientProtocol,
+    DataSpec,
+    Observation,
+    Reconstruction,
+    ThreatModel,
+    Trace,
+)
 
 __all__ = ["ATTACKS", "Attack", "Budget", "Descent", "Plateau", "Progress", "RestartResult", "device_of", "drive"]
 
@@ -218,7 +230,13 @@ class Attack(Configurable):
 
     @classmethod
     def active(cls) -> bool:
-        """A malicious server's attack: it changes the global model before the clients compute their updates."""
+        """A malicious server's attack: it requires a capability the capability table marks as a malicious
+        server's (it changes the global model, or chooses which clients take part)."""
+        return any(CAPABILITIES[c].active for c in cls.requires)
+
+    @classmethod
+    def modifies(cls) -> bool:
+        """The attack has a server step: it changes the global model before the clients compute (`modify`)."""
         return Capability.MODIFIES_MODEL in cls.requires
 
     def modify(self, model: nn.Module, data_spec: DataSpec, surrogate: Tensor | None,
@@ -238,8 +256,8 @@ class Attack(Configurable):
               generator: torch.Generator) -> nn.Module:
         """The global model a malicious server sends in place of `model` (left as it was), in its train/eval
         mode, after checking that the threat model lets the server modify the model (and hold `surrogate`)."""
-        if not self.active():
-            raise ThreatModelError(f"attack {self.name!r} is passive: an honest-but-curious server sends the "
+        if not self.modifies():
+            raise ThreatModelError(f"attack {self.name!r} does not modify the model: its server sends the "
                                    "agreed model")
         check(self.name, self.requires, threat)
         data = surrogate if threat.has(Capability.SURROGATE_DATA) else None

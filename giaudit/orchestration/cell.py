@@ -10,7 +10,7 @@ generators seeded by the seed, the client and the attack name, so client c of
 a seed gets the same batch and the same attack start under every defense
 (paired comparisons across defenses).
 
-An active attack (a malicious server, `Attack.active()`) adds the server
+An attack that modifies the model (a malicious server, `Attack.modifies()`) adds the server
 step before any client computes: the attack's `serve` changes the global
 model, estimated on the server's own held-out images (`server_data`), and
 every client of the cell computes on the model it received. When a defense
@@ -129,7 +129,7 @@ def _prepare(cell: Cell) -> _Prepared | CellResult:
         checkpoint = cell.checkpoint or seed_checkpoints(spec, seed, cell.training or TrainingSettings())[cell.round]
         train_info = at_checkpoint(scenario, checkpoint)
     config = spec.attacks[attack_name]
-    active = ATTACKS[attack_name].active()
+    active = ATTACKS[attack_name].modifies()
     if active:  # passive attacks are built after the clients, as they always were
         attack = config.build()
         scenario = malicious_server(spec, scenario, attack, seed)

@@ -23,6 +23,7 @@ from markupsafe import Markup
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.metrics.registry import summarised
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
+from giaudit.report.summary import class_lines
 from giaudit.report.templating import environment
 from giaudit.results import write_table
 from giaudit.types import a_server
@@ -256,7 +257,10 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
              f"Wall time: {float(meta.get('wall_s', 0.0)):.0f} s"]
     presets = meta.get("presets", {})
     notes = [str(n) for n in meta.get("notes", [])]
+    classes = class_lines(rows)
     md = ["# Defense comparison", "", *[f"- {f}" for f in facts], "", _table_md(rows), "", READING, ""]
+    if classes:
+        md += ["Threat classes attacked:", "", *[f"- {line}" for line in classes], ""]
     if notes:
         md += ["Notes from the runs:", "", *[f"- {n}" for n in notes], ""]
     if png is not None:
@@ -268,6 +272,9 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
     parts = ["<h1>Defense comparison</h1><ul>"
              + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>", _table_html(rows),
              f"<p>{html.escape(READING)}</p>"]
+    if classes:
+        parts.append("<p>Threat classes attacked:</p><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in classes)
+                     + "</ul>")
     if notes:
         parts.append("<p>Notes from the runs:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     if png is not None:

@@ -108,6 +108,7 @@ class ReportData:
     utility_png: bytes | None = None
     scenario: str = ""
     verdict_coverage: str | None = None  # which SoK classes the policy judged (the verdict's coverage())
+    verdict_classes: str | None = None   # the verdict per kind of server and SoK letter (classes_text())
 
 
 # --------------------------------------------------------------------------- collecting the content
@@ -431,6 +432,7 @@ def collect(store: ResultsStore, verdict: Any = None,
         utility_png=_utility_png(summary),
         scenario=", ".join(dict.fromkeys(r.scenario for r in records)),
         verdict_coverage=verdict.coverage() if hasattr(verdict, "coverage") else None,
+        verdict_classes=(verdict.classes_text() or None) if hasattr(verdict, "classes_text") else None,
     )
 
 

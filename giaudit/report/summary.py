@@ -31,7 +31,7 @@ from giaudit.metrics.registry import Metric, summarised
 from giaudit.report.format import MISSING, Table, fmt_num, pct
 from giaudit.results import AuditRecord, undefended
 from giaudit.stats import finite
-from giaudit.types import UNDECLARED_DEFENSE, a_server, server_kind
+from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, UNDECLARED_DEFENSE, a_server, class_span, server_kind
 
 BLOCKED = "blocked"  # the cells of a row whose clients refused the malicious server's model
 
@@ -82,11 +82,49 @@ class Summary:
         """The rows by the server they assume, honest-but-curious first: [(heading, rows)], only the servers
         some row assumes ("An honest-but-curious server (SoK classes A-E) could:" ...)."""
         out = []
-        for active, classes in ((False, "A-E"), (True, "F-H, it changes the model it sends")):
+        for active in (False, True):
             rows = [r for r in self.rows if r.active == active]
+            how = ", it departs from the protocol" if active else ""
             if rows:
-                out.append((f"{a_server(active).capitalize()} (SoK classes {classes}) could:", rows))
+                out.append((f"{a_server(active).capitalize()} (SoK classes {class_span(active)}{how}) could:", rows))
         return out
+
+    @property
+    def classes(self) -> list[str]:
+        """Which SoK classes were attacked and what each reached (`class_lines`)."""
+        return class_lines([r.values for r in self.rows])
+
+
+def row_letter(v: Mapping[str, Any]) -> str:
+    """The SoK letter of a summary row (records without one: class A, the least the server knows)."""
+    return str(v.get("sok_class") or "A")[:1]
+
+
+def class_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per kind of server and per SoK letter attacked, what the summary rows (`giaudit.aggregate.summarise`)
+    reached: "An honest-but-curious server (SoK classes A-E) was run in class B: ..." then one line per letter
+    naming each defense / attack with its most leaked image (or that its clients refused the model)."""
+    out = []
+    for active in (False, True):
+        letters = sorted({row_letter(v) for v in rows if (row_letter(v) in ACTIVE_CLASSES) == active})
+        if not letters:
+            continue
+        out.append(f"{a_server(active).capitalize()} (SoK classes {class_span(active)}) was run in "
+                   f"class{'es' if len(letters) > 1 else ''} {', '.join(letters)}:")
+        for letter in letters:
+            parts = []
+            for v in rows:
+                if row_letter(v) != letter:
+                    continue
+                pair = f"{v['defense']} / {v['attack']}"
+                if v.get("blocked") and v["blocked"] == v.get("records"):
+                    parts.append(f"{pair} blocked (the clients refused the model)")
+                elif finite(v.get("psnr_db_worst")):
+                    parts.append(f"{pair} most leaked image {float(v['psnr_db_worst']):.1f} dB PSNR")
+                else:
+                    parts.append(f"{pair} not measured")
+            out.append(f"class {letter} ({SOK_CLASSES.get(letter, 'unknown class')}): {'; '.join(parts)}")
+    return out
 
 
 def _image_cell(v: Mapping[str, Any], metric: Metric) -> Cell:
@@ -279,7 +317,10 @@ def _changed(modification: Mapping[str, Any]) -> str:
     """What a malicious server changed, in words (from the attack's record of its modification)."""
     if not modification:
         return "it changed the model"
-    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in modification.items() if k not in ("block", "placed"))
+    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in modification.items()
+                     if k not in ("block", "placed", "did"))
+    if modification.get("did"):  # no added block: other values (class fishing), or a second round (class H)
+        return f"it {modification['did']}" + (f" ({what})" if what else "")
     block = modification.get("block", "a block")
     placed = f" {modification['placed']}" if modification.get("placed") else ""
     return f"it sent a model with an added {block} block{placed}" + (f" ({what})" if what else "")

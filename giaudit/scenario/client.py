@@ -17,6 +17,12 @@ model the server sent under ``context["served_model"]`` and the agreed one
 under ``context["agreed_model"]`` (what a client can check, e.g.
 model_validation); ``context["model"]`` is the model the client trains, which
 a defense may replace (DP-SGD's GroupNorm conversion).
+
+A malicious server that chooses which clients take part (SoK class H, `Capability.SELECTS_CLIENTS`) also runs
+the round again without the audited client: the other clients of secure aggregation recompute on the same
+model and their same batches, every defense applies as usual with fresh randomness (noise drawn anew, so it
+does not cancel), and the attacker gets that round's update as `Observation.without_client`. Without
+aggregation the round without the audited client has no client: nothing is sent (zeros).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from giaudit.device import to_model
 from giaudit.errors import ConfigError
 from giaudit.fl import BNStatsRecorder
 from giaudit.threat import observe
-from giaudit.types import ClientProtocol, GroundTruth, Observation, SharedUpdate, ThreatModel
+from giaudit.types import Capability, ClientProtocol, GroundTruth, Observation, SharedUpdate, ThreatModel
 
 
 def pretrain(model: nn.Module, data: ImageDataset, steps: int, generator: torch.Generator,
@@ -117,9 +123,25 @@ class Scenario:
         recorder.close()
         kind: Literal["gradient", "delta"] = "gradient" if step.protocol.name == "fedsgd" else "delta"
         update = defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), kind), gen)
+        without = without_client(step, global_model, defense, update, gen) \
+            if self.threat.has(Capability.SELECTS_CLIENTS) else None
 
         obs = observe(model=copy.deepcopy(global_model), update=update, data_spec=self.pool.spec,
                       threat=self.threat, batch_size=step.batch_size, protocol=step.protocol,
                       labels=to_model(batch.labels, global_model), bn_statistics=bn_stats,
-                      disclosed=defense.disclosures(update))
+                      disclosed=defense.disclosures(update), without_client=without)
         return obs, truth
+
+
+def without_client(step: ClientStep, model: nn.Module, defense: Chain, update: SharedUpdate,
+                   generator: torch.Generator) -> SharedUpdate:
+    """The round run again without the audited client, on `model`: the other clients of secure aggregation
+    (``step.context["without_audited"]``) on their same batches, then the chain's transforms, all with fresh
+    randomness drawn from `generator`; zeros when the round has no other client."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    fresh = torch.Generator(device=generator.device).manual_seed(seed)
+    rerun = step.context.get("without_audited")
+    if rerun is None:
+        return SharedUpdate(tuple(torch.zeros_like(t) for t in update.tensors), update.kind)
+    tensors = rerun(model, step.protocol, fresh)
+    return defense.transform(SharedUpdate(tuple(t.detach() for t in tensors), update.kind), fresh)
