@@ -222,6 +222,13 @@ def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
     return fn(arg)
 
 
+def _ray_call(fn: Callable[[Any], Any], arg: Any) -> tuple[str, Any]:
+    """`_call` in a Ray task, with the id of the node that ran it."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), _call(fn, arg)
+
+
 def _bar(desc: str, total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="cell", disable=not enabled, leave=False, file=sys.stderr)
 
@@ -339,6 +346,7 @@ class RayEngine:
         self.runtime_env = runtime_env
         self.num_gpus = 0.0  # GPUs (or a fraction) each task asks for: set for an audit on CUDA
         self._session = False
+        self.nodes: dict[str, int] = {}  # tasks finished per Ray node id, over this engine's `map` calls
 
     def __enter__(self) -> RayEngine:
         """Start (or join) Ray once for several `map` calls; shut it down on exit if this started it."""
@@ -390,7 +398,7 @@ class RayEngine:
                 resources: dict[str, Any] = {"num_cpus": 1, "max_retries": self.max_retries}
                 if self.num_gpus:
                     resources["num_gpus"] = self.num_gpus
-                remote = ray.remote(**resources)(_call)
+                remote = ray.remote(**resources)(_ray_call)
                 if self.runtime_env:  # e.g. {"env_vars": ...} or {"working_dir": ...} for the tasks of this engine
                     remote = remote.options(runtime_env=self.runtime_env)
                 fn_ref = ray.put(fn)
@@ -409,12 +417,13 @@ class RayEngine:
                         for ref in done:
                             i = refs.pop(ref)
                             try:
-                                result = ray.get(ref)
+                                node, result = ray.get(ref)
                             except ray.exceptions.RayTaskError as exc:
                                 raise exc.as_instanceof_cause() from None
                             except ray.exceptions.WorkerCrashedError as exc:
                                 raise EngineError(f"ray engine: a task's worker died {self.max_retries + 1} times: "
                                                   f"{exc}") from None
+                            self.nodes[node] = self.nodes.get(node, 0) + 1
                             bar.update(1)
                             yield i, result
                 finally:

@@ -192,29 +192,38 @@ def test_utility_trainings_are_engine_tasks_and_only_the_driver_writes_the_cache
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A two-node Ray cluster on this machine (`ray.cluster_utils.Cluster`), one CPU each: a sweep's tasks must
+    reach both nodes."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'giaudit[ray]'")
+    from ray.cluster_utils import Cluster
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future default; no GPU here either way
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (it takes both cores)
 def test_ray_sweep_gives_the_records_of_the_local_engine(tmp_path, ray_local):
-    """2 defenses x 2 attacks x 2 seeds: identical ids, metrics to 1e-6; then a killed worker is retried. The local
-    side runs serially in this process (two local processes give the serial records: tested above)."""
+    """2 defenses x 2 attacks x 2 seeds on a two-node cluster: identical ids, metrics to 1e-6, and both nodes ran
+    cells; then a killed worker is retried. The local side runs serially in this process (two local processes
+    give the serial records: tested above)."""
+    engine = RayEngine()
     for defense in DEFENSES:
         spec = _spec(tmp_path, defense)
         local = run_audit(spec, tmp_path / f"local-{defense}", show_progress=False, engine=LocalEngine(1))
-        on_ray = run_audit(spec, tmp_path / f"ray-{defense}", show_progress=False, engine=RayEngine())
+        on_ray = run_audit(spec, tmp_path / f"ray-{defense}", show_progress=False, engine=engine)
         assert on_ray.meta["last_run"]["engine"] == "ray" and len(on_ray.meta["last_run"]["computed"]) == 4
         _same(local.records, on_ray.records)
         assert json.loads((tmp_path / f"ray-{defense}" / "results.json").read_text())["records"]
         assert all((tmp_path / f"ray-{defense}" / r.images_file).is_file() for r in on_ray.records if r.images_file)
+    assert len(engine.nodes) == 2 and sum(engine.nodes.values()) == 8, engine.nodes
 
     # A task whose worker process dies on its first attempt is retried; nothing is lost.
     marker = tmp_path / "kill"

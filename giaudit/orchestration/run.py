@@ -173,7 +173,8 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     order = {c.record_id: i for i, c in enumerate(cells)}
     store.records.sort(key=lambda r: order.get(r.record_id, -1))
     store.meta["last_run"] = {"engine": engine.name, "cells": len(cells),
-                              "computed": [c.record_id for c in todo]}
+                              "computed": [c.record_id for c in todo],
+                              **({"nodes": len(nodes)} if (nodes := getattr(engine, "nodes", None)) else {})}
     store.flush()
     return store
 
