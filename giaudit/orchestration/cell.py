@@ -32,6 +32,7 @@ from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
 from giaudit.errors import ConfigError, ModelRefused
+from giaudit.metrics.assemble import Scorers, assess
 from giaudit.orchestration import evaluators
 from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
@@ -49,7 +50,7 @@ from giaudit.scenario.capture import CaptureScenario, deployment, read_meta
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.state import sha256
 from giaudit.training import TrainingSettings, stable_seed
-from giaudit.types import Capability, GroundTruth, Observation
+from giaudit.types import Capability, GroundTruth, Observation, Reconstruction
 
 
 def build_defense(spec: AuditSpec) -> tuple[str, Chain]:
@@ -118,41 +119,75 @@ def run_cell(cell: Cell) -> CellResult:
     galleries = [evaluators.gallery(spec, face_analyzer, scenario, t, seed) for _, t in clients]
     setup_s = time.perf_counter() - start
     tuned = None
+    untuned: Attack | None = None
     settings = config.tune
     if settings is not None and not isinstance(scenario, CaptureScenario):  # the config refuses tune with capture
         # The server tunes on clients of its own (held-out data), never on the audited ones.
         tuned = tune_attack(config, settings, surrogate_scenario(spec.data, scenario, seed), defense, seed,
                             tuning_key(cell.config_hash, attack_name, cell.round), cell.tuning_dir)
         attack = build_attack(attack_name, **{**config.options, **tuned.params})
+        untuned = config.build()
     elif not active:
         attack = config.build()
-    budget = config.budget
     wants = attack.others_wanted()
     if wants:
         # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
         others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
             stable_seed("meta", seed, i)))[0] for i in range(wants)]
-        attack.prepare(others)
-    recs = []
+        for a in (attack, untuned):
+            if a is not None:
+                a.prepare(others)
     t0 = time.perf_counter()
+    recs = _attack_clients(cell, attack, clients)
+    attack_s = time.perf_counter() - t0
+    scorers = evaluators.scorers(spec, face_analyzer, user_level_run(spec))
+    tuning: dict[str, Any] = {}
+    if tuned is not None and untuned is not None:
+        # The same attack at its defaults on the same audited clients and attack starts: the verdict an untuned
+        # audit would have given, measured, so a rule that passes untuned and fails tuned is shown as such.
+        tuning = {**tuned.record(), "untuned": _untuned(cell, untuned, attack, clients, recs, galleries, scorers)}
+    return cell_record(CellOutcome(
+        cell=cell, scenario=scenario_name(spec.data, spec.scenario), attack=attack,
+        observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
+        scorers=scorers, galleries=galleries,
+        timings={"setup_s": setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
+        training=train_info, tuning=tuning,
+        notes=((analyzer_note,) if analyzer_note else ()) + ((tuned.note(),) if tuned else ())
+        + (scenario.notes if isinstance(scenario, CaptureScenario) else ()),
+        model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None),
+        runtime=runtime.record()))
+
+
+def _attack_clients(cell: Cell, attack: Attack, clients: list[tuple[Observation, GroundTruth | None]],
+                    *, quiet: bool = False) -> list[Reconstruction]:
+    """`attack`'s reconstruction of every client's update, client 0 first."""
+    budget = cell.spec.attacks[cell.attack].budget
+    recs = []
     for c, (obs, _truth) in enumerate(clients):
         # The same attack start for a client under every defense: paired comparisons across defenses.
-        rng = torch.Generator().manual_seed(stable_seed("attack", attack_name, seed, *((c,) if c else ())))
-        bar = _progress_bar(f"{attack_name} seed {seed}" + (f" client {c}" if len(clients) > 1 else "")
-                            + ("" if cell.round is None else f" round {cell.round}"),
+        rng = torch.Generator().manual_seed(stable_seed("attack", cell.attack, cell.seed, *((c,) if c else ())))
+        bar = _progress_bar(f"{cell.attack} seed {cell.seed}" + (f" client {c}" if len(clients) > 1 else "")
+                            + ("" if cell.round is None else f" round {cell.round}") + (" (defaults)" if quiet else ""),
                             budget.iterations * budget.restarts, cell.show_progress and not in_worker())
         try:
             recs.append(attack.reconstruct(obs, budget=budget, rng=rng, progress=bar.update))
         finally:
             bar.close()
+    return recs
+
+
+def _untuned(cell: Cell, untuned: Attack, tuned: Attack, clients: list[tuple[Observation, GroundTruth | None]],
+             tuned_recs: list[Reconstruction], galleries: list[Any], scorers: Scorers) -> dict[str, Any]:
+    """The attack at its defaults on the audited clients, scored as the record is: its options, label source,
+    metrics, per-image rows and time. When the tuning kept the defaults, the tuned reconstructions are the
+    untuned ones (same options, same starts) and are not computed twice."""
+    same = dict(untuned.params()) == dict(tuned.params())
+    t0 = time.perf_counter()
+    recs = tuned_recs if same else _attack_clients(cell, untuned, clients, quiet=True)
     attack_s = time.perf_counter() - t0
-    return cell_record(CellOutcome(
-        cell=cell, scenario=scenario_name(spec.data, spec.scenario), attack=attack,
-        observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
-        scorers=evaluators.scorers(spec, face_analyzer, user_level_run(spec)), galleries=galleries,
-        timings={"setup_s": setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
-        training=train_info, tuning=tuned.record() if tuned else {},
-        notes=((analyzer_note,) if analyzer_note else ()) + ((tuned.note(),) if tuned else ())
-        + (scenario.notes if isinstance(scenario, CaptureScenario) else ()),
-        model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None),
-        runtime=runtime.record()))
+    truths = [t for _, t in clients if t is not None]
+    scored = assess(truths, recs, scorers, galleries)
+    return {"attack_params": dict(untuned.params()), "label_source": recs[0].label_source,
+            "threat": untuned.threat_record(clients[0][0], recs[0].label_source),
+            "metrics": dict(scored.metrics), "per_image": [dict(p) for p in scored.per_image],
+            "attack_s": attack_s, "same_as_tuned": same}
