@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def flower_spec(name: str, work: Path) -> AuditSpec:
         shutil.copy(app / f, work / f)
     captures = "captures-bn" if "--bn" in flags else "captures"
     subprocess.run([sys.executable, str(app / "app.py"), "--out", str(work / captures), *flags], check=True,
-                   cwd=work, stdout=subprocess.DEVNULL)
+                   cwd=work, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     return load_config(work / config)
 
 

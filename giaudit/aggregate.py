@@ -54,7 +54,7 @@ from giaudit.bounds import (
     training_spent,
 )
 from giaudit.metrics.registry import Metric, headline, parse, summarised
-from giaudit.results import AuditRecord, disclosed_value
+from giaudit.results import UNTUNED, AuditRecord, disclosed_value
 from giaudit.stats import bootstrap_mean, finite, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
 
 Utility = Mapping[str, Sequence[Mapping[str, Any]]]  # defense label -> per-seed utility results
@@ -105,9 +105,6 @@ def per_image_values(records: Sequence[AuditRecord], key: str) -> list[float] | 
     if any(v is None for v in values):
         return None
     return [float(v) for v in values if v is not None]
-
-
-UNTUNED = "untuned"  # the variant of a tuned attack's row measured at the attack's defaults
 
 
 def untuned_view(r: AuditRecord) -> AuditRecord | None:

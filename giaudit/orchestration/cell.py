@@ -38,6 +38,7 @@ from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
 from giaudit.orchestration.record import CellOutcome, CellResult, blocked_record, cell_record
 from giaudit.orchestration.tuning import tune_attack, tuning_key
+from giaudit.results import UNTUNED
 from giaudit.scenario.build import (
     AnyScenario,
     cell_scenario,
@@ -145,7 +146,7 @@ def run_cell(cell: Cell) -> CellResult:
     if tuned is not None and untuned is not None:
         # The same attack at its defaults on the same audited clients and attack starts: the verdict an untuned
         # audit would have given, measured, so a rule that passes untuned and fails tuned is shown as such.
-        tuning = {**tuned.record(), "untuned": _untuned(cell, untuned, attack, clients, recs, galleries, scorers)}
+        tuning = {**tuned.record(), UNTUNED: _untuned(cell, untuned, attack, clients, recs, galleries, scorers)}
     return cell_record(CellOutcome(
         cell=cell, scenario=scenario_name(spec.data, spec.scenario), attack=attack,
         observations=[o for o, _ in clients], truths=[t for _, t in clients], reconstructions=recs,
