@@ -57,8 +57,10 @@ def flower_spec(name: str, work: Path) -> AuditSpec:
     for f in ("task.py", config):
         shutil.copy(app / f, work / f)
     captures = "captures-bn" if "--bn" in flags else "captures"
-    subprocess.run([sys.executable, str(app / "app.py"), "--out", str(work / captures), *flags], check=True,
-                   cwd=work, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    done = subprocess.run([sys.executable, str(app / "app.py"), "--out", str(work / captures), *flags], cwd=work,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    if done.returncode:
+        sys.exit(f"{name}: examples/flower/app.py failed:\n{done.stderr[-4000:]}")
     return load_config(work / config)
 
 

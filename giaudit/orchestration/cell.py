@@ -16,6 +16,13 @@ model, estimated on the server's own held-out images (`server_data`), and
 every client of the cell computes on the model it received. When a defense
 makes the client refuse that model (model_validation), the cell's record is
 "blocked": no update left the client, so nothing was attacked.
+
+A tuned attack (``attacks.NAME.tune``) is tuned on clients the server
+simulates from its own data (`giaudit.orchestration.tuning`) and attacks the
+audited clients with the options it chose; the same attack at its defaults
+attacks them too, with the same starts, scored as the record is, under the
+record's ``tuning["untuned"]``: what an untuned audit would have reported is a
+measurement on the same images, not a guess.
 """
 from __future__ import annotations
 

@@ -256,7 +256,7 @@ def _verdict_lines(verdict: Mapping[str, Any]) -> list[str]:
     out = [f"{d}: {'PASS' if v.get('passed') else 'FAIL'} (worst attack: {v.get('worst_attack')})"
            for d, v in (verdict.get("defenses") or {}).items()]
     out += [str(f) for f in verdict.get("tuning_flips") or []]
-    out += [f"failed: {f}" for f in verdict.get("failed") or []]
+    out += [str(f) for f in verdict.get("failed") or []]
     out.append(f"policy {verdict.get('policy')}; {verdict.get('coverage')}")
     return out
 
