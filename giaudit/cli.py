@@ -85,6 +85,8 @@ def _run_and_report(spec: AuditSpec, out: str | None, progress: bool, engine: En
     print(f"report: {run.html}\nmarkdown: {run.md}\nresults: {out_dir / 'results.json'}")
     if run.verdict is not None:
         print(f"policy verdict: {'PASS' if run.verdict.passed else 'FAIL'}")
+        for line in run.verdict.flip_lines():  # a false PASS an untuned audit would have given
+            print(line)
     return 0
 
 
