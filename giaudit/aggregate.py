@@ -26,9 +26,15 @@ Nothing is recomputed from images: every value comes from the records.
 - Against a reference defense (the preset without defenses): a one-sided
   paired Wilcoxon test of the headline metric's (PSNR's) per-image values on
   the same images and attack starts.
+- An attack tuned on the server's own data (``attacks.NAME.tune``): its row
+  is the tuned attack's, with ``tuned`` set, the tuned options
+  (``tuned_options``) and the same attack at its defaults on the same audited
+  clients and attack starts under ``untuned_*`` keys (`untuned_view` gives
+  that measurement as records, which the policy check judges too).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,7 +54,7 @@ from giaudit.bounds import (
     training_spent,
 )
 from giaudit.metrics.registry import Metric, headline, parse, summarised
-from giaudit.results import AuditRecord, disclosed_value
+from giaudit.results import UNTUNED, AuditRecord, disclosed_value
 from giaudit.stats import bootstrap_mean, finite, mean_ci, paired_test, pooled_accuracy, summary, wilson_interval
 
 Utility = Mapping[str, Sequence[Mapping[str, Any]]]  # defense label -> per-seed utility results
@@ -99,6 +105,43 @@ def per_image_values(records: Sequence[AuditRecord], key: str) -> list[float] | 
     if any(v is None for v in values):
         return None
     return [float(v) for v in values if v is not None]
+
+
+def untuned_view(r: AuditRecord) -> AuditRecord | None:
+    """A tuned record's companion measurement as a record: the same attack at its defaults on the same audited
+    clients and attack starts (its options, threat, labels, metrics and per-image rows); None for a record
+    whose attack was not tuned (or one written before the companion was measured)."""
+    u = r.tuning.get(UNTUNED) if r.tuning else None
+    if not isinstance(u, Mapping) or "metrics" not in u:
+        return None
+    return dataclasses.replace(
+        r, record_id=f"{r.record_id}:{UNTUNED}", threat=dict(u.get("threat") or r.threat),
+        attack_params=dict(u.get("attack_params") or {}), label_source=str(u.get("label_source") or ""),
+        metrics=dict(u["metrics"]), per_image=tuple(u.get("per_image") or ()),
+        timings={"attack_s": float(u.get("attack_s", math.nan))}, trace={}, notes=(), images_file=None,
+        tuning={})
+
+
+def untuned_views(records: Iterable[AuditRecord]) -> list[AuditRecord]:
+    """`untuned_view` of every tuned record among `records`."""
+    return [v for v in (untuned_view(r) for r in records) if v is not None]
+
+
+def options_text(params: Mapping[str, Any]) -> str:
+    """Tuned options in words: ``lr = 0.0123, schedule = cosine``."""
+    return ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in params.items())
+
+
+def tuned_options(records: Iterable[AuditRecord]) -> str:
+    """The options a group's records were tuned to (one text per distinct choice, with the seeds that made it:
+    each seed's cell tunes on its own surrogate clients); empty when none was tuned."""
+    by_text: dict[str, list[int]] = {}
+    for r in records:
+        if r.tuning and r.tuning.get("params") is not None:
+            by_text.setdefault(options_text(r.tuning["params"]), []).append(int(r.seed))
+    if len(by_text) <= 1:
+        return next(iter(by_text), "")
+    return "; ".join(f"seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}: {t}" for t, s in by_text.items())
 
 
 @dataclass(frozen=True)
@@ -362,8 +405,26 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None, *,
         accs = [r.training.get("held_out_accuracy") for r in recs if r.training]
         row["model_accuracy"] = accs[0] if accs else None
         row["attack_s_mean"] = mean_ci([r.timings.get("attack_s", math.nan) for r in recs])[0]
+        row.update(_untuned_row(recs))
         rows.append(row)
     return rows
+
+
+def _untuned_row(recs: Sequence[AuditRecord]) -> dict[str, Any]:
+    """A tuned group's tuning and its attack at the defaults on the same images (``untuned_<key>``)."""
+    views = untuned_views(recs)
+    if not views:
+        return {"tuned": False}
+    first = next(r.tuning for r in recs if r.tuning)
+    out: dict[str, Any] = {"tuned": True, "tuned_options": tuned_options(recs), "tuning_trials": first.get("trials"),
+                           "tuning_clients": first.get("clients"), "tuning_metric": first.get("metric"),
+                           "tuning_s": sum(float(r.tuning.get("time_s") or 0.0) for r in recs if r.tuning)}
+    for metric in summarised():
+        out.update({f"{UNTUNED}_{k}": v for k, v in image_summary(views, metric).items()})
+    lab, lo, hi, _ = rate(views, "label_accuracy")
+    out.update({f"{UNTUNED}_label_accuracy_mean": lab, f"{UNTUNED}_label_accuracy_low": lo,
+                f"{UNTUNED}_label_accuracy_high": hi})
+    return out
 
 
 def _mean(runs: Sequence[Mapping[str, Any]], key: str) -> float:
@@ -371,5 +432,6 @@ def _mean(runs: Sequence[Mapping[str, Any]], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-__all__ = ["Pooled", "attribute_names", "criteria", "epsilon", "rero", "group", "image_count", "image_summary",
-           "image_values", "per_image_values", "pooled", "rate", "record_round", "summarise"]
+__all__ = ["UNTUNED", "Pooled", "attribute_names", "criteria", "epsilon", "rero", "group", "image_count",
+           "image_summary", "image_values", "options_text", "per_image_values", "pooled", "rate", "record_round",
+           "summarise", "tuned_options", "untuned_view", "untuned_views"]

@@ -85,6 +85,8 @@ def _run_and_report(spec: AuditSpec, out: str | None, progress: bool, engine: En
     print(f"report: {run.html}\nmarkdown: {run.md}\nresults: {out_dir / 'results.json'}")
     if run.verdict is not None:
         print(f"policy verdict: {'PASS' if run.verdict.passed else 'FAIL'}")
+        for line in run.verdict.flip_lines():  # a false PASS an untuned audit would have given
+            print(line)
     return 0
 
 
@@ -118,7 +120,7 @@ def _compare(args: argparse.Namespace) -> int:
         out = run_compare([Path(p) for p in args.defenses], base_config=Path(args.config) if args.config else None,
                           attacks=attacks, seeds=args.seeds, out_dir=Path(args.out),
                           show_progress=not args.no_progress, clients_per_seed=args.clients_per_seed,
-                          engine=_engine(args))
+                          engine=_engine(args), policy=Path(args.policy) if args.policy else None)
     except ParamError as exc:  # run_compare names its parameter; here it is the flag of the same name
         if exc.field not in ("attacks", "seeds", "clients_per_seed"):
             raise
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clients-per-seed", type=int, default=8, help="private batches attacked per seed, the same "
                    "under every preset (default 8; scenario.clients_per_seed in the config wins)")
     c.add_argument("--out", default="reports/compare", help="output folder (default reports/compare)")
+    c.add_argument("--policy", help="policy TOML to judge every preset by (default: the config's output.policy); "
+                   "a tuned attack is judged at its defaults too, and a rule it passed untuned but fails tuned "
+                   "is stated as such")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_engine_arguments(c)
     c.set_defaults(func=_compare)

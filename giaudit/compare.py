@@ -27,6 +27,15 @@ and utility with the Wilson interval of the held-out test. Written to
 ``out_dir``: ``compare.csv`` (+ ``compare.parquet``), ``compare.md``,
 ``compare.html`` and the plots (privacy-utility; leakage over training when
 the base config sets ``scenario.checkpoints``).
+
+A tuned attack (``attacks.NAME.tune`` in the base config) is tuned under each
+preset, on the server's own clients with that preset's defenses (the
+attacker adapts to the defense); its row is the tuned attack's leakage, with
+the options it chose and the same attack at its defaults on the same images
+beside it. With a policy (``--policy``, else the base config's
+``output.policy``) the records of every preset are judged
+(`giaudit.policy.check`, the tuned attack at its defaults too), and every
+rule that passed untuned but fails tuned is stated as such.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ from giaudit.defenses import load_defense_file
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError, ParamError
 from giaudit.orchestration import run_audit
+from giaudit.policy import Verdict, check, load_policy
 from giaudit.report.compare import render_compare
 from giaudit.results import AuditRecord
 from giaudit.utility import UtilityCache, UtilitySettings, measure, with_dp_noise, with_dp_rounds
@@ -80,7 +90,8 @@ def _select_attacks(spec: AuditSpec, attacks: Sequence[str] | None) -> dict[str,
 def run_compare(defense_files: list[Path], *, base_config: Path | None = None, attacks: list[str] | None = None,
                 seeds: int = 3, out_dir: Path, show_progress: bool = True,
                 utility: UtilitySettings | None = None, clients_per_seed: int = 8,
-                cache: UtilityCache | None = None, engine: Engine | None = None) -> Path:
+                cache: UtilityCache | None = None, engine: Engine | None = None,
+                policy: Path | None = None) -> Path:
     """Run every preset on the same scenario, measure utility, write the comparison; return compare.html.
 
     Utility first: the no-defense baseline fixes the training length R (target accuracy or budget), every
@@ -91,6 +102,9 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
 
     Every utility training and every audit cell is a task on `engine` (default: local processes, one per
     core); the records and caches written are the same whatever the engine.
+
+    `policy` (default: the base config's ``output.policy``): judge every preset's records, the tuned attacks
+    at their defaults too, and state each rule that passed untuned and fails tuned.
     """
     if not defense_files:
         raise ConfigError("compare: pass at least one defense preset (e.g. defenses/*.toml)")
@@ -104,6 +118,8 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     if dupes:
         raise ConfigError(f"compare: label {dupes[0]!r} is used by two presets; labels must be unique")
     base = load_config(base_config) if base_config is not None else load_config(demo_config_path())
+    rules = load_policy(policy) if policy is not None else (load_policy(base.output.policy) if base.output.policy
+                                                            else None)  # read before anything runs
     chosen = _select_attacks(base, attacks)
     scenario = dataclasses.replace(base.scenario, clients_per_seed=base.scenario.clients_per_seed or clients_per_seed)
     spec = base.replace(seeds=list(range(seeds)), attacks=chosen, scenario=scenario)
@@ -115,6 +131,7 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     engine = engine or LocalEngine()
     reference = next((label for label, tables in presets if not tables), None)
     records: list[AuditRecord] = []
+    run_meta: dict[str, Any] = {}
     timings: dict[str, float] = {}
     audited: dict[str, list[dict[str, Any]]] = {}
     with engine:  # one Ray instance (or cluster connection) for the whole comparison
@@ -130,6 +147,7 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
                               defense_label=label, training=settings, engine=engine)
             records += [r for r in store.records
                         if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
+            run_meta = run_meta or dict(store.meta)
             timings[label] = time.perf_counter() - t0
 
     rows = summarise(records, utilities, labels, list(chosen), reference)
@@ -145,4 +163,14 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
                         for f, (label, tables) in zip(defense_files, presets)},
             "wall_s": time.perf_counter() - start, "preset_wall_s": timings,
             "notes": sorted({n for r in records for n in r.notes})}
+    if rules is not None:
+        meta["verdict"] = verdict_meta(check(records, rules, run_meta))
     return render_compare(rows, meta, out)
+
+
+def verdict_meta(verdict: Verdict) -> dict[str, Any]:
+    """What the comparison report shows of a policy verdict: each preset's, the rules that passed untuned and
+    fail tuned, the failed rules and the coverage."""
+    return {"passed": verdict.passed, "policy": verdict.policy_source, "defenses": verdict.by_defense(),
+            "tuning_flips": verdict.flip_lines(), "failed": [r.line() for r in verdict.failures],
+            "coverage": verdict.coverage()}

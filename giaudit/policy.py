@@ -65,6 +65,14 @@ the largest empirical μ = Φ⁻¹(p) - Φ⁻¹(κ) over those criteria, with p 
 measured success, or, with ``confidence`` set, its Clopper-Pearson lower
 bound at that confidence.
 
+Tuned attacks (``attacks.NAME.tune``): a tuned record also holds the same
+attack at its defaults on the same audited clients
+(`giaudit.aggregate.untuned_view`), and both are judged, the untuned as its
+own group (each result's `variant` says "tuned" or "untuned"): the
+defense's verdict is the worse of the two, and `Verdict.tuning_flips` lists
+every rule that passed untuned and fails tuned (the false PASS an untuned
+audit would have given), with the tuned options.
+
 Missing metrics fail closed: a rule whose metric a record lacks FAILS for that
 record (a gate must not pass what was not measured), unless the rule says
 ``missing = "skip"``; a rule whose metric no record has FAILS with a message
@@ -84,12 +92,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from giaudit.aggregate import image_count, pooled, rero
+from giaudit.aggregate import UNTUNED, image_count, pooled, rero, tuned_options, untuned_views
 from giaudit.attacks import ATTACKS
 from giaudit.bounds import CONFIDENCE, BoundsContext, bounds_context
 from giaudit.errors import ConfigError
 from giaudit.io import read_toml
 from giaudit.metrics.registry import is_metric, is_rate, names, parse, policy_key
+from giaudit.results import AuditRecord
 from giaudit.types import ACTIVE_CLASSES, SOK_CLASSES, a_server, class_span, server_kind
 
 OPS = ("max", "min")
@@ -140,6 +149,8 @@ class RuleResult:
     samples: int | None = None   # images (or records) the judgement rests on
     active: bool = False         # the (defense, attack) is a malicious server's (it changed the model)
     sok_class: str = ""          # the SoK letter of the (defense, attack) judged
+    variant: str = ""            # a tuned attack: "tuned", or "untuned" (the same attack at its defaults)
+    tuned_options: str = ""      # a tuned attack's options (both variants)
 
     @property
     def status(self) -> str:
@@ -152,7 +163,8 @@ class RuleResult:
     def line(self) -> str:
         where = "" if self.scope == "all" else f" [{self.scope}]"
         rule = f"{self.metric}.{self.op} = {self.threshold:g}{where}"
-        group = f"{self.defense} / {self.attack}" if self.defense is not None else "(all records)"
+        group = (f"{self.defense} / {self.attack}" + (f" ({self.variant})" if self.variant else "")
+                 if self.defense is not None else "(all records)")
         rec = f"{group} {self.record_id}" if self.record_id and self.defense is not None else (
             self.record_id or group)
         meas = f"{self.key} = {self.measured:.4g}" if self.measured is not None else self.message
@@ -230,6 +242,27 @@ class Verdict:
                      "to judge a malicious server)")
         return text
 
+    def tuning_flips(self) -> list[tuple[RuleResult, RuleResult]]:
+        """(untuned, tuned) results of every rule that passed with the attack at its defaults and fails with it
+        tuned on the server's own data, on the same (defense, attack)."""
+        untuned = {(r.defense, r.attack, r.metric, r.op, r.scope): r for r in self.rules
+                   if r.variant == UNTUNED and r.status == "PASS"}
+        return [(untuned[k], r) for r in self.rules
+                if r.variant == "tuned" and r.status == "FAIL"
+                and (k := (r.defense, r.attack, r.metric, r.op, r.scope)) in untuned]
+
+    def flip_lines(self) -> list[str]:
+        """`tuning_flips` in words: "passed untuned, fails tuned: psnr_db.max = 15 on none / ig (untuned
+        12.1, tuned 18.3; tuned options: lr = 0.05, ...)"."""
+        out = []
+        for u, t in self.tuning_flips():
+            meas = ", ".join(f"{name} {r.measured:.4g}" if r.measured is not None else f"{name} {r.message}"
+                             for name, r in ((UNTUNED, u), ("tuned", t)))
+            key = f"{t.key} " if t.key else ""
+            out.append(f"passed untuned, fails tuned: {t.metric}.{t.op} = {t.threshold:g} on {t.defense} / {t.attack}"
+                       f" ({key}{meas}; tuned options: {t.tuned_options or 'none recorded'})")
+        return out
+
     @property
     def failures(self) -> list[RuleResult]:
         return [r for r in self.rules if not r.passed]
@@ -238,7 +271,7 @@ class Verdict:
         return {"passed": self.passed, "policy": self.policy_source, "rules": [asdict(r) for r in self.rules],
                 "defenses": self.by_defense(), "threat_classes": self.threat_classes,
                 "uncovered": list(self.uncovered), "coverage": self.coverage(), "classes": self.by_class(),
-                "per_class": self.classes_text()}
+                "per_class": self.classes_text(), "tuning_flips": self.flip_lines()}
 
     def by_defense(self) -> dict[str, dict[str, Any]]:
         """The default verdict of each defense: the worst over every attack run, naming that attack.
@@ -283,6 +316,7 @@ class Verdict:
         per_class = self.classes_text()
         if per_class:
             lines.append(f"per threat class: {per_class}")
+        lines += self.flip_lines()
         lines.append(f"verdict: {'PASS' if self.passed else 'FAIL'} "
                      f"({n_fail} of {len(self.rules)} rule checks failed; policy {self.policy_source}; "
                      f"{self.coverage()})")
@@ -493,9 +527,14 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
     records = [r for r in in_scope if not getattr(r, "blocked", None)]
     available = sorted({k for r in records for k in r.metrics})
     seen: set[Rule] = set()
-    groups: dict[tuple[str, str], list[Any]] = {}
+    groups: dict[tuple[str, str, str], list[Any]] = {}
     for record in records:
-        groups.setdefault((str(record.defense), str(record.attack)), []).append(record)
+        groups.setdefault((str(record.defense), str(record.attack), "tuned" if getattr(record, "tuning", None)
+                           else ""), []).append(record)
+    # A tuned attack is judged at its defaults too, on the same audited clients (its records' companion).
+    for view in untuned_views(r for r in records if isinstance(r, AuditRecord)):
+        if _letter(view) in covered:
+            groups.setdefault((str(view.defense), str(view.attack), UNTUNED), []).append(view)
     stopped: dict[tuple[str, str], list[Any]] = {}
     for record in blocked:
         pair = (str(record.defense), str(record.attack))
@@ -506,8 +545,12 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
                                   f"{BLOCKED}: {group[0].blocked} (nothing was sent in {len(group)} record"
                                   f"{'s' if len(group) != 1 else ''})", defense, attack, samples=len(group),
                                   active=True, sok_class=_letter(group[0])))
+    tuned: dict[tuple[str, str], list[Any]] = {}
+    for (defense, attack, variant), group in groups.items():
+        if variant == "tuned":
+            tuned[(defense, attack)] = group
     context: BoundsContext | None = None
-    for (defense, attack), group in groups.items():
+    for (defense, attack, variant), group in groups.items():
         chosen: dict[tuple[str, str], Rule] = {}
         for rule in policy.rules:
             if not _applies(rule, group[0]):
@@ -519,7 +562,8 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
             seen.add(rule)
             base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
                                         defense=defense, attack=attack, active=_active(group[0]),
-                                        sok_class=_letter(group[0]))
+                                        sok_class=_letter(group[0]), variant=variant,
+                                        tuned_options=tuned_options(tuned[(defense, attack)]) if variant else "")
             if is_derived(rule.metric):
                 if context is None:  # rebuilt once, only when a rule needs it (it may load the client pool)
                     context = bounds_context(meta) if meta is not None else BoundsContext()

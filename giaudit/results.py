@@ -33,6 +33,9 @@ from giaudit.types import NO_DEFENSE
 if TYPE_CHECKING:
     import pandas as pd
 
+# A tuned record's `tuning` key holding the same attack at its defaults on the same audited clients.
+UNTUNED = "untuned"
+
 # 2: `disclosed` holds one table per defense, keyed "<position>:<name>".
 SCHEMA_VERSION = 2
 
@@ -145,6 +148,9 @@ def flatten(record: AuditRecord) -> dict[str, Any]:
     row.update({k: record.runtime[k] for k in ("device", "dtype") if k in record.runtime})
     row.update({k: v for k, v in record.metrics.items()})
     row.update({f"time_{k}": v for k, v in record.timings.items()})
+    untuned = record.tuning.get(UNTUNED) if record.tuning else None
+    if isinstance(untuned, Mapping):  # a tuned attack: the same attack at its defaults on the same clients
+        row.update({f"{UNTUNED}_{k}": v for k, v in (untuned.get("metrics") or {}).items()})
     for where, params in record.disclosed.items():
         for k, v in params.items():
             if isinstance(v, (int, float, str, bool)):

@@ -16,6 +16,13 @@ model, estimated on the server's own held-out images (`server_data`), and
 every client of the cell computes on the model it received. When a defense
 makes the client refuse that model (model_validation), the cell's record is
 "blocked": no update left the client, so nothing was attacked.
+
+A tuned attack (``attacks.NAME.tune``) is tuned on clients the server
+simulates from its own data (`giaudit.orchestration.tuning`) and attacks the
+audited clients with the options it chose; the same attack at its defaults
+attacks them too, with the same starts, scored as the record is, under the
+record's ``tuning["untuned"]``: what an untuned audit would have reported is a
+measurement on the same images, not a guess.
 """
 from __future__ import annotations
 
@@ -36,11 +43,13 @@ from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
 from giaudit.errors import ConfigError, ModelRefused
+from giaudit.metrics.assemble import Scorers, assess
 from giaudit.orchestration import evaluators
 from giaudit.orchestration.checkpoints import at_checkpoint, seed_checkpoints
 from giaudit.orchestration.plan import Cell, user_level_run
 from giaudit.orchestration.record import CellOutcome, CellResult, blocked_record, cell_record
 from giaudit.orchestration.tuning import tune_attack, tuning_key
+from giaudit.results import UNTUNED
 from giaudit.scenario.build import (
     AnyScenario,
     cell_scenario,
@@ -53,7 +62,7 @@ from giaudit.scenario.capture import CaptureScenario, deployment, read_meta
 from giaudit.scenario.client import Scenario
 from giaudit.scenario.state import sha256
 from giaudit.training import TrainingSettings, stable_seed
-from giaudit.types import Capability, GroundTruth, Observation
+from giaudit.types import Capability, GroundTruth, Observation, Reconstruction
 
 
 def build_defense(spec: AuditSpec) -> tuple[str, Chain]:
@@ -104,7 +113,6 @@ class _Prepared:
     attack: Attack
     budget: Any
     clients: list[tuple[Observation, GroundTruth | None]]
-    rngs: list[torch.Generator]
     galleries: list[Any]
     face_analyzer: Any
     analyzer_note: str | None
@@ -112,6 +120,7 @@ class _Prepared:
     setup_s: float
     train_info: dict[str, Any]
     tuned: Any = None
+    untuned: Attack | None = None   # a tuned attack's options at their defaults, measured beside it
 
 
 def _prepare(cell: Cell) -> _Prepared | CellResult:
@@ -142,12 +151,14 @@ def _prepare(cell: Cell) -> _Prepared | CellResult:
     galleries = [evaluators.gallery(spec, face_analyzer, scenario, t, seed) for _, t in clients]
     setup_s = time.perf_counter() - start
     tuned = None
+    untuned: Attack | None = None
     settings = config.tune
     if settings is not None and not isinstance(scenario, CaptureScenario):  # the config refuses tune with capture
         # The server tunes on clients of its own (held-out data), never on the audited ones.
         tuned = tune_attack(config, settings, surrogate_scenario(spec.data, scenario, seed), defense, seed,
                             tuning_key(cell.config_hash, attack_name, cell.round), cell.tuning_dir)
         attack = build_attack(attack_name, **{**config.options, **tuned.params})
+        untuned = config.build()
     elif not active:
         attack = config.build()
     wants = attack.others_wanted()
@@ -155,26 +166,69 @@ def _prepare(cell: Cell) -> _Prepared | CellResult:
         # E.g. GIML learns its prior from other clients' updates: simulate them, keep only the observations.
         others = [scenario.simulate(defense, generator=torch.Generator().manual_seed(
             stable_seed("meta", seed, i)))[0] for i in range(wants)]
-        attack.prepare(others)
-    # The same attack start for a client under every defense: paired comparisons across defenses.
-    rngs = [torch.Generator().manual_seed(stable_seed("attack", attack_name, seed, *((c,) if c else ())))
-            for c in range(len(clients))]
-    return _Prepared(cell, scenario, attack, config.budget, clients, rngs, galleries, face_analyzer, analyzer_note,
-                     runtime, setup_s, train_info, tuned)
+        for a in (attack, untuned):
+            if a is not None:
+                a.prepare(others)
+    return _Prepared(cell, scenario, attack, config.budget, clients, galleries, face_analyzer, analyzer_note,
+                     runtime, setup_s, train_info, tuned, untuned)
 
 
-def _finish(p: _Prepared, recs: list[Any], attack_s: float) -> CellResult:
+def _rng(cell: Cell, client: int) -> torch.Generator:
+    """The attack start of `client`: the same under every defense (paired comparisons across defenses)."""
+    return torch.Generator().manual_seed(stable_seed("attack", cell.attack, cell.seed, *((client,) if client else ())))
+
+
+def _finish(p: _Prepared, recs: list[Reconstruction], attack_s: float) -> CellResult:
     spec, tuned, scenario = p.cell.spec, p.tuned, p.scenario
+    scorers = evaluators.scorers(spec, p.face_analyzer, user_level_run(spec))
+    tuning: dict[str, Any] = {}
+    if tuned is not None and p.untuned is not None:
+        # The same attack at its defaults on the same audited clients and attack starts: the verdict an untuned
+        # audit would have given, measured, so a rule that passes untuned and fails tuned is shown as such.
+        tuning = {**tuned.record(), UNTUNED: _untuned(p, recs, scorers)}
     return cell_record(CellOutcome(
         cell=p.cell, scenario=scenario_name(spec.data, spec.scenario), attack=p.attack,
         observations=[o for o, _ in p.clients], truths=[t for _, t in p.clients], reconstructions=recs,
-        scorers=evaluators.scorers(spec, p.face_analyzer, user_level_run(spec)), galleries=p.galleries,
+        scorers=scorers, galleries=p.galleries,
         timings={"setup_s": p.setup_s, "attack_s": attack_s, **({"tune_s": tuned.time_s} if tuned else {})},
-        training=p.train_info, tuning=tuned.record() if tuned else {},
+        training=p.train_info, tuning=tuning,
         notes=((p.analyzer_note,) if p.analyzer_note else ()) + ((tuned.note(),) if tuned else ())
         + (scenario.notes if isinstance(scenario, CaptureScenario) else ()),
         model=model_provenance(spec.scenario, sha256(spec.scenario.weights) if spec.scenario.weights else None),
         runtime=p.runtime.record()))
+
+
+def _attack_clients(p: _Prepared, attack: Attack, *, quiet: bool = False) -> list[Reconstruction]:
+    """`attack`'s reconstruction of every client's update, client 0 first."""
+    cell, budget = p.cell, p.budget
+    recs = []
+    for c, (obs, _truth) in enumerate(p.clients):
+        bar = _progress_bar(f"{cell.attack} seed {cell.seed}" + (f" client {c}" if len(p.clients) > 1 else "")
+                            + ("" if cell.round is None else f" round {cell.round}") + (" (defaults)" if quiet else ""),
+                            budget.iterations * budget.restarts, cell.show_progress and not in_worker())
+        try:
+            recs.append(attack.reconstruct(obs, budget=budget, rng=_rng(cell, c), progress=bar.update))
+        finally:
+            bar.close()
+    return recs
+
+
+def _untuned(p: _Prepared, tuned_recs: list[Reconstruction], scorers: Scorers) -> dict[str, Any]:
+    """The attack at its defaults on the audited clients, scored as the record is: its options, label source,
+    metrics, per-image rows and time. When the tuning kept the defaults, the tuned reconstructions are the
+    untuned ones (same options, same starts) and are not computed twice."""
+    untuned, clients = p.untuned, p.clients
+    assert untuned is not None
+    same = dict(untuned.params()) == dict(p.attack.params())
+    t0 = time.perf_counter()
+    recs = tuned_recs if same else _attack_clients(p, untuned, quiet=True)
+    attack_s = time.perf_counter() - t0
+    truths = [t for _, t in clients if t is not None]
+    scored = assess(truths, recs, scorers, p.galleries)
+    return {"attack_params": dict(untuned.params()), "label_source": recs[0].label_source,
+            "threat": untuned.threat_record(clients[0][0], recs[0].label_source),
+            "metrics": dict(scored.metrics), "per_image": [dict(q) for q in scored.per_image],
+            "attack_s": attack_s, "same_as_tuned": same}
 
 
 def run_cell(cell: Cell) -> CellResult:
@@ -182,16 +236,8 @@ def run_cell(cell: Cell) -> CellResult:
     p = _prepare(cell)
     if isinstance(p, CellResult):
         return p
-    recs = []
     t0 = time.perf_counter()
-    for c, ((obs, _truth), rng) in enumerate(zip(p.clients, p.rngs)):
-        bar = _progress_bar(f"{cell.attack} seed {cell.seed}" + (f" client {c}" if len(p.clients) > 1 else "")
-                            + ("" if cell.round is None else f" round {cell.round}"),
-                            p.budget.iterations * p.budget.restarts, cell.show_progress and not in_worker())
-        try:
-            recs.append(p.attack.reconstruct(obs, budget=p.budget, rng=rng, progress=bar.update))
-        finally:
-            bar.close()
+    recs = _attack_clients(p, p.attack)
     return _finish(p, recs, time.perf_counter() - t0)
 
 
@@ -202,11 +248,12 @@ def run_cell_group(cells: Sequence[Cell]) -> list[CellResult]:
     Each cell's attack time is its share of the solve."""
     prepared = [_prepare(c) for c in cells]
     ready = [p for p in prepared if isinstance(p, _Prepared)]
-    recs: dict[int, list[Any]] = {}
+    recs: dict[int, list[Reconstruction]] = {}
+    share = 0.0
     if ready:
         lead = ready[0]
         t0 = time.perf_counter()
-        jobs = [(id(p), obs, rng) for p in ready for (obs, _), rng in zip(p.clients, p.rngs)]
+        jobs = [(id(p), obs, _rng(p.cell, c)) for p in ready for c, (obs, _) in enumerate(p.clients)]
         out = reconstruct_many(lead.attack, [o for _, o, _ in jobs], budget=lead.budget,
                                rngs=[r for _, _, r in jobs])
         share = (time.perf_counter() - t0) / len(ready)

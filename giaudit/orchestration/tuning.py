@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from giaudit.aggregate import options_text
 from giaudit.attacks import ATTACKS, Attack, build_attack
 from giaudit.attacks.base import Dim
 from giaudit.config import AttackConfig, TuneSettings
@@ -60,7 +61,7 @@ class Tuned:
 
     def note(self) -> str:
         unit = METRICS[self.metric].unit
-        opts = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in self.params.items())
+        opts = options_text(self.params)
         return (f"attack options tuned on {self.clients} clients the server simulated from its own held-out data "
                 f"(surrogate data, class D; the audited clients were never used), {self.trials} trials: {opts}; "
                 f"mean {METRICS[self.metric].label} on those clients {self.best:.3g}{' ' + unit if unit else ''} "

@@ -21,7 +21,7 @@ from typing import Any
 from markupsafe import Markup
 
 from giaudit.io import atomic_write_bytes, atomic_write_text
-from giaudit.metrics.registry import summarised
+from giaudit.metrics.registry import headline, summarised
 from giaudit.report.figures import figure_to_png, new_figure, png_data_uri
 from giaudit.report.summary import class_lines
 from giaudit.report.templating import environment
@@ -176,19 +176,40 @@ def leakage_over_training_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None
     return figure_to_png(fig)
 
 
+def _untuned_columns() -> list[tuple[str, str, tuple[str, str] | None, int]]:
+    """A tuned attack's headline metric at the attack's defaults on the same images (the untuned audit)."""
+    h = headline()
+    d = h.decimals + 1
+    return [(f"untuned {h.heading} [95% CI]", f"untuned_{h.name}_mean",
+             (f"untuned_{h.name}_ci_low", f"untuned_{h.name}_ci_high"), d),
+            (f"untuned {h.label} {h.worst_word}", f"untuned_{h.name}_worst", None, d)]
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, tuple[str, str] | None, int]]:
+    """COLUMNS, and the untuned figures after the headline metric's when some attack was tuned."""
+    if not any(r.get("tuned") for r in rows):
+        return list(COLUMNS)
+    keys = [c[1] for c in COLUMNS]
+    at = keys.index("paired_p") + 1 if "paired_p" in keys else len(keys)
+    return [*COLUMNS[:at], *_untuned_columns(), *COLUMNS[at:]]
+
+
 def _head(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     rounds = any(r.get("round") is not None for r in rows)
-    return ["defense", "attack"] + (["round", "model acc."] if rounds else []) + [c[0] for c in COLUMNS]
+    return ["defense", "attack"] + (["round", "model acc."] if rounds else []) + [c[0] for c in _columns(rows)]
 
 
 def _cells(r: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     rounds = any(x.get("round") is not None for x in rows)
     extra = [str(r.get("round")), cell(r, "model_accuracy", None, 3)] if rounds else []
-    return [str(r["defense"]), _attack_cell(r)] + extra + [cell(r, k, ci, d) for _, k, ci, d in COLUMNS]
+    return [str(r["defense"]), _attack_cell(r)] + extra + [cell(r, k, ci, d) for _, k, ci, d in _columns(rows)]
 
 
 def _attack_cell(r: Mapping[str, Any]) -> str:
-    """The attack, and for a malicious server's row that it is one (and whether its clients refused it)."""
+    """The attack, and for a malicious server's row that it is one (and whether its clients refused it); a tuned
+    attack with the options it was tuned to under this defense."""
+    if r.get("tuned"):
+        return f"{r['attack']} (tuned: {r.get('tuned_options')})"
     if not r.get("active"):
         return str(r["attack"])
     blocked = f"; blocked in {r['blocked']} of {r['records']} records" if r.get("blocked") else ""
@@ -230,6 +251,17 @@ READING = ("Leakage is measured per image (every private batch of every seed and
            "(positive = the defense costs accuracy).")
 
 
+def _verdict_lines(verdict: Mapping[str, Any]) -> list[str]:
+    """The comparison's verdict in lines: each preset's (its worst attack), every rule that passed untuned and
+    fails tuned, every failed rule, what the policy covers."""
+    out = [f"{d}: {'PASS' if v.get('passed') else 'FAIL'} (worst attack: {v.get('worst_attack')})"
+           for d, v in (verdict.get("defenses") or {}).items()]
+    out += [str(f) for f in verdict.get("tuning_flips") or []]
+    out += [str(f) for f in verdict.get("failed") or []]
+    out.append(f"policy {verdict.get('policy')}; {verdict.get('coverage')}")
+    return out
+
+
 def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], out_dir: Path) -> Path:
     """Write compare.csv/.parquet, compare.md, compare.html and the plot PNG; return the HTML path."""
     import pandas as pd
@@ -258,9 +290,14 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
     presets = meta.get("presets", {})
     notes = [str(n) for n in meta.get("notes", [])]
     classes = class_lines(rows)
+    verdict: Mapping[str, Any] = meta.get("verdict") or {}
+    judged = _verdict_lines(verdict) if verdict else []
     md = ["# Defense comparison", "", *[f"- {f}" for f in facts], "", _table_md(rows), "", READING, ""]
     if classes:
         md += ["Threat classes attacked:", "", *[f"- {line}" for line in classes], ""]
+    if judged:
+        md += [f"## Policy verdict: **{'PASS' if verdict['passed'] else 'FAIL'}**", "",
+               *[f"- {line}" for line in judged], ""]
     if notes:
         md += ["Notes from the runs:", "", *[f"- {n}" for n in notes], ""]
     if png is not None:
@@ -275,6 +312,9 @@ def render_compare(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], o
     if classes:
         parts.append("<p>Threat classes attacked:</p><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in classes)
                      + "</ul>")
+    if judged:
+        parts.append(f"<h2>Policy verdict: {'PASS' if verdict['passed'] else 'FAIL'}</h2><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in judged) + "</ul>")
     if notes:
         parts.append("<p>Notes from the runs:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     if png is not None:

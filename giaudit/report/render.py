@@ -109,6 +109,7 @@ class ReportData:
     scenario: str = ""
     verdict_coverage: str | None = None  # which SoK classes the policy judged (the verdict's coverage())
     verdict_classes: str | None = None   # the verdict per kind of server and SoK letter (classes_text())
+    verdict_tuning: list[str] = field(default_factory=list)  # rules that passed untuned and fail tuned
 
 
 # --------------------------------------------------------------------------- collecting the content
@@ -338,7 +339,9 @@ def _verdict(verdict: Any) -> tuple[bool | None, Table | None]:
         return None, None
     rows = []
     for rule in getattr(verdict, "rules", ()) or ():
-        rows.append([str(getattr(rule, "metric", "")), str(getattr(rule, "scope", "")),
+        variant = str(getattr(rule, "variant", "") or "")
+        rows.append([str(getattr(rule, "metric", "")), str(getattr(rule, "scope", "")) + (f" · {variant}" if variant
+                                                                                          else ""),
                      str(getattr(rule, "op", "")), fmt_num(getattr(rule, "threshold", None)),
                      fmt_num(getattr(rule, "measured", None)),
                      # a blocked record is not a pass on measured leakage: the client sent nothing
@@ -396,7 +399,8 @@ def collect(store: ResultsStore, verdict: Any = None,
     grids = _grids(store, records)
     summary = summarise(records, utility, bounds_context(meta))
     failed = [f"{getattr(r, 'metric', '')} {getattr(r, 'op', '')} {fmt_num(getattr(r, 'threshold', None))} "
-              f"({getattr(r, 'scope', '')}): measured {fmt_num(getattr(r, 'measured', None))}"
+              f"({getattr(r, 'scope', '')}{', ' + r.variant if getattr(r, 'variant', '') else ''}): "
+              f"measured {fmt_num(getattr(r, 'measured', None))}"
               for r in (getattr(verdict, "rules", ()) or ()) if not getattr(r, "passed", False)]
     return ReportData(
         title=f"giaudit report: {run_name}",
@@ -433,6 +437,7 @@ def collect(store: ResultsStore, verdict: Any = None,
         scenario=", ".join(dict.fromkeys(r.scenario for r in records)),
         verdict_coverage=verdict.coverage() if hasattr(verdict, "coverage") else None,
         verdict_classes=(verdict.classes_text() or None) if hasattr(verdict, "classes_text") else None,
+        verdict_tuning=verdict.flip_lines() if hasattr(verdict, "flip_lines") else [],
     )
 
 

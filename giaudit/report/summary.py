@@ -27,7 +27,7 @@ from giaudit.aggregate import Utility, attribute_names
 from giaudit.aggregate import summarise as aggregate
 from giaudit.attacks import ATTACKS
 from giaudit.bounds import ADJACENCIES, CONFIDENCE, BoundsContext
-from giaudit.metrics.registry import Metric, summarised
+from giaudit.metrics.registry import Metric, headline, summarised
 from giaudit.report.format import MISSING, Table, fmt_num, pct
 from giaudit.results import AuditRecord, undefended
 from giaudit.stats import finite
@@ -266,6 +266,9 @@ def summarise(records: Sequence[AuditRecord], utility: Utility | None = None,
         eps, delta = values["epsilon"], values["delta"]
         if finite(eps):
             setting.append(f"ε = {float(eps):.3g}" + (f", δ = {float(delta):.0e}" if finite(delta) else ""))
+        if values.get("tuned"):
+            setting.append(f"tuned on {values.get('tuning_clients')} clients of the server's own: "
+                           f"{values.get('tuned_options')}")
         cells["setting"] = Cell(defense, setting)
         for m in summarised():
             cells[m.name] = _image_cell(values, m)
@@ -326,6 +329,22 @@ def _changed(modification: Mapping[str, Any]) -> str:
     return f"it sent a model with an added {block} block{placed}" + (f" ({what})" if what else "")
 
 
+def untuned_sentence(v: Mapping[str, Any]) -> str:
+    """A tuned row's attack beside itself at its defaults on the same images, in words."""
+    h = headline()
+    tuned, untuned = v.get(f"{h.name}_worst"), v.get(f"untuned_{h.name}_worst")
+    mean, umean = v.get(f"{h.name}_mean"), v.get(f"untuned_{h.name}_mean")
+    unit = f" {h.unit}" if h.unit else ""
+
+    def num(x: Any) -> str:
+        return f"{float(x):.{h.decimals}f}" if finite(x) else MISSING
+
+    return (f"Its options were tuned on {v.get('tuning_clients')} clients the server simulated from its own data "
+            f"({v.get('tuning_trials')} trials: {v.get('tuned_options')}); with its defaults on the same images "
+            f"the most leaked image was {num(untuned)}{unit} {h.label} (mean {num(umean)}), tuned "
+            f"{num(tuned)}{unit} (mean {num(mean)}).")
+
+
 def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
     """One plain-language sentence for a summary row."""
     attack = display_name(str(v["attack"]))
@@ -379,10 +398,13 @@ def finding(v: Mapping[str, Any], attrs: Sequence[str]) -> str:
     if v.get("blocked"):
         parts.append(f"{v['blocked']} of {v['records']} records blocked (the clients refused the model)")
     text = f"{where}, " + "; ".join(parts) + "."
+    if v.get("tuned"):
+        text += " " + untuned_sentence(v)
     top = _top(v)
     if top is not None and v.get("rero_release") is not None:  # a DP guarantee: the bracket, in words
         text += " " + bound_sentence(v, top) + "."
     return text
 
 
-__all__ = ["Cell", "Summary", "SummaryRow", "bound_sentence", "display_name", "finding", "mu_sentence", "summarise"]
+__all__ = ["Cell", "Summary", "SummaryRow", "bound_sentence", "display_name", "finding", "mu_sentence", "summarise",
+           "untuned_sentence"]
