@@ -8,6 +8,11 @@ engine's workers use); scaling efficiency = (engine throughput / serial throughp
 starting the local instance (about 10 s here), which a long sweep amortises. Each engine writes its own run
 folders; the records are checked to agree.
 
+`--growth 16,64,256` measures how cost grows with the work instead: for each number of cells (seeds chosen to
+make it), the wall time of the local engine and of Ray (one Ray instance started once and reused: its start is
+printed on its own line), the cost per cell, a least-squares fit wall = a + b cells, and the largest resident
+memory of one local worker process.
+
 `--compare-unbatched` adds the local engine with ``[run] batch_cells = "auto"`` (the IG cells of a defense
 stacked into one solve per worker, `giaudit.attacks.batched`; DLG is not stacked) beside the same engine
 unbatched, in the same run, with the mean and largest |ΔPSNR| between their records.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +36,8 @@ from giaudit.orchestration import run_audit
 def sweep(seeds: int, iterations: int, batch_cells: str | int | None = None, dlg: bool = True) -> list:
     base = {"name": "bench", "seeds": list(range(seeds)), "data": {"source": "digits", "size": 16},
             "scenario": {"model": "lenet_relu", "protocol": "fedsgd", "batch_size": 1},
-            "threat": {"batch_size": True}, "attacks": {"ig": {"iterations": iterations}, **({"dlg": {"iterations": 5}} if dlg else {})},
+            "threat": {"batch_size": True},
+            "attacks": {"ig": {"iterations": iterations}, **({"dlg": {"iterations": 5}} if dlg else {})},
             "output": {"lpips": False}, **({"run": {"batch_cells": batch_cells}} if batch_cells else {})}
     return [parse_config(base), parse_config({**base, "defenses": [{"name": "noise", "sigma": 0.01}]})]
 
@@ -44,6 +51,50 @@ def run(engine, specs, root: Path) -> tuple[float, int, list]:
     return time.perf_counter() - t0, len(records), records
 
 
+def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool) -> None:
+    per_seed = 2 * (2 if dlg else 1)  # cells per seed: 2 defenses x the attacks
+    rows: list[tuple[str, int, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ray_engine = None
+        if ray:
+            t0 = time.perf_counter()
+            ray_engine = RayEngine(num_cpus=workers).__enter__()
+            print(f"ray start: {time.perf_counter() - t0:.1f} s (paid once per session)")
+        try:
+            for n in sizes:
+                seeds = max(1, n // per_seed)
+                specs = sweep(seeds, iterations, dlg=dlg)
+                wall, cells, _ = run(LocalEngine(workers), specs, root / f"local-{n}")
+                rows.append(("local", cells, wall))
+                rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                print(f"local {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell); largest worker {rss:.0f} MiB",
+                      flush=True)
+                if ray_engine is not None:
+                    wall, cells, _ = run(ray_engine, specs, root / f"ray-{n}")
+                    rows.append(("ray", cells, wall))
+                    print(f"ray   {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell)", flush=True)
+        finally:
+            if ray_engine is not None:
+                import ray as ray_module
+
+                ray_module.shutdown()
+    print("\n| engine | cells | wall s | s / cell |\n|---|---:|---:|---:|")
+    for name, cells, wall in rows:
+        print(f"| {name} | {cells} | {wall:.1f} | {wall / cells:.3f} |")
+    for name in sorted({r[0] for r in rows}):
+        pts = [(c, w) for e, c, w in rows if e == name]
+        if len(pts) >= 2:
+            mc = sum(c for c, _ in pts) / len(pts)
+            mw = sum(w for _, w in pts) / len(pts)
+            b = sum((c - mc) * (w - mw) for c, w in pts) / sum((c - mc) ** 2 for c, _ in pts)
+            a = mw - b * mc
+            last, before = pts[-1], pts[-2]
+            change = (last[1] / last[0]) / (before[1] / before[0]) - 1
+            print(f"{name}: wall = {a:.1f} s + {b:.3f} s x cells; cost per cell at {last[0]} vs {before[0]} "
+                  f"cells: {change:+.0%}; 10 000 cells would take about {(a + b * 10_000) / 60:.0f} min")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2)
@@ -52,8 +103,13 @@ def main() -> None:
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--compare-unbatched", action="store_true", help="add the local engine with stacked cells")
     p.add_argument("--no-dlg", action="store_true", help="IG cells only (DLG is not stacked)")
+    p.add_argument("--growth", default="", help="comma-separated cell counts, e.g. 16,64,256")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.growth:
+        growth([int(v) for v in args.growth.split(",")], args.workers, args.iterations, not args.no_dlg,
+               not args.no_ray)
+        return
     specs = sweep(args.seeds, args.iterations, dlg=not args.no_dlg)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,8 +122,8 @@ def main() -> None:
         wall, n, local = run(LocalEngine(args.workers), specs, root / "local")
         rows.append((f"local, {args.workers} processes", wall, n))
         if args.compare_unbatched:
-            wall, n, stacked = run(LocalEngine(args.workers), sweep(args.seeds, args.iterations, "auto", dlg=not args.no_dlg),
-                                   root / "stacked")
+            stacked_specs = sweep(args.seeds, args.iterations, "auto", dlg=not args.no_dlg)
+            wall, n, stacked = run(LocalEngine(args.workers), stacked_specs, root / "stacked")
             rows.append((f"local, {args.workers} processes, batch_cells auto", wall, n))
             gaps = [abs(a.metrics["psnr_db_mean"] - b.metrics["psnr_db_mean"]) for a, b in zip(local, stacked)
                     if a.attack == "ig"]
@@ -86,7 +142,7 @@ def main() -> None:
     attacks = "IG" if args.no_dlg else "2 attacks"
     print(f"\nsweep: 2 defenses x {attacks} x {args.seeds} seeds = {rows[0][2]} cells, IG {args.iterations} "
           f"iterations, DLG 5, 16 px digits, ReLU LeNet; {os.cpu_count()} CPUs\n")
-    print(f"| engine | wall s | cells/min | speed-up | scaling efficiency |")
+    print("| engine | wall s | cells/min | speed-up | scaling efficiency |")
     print("|---|---:|---:|---:|---:|")
     for name, wall, n in rows:
         rate = n / wall * 60
