@@ -24,7 +24,8 @@ reconstruction quality (mean |ΔPSNR| well under 0.5 dB; tests and the benchmark
 
 What is batched (`why_not_batched` says why anything else is not): IG with the "steps" or "constant"
 schedule, FedSGD gradients (no FedAvg unrolling), no BatchNorm prior, no adaptive replay, no successive
-halving, and models with no BatchNorm layer in training mode (their running statistics would move in place).
+halving, and models with no BatchNorm layer (its running statistics would move in place) or dropout in
+training mode.
 Everything else runs through `Attack.reconstruct`, unbatched, with the same result as before.
 """
 from __future__ import annotations
@@ -65,6 +66,9 @@ def why_not_batched(attack: object, obs: Observation, budget: Budget) -> str | N
         return "a FedAvg update (local steps are unrolled one problem at a time)"
     if obs.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obs.model.modules()):
         return "BatchNorm in training mode (its running statistics move in place)"
+    if obs.model.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                                  for m in obs.model.modules()):
+        return "dropout in training mode (random masks drawn per problem)"
     return None
 
 

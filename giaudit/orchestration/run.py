@@ -28,7 +28,7 @@ import numpy
 import torch
 
 from giaudit.config import AuditSpec
-from giaudit.engine import Engine, Interrupted, LocalEngine, RayEngine
+from giaudit.engine import Engine, Interrupted, LocalEngine, RayEngine, cores
 from giaudit.errors import DataError
 from giaudit.io import atomic_write_bytes, check_output_dir
 from giaudit.orchestration.cell import build_defense, group_key, run_cell, run_cell_group
@@ -78,7 +78,9 @@ def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: 
                                       show_progress=show_progress))
             points = {seed: trained[i] for i, seed in enumerate(to_train)}
             todo = [replace(c, checkpoint=points[c.seed][c.round]) if c.round is not None else c for c in todo]
-        groups = cell_groups(spec, todo, getattr(engine, "workers", None) or 1)
+        # Workers the groups should keep busy: the local processes, a local Ray instance's CPUs, else this machine's.
+        groups = cell_groups(spec, todo, getattr(engine, "workers", None) or getattr(engine, "num_cpus", None)
+                             or cores())
         if all(len(g) == 1 for g in groups):
             for _i, result in engine.map(run_cell, todo, desc=f"{spec.name} cells", show_progress=show_progress):
                 yield result
