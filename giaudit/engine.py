@@ -380,7 +380,9 @@ class RayEngine:
             _probe(self.address)
             kwargs["address"] = self.address
         else:
-            kwargs.update(num_cpus=self.num_cpus or cores(), _node_ip_address="127.0.0.1")
+            # "local": a new instance, as documented, even where a cluster's address file (a `ray start` on this
+            # machine, live or long stopped) would otherwise make ray.init() join it or wait on it.
+            kwargs.update(address="local", num_cpus=self.num_cpus or cores(), _node_ip_address="127.0.0.1")
         try:
             ray.init(**kwargs)
         except ConnectionError as exc:

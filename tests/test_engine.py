@@ -202,11 +202,15 @@ def ray_local():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    address_file = Path(ray._private.utils.get_ray_address_file(None))
     try:
         yield ray
     finally:
         ray.shutdown()
         cluster.shutdown()
+        # The cluster wrote its address where a later plain ray.init() looks first (and would wait on a dead one).
+        if address_file.is_file() and address_file.read_text().strip() == cluster.address:
+            address_file.unlink()
 
 
 @pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (it takes both cores)

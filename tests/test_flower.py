@@ -89,7 +89,9 @@ def _simulations(root: Path) -> dict[str, Path]:
     capture folder of each."""
     pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'giaudit[flower]'")
     # No bytecode: the app imports task.py from examples/flower/, and the test writes nowhere but tmp_path.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    # RAY_ADDRESS=local: the simulation starts its own Ray, never one another test left an address for.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1",
+           "RAY_ADDRESS": "local"}
     commands = {"bn": [str(APP / "app.py"), "--out", str(root / "bn"), "--bn"],
                 "bn-dp": ["-c", _CLIENT_ROUND, str(APP), str(root / "bn-dp"), "dp"]}
     procs = [subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
