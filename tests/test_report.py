@@ -132,7 +132,8 @@ def test_report_content(store: ResultsStore) -> None:
 
 
 def test_report_verdict_and_out_dir(store: ResultsStore, tmp_path: Path) -> None:
-    rule = SimpleNamespace(metric="psnr_db", scope="worst", op="<=", threshold=20.0, measured=31.5, passed=False)
+    rule = SimpleNamespace(metric="psnr_db", scope="worst", op="<=", threshold=20.0, measured=31.5, passed=False,
+                           defense="noise", attack="ig")
     ok = SimpleNamespace(metric="label_accuracy", scope="mean", op="<=", threshold=1.0, measured=1.0, passed=True)
     out = tmp_path / "elsewhere"
     html_path, md_path = render(store, out, verdict=SimpleNamespace(passed=False, rules=[rule, ok]))
@@ -140,7 +141,9 @@ def test_report_verdict_and_out_dir(store: ResultsStore, tmp_path: Path) -> None
     doc = html_path.read_text()
     assert '<div class="banner fail">Policy verdict: FAIL' in doc and "1 of 2 rules failed: psnr_db" in doc
     assert doc.index("Policy verdict") < doc.index('id="summary"')
-    assert "<td>psnr_db</td><td>worst</td><td>&lt;=</td>" in doc and '<td class="num">31.5</td>' in doc
+    # Each rule row names the (defense, attack) it judged.
+    assert "<td>psnr_db</td><td>noise / ig</td><td>worst</td><td>&lt;=</td>" in doc
+    assert '<td class="num">31.5</td>' in doc and "measured 31.5 on noise / ig" in doc
     assert "## Policy verdict: **FAIL**" in md_path.read_text()
     _, _ = render(store, out, verdict=SimpleNamespace(passed=True, rules=[ok]))
     assert "Policy verdict: PASS" in html_path.read_text()
@@ -246,7 +249,8 @@ _PROBE = """<script>window.addEventListener('load', () => {
 def test_report_first_screen_in_chromium(tmp_path: Path) -> None:
     """Verdict and summary table inside the first 1280x900 viewport; no horizontal overflow."""
     store = _semantic_store(tmp_path)
-    rule = SimpleNamespace(metric="psnr_db", scope="worst", op="<=", threshold=20.0, measured=31.5, passed=False)
+    rule = SimpleNamespace(metric="psnr_db", scope="worst", op="<=", threshold=20.0, measured=31.5, passed=False,
+                           defense="noise", attack="ig")
     html_path, _ = render(store, verdict=SimpleNamespace(passed=False, rules=[rule] * 9))
     probe = tmp_path / "probe.html"
     probe.write_text(html_path.read_text().replace("</body>", _PROBE + "</body>"))

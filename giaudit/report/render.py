@@ -340,15 +340,21 @@ def _verdict(verdict: Any) -> tuple[bool | None, Table | None]:
     rows = []
     for rule in getattr(verdict, "rules", ()) or ():
         variant = str(getattr(rule, "variant", "") or "")
-        rows.append([str(getattr(rule, "metric", "")), str(getattr(rule, "scope", "")) + (f" · {variant}" if variant
-                                                                                          else ""),
+        rows.append([str(getattr(rule, "metric", "")), _judged(rule),
+                     str(getattr(rule, "scope", "")) + (f" · {variant}" if variant else ""),
                      str(getattr(rule, "op", "")), fmt_num(getattr(rule, "threshold", None)),
                      fmt_num(getattr(rule, "measured", None)),
                      # a blocked record is not a pass on measured leakage: the client sent nothing
                      "BLOCKED" if getattr(rule, "status", "") == "BLOCKED" else
                      "PASS" if getattr(rule, "passed", False) else "FAIL"])
-    return bool(verdict.passed), Table(["metric", "scope", "rule", "threshold", "measured", "result"], rows,
-                                       numeric={3, 4})
+    return bool(verdict.passed), Table(["metric", "judged", "scope", "rule", "threshold", "measured", "result"],
+                                       rows, numeric={4, 5})
+
+
+def _judged(rule: Any) -> str:
+    """The (defense, attack) a rule result judged, "defense / attack" (empty when it judged no pair)."""
+    d, a = getattr(rule, "defense", None), getattr(rule, "attack", None)
+    return f"{d} / {a}" if d and a else ""
 
 
 def _strongest(grids: Sequence[Grid], limit: int = 6) -> list[Grid]:
@@ -401,6 +407,7 @@ def collect(store: ResultsStore, verdict: Any = None,
     failed = [f"{getattr(r, 'metric', '')} {getattr(r, 'op', '')} {fmt_num(getattr(r, 'threshold', None))} "
               f"({getattr(r, 'scope', '')}{', ' + r.variant if getattr(r, 'variant', '') else ''}): "
               f"measured {fmt_num(getattr(r, 'measured', None))}"
+              + (f" on {_judged(r)}" if _judged(r) else "")
               for r in (getattr(verdict, "rules", ()) or ()) if not getattr(r, "passed", False)]
     return ReportData(
         title=f"giaudit report: {run_name}",
