@@ -75,7 +75,8 @@ def main() -> None:
                 rows[name].append(p)
                 extra = f" t_true {t_true}"
                 if "t_estimate" in r.trace.extra:
-                    extra += f" t_est {r.trace.extra['t_estimate'][0]} (|err| {abs(r.trace.extra['t_estimate'][0] - t_true)})"
+                    t_est = r.trace.extra["t_estimate"][0]
+                    extra += f" t_est {t_est} (|err| {abs(t_est - t_true)})"
                 halving = r.trace.extra.get("halving")
                 its = halving["total_iterations"] if halving else r.trace.iterations * b.restarts
                 print(f"seed {seed} {name:8s} PSNR {p:5.2f} dB  {wall:6.1f} s/image  final loss "
