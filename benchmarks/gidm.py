@@ -81,6 +81,9 @@ def main() -> None:
                 its = halving["total_iterations"] if halving else r.trace.iterations * b.restarts
                 print(f"seed {seed} {name:8s} PSNR {p:5.2f} dB  {wall:6.1f} s/image  final loss "
                       f"{min(r.trace.losses):.2e}  {its} iterations{extra}", flush=True)
+                if b.restarts > 1:
+                    print("   restarts' final losses: " + " ".join(f"{x:.1e}" for x in r.trace.restart_losses)
+                          + f" (kept {r.trace.best_restart})", flush=True)
                 if a.curve:
                     ls = r.trace.losses
                     print("   best loss by iteration: " + " ".join(
