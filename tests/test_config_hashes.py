@@ -33,7 +33,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
              "utility": ["fffd76645b6dd707", "2a8f4d61d5587096"]},
     "examples/defended.toml": {"raw": "658d463d93daaf3e", "cells": ["166b1ddc7fd3242b", "d793e6b8721e94d8"],
                                "utility": ["1e887495150ac6fa", "7aeef02de8c6ee63"]},
-    "examples/diffusion_gidm.toml": {"raw": "cb7a3df16aae3070", "cells": ["1af4cdd6002bc1e7", "fb7fa877b9530d96"],
+    "examples/diffusion_gidm.toml": {"raw": "0b6c6aa2e9fe4180", "cells": ["17d05d60c655746b", "9a8ebd9c62c04d4d"],
                                      "utility": ["def8bbd1883d4588"]},
     "examples/faces_folder.toml": {"raw": "1cc4f04ac5177fc3", "cells": ["764c59e291bd5104", "d987e1b625a47362"],
                                    "utility": ["515cc86af4fb3e30", "1db9a8f6280c71fa"]},
