@@ -74,7 +74,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -182,7 +182,7 @@ class Profile(ProfileCurve):
     sample_rate: float
     steps: int
 
-    @property
+    @cached_property
     def accountant(self) -> Literal["prv", "rdp"]:
         """Which of Opacus's accountants gives the profile: the PRV unless its domain would be too wide."""
         orders, rdp = _rdp(self.sigma, self.sample_rate, self.steps)

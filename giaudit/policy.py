@@ -551,6 +551,7 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
             tuned[(defense, attack)] = group
     context: BoundsContext | None = None
     for (defense, attack, variant), group in groups.items():
+        options = tuned_options(tuned[(defense, attack)]) if variant else ""
         chosen: dict[tuple[str, str], Rule] = {}
         for rule in policy.rules:
             if not _applies(rule, group[0]):
@@ -563,7 +564,7 @@ def check(records: Sequence[Any], policy: Policy, meta: Mapping[str, Any] | None
             base: dict[str, Any] = dict(metric=rule.metric, scope=rule.scope, op=rule.op, threshold=rule.threshold,
                                         defense=defense, attack=attack, active=_active(group[0]),
                                         sok_class=_letter(group[0]), variant=variant,
-                                        tuned_options=tuned_options(tuned[(defense, attack)]) if variant else "")
+                                        tuned_options=options)
             if is_derived(rule.metric):
                 if context is None:  # rebuilt once, only when a rule needs it (it may load the client pool)
                     context = bounds_context(meta) if meta is not None else BoundsContext()

@@ -52,9 +52,15 @@ from giaudit.types import Observation, Reconstruction, Trace
 _BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
+def stacks(attack_class: type) -> bool:
+    """The attack class whose runs can be stacked: Inverting Gradients itself (not its subclasses, which change
+    the update they match)."""
+    return attack_class is InvertingGradients
+
+
 def why_not_batched(attack: object, obs: Observation, budget: Budget) -> str | None:
     """None when `attack` on `obs` within `budget` can join a stacked solve; else why not, in words."""
-    if type(attack) is not InvertingGradients:
+    if not stacks(type(attack)) or not isinstance(attack, InvertingGradients):
         return f"{getattr(attack, 'name', type(attack).__name__)} is not batched (only ig is)"
     if attack.schedule not in ("steps", "constant"):
         return f"schedule {attack.schedule!r} (batched: steps, constant)"
@@ -125,11 +131,11 @@ def _solve(attack: InvertingGradients, observations: Sequence[Observation], budg
         for s in seeds:
             problems.append((k, labels, attack.initial_images(obs, n, generator_for(s)).detach()))
     index = [k for k, _, _ in problems]
+    own_params = [dict(obs.model.named_parameters()) for obs in observations]
+    own_buffers = [dict(obs.model.named_buffers()) for obs in observations]
     with torch.no_grad():
-        params = {n: torch.stack([dict(observations[k].model.named_parameters())[n].detach() for k in index])
-                  for n in names}
-        buffers = {n: torch.stack([dict(observations[k].model.named_buffers())[n] for k in index])
-                   for n in buffer_names}
+        params = {n: torch.stack([own_params[k][n].detach() for k in index]) for n in names}
+        buffers = {n: torch.stack([own_buffers[k][n] for k in index]) for n in buffer_names}
         target = tuple(torch.stack([observations[k].update.tensors[i].detach() for k in index])
                        for i in range(len(names)))
     labels = torch.stack([lab for _, lab, _ in problems])
@@ -213,4 +219,4 @@ def _solve(attack: InvertingGradients, observations: Sequence[Observation], budg
     return out
 
 
-__all__ = ["reconstruct_many", "why_not_batched"]
+__all__ = ["reconstruct_many", "stacks", "why_not_batched"]

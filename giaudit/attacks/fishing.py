@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from giaudit.attacks._common.served import padded
 from giaudit.attacks.base import ATTACKS, Budget, Descent, Dim, RestartResult, device_of
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.errors import ThreatModelError
@@ -155,21 +156,25 @@ class Fishing(InvertingGradients):
     def _caught(self, obs: Observation) -> int:
         return max(round(caught(obs, self._target(obs.data_spec.num_classes), self._steps_per_image(obs))), 0)
 
+    def _masks(self, model: nn.Module) -> list[Tensor | None]:
+        """`isolating_mask` of `model`, built once per model rather than at every iteration's trial update."""
+        cached = getattr(self, "_mask_cache", None)
+        if cached is None or cached[0] is not model:
+            cached = self._mask_cache = (model, isolating_mask(model, self.target_class))
+        return cached[1]
+
     def trial_update(self, obs: Observation, model: torch.nn.Module, x: Tensor, labels: Tensor,
                      *, create_graph: bool = True) -> tuple[Tensor, ...]:
         trial = super().trial_update(obs, model, x, labels, create_graph=create_graph)
-        return isolated(trial, isolating_mask(model, self.target_class))
+        return isolated(trial, self._masks(model))
 
     def descend(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator) -> Descent:
-        masks = isolating_mask(obs.model, self.target_class)
-        update = SharedUpdate(isolated(obs.update.tensors, masks), obs.update.kind)
+        update = SharedUpdate(isolated(obs.update.tensors, self._masks(obs.model)), obs.update.kind)
         # IG on the isolated update, as a batch of the caught images.
         fished = dataclasses.replace(obs, update=update, batch_size=labels.numel())
         result = yield from super().descend(fished, labels, budget, generator)
-        images = result.images.detach()
-        lo, hi = obs.data_spec.value_range
-        pad = max((obs.batch_size or 0) - images.shape[0], 0)
-        images = torch.cat([images, images.new_full((pad, *obs.data_spec.shape), (lo + hi) / 2)])
+        images = padded(obs, result.images.detach())
+        pad = images.shape[0] - labels.numel()
         return RestartResult(images, torch.cat([labels, labels.new_full((pad,), self.target_class)]), result.losses,
                              result.final_loss, result.stopped_early,
                              extra={"label_source": "fished", "target_class": self.target_class,

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from giaudit.attacks import ATTACKS, Attack, build_attack
-from giaudit.attacks.batched import reconstruct_many
+from giaudit.attacks.batched import reconstruct_many, stacks
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
@@ -267,6 +267,6 @@ def group_key(cell: Cell) -> tuple | None:
     None when the cell's attack cannot be stacked or is tuned per cell."""
     spec = cell.spec
     config = spec.attacks[cell.attack]
-    if cell.attack != "ig" or config.tune is not None or spec.scenario.capture is not None:
+    if not stacks(ATTACKS[cell.attack]) or config.tune is not None or spec.scenario.capture is not None:
         return None
     return (cell.attack, json.dumps(dict(config.table), sort_keys=True, default=str), cell.label)

@@ -43,13 +43,19 @@ def block_gradients(obs: Observation, layer: nn.Linear) -> tuple[Tensor, Tensor]
     return obs.update.tensors[index[id(layer.weight)]], obs.update.tensors[index[id(layer.bias)]]
 
 
+def padded(obs: Observation, images: Tensor) -> Tensor:
+    """`images` padded with mid-range images to at least the batch size (an attack recovered fewer than the
+    batch has): the metrics pair each private image with a distinct one of them."""
+    lo, hi = obs.data_spec.value_range
+    pad = max((obs.batch_size or 0) - images.shape[0], 0)
+    return torch.cat([images, images.new_full((pad, *obs.data_spec.shape), (lo + hi) / 2)])
+
+
 def classified(obs: Observation, flat: Tensor) -> tuple[Tensor, Tensor]:
     """The recovered rows `flat` as images of the data's shape, padded with mid-range images to at least the
     batch size (fewer bins or neurons held an image than the batch has), and the agreed model's label for each."""
-    images = flat.reshape(-1, *obs.data_spec.shape)
+    images = padded(obs, flat.reshape(-1, *obs.data_spec.shape))
     lo, hi = obs.data_spec.value_range
-    n = max(images.shape[0], obs.batch_size or 0)
-    images = torch.cat([images, images.new_full((n - images.shape[0], *obs.data_spec.shape), (lo + hi) / 2)])
     with torch.no_grad():
         predicted = classify(obs.model, images.clamp(lo, hi))
     return images.detach(), predicted
