@@ -38,7 +38,7 @@ from giaudit.orchestration.record import CellResult
 from giaudit.policy import Policy, Verdict, check, load_policy
 from giaudit.report import render
 from giaudit.results import AuditRecord, ResultsStore
-from giaudit.scenario.build import check_scenario, preload
+from giaudit.scenario.build import build_scenario, check_scenario, preload
 from giaudit.scenario.capture import summary as capture_summary
 from giaudit.training import TrainingSettings
 from giaudit.version import __version__
@@ -98,8 +98,6 @@ AUTO_STACK = ((20_000, 32), (200_000, 16), (1_000_000, 8))
 
 def auto_stack(spec: AuditSpec) -> int:
     """The cells `batch_cells = "auto"` stacks for `spec`'s model: by its parameter count (`AUTO_STACK`)."""
-    from giaudit.scenario.build import build_scenario
-
     if spec.scenario.capture is not None:
         return 1
     scen, _held = build_scenario(spec.data, spec.scenario, spec.threat.model(), spec.seeds[0], base=spec.base)

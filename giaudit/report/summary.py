@@ -104,6 +104,8 @@ def class_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Per kind of server and per SoK letter attacked, what the summary rows (`giaudit.aggregate.summarise`)
     reached: "An honest-but-curious server (SoK classes A-E) was run in class B: ..." then one line per letter
     naming each defense / attack with its most leaked image (or that its clients refused the model)."""
+    h = headline()
+    worst = f"{h.name}_worst"
     out = []
     for active in (False, True):
         letters = sorted({row_letter(v) for v in rows if (row_letter(v) in ACTIVE_CLASSES) == active})
@@ -119,8 +121,8 @@ def class_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 pair = f"{v['defense']} / {v['attack']}"
                 if v.get("blocked") and v["blocked"] == v.get("records"):
                     parts.append(f"{pair} blocked (the clients refused the model)")
-                elif finite(v.get("psnr_db_worst")):
-                    parts.append(f"{pair} most leaked image {float(v['psnr_db_worst']):.1f} dB PSNR")
+                elif finite(v.get(worst)):
+                    parts.append(f"{pair} most leaked image {float(v[worst]):.{h.decimals}f} {h.unit} {h.label}")
                 else:
                     parts.append(f"{pair} not measured")
             out.append(f"class {letter} ({SOK_CLASSES.get(letter, 'unknown class')}): {'; '.join(parts)}")
