@@ -24,7 +24,16 @@ by a worker is never half-written by two processes.
 
 `Engine.map` yields ``(index, result)`` as tasks finish, so the driver can
 write each result at once (resume after an interrupted sweep). Both engines
-hand out at most one task per worker (CPU) at a time.
+hand out at most one task per worker (CPU) at a time, and hand a freed worker
+its next task before the driver handles the result that freed it.
+
+Objects many tasks read (a seed's trained global model, read by every cell of
+that seed) are passed as `Engine.share(obj)`: a `Shared` handle, which the
+task reads with `Shared.get`. Ray puts the object into its object store once
+(``ray.put``; each node fetches it once) instead of pickling it into every
+task; the local engine keeps it in the driver, where the forked workers find
+it. What ships with giaudit or is on every node's disk (the DDPM and GAN
+priors, the datasets) each worker reads once and keeps (per-process caches).
 
 Stopping: while an engine maps, SIGINT and SIGTERM to the driver stop it from
 handing out new tasks; the tasks already running finish and are yielded, then
@@ -57,6 +66,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -199,6 +209,33 @@ class Engine(Protocol):
     def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, desc: str = "cells",
             show_progress: bool = True) -> Iterator[tuple[int, R]]: ...
 
+    def share(self, obj: Any) -> Shared: ...
+
+
+_SHARED: dict[int, Any] = {}  # the local engine's shared objects, by handle key (inherited by forked workers)
+_NEXT_KEY = iter(range(1, 1 << 62))
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A handle to an object many tasks read, made by `Engine.share`: small to pickle, read with `get`."""
+
+    key: int
+    ref: Any = None  # a Ray object reference, when the object went into Ray's object store
+
+    def get(self) -> Any:
+        if self.ref is not None:
+            import ray
+
+            return ray.get(self.ref)
+        return _SHARED[self.key]
+
+
+def _share_local(obj: Any) -> Shared:
+    key = next(_NEXT_KEY)
+    _SHARED[key] = obj
+    return Shared(key)
+
 
 def _maybe_die() -> None:
     folder = os.environ.get(KILL_ONCE_ENV)
@@ -243,12 +280,22 @@ class LocalEngine:
             raise ParamError("workers", f"must be >= 1, got {workers}")
         self.workers = workers or cores()
         self.max_retries = max_retries
+        self._shared: list[int] = []
 
     def __enter__(self) -> LocalEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        for key in self._shared:
+            _SHARED.pop(key, None)
+        self._shared.clear()
+
+    def share(self, obj: Any) -> Shared:
+        """`obj` for the tasks of the following `map` calls: kept in this process until the engine's ``with``
+        block ends; forked workers read it from their copy of this process."""
+        handle = _share_local(obj)
+        self._shared.append(handle.key)
+        return handle
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, desc: str = "cells",
             show_progress: bool = True) -> Iterator[tuple[int, R]]:
@@ -300,14 +347,24 @@ class LocalEngine:
                         if not running:
                             break
                         done, _ = wait(running, return_when=FIRST_COMPLETED)
+                        finished = []
                         for fut in done:
                             i = running.pop(fut)
                             try:
-                                result = fut.result()
+                                finished.append((i, fut.result()))
                             except BrokenProcessPool:
                                 broken = True
                                 deaths[i] += 1
-                                continue
+                        # The freed workers get their next tasks before the caller handles these results (writes
+                        # their files), so no worker waits on the driver.
+                        while todo and len(running) < self.workers and stop.signum is None and not broken:
+                            try:
+                                running[pool.submit(_call, fn, tasks[todo[0]])] = todo[0]
+                            except BrokenProcessPool:
+                                broken = True
+                                break
+                            todo.pop(0)
+                        for i, result in finished:
                             queue.remove(i)
                             bar.update(1)
                             yield i, result
@@ -357,6 +414,12 @@ class RayEngine:
         if self._session:
             self._session = False
             self._ray().shutdown()
+
+    def share(self, obj: Any) -> Shared:
+        """`obj` in Ray's object store, once, for the tasks of the following `map` calls (call it inside the
+        engine's ``with`` block, which keeps Ray up)."""
+        ray, _started = self.start()
+        return Shared(0, ray.put(obj))
 
     def _ray(self) -> Any:
         try:
@@ -416,6 +479,7 @@ class RayEngine:
                             break
                         # With a timeout, so that a signal's handler runs while the tasks compute.
                         done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+                        finished = []
                         for ref in done:
                             i = refs.pop(ref)
                             try:
@@ -426,6 +490,12 @@ class RayEngine:
                                 raise EngineError(f"ray engine: a task's worker died {self.max_retries + 1} times: "
                                                   f"{exc}") from None
                             self.nodes[node] = self.nodes.get(node, 0) + 1
+                            finished.append((i, result))
+                        # The freed CPUs get their next tasks before the caller handles these results.
+                        while todo and len(refs) < window and stop.signum is None:
+                            i = todo.pop(0)
+                            refs[remote.remote(fn_ref, tasks[i])] = i
+                        for i, result in finished:
                             bar.update(1)
                             yield i, result
                 finally:

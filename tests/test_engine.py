@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from giaudit.config import load_config
-from giaudit.engine import KILL_ONCE_ENV, LocalEngine, RayEngine
+from giaudit.engine import KILL_ONCE_ENV, LocalEngine, RayEngine, Shared
 from giaudit.orchestration import run_audit
 from giaudit.results import AuditRecord, ResultsStore, load_results
 from giaudit.training import TrainingSettings
@@ -70,7 +71,8 @@ def _writer(run_dir: str, worker: int, n: int) -> None:
 
 
 def test_concurrent_writers_never_drop_each_others_records(tmp_path):
-    """Four processes add records to one run folder at once: results.json ends up with all of them."""
+    """Four processes add records to one run folder at once: the folder ends up with all of them, and results.json
+    too once it is rewritten."""
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 6)) for w in range(4)]
     for p in procs:
@@ -80,10 +82,17 @@ def test_concurrent_writers_never_drop_each_others_records(tmp_path):
         assert p.exitcode == 0
     ids = {r.record_id for r in load_results(tmp_path).records}
     assert ids == {f"w{w}-{i}" for w in range(4) for i in range(6)}
+    ResultsStore.open(tmp_path).flush()  # folds every process's record files into results.json
+    assert not (tmp_path / "records").exists() or not any((tmp_path / "records").iterdir())
+    assert {r["record_id"] for r in json.loads((tmp_path / "results.json").read_text())["records"]} == ids
 
 
 def _square(x: int) -> int:
     return x * x
+
+
+def _shared_sum(handle) -> float:
+    return float(handle.get()["state"].sum())
 
 
 def test_local_engine_resubmits_the_tasks_of_a_killed_worker(tmp_path, monkeypatch):
@@ -229,6 +238,12 @@ def test_ray_sweep_gives_the_records_of_the_local_engine(tmp_path, ray_local):
         assert all((tmp_path / f"ray-{defense}" / r.images_file).is_file() for r in on_ray.records if r.images_file)
     assert len(engine.nodes) == 2 and sum(engine.nodes.values()) == 8, engine.nodes
 
+    # An object many tasks read goes into the object store once; every task (on either node) reads it.
+    handle = engine.share({"state": torch.arange(6.0)})
+    assert handle.ref is not None
+    read = dict(engine.map(Shared.get, [handle] * 4, show_progress=False))  # a giaudit function: Ray imports it
+    assert sorted(read) == [0, 1, 2, 3] and all(torch.equal(v["state"], torch.arange(6.0)) for v in read.values())
+
     # A task whose worker process dies on its first attempt is retried; nothing is lost.
     marker = tmp_path / "kill"
     marker.mkdir()
@@ -237,3 +252,29 @@ def test_ray_sweep_gives_the_records_of_the_local_engine(tmp_path, ray_local):
                        engine=RayEngine(runtime_env={"env_vars": {KILL_ONCE_ENV: str(marker)}}))
     assert (marker / "killed").is_file()
     _same(load_results(tmp_path / "local-noise").records, killed.records)
+
+
+def test_records_added_between_rewrites_survive_a_stopped_driver(tmp_path):
+    """A record is on disk as soon as it is added, though results.json is rewritten only now and then: a driver
+    stopped between two rewrites loses none, and the next open (a resume, a report) reads them all."""
+    _writer(str(tmp_path), 0, 5)  # the first add rewrites results.json, the next four are record files only
+    on_disk = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert [r["record_id"] for r in on_disk] == ["w0-0"]
+    again = ResultsStore.open(tmp_path)
+    assert [r.record_id for r in again.records] == [f"w0-{i}" for i in range(5)] and again.unfolded()
+    again.add(AuditRecord(record_id="w0-2", config_hash="h2", scenario="s", defense="d", attack="a", seed=2,
+                          threat={}, attack_params={}, label_source="idlg", metrics={}, per_image=(), timings={},
+                          trace={}))  # a cell computed again replaces its record
+    again.flush()
+    final = load_results(tmp_path)
+    assert [r.record_id for r in final.records] == ["w0-0", "w0-1", "w0-3", "w0-4", "w0-2"]
+    assert final.records[-1].config_hash == "h2" and not final.unfolded()
+
+
+def test_local_engine_shares_an_object_with_its_forked_workers():
+    engine = LocalEngine(2)
+    with engine:
+        handle = engine.share({"state": torch.arange(6.0)})
+        assert dict(engine.map(_shared_sum, [handle] * 3, show_progress=False)) == {i: 15.0 for i in range(3)}
+    with pytest.raises(KeyError):  # released with the engine's with block
+        handle.get()

@@ -41,7 +41,7 @@ from giaudit.attacks import ATTACKS, Attack, build_attack
 from giaudit.attacks.batched import reconstruct_many, stacks
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
-from giaudit.engine import in_worker
+from giaudit.engine import Shared, in_worker
 from giaudit.errors import ConfigError, ModelRefused
 from giaudit.metrics.assemble import Scorers, assess
 from giaudit.orchestration import evaluators
@@ -135,7 +135,8 @@ def _prepare(cell: Cell) -> _Prepared | CellResult:
     scenario = cell_scenario(spec.data, spec.scenario, spec.threat.model(), seed, spec.base, runtime)
     train_info: dict[str, Any] = {}
     if cell.round is not None:
-        checkpoint = cell.checkpoint or seed_checkpoints(spec, seed, cell.training or TrainingSettings())[cell.round]
+        checkpoint = (cell.checkpoint.get() if isinstance(cell.checkpoint, Shared) else cell.checkpoint
+                      or seed_checkpoints(spec, seed, cell.training or TrainingSettings())[cell.round])
         train_info = at_checkpoint(scenario, checkpoint)
     config = spec.attacks[attack_name]
     active = ATTACKS[attack_name].modifies()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from giaudit.attacks import ATTACKS
 from giaudit.config import AuditSpec
+from giaudit.engine import Shared
 from giaudit.orchestration.checkpoints import Checkpoint
 from giaudit.results import config_hash
 from giaudit.scenario.state import sha256
@@ -37,7 +38,7 @@ class Cell:
     config_hash: str
     round: int | None = None
     training: TrainingSettings | None = None
-    checkpoint: Checkpoint | None = None
+    checkpoint: Checkpoint | Shared | None = None  # Shared: handed out by the engine (`Engine.share`)
     show_progress: bool = False
     tuning_dir: str | None = None   # where tuned attack options are cached (the run folder's tuning/)
 

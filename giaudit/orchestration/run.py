@@ -76,8 +76,9 @@ def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: 
             jobs = [(spec, seed, settings) for seed in to_train]
             trained = dict(engine.map(checkpoint_task, jobs, desc=f"{spec.name} training",
                                       show_progress=show_progress))
-            points = {seed: trained[i] for i, seed in enumerate(to_train)}
-            todo = [replace(c, checkpoint=points[c.seed][c.round]) if c.round is not None else c for c in todo]
+            # Each round's global model goes to the workers once (Ray's object store), not inside every cell.
+            points = {(seed, r): engine.share(ck) for i, seed in enumerate(to_train) for r, ck in trained[i].items()}
+            todo = [replace(c, checkpoint=points[c.seed, c.round]) if c.round is not None else c for c in todo]
         # Workers the groups should keep busy: the local processes, a local Ray instance's CPUs, else this machine's.
         groups = cell_groups(spec, todo, getattr(engine, "workers", None) or getattr(engine, "num_cpus", None)
                              or cores())
@@ -154,8 +155,10 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     cells = [replace(c, tuning_dir=str(out / "tuning"))
              for c in plan_cells(spec, defense_label or label, training, show_progress)]
     todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
-    if not todo:
-        return store  # nothing to do: the run folder is left untouched
+    if not todo:  # nothing to compute: the run folder is left untouched, but for records a stopped run left to fold in
+        if store.unfolded():
+            store.flush()
+        return store
     preflight(spec)  # before the first file is written
     check_output_dir(out, "run folder", planned_bytes(spec, len(todo)) + results_bytes(store, len(todo)))
     engine = engine or LocalEngine()
@@ -164,9 +167,11 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
             write_cell(out, store, result)
     except Interrupted as stop:  # every cell that finished is on disk already: say where, for the resume
         stop.folder, stop.saved = str(out), len(store.records)
+        _fold(store)
         raise
     except OSError as exc:  # disk full, the folder made read-only: what was written stays, atomically
         where = exc.filename or out
+        _fold(store)
         raise DataError(f"{where}: cannot write ({exc.strerror or exc}); the {len(store.records)} record(s) "
                         f"finished so far are kept in {out}; make room or restore write access, then run the same "
                         "command again to compute only the rest") from None
@@ -177,6 +182,15 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
                               **({"nodes": len(nodes)} if (nodes := getattr(engine, "nodes", None)) else {})}
     store.flush()
     return store
+
+
+def _fold(store: ResultsStore) -> None:
+    """results.json and the table brought up to date after a run stopped early, where the disk allows: the
+    records are on disk in any case (``records/``), and the next run or the report reads them from there."""
+    try:
+        store.flush()
+    except OSError:
+        pass
 
 
 # A record without its images: metrics, per-image rows, a trace of losses (generous: a few KiB in practice).
@@ -192,8 +206,9 @@ def planned_bytes(spec: AuditSpec, cells: int) -> int:
 
 
 def results_bytes(store: ResultsStore, cells: int) -> int:
-    """results.json is rewritten with every record: its size with `cells` more (twice: the temporary copy)."""
-    return 2 * (len(store.records) + cells) * RECORD_BYTES
+    """results.json with `cells` more records (twice: the temporary copy), and those records' own files until
+    results.json folds them in."""
+    return (2 * (len(store.records) + cells) + cells) * RECORD_BYTES
 
 
 def compute_records(spec: AuditSpec, *, show_progress: bool = False, engine: Engine | None = None,
