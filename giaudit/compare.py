@@ -7,10 +7,11 @@ For every preset (a ``label`` and ``[[defenses]]`` tables, see
    reaches the target accuracy or the round budget, fixing the training
    length R; the preset trains R rounds with its defenses on every client
    (DP-SGD accounted over exactly those R rounds). Cached by content hash.
-2. Leakage: the base audit config (default: the embedded demo) is run through
-   `giaudit.orchestration.run_audit` into ``out_dir/<label>/`` (resumable) with
-   ``clients_per_seed`` private batches per seed; a DP-SGD preset's audited
-   update carries the noise multiplier its training used.
+2. Leakage: the base audit config (default: the embedded demo) is run with
+   each preset's defenses into ``out_dir/<label>/`` (resumable) with
+   ``clients_per_seed`` private batches per seed, every preset's cells in one
+   stream of engine tasks (`giaudit.orchestration.run.run_audits`); a DP-SGD
+   preset's audited update carries the noise multiplier its training used.
 
 Both run on an engine (`giaudit.engine`, ``--engine local|ray``): every
 utility training and every audit cell is an idempotent task, and only the
@@ -52,7 +53,7 @@ from giaudit.config import AuditSpec, demo_config_path, load_config
 from giaudit.defenses import load_defense_file
 from giaudit.engine import Engine, LocalEngine
 from giaudit.errors import ConfigError, ParamError
-from giaudit.orchestration import run_audit
+from giaudit.orchestration.run import run_audits
 from giaudit.policy import Verdict, check, load_policy
 from giaudit.report.compare import render_compare
 from giaudit.results import AuditRecord
@@ -132,23 +133,24 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
     reference = next((label for label, tables in presets if not tables), None)
     records: list[AuditRecord] = []
     run_meta: dict[str, Any] = {}
-    timings: dict[str, float] = {}
     audited: dict[str, list[dict[str, Any]]] = {}
     with engine:  # one Ray instance (or cluster connection) for the whole comparison
         # Utility first (the baseline fixes R; every other training is an engine task, all at once) ...
         rounds, base_runs, utilities = measure(spec, spec.seeds, presets, settings, cache, engine,
                                                show_progress=show_progress)
-        # ... then each preset's audit cells, a DP preset's update carrying the noise its training used.
+        # ... then every preset's audit cells, a DP preset's update carrying the noise its training used: one
+        # stream of cells over all presets (no idle worker between two presets; stacked solves may span them).
+        t0 = time.perf_counter()
         for label, tables in presets:
-            t0 = time.perf_counter()
             audited[label] = with_dp_noise(with_dp_rounds(tables, rounds), utilities[label][0].get("spent", {}))
-            run_dir = out / safe_label(label)
-            store = run_audit(spec.replace(defenses=audited[label]), run_dir, show_progress=show_progress,
-                              defense_label=label, training=settings, engine=engine)
+        stores = run_audits([(spec.replace(defenses=audited[label]), out / safe_label(label), label)
+                             for label, _tables in presets], show_progress=show_progress, training=settings,
+                            engine=engine)
+        for (label, _tables), store in zip(presets, stores):
             records += [r for r in store.records
                         if r.seed in spec.seeds and r.attack in chosen and r.defense == label]
             run_meta = run_meta or dict(store.meta)
-            timings[label] = time.perf_counter() - t0
+        audits_s = time.perf_counter() - t0
 
     rows = summarise(records, utilities, labels, list(chosen), reference)
     meta = {"base_config": str(base_config) if base_config else "embedded demo (giaudit/assets/demo.toml)",
@@ -161,7 +163,7 @@ def run_compare(defense_files: list[Path], *, base_config: Path | None = None, a
             "utility_curves": {label: us[0].get("curve", []) for label, us in utilities.items()},
             "presets": {label: {"file": str(f), "defenses": tables, "audited": audited[label]}
                         for f, (label, tables) in zip(defense_files, presets)},
-            "wall_s": time.perf_counter() - start, "preset_wall_s": timings,
+            "wall_s": time.perf_counter() - start, "audits_wall_s": audits_s,
             "notes": sorted({n for r in records for n in r.notes})}
     if rules is not None:
         meta["verdict"] = verdict_meta(check(records, rules, run_meta))

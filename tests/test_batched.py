@@ -93,7 +93,7 @@ def test_an_audit_with_stacked_cells_gives_the_unbatched_records(tmp_path) -> No
             "attacks": {"ig": {"iterations": 24}, "dlg": {"iterations": 2}}, "output": {"lpips": False}}
     plain = run_audit(parse_config(base), tmp_path / "plain", show_progress=False, engine=LocalEngine(1))
     spec = parse_config({**base, "run": {"batch_cells": 4}})
-    groups = cell_groups(spec, plan_cells(spec, "none"), 1)
+    groups = cell_groups(plan_cells(spec, "none"), 1)
     assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 4]
     stacked = run_audit(spec, tmp_path / "stacked", show_progress=False, engine=LocalEngine(1))
     a = {r.record_id: r for r in plain.records}
@@ -105,3 +105,32 @@ def test_an_audit_with_stacked_cells_gives_the_unbatched_records(tmp_path) -> No
     for k in a:
         if "__dlg__" in k:
             assert a[k].metrics["psnr_db_mean"] == b[k].metrics["psnr_db_mean"]
+
+
+def test_the_presets_of_a_comparison_are_one_stream_and_share_stacked_solves(tmp_path) -> None:
+    """`run_audits` (what `giaudit compare` runs): the cells of two defenses are grouped together (one solve holds
+    both defenses' cells), each record goes to its own run folder, and the records are those of two separate
+    stacked runs (the same problems, stacked differently: to the stated tolerance)."""
+    from giaudit.config import parse_config
+    from giaudit.engine import LocalEngine
+    from giaudit.orchestration import run_audit
+    from giaudit.orchestration.plan import plan_cells
+    from giaudit.orchestration.run import cell_groups, run_audits
+
+    base = {"name": "pair", "seeds": [0, 1], "data": {"source": "mnist5k", "size": 16},
+            "scenario": {"model": "lenet_relu", "batch_size": 1}, "threat": {"batch_size": True},
+            "attacks": {"ig": {"iterations": 24}}, "output": {"lpips": False}, "run": {"batch_cells": 4}}
+    specs = [parse_config(base), parse_config({**base, "defenses": [{"name": "noise", "sigma": 0.01}]})]
+    cells = [c for s in specs for c in plan_cells(s, s.defenses and "noise" or "none")]
+    groups = cell_groups(cells, 1)
+    assert [sorted({c.label for c in g}) for g in groups] == [["noise", "none"]] and len(groups[0]) == 4
+    both = run_audits([(s, tmp_path / f"both-{i}", None) for i, s in enumerate(specs)], show_progress=False,
+                      engine=LocalEngine(1))
+    for i, s in enumerate(specs):
+        alone = run_audit(s, tmp_path / f"alone-{i}", show_progress=False, engine=LocalEngine(1))
+        a = {r.record_id: r for r in alone.records}
+        b = {r.record_id: r for r in both[i].records}
+        assert a.keys() == b.keys() and len(a) == 2 and all(a[k].config_hash == b[k].config_hash for k in a)
+        assert all(r.trace["stacked"] == 4 for r in b.values())  # one solve held both defenses' cells
+        gap = [abs(a[k].metrics["psnr_db_mean"] - b[k].metrics["psnr_db_mean"]) for k in a]
+        assert sum(gap) / len(gap) <= 0.5

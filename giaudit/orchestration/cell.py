@@ -264,10 +264,15 @@ def run_cell_group(cells: Sequence[Cell]) -> list[CellResult]:
 
 
 def group_key(cell: Cell) -> tuple | None:
-    """What cells must share to be computed together (the attack and its options, the scenario but the seed);
-    None when the cell's attack cannot be stacked or is tuned per cell."""
+    """What cells must share to be computed together: the attack and its options, the data, scenario, threat
+    model and run settings (the defense and the seed may differ: each cell brings its own observations, and the
+    solve keeps problems of different architectures, e.g. after DP-SGD's GroupNorm swap, apart). None when the
+    cell's attack cannot be stacked or is tuned per cell."""
     spec = cell.spec
     config = spec.attacks[cell.attack]
     if not stacks(ATTACKS[cell.attack]) or config.tune is not None or spec.scenario.capture is not None:
         return None
-    return (cell.attack, json.dumps(dict(config.table), sort_keys=True, default=str), cell.label)
+    raw = spec.raw
+    shared = {k: raw.get(k) for k in ("data", "scenario", "threat", "run")}
+    return (cell.attack, json.dumps(dict(config.table), sort_keys=True, default=str),
+            json.dumps(shared, sort_keys=True, default=str), str(spec.base))

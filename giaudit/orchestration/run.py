@@ -16,6 +16,7 @@ and the HTML / Markdown report.
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,34 +62,52 @@ def run_cells(spec: AuditSpec, cells: Sequence[Cell], engine: Engine, training: 
               show_progress: bool = False) -> Iterator[CellResult]:
     """The results of `cells` (of `spec`) as they finish on `engine`: first the federated training of each seed
     with checkpoint cells, whose checkpoints go into those cells, then the cells."""
-    preload(spec.data, spec.scenario)
-    runtime = spec.run.runtime()
-    if isinstance(engine, RayEngine) and runtime.cuda:
-        engine.num_gpus = spec.run.gpu_share  # each task asks Ray for its GPU share
-    if isinstance(engine, LocalEngine) and runtime.device.type != "cpu" and engine.workers > 1:
-        # Forked workers cannot share a GPU the driver may have touched: one process drives it, cell by cell.
-        engine = LocalEngine(1)
-    todo = list(cells)
+    for _part, result in stream_cells([(spec, cells)], engine, training, show_progress):
+        yield result
+
+
+def stream_cells(parts: Sequence[tuple[AuditSpec, Sequence[Cell]]], engine: Engine,
+                 training: TrainingSettings | None = None,
+                 show_progress: bool = False) -> Iterator[tuple[int, CellResult]]:
+    """`run_cells` for the cells of several specs (the presets of a comparison) at once, as ``(part, result)``:
+    one stream of tasks, so no worker idles at the end of one spec's cells while the next spec's wait, and cells
+    of different specs that can be stacked (`cell_groups`) share a solve."""
+    name = parts[0][0].name if len(parts) == 1 else f"{len(parts)} runs"
+    for spec, _cells in parts:
+        preload(spec.data, spec.scenario)
+        runtime = spec.run.runtime()
+        if isinstance(engine, RayEngine) and runtime.cuda:
+            engine.num_gpus = spec.run.gpu_share  # each task asks Ray for its GPU share
+        if isinstance(engine, LocalEngine) and runtime.device.type != "cpu" and engine.workers > 1:
+            # Forked workers cannot share a GPU the driver may have touched: one process drives it, cell by cell.
+            engine = LocalEngine(1)
     with engine:  # one Ray instance for the training and the cells
-        to_train = sorted({c.seed for c in todo if c.round is not None})
-        if to_train:
-            settings = training or TrainingSettings()
-            jobs = [(spec, seed, settings) for seed in to_train]
-            trained = dict(engine.map(checkpoint_task, jobs, desc=f"{spec.name} training",
-                                      show_progress=show_progress))
-            # Each round's global model goes to the workers once (Ray's object store), not inside every cell.
-            points = {(seed, r): engine.share(ck) for i, seed in enumerate(to_train) for r, ck in trained[i].items()}
-            todo = [replace(c, checkpoint=points[c.seed, c.round]) if c.round is not None else c for c in todo]
+        todo: list[Cell] = []
+        part_of: dict[int, int] = {}  # id(cell) -> its part
+        for p, (spec, cells) in enumerate(parts):
+            mine = list(cells)
+            to_train = sorted({c.seed for c in mine if c.round is not None})
+            if to_train:
+                settings = training or TrainingSettings()
+                jobs = [(spec, seed, settings) for seed in to_train]
+                trained = dict(engine.map(checkpoint_task, jobs, desc=f"{spec.name} training",
+                                          show_progress=show_progress))
+                # Each round's global model goes to the workers once (Ray's object store), not inside every cell.
+                points = {(seed, r): engine.share(ck) for i, seed in enumerate(to_train)
+                          for r, ck in trained[i].items()}
+                mine = [replace(c, checkpoint=points[c.seed, c.round]) if c.round is not None else c for c in mine]
+            part_of.update((id(c), p) for c in mine)
+            todo += mine
         # Workers the groups should keep busy: the local processes, a local Ray instance's CPUs, else this machine's.
-        groups = cell_groups(spec, todo, getattr(engine, "workers", None) or getattr(engine, "num_cpus", None)
-                             or cores())
+        groups = cell_groups(todo, getattr(engine, "workers", None) or getattr(engine, "num_cpus", None) or cores())
         if all(len(g) == 1 for g in groups):
-            for _i, result in engine.map(run_cell, todo, desc=f"{spec.name} cells", show_progress=show_progress):
-                yield result
+            for i, result in engine.map(run_cell, todo, desc=f"{name} cells", show_progress=show_progress):
+                yield part_of[id(todo[i])], result
             return
-        for _i, results in engine.map(run_cell_group, groups, desc=f"{spec.name} cell groups",
-                                      show_progress=show_progress):
-            yield from results
+        for i, results in engine.map(run_cell_group, groups, desc=f"{name} cell groups",
+                                     show_progress=show_progress):
+            for cell, result in zip(groups[i], results):
+                yield part_of[id(cell)], result
 
 
 # [run] batch_cells = "auto": the most cells stacked in one solve for a model of this many parameters or fewer
@@ -109,41 +128,45 @@ def auto_stack(spec: AuditSpec) -> int:
     return next((k for limit, k in AUTO_STACK if n <= limit), 1)
 
 
-def cell_groups(spec: AuditSpec, cells: Sequence[Cell], workers: int) -> list[tuple[Cell, ...]]:
-    """`cells` in the groups the engine runs as one task (`run_cell_group`): cells of one attack and options
-    (`group_key`), at most `run.batch_cells` each ("auto": `auto_stack`, and no fewer groups than workers);
-    every other cell alone. With batch_cells = 1 (the default), or none to stack, every cell is its own group.
+def cell_groups(cells: Sequence[Cell], workers: int) -> list[tuple[Cell, ...]]:
+    """`cells` in the groups the engine runs as one task (`run_cell_group`): cells of one attack, its options and
+    one scenario (`group_key`; the defense and the seed may differ), at most their spec's `run.batch_cells` each
+    ("auto": `auto_stack`, and no fewer groups than workers); every other cell alone. With batch_cells = 1 (the
+    default), or none to stack, every cell is its own group.
 
     Stacked records agree with unbatched ones to float tolerance, not to the bit, and the groups depend on
     which cells are left to compute (a resumed run) and, under "auto", on the workers: that is why stacking
     is asked for, not the default."""
-    setting = spec.run.batch_cells or 1
     keyed: dict[tuple, list[Cell]] = {}
     alone: list[tuple[Cell, ...]] = []
     for c in cells:
         key = group_key(c)
-        if key is None or setting == 1:
+        if key is None or (c.spec.run.batch_cells or 1) == 1:
             alone.append((c,))
         else:
             keyed.setdefault(key, []).append(c)
-    if not keyed:
-        return alone
-    size = auto_stack(spec) if setting == "auto" else int(setting)
     groups = list(alone)
     for members in keyed.values():
+        setting = members[0].spec.run.batch_cells
+        size = auto_stack(members[0].spec) if setting == "auto" else int(setting or 1)
         k = max(1, min(size, -(-len(members) // max(1, workers))))
         groups += [tuple(members[i:i + k]) for i in range(0, len(members), k)]
     return groups
 
 
-def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
-              defense_label: str | None = None, training: TrainingSettings | None = None,
-              engine: Engine | None = None) -> ResultsStore:
-    """Run every cell of `spec` on `engine` (default: local processes), writing each record as it finishes; cells
-    whose record is already in `out_dir` (same id and config hash) are skipped. Return the store.
+@dataclass
+class _Planned:
+    """One run folder's part of `run_audits`: its store, its cells, and those still to compute."""
 
-    With ``scenario.checkpoints`` the federated training (`training` settings) of each seed that still has
-    cells to compute runs first, one engine task per seed; its checkpoints go into the cells."""
+    spec: AuditSpec
+    out: Path
+    store: ResultsStore
+    cells: list[Cell]
+    todo: list[Cell]
+
+
+def _plan(spec: AuditSpec, out_dir: str | Path, defense_label: str | None, training: TrainingSettings | None,
+          show_progress: bool) -> _Planned:
     out = check_output_dir(out_dir, "run folder")
     store = ResultsStore.open(out)
     now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -154,34 +177,63 @@ def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = Tru
     label, _defense = build_defense(spec)
     cells = [replace(c, tuning_dir=str(out / "tuning"))
              for c in plan_cells(spec, defense_label or label, training, show_progress)]
-    todo = [c for c in cells if not store.has(c.record_id, c.config_hash)]
-    if not todo:  # nothing to compute: the run folder is left untouched, but for records a stopped run left to fold in
-        if store.unfolded():
-            store.flush()
-        return store
-    preflight(spec)  # before the first file is written
-    check_output_dir(out, "run folder", planned_bytes(spec, len(todo)) + results_bytes(store, len(todo)))
+    return _Planned(spec, out, store, cells, [c for c in cells if not store.has(c.record_id, c.config_hash)])
+
+
+def run_audit(spec: AuditSpec, out_dir: str | Path, *, show_progress: bool = True,
+              defense_label: str | None = None, training: TrainingSettings | None = None,
+              engine: Engine | None = None) -> ResultsStore:
+    """Run every cell of `spec` on `engine` (default: local processes), writing each record as it finishes; cells
+    whose record is already in `out_dir` (same id and config hash) are skipped. Return the store.
+
+    With ``scenario.checkpoints`` the federated training (`training` settings) of each seed that still has
+    cells to compute runs first, one engine task per seed; its checkpoints go into the cells."""
+    return run_audits([(spec, out_dir, defense_label)], show_progress=show_progress, training=training,
+                      engine=engine)[0]
+
+
+def run_audits(runs: Sequence[tuple[AuditSpec, str | Path, str | None]], *, show_progress: bool = True,
+               training: TrainingSettings | None = None, engine: Engine | None = None) -> list[ResultsStore]:
+    """`run_audit` for several (spec, run folder, defense label) at once (the presets of a comparison): every
+    spec is checked before anything is written, then all their cells go to the engine as one stream
+    (`stream_cells`), each record into its own run folder as it finishes. Return the stores, in order."""
+    planned = [_plan(spec, out, label, training, show_progress) for spec, out, label in runs]
+    for p in planned:
+        if not p.todo and p.store.unfolded():  # nothing to compute: only records a stopped run left to fold in
+            p.store.flush()
+    active = [p for p in planned if p.todo]  # a run folder with nothing to compute is left untouched
+    if not active:
+        return [p.store for p in planned]
+    for p in active:  # before the first file is written
+        preflight(p.spec)
+        check_output_dir(p.out, "run folder", planned_bytes(p.spec, len(p.todo)) + results_bytes(p.store, len(p.todo)))
     engine = engine or LocalEngine()
     try:
-        for result in run_cells(spec, todo, engine, training, show_progress):
-            write_cell(out, store, result)
+        for part, result in stream_cells([(p.spec, p.todo) for p in active], engine, training, show_progress):
+            write_cell(active[part].out, active[part].store, result)
     except Interrupted as stop:  # every cell that finished is on disk already: say where, for the resume
-        stop.folder, stop.saved = str(out), len(store.records)
-        _fold(store)
+        stop.folder = str(active[0].out if len(active) == 1 else Path(os.path.commonpath([p.out for p in active])))
+        stop.saved = sum(len(p.store.records) for p in active)
+        for p in active:
+            _fold(p.store)
         raise
     except OSError as exc:  # disk full, the folder made read-only: what was written stays, atomically
-        where = exc.filename or out
-        _fold(store)
-        raise DataError(f"{where}: cannot write ({exc.strerror or exc}); the {len(store.records)} record(s) "
-                        f"finished so far are kept in {out}; make room or restore write access, then run the same "
-                        "command again to compute only the rest") from None
-    order = {c.record_id: i for i, c in enumerate(cells)}
-    store.records.sort(key=lambda r: order.get(r.record_id, -1))
-    store.meta["last_run"] = {"engine": engine.name, "cells": len(cells),
-                              "computed": [c.record_id for c in todo],
-                              **({"nodes": len(nodes)} if (nodes := getattr(engine, "nodes", None)) else {})}
-    store.flush()
-    return store
+        where = exc.filename or active[0].out
+        for p in active:
+            _fold(p.store)
+        saved = sum(len(p.store.records) for p in active)
+        folders = ", ".join(str(p.out) for p in active)
+        raise DataError(f"{where}: cannot write ({exc.strerror or exc}); the {saved} record(s) "
+                        f"finished so far are kept in {folders}; make room or restore write access, then run the "
+                        "same command again to compute only the rest") from None
+    for p in active:
+        order = {c.record_id: i for i, c in enumerate(p.cells)}
+        p.store.records.sort(key=lambda r: order.get(r.record_id, -1))
+        p.store.meta["last_run"] = {"engine": engine.name, "cells": len(p.cells),
+                                    "computed": [c.record_id for c in p.todo],
+                                    **({"nodes": len(nodes)} if (nodes := getattr(engine, "nodes", None)) else {})}
+        p.store.flush()
+    return [p.store for p in planned]
 
 
 def _fold(store: ResultsStore) -> None:
