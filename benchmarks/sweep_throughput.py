@@ -30,7 +30,7 @@ import torch
 
 from giaudit.config import parse_config
 from giaudit.engine import LocalEngine, RayEngine
-from giaudit.orchestration import run_audit
+from giaudit.orchestration.run import run_audits
 
 
 def sweep(seeds: int, iterations: int, batch_cells: str | int | None = None, dlg: bool = True) -> list:
@@ -45,9 +45,10 @@ def sweep(seeds: int, iterations: int, batch_cells: str | int | None = None, dlg
 def run(engine, specs, root: Path) -> tuple[float, int, list]:
     t0 = time.perf_counter()
     records = []
-    with engine:
-        for i, spec in enumerate(specs):
-            records += run_audit(spec, root / f"d{i}", show_progress=False, engine=engine).records
+    with engine:  # the defenses' cells as one stream, as `giaudit compare` runs its presets
+        for store in run_audits([(spec, root / f"d{i}", None) for i, spec in enumerate(specs)],
+                                show_progress=False, engine=engine):
+            records += store.records
     return time.perf_counter() - t0, len(records), records
 
 
