@@ -134,3 +134,22 @@ def test_the_presets_of_a_comparison_are_one_stream_and_share_stacked_solves(tmp
         assert all(r.trace["stacked"] == 4 for r in b.values())  # one solve held both defenses' cells
         gap = [abs(a[k].metrics["psnr_db_mean"] - b[k].metrics["psnr_db_mean"]) for k in a]
         assert sum(gap) / len(gap) <= 0.5
+
+
+def test_auto_stack_keeps_a_stack_within_a_share_of_a_workers_memory(monkeypatch) -> None:
+    """`batch_cells = "auto"`: by parameter count 32 LeNet cells, fewer when a worker's share of memory would not
+    hold them (the per-problem estimate counts every client and restart of a cell)."""
+    from giaudit.config import parse_config
+    from giaudit.orchestration import run as run_module
+
+    spec = parse_config({"name": "auto", "seeds": [0], "data": {"source": "digits", "size": 16},
+                         "scenario": {"model": "lenet_relu", "batch_size": 2, "clients_per_seed": 2},
+                         "threat": {"batch_size": True}, "attacks": {"ig": {"restarts": 2}},
+                         "run": {"batch_cells": "auto"}})
+    assert run_module.auto_stack(spec, 2) == 32
+    scen, _ = run_module.build_scenario(spec.data, spec.scenario, spec.threat.model(), 0, base=spec.base)
+    per_cell = run_module.stack_bytes(scen.model, scen.pool.spec.shape, 2) * 2 * 2
+    monkeypatch.setattr(run_module, "memory_bytes", lambda: int(10 * per_cell * 2 / run_module.AUTO_MEMORY_SHARE))
+    assert run_module.auto_stack(spec, 2) == 10  # 10 cells fit in a quarter of each of the 2 workers' memory
+    monkeypatch.setattr(run_module, "memory_bytes", lambda: 1)
+    assert run_module.auto_stack(spec, 2) == 1
