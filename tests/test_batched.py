@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 import torch
 
@@ -184,6 +185,30 @@ def test_stacked_ggl_populations_give_the_unbatched_reconstructions(prior_scenar
         assert abs(float(psnr(a.images, truth.images).mean()) - float(psnr(b.images, truth.images).mean())) < 0.5
     # A different neighbour (another client's update in problem 0's place) leaves problems 1 and 2 as they were.
     other = dataclasses.replace(obs[0], update=prior_scenario(1, seed=5).simulate(
+        generator=torch.Generator().manual_seed(9))[0].update)
+    again = solve(attack, [other, obs[1], obs[2]], budget, rngs())
+    for b, c in zip(stacked[1:], again[1:]):
+        assert b.trace.losses == c.trace.losses and torch.equal(b.images, c.images)
+
+
+def test_stacked_gias_gives_the_unbatched_reconstructions(prior_scenario) -> None:
+    """GIAS (latent search, then per-image generator weights), K problems stacked: the same restart kept, images
+    equal to 1e-4 and losses to 1e-5 relative; a changed neighbour changes nothing."""
+    from giaudit.attacks.stacked_gias import solve
+
+    scen = prior_scenario(2)
+    obs = [scen.simulate(generator=torch.Generator().manual_seed(i))[0] for i in range(3)]
+    attack = build_attack("gias")
+    budget = Budget(iterations=4, restarts=2, workers=1)
+    rngs = lambda: [torch.Generator().manual_seed(20 + i) for i in range(3)]  # noqa: E731
+    plain = [attack.reconstruct(o, budget=budget, rng=r) for o, r in zip(obs, rngs())]
+    stacked = solve(attack, obs, budget, rngs())
+    for a, b in zip(plain, stacked):
+        assert b.trace.extra["stacked"] == 6 and a.trace.best_restart == b.trace.best_restart
+        assert torch.allclose(a.images, b.images, atol=1e-4) and torch.equal(a.labels, b.labels)
+        assert np.allclose(a.trace.losses, b.trace.losses, rtol=1e-5)
+        assert a.trace.extra.get("theta_iterations") == b.trace.extra.get("theta_iterations")
+    other = dataclasses.replace(obs[0], update=prior_scenario(2, seed=5).simulate(
         generator=torch.Generator().manual_seed(9))[0].update)
     again = solve(attack, [other, obs[1], obs[2]], budget, rngs())
     for b, c in zip(stacked[1:], again[1:]):
