@@ -15,6 +15,18 @@ Recipe (two phases, L2 update distance):
 2. Pixel-wise fine-tuning of `x` from phase 1's best image (Adam, clamped to the data range).
 With `latent_iterations = 0` it is pixel-only inversion from uniform noise (the baseline).
 
+Options beyond the paper (defaults keep its recipe):
+- `pixel_optimiser = "lbfgs"` (default "adam"): phase 2 runs L-BFGS with a strong-Wolfe line search (as
+  giaudit's DLG; history `lbfgs_history`, default 20) instead of Adam. Every line-search trial is one update
+  evaluation and counts as one of the phase's iterations. Near the client's image the update-matching
+  objective is smooth and small, where Adam's loss falls slowly and L-BFGS's fast; L-BFGS is unconstrained, so
+  the pixels are clamped to the data range only once, at the end (their loss is the one recorded).
+- `screen = M` (default 0): before phase 1, M initial noises are drawn, each sampled once without a gradient
+  and scored by the attack's own matching loss of the sampled image (a single backward, no double backward);
+  phase 1 starts from the best. The digit the latent phase ends on is mostly decided by where it starts, so
+  this picks the basin by the objective before any descent. The M evaluations are outside the iterations;
+  the record keeps their losses (`extra["screen_losses"]`).
+
 The phases share the budget's `iterations` N (one update evaluation per iteration; `GIDM.phase_budgets`):
 without options a third of N (rounded down) goes to phase 1 and the rest to phase 2; `latent_iterations` and
 `pixel_iterations` fix a phase's length while the two fit in N, and when they ask for more than N both shrink
@@ -26,7 +38,9 @@ stands in (`sampler = "mnist32_ddpm"` or a checkpoint path): that is surrogate d
 `threat.surrogate_data`) and the record's parameters name the prior.
 
 Deviations: the paper's budgets (2 500 latent + 5 000 pixel steps at 128 px on a GPU) are far beyond a
-2-core CPU; the defaults here are small. No restart ranking by anything but the attack's own L2 loss.
+2-core CPU; the defaults here are small. L-BFGS for the pixels and the screening of starts are not the paper's
+(options, off by default). Nothing here, restarts and screening included, ranks by anything but the attack's
+own update-matching loss.
 The trace keeps each phase's losses (`extra["phase_losses"]`).
 """
 from __future__ import annotations

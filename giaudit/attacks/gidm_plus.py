@@ -12,6 +12,9 @@ batched pass (`giaudit.fl_diffusion`), so it is differentiable in the logits. Th
 annealed from 1 to `temperature_end` so the distribution can concentrate. As in GIDM the data block is the
 sampler's initial noise `z` in phase 1 (through a differentiable DDIM sampler) and the pixels in phase 2.
 The record's `extra` keeps the final timestep distribution (`t_probs`), its mode (`t_estimate`) and mean.
+`screen = M` screens M latent starts as GIDM does, scoring each by the matching loss at the initial
+estimates (the random `eps_hat`, uniform timestep weights). The pixel phase is Adam only: it also updates
+`eps_hat` and the timestep logits, which L-BFGS's one-variable line search here does not.
 
 Deviations: the public GIDM code picks `t` by an argmax of random logits (not differentiable) and feeds
 GIDM+ the true noise; neither is done here. The paper does not give the alternation order or the timestep
