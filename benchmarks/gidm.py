@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--sampler-steps", type=int, default=4)
     ap.add_argument("--latent-lr", type=float, default=0.05)
     ap.add_argument("--pixel-lr", type=float, default=0.02)
+    ap.add_argument("--pixel-opt", choices=("adam", "lbfgs"), default="adam", help="GIDM's pixel_optimiser")
+    ap.add_argument("--lbfgs-history", type=int, default=20)
+    ap.add_argument("--screen", type=int, default=0, help="latent starts screened per restart (screen)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--curve", action="store_true", help="also print the best loss every 100 iterations")
     ap.add_argument("--only", choices=("gidm", "gidm_plus", "both"), default="both")
@@ -50,10 +53,12 @@ def main() -> None:
     data = load_mnist5k(size=32)
     pool = data.subset(torch.arange(0, len(data), 5))
     opts = dict(latent_iterations=a.latent, pixel_iterations=a.pixel, sampler_steps=a.sampler_steps,
-                latent_lr=a.latent_lr, pixel_lr=a.pixel_lr)
+                latent_lr=a.latent_lr, pixel_lr=a.pixel_lr, screen=a.screen)
+    gidm_opts = dict(opts, pixel_optimiser=a.pixel_opt, lbfgs_history=a.lbfgs_history)
     budget = Budget(iterations=a.latent + a.pixel, restarts=a.restarts, halving=a.halving, workers=1)
     print(f"budget: {a.latent} latent + {a.pixel} pixel iterations, sampler_steps {a.sampler_steps}, "
-          f"latent_lr {a.latent_lr}, pixel_lr {a.pixel_lr}, restarts {a.restarts}, halving {a.halving}, "
+          f"latent_lr {a.latent_lr}, pixel_lr {a.pixel_lr}, GIDM pixels {a.pixel_opt} (history {a.lbfgs_history}), "
+          f"screen {a.screen}, restarts {a.restarts}, halving {a.halving}, "
           f"{a.threads} thread(s)", flush=True)
     rows: dict[str, list[float]] = {"gidm": [], "gidm+": [], "wrong-t": []}
     for seed in range(a.first_seed, a.first_seed + a.seeds):
@@ -62,7 +67,7 @@ def main() -> None:
                                    threat_model(diffusion_noise=known))
             obs, truth = sc.simulate(generator=torch.Generator().manual_seed(100 + seed))
             t_true = truth.meta[0]["diffusion_t"]
-            attacks = ({"gidm": GIDM(**opts)} if known else
+            attacks = ({"gidm": GIDM(**gidm_opts)} if known else
                        {"gidm+": GIDMPlus(**opts),
                         "wrong-t": GIDM(latent_iterations=0, pixel_iterations=a.latent + a.pixel,
                                         pixel_lr=a.pixel_lr, assume_t=(t_true + 500) % 1000)})

@@ -12,6 +12,9 @@ batched pass (`giaudit.fl_diffusion`), so it is differentiable in the logits. Th
 annealed from 1 to `temperature_end` so the distribution can concentrate. As in GIDM the data block is the
 sampler's initial noise `z` in phase 1 (through a differentiable DDIM sampler) and the pixels in phase 2.
 The record's `extra` keeps the final timestep distribution (`t_probs`), its mode (`t_estimate`) and mean.
+`screen = M` screens M latent starts as GIDM does, scoring each by the matching loss at the initial
+estimates (the random `eps_hat`, uniform timestep weights). The pixel phase is Adam only: it also updates
+`eps_hat` and the timestep logits, which L-BFGS's one-variable line search here does not.
 
 Deviations: the public GIDM code picks `t` by an argmax of random logits (not differentiable) and feeds
 GIDM+ the true noise; neither is done here. The paper does not give the alternation order or the timestep
@@ -49,9 +52,10 @@ class GIDMPlus(GIDM):
     def __init__(self, *, latent_iterations: int | None = None, pixel_iterations: int | None = None,
                  sampler: str = "global", sampler_steps: int = 5, latent_lr: float = 0.05,
                  pixel_lr: float = 0.02, distance: str = "l2", t_grid: int = 10, t_lr: float = 0.2,
-                 eps_lr: float = 0.05, temperature_end: float = 0.3, alternate: bool = True) -> None:
+                 eps_lr: float = 0.05, temperature_end: float = 0.3, alternate: bool = True, screen: int = 0) -> None:
         super().__init__(latent_iterations=latent_iterations, pixel_iterations=pixel_iterations, sampler=sampler,
-                         sampler_steps=sampler_steps, latent_lr=latent_lr, pixel_lr=pixel_lr, distance=distance)
+                         sampler_steps=sampler_steps, latent_lr=latent_lr, pixel_lr=pixel_lr, distance=distance,
+                         screen=screen)
         check_number("t_grid", t_grid, low=2)
         check_number("t_lr", t_lr, low=0.0, strict_low=True)
         check_number("eps_lr", eps_lr, low=0.0, strict_low=True)
@@ -87,8 +91,15 @@ class GIDMPlus(GIDM):
             grads = torch.autograd.grad(loss, blocks)
             return float(loss.detach()), {id(b): g for b, g in zip(blocks, grads)}
 
+        def score(x: Tensor) -> float:
+            """The matching loss at the initial estimates (eps_hat, uniform timestep weights), no gradient."""
+            with torch.no_grad():
+                w = weights(0)
+            trial = diffusion_update(model, x, grid, eps.detach(), ac, protocol, weights=w)
+            return float(distance(trial, target))
+
         result = yield from self.two_phases(obs, labels, budget, generator, evaluate,
-                                            {"t_eps": "private: estimated"}, others)
+                                            {"t_eps": "private: estimated"}, others, score=score)
         with torch.no_grad():
             probs = weights(len(result.losses))
         g0 = grid[0]
