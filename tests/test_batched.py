@@ -82,6 +82,15 @@ def test_what_cannot_be_stacked_runs_unbatched_unchanged() -> None:
     alone = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(5))
     (many,) = reconstruct_many(attack, [obs], budget=budget, rngs=[torch.Generator().manual_seed(5)])
     assert torch.equal(alone.images, many.images) and "stacked" not in many.trace.extra
+    # Cells whose options cannot be stacked are not grouped either (a group would run them one by one).
+    from giaudit.config import parse_config
+    from giaudit.orchestration.plan import plan_cells
+    from giaudit.orchestration.run import cell_groups
+    spec = parse_config({"name": "apart", "seeds": [0, 1], "data": {"source": "mnist5k", "size": 16},
+                         "scenario": {"model": "lenet_relu", "batch_size": 1}, "threat": {"batch_size": True},
+                         "attacks": {"ig": {"schedule": "plateau"}, "dlg": {"adaptive": True}},
+                         "run": {"batch_cells": 4}})
+    assert [len(g) for g in cell_groups(spec, plan_cells(spec, "none"), 1)] == [1, 1, 1, 1]
 
 
 def _psnr(rec, truth) -> float:

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from giaudit.attacks import ATTACKS, Attack, build_attack
-from giaudit.attacks.batched import reconstruct_many, stacks
+from giaudit.attacks.batched import reconstruct_many, stacks, why_not_stacked
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import in_worker
@@ -264,9 +264,12 @@ def run_cell_group(cells: Sequence[Cell]) -> list[CellResult]:
 
 def group_key(cell: Cell) -> tuple | None:
     """What cells must share to be computed together (the attack and its options, the scenario but the seed);
-    None when the cell's attack cannot be stacked or is tuned per cell."""
+    None when the cell's attack cannot be stacked (its class, or its options: `why_not_stacked`) or is tuned
+    per cell."""
     spec = cell.spec
     config = spec.attacks[cell.attack]
     if not stacks(ATTACKS[cell.attack]) or config.tune is not None or spec.scenario.capture is not None:
+        return None
+    if why_not_stacked(config.build(), config.budget) is not None:  # it would run unbatched, one cell at a time
         return None
     return (cell.attack, json.dumps(dict(config.table), sort_keys=True, default=str), cell.label)
