@@ -1,47 +1,74 @@
-"""Many Inverting Gradients reconstructions solved as one: K independent problems stacked in one computation.
+"""Many reconstructions solved as one: K independent Inverting Gradients or DLG problems stacked in one computation.
 
-Inverting Gradients (Geiping et al., NeurIPS 2020; threat class B, as `giaudit.attacks.ig`) on K observations
-that share a model architecture and the attack's options (the seeds of a sweep, the clients of a round, the
-restarts of each) is K independent optimisations whose arithmetic is the same. On a CPU a small model's
-iteration is dominated by per-operation overhead, not by arithmetic, so stacking the K problems and running
-each operation once for all of them is several times faster per problem-iteration (`benchmarks/batched_ig.py`).
+Inverting Gradients (Geiping et al., NeurIPS 2020; threat class B, as `giaudit.attacks.ig`) and DLG / iDLG
+(Zhu et al., NeurIPS 2019; Zhao et al. 2020; as `giaudit.attacks.dlg`) on K observations that share a model
+architecture and the attack's options (the seeds of a sweep, the clients of a round, the restarts of each)
+are K independent optimisations whose arithmetic is the same. On a CPU a small model's iteration is dominated
+by per-operation overhead, not by arithmetic, so stacking the K problems and running each operation once for
+all of them is several times faster per problem-iteration (`benchmarks/batched_ig.py`,
+`benchmarks/batched_dlg.py`).
 
 How the problems stay independent: each problem's objective (the trial update of its own candidate images
-through its own model parameters, its cosine distance to its own observed update, plus total variation) is
-written for one problem and mapped over the stack with `torch.func.vmap`; the matching gradient of problem k
-is the gradient of problem k's objective alone (nothing is summed across the stack). Adam is elementwise, so
-the stacked optimiser is K optimisers; the paper's step schedule (x0.1 at 3/8, 5/8 and 7/8 of the budget)
-drops every problem's rate at the same iterations; a plateau stop (`Budget.patience`) freezes that problem
-alone (its images, its optimiser state and its loss history stop). Each problem keeps its own best iterate
-by its own matching loss; restarts are further problems in the stack and each observation keeps its restart
-with the lowest matching loss, as `reconstruct` does. Labels and starts are drawn exactly as `reconstruct`
-draws them (the same generator sequence), so problem k starts where its unbatched run starts.
+through its own model parameters, its distance to its own observed update) is written for one problem and
+mapped over the stack with `torch.func.vmap`; the gradient of problem k is the gradient of problem k's
+objective alone (nothing is summed across the stack). Labels and starts are drawn exactly as `reconstruct`
+draws them (the same generator sequence), so problem k starts where its unbatched run starts. Restarts are
+further problems in the stack and each observation keeps its restart with the lowest matching loss, as
+`reconstruct` does.
+
+Inverting Gradients: the cosine distance plus total variation. Adam is elementwise, so the stacked optimiser
+is K optimisers; the paper's step schedule (x0.1 at 3/8, 5/8 and 7/8 of the budget) drops every problem's
+rate at the same iterations; a plateau stop (`Budget.patience`) freezes that problem alone (its images, its
+optimiser state and its loss history stop). Each problem keeps its own best iterate by its own matching loss.
+
+DLG: L-BFGS keeps a curvature history and takes one line-searched step length per problem, so one optimiser
+over the stack would mix the problems. Each problem instead runs its own unmodified `torch.optim.LBFGS` loop
+(`DLG.solve`, the loop of the unbatched restart) in its own thread; its objective is a request to a shared
+evaluator, which waits until every unfinished problem has asked, computes the squared L2 distance of every
+asked point and its gradient (images, and label logits when optimised) in one vmapped call, in problem
+order, and answers each problem with its own value and gradient, one problem after the other (each runs its
+L-BFGS bookkeeping until it asks again: one thread runs at a time, so they never contend for the interpreter
+lock). A problem's state depends only on its own answers, so the order changes nothing; the threads end with
+the solve (an error in one problem stops the others and is raised), and the caller's thread does all the
+stacked arithmetic.
 
 Tolerance: the stacked kernels round differently from the unbatched ones (last-bit differences in a batched
-matrix product), and a signed-gradient descent can turn those into different late trajectories. The stacked
-run equals the unbatched one to 1e-4 in the images after tens of iterations, and over full runs to the
-reconstruction quality (mean |ΔPSNR| well under 0.5 dB; tests and the benchmark state both).
+matrix product). For Inverting Gradients a signed-gradient descent can turn those into different late
+trajectories: the stacked run equals the unbatched one to 1e-4 in the images after tens of iterations, and
+over full runs to the reconstruction quality (mean |ΔPSNR| well under 0.5 dB; tests and
+`benchmarks/batched_ig.py` state both). For DLG the line search and the curvature history amplify any
+last-bit difference, in the unbatched run itself as much: over its first L-BFGS steps the stacked run equals
+the unbatched one to 1e-3 in the images and the losses (tests), but over a full run a problem may take
+another trajectory, so single records differ by up to several dB and 5 iterations on 32 digits give a mean
+|ΔPSNR| of about 1 dB; moving the unbatched run's image gradient by one float step at every evaluation
+changes its records by as much (`benchmarks/batched_dlg.py --reference`). Stacked DLG agrees with unbatched
+DLG in distribution (the mean PSNR over problems, within the spread of that reference), not record by record.
+One problem's results do not depend on the others in its stack, to the bit: on the CPU a problem's slice of
+a vmapped call is the same whichever others share it, except in a stack of one, so a problem left alone is
+evaluated in a pair with itself.
 
 What is batched (`why_not_batched` says why anything else is not): IG with the "steps" or "constant"
-schedule, FedSGD gradients (no FedAvg unrolling), no BatchNorm prior, no adaptive replay, no successive
-halving, and models with no BatchNorm layer (its running statistics would move in place) or dropout in
-training mode.
+schedule, no BatchNorm prior, no successive halving; DLG with recovered or optimised labels; for both,
+FedSGD gradients (no FedAvg unrolling), no adaptive replay, and models with no BatchNorm layer (its running
+statistics would move in place) or dropout in training mode.
 Everything else runs through `Attack.reconstruct`, unbatched, with the same result as before.
 """
 from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
-from giaudit.attacks._common.distances import DISTANCES, total_variation
+from giaudit.attacks._common.distances import DISTANCES, l2_distance, total_variation
 from giaudit.attacks.base import Attack, Budget, Plateau
+from giaudit.attacks.dlg import DLG, LossAndGrad
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.attacks.restarts import RestartResult, generator_for
 from giaudit.fl import classification_loss
@@ -51,23 +78,39 @@ from giaudit.types import Observation, Reconstruction, Trace
 # Torch's Adam defaults, which IG's unbatched loop uses.
 _BETAS, _EPS = (0.9, 0.999), 1e-8
 
+# The attack classes whose runs can be stacked: exactly these (not their subclasses, which change what they
+# match or how).
+_STACKED = (InvertingGradients, DLG)
+
 
 def stacks(attack_class: type) -> bool:
-    """The attack class whose runs can be stacked: Inverting Gradients itself (not its subclasses, which change
-    the update they match)."""
-    return attack_class is InvertingGradients
+    """The attack class whose runs can be stacked: Inverting Gradients or DLG itself (not a subclass)."""
+    return attack_class in _STACKED
+
+
+def why_not_stacked(attack: object, budget: Budget) -> str | None:
+    """The part of `why_not_batched` that the attack's options and budget decide, before any observation: None
+    when they allow a stacked solve; else why not, in words."""
+    if not stacks(type(attack)) or not isinstance(attack, Attack):
+        return (f"{getattr(attack, 'name', type(attack).__name__)} is not batched "
+                f"(only {', '.join(sorted(c.name for c in _STACKED))} are)")
+    if isinstance(attack, InvertingGradients):
+        if attack.schedule not in ("steps", "constant"):
+            return f"schedule {attack.schedule!r} (batched: steps, constant)"
+        if attack.bn_weight > 0:
+            return "the BatchNorm prior"
+    if attack.adaptive:
+        return "adaptive replay (the replayed defense runs per problem)"
+    if budget.halving is not None and budget.restarts > 1:
+        return "successive halving"
+    return None
 
 
 def why_not_batched(attack: object, obs: Observation, budget: Budget) -> str | None:
     """None when `attack` on `obs` within `budget` can join a stacked solve; else why not, in words."""
-    if not stacks(type(attack)) or not isinstance(attack, InvertingGradients):
-        return f"{getattr(attack, 'name', type(attack).__name__)} is not batched (only ig is)"
-    if attack.schedule not in ("steps", "constant"):
-        return f"schedule {attack.schedule!r} (batched: steps, constant)"
-    if attack.bn_weight > 0 or attack.adaptive:
-        return "the BatchNorm prior or adaptive replay"
-    if budget.halving is not None and budget.restarts > 1:
-        return "successive halving"
+    reason = why_not_stacked(attack, budget)
+    if reason is not None:
+        return reason
     if obs.update.kind != "gradient":
         return "a FedAvg update (local steps are unrolled one problem at a time)"
     if obs.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obs.model.modules()):
@@ -102,35 +145,43 @@ def reconstruct_many(attack: Attack, observations: Sequence[Observation], *,
         else:
             out[i] = attack.reconstruct(obs, budget=budget, rng=rngs[i])
     per = max(1, (max_stack or 1 << 30) // max(1, budget.restarts))
+    solve = _solve_dlg if isinstance(attack, DLG) else _solve
     for members in groups.values():
         for j in range(0, len(members), per):
             chunk = members[j:j + per]
-            for i, rec in zip(chunk, _solve(cast(InvertingGradients, attack), [observations[i] for i in chunk], budget,
-                                            [rngs[i] for i in chunk])):
+            for i, rec in zip(chunk, solve(attack, [observations[i] for i in chunk], budget,
+                                           [rngs[i] for i in chunk])):
                 out[i] = rec
     return [r for r in out if r is not None]
 
 
-def _solve(attack: InvertingGradients, observations: Sequence[Observation], budget: Budget,
-           rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
-    """One stacked solve of `observations` (same signature), `budget.restarts` problems each."""
-    for obs in observations:
-        check(attack.name, attack.requires, obs.threat)
-    start = time.perf_counter()
-    model = copy.deepcopy(observations[0].model)  # the architecture; every problem brings its own parameters
-    names = [n for n, _ in model.named_parameters()]
-    buffer_names = [n for n, _ in model.named_buffers()]
-    problems: list[tuple[int, Tensor, Tensor]] = []  # (observation index, labels, start images)
+# -- shared by both solvers ----------------------------------------------------------------------------------
+Problem = tuple[int, Tensor, int]  # (observation index, labels, restart seed)
+
+
+def _problems(attack: Attack, observations: Sequence[Observation], budget: Budget,
+              rngs: Sequence[torch.Generator | None]) -> tuple[list[Problem], list[str]]:
+    """Every observation's restarts as problems, with labels and seeds drawn as `Attack.reconstruct` draws them,
+    and where each observation's labels came from."""
+    problems: list[Problem] = []
     label_sources: list[str] = []
     for k, (obs, rng) in enumerate(zip(observations, rngs)):
+        check(attack.name, attack.requires, obs.threat)
         gen = rng if rng is not None else torch.Generator().manual_seed(0)
         labels, source = attack.labels_for(obs, gen)
         label_sources.append(source)
         seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=gen, device=gen.device)]
-        n = obs.batch_size or labels.numel()
-        for s in seeds:
-            problems.append((k, labels, attack.initial_images(obs, n, generator_for(s)).detach()))
-    index = [k for k, _, _ in problems]
+        problems.extend((k, labels, s) for s in seeds)
+    return problems, label_sources
+
+
+def _stack_problems(observations: Sequence[Observation], index: Sequence[int]
+                    ) -> tuple[nn.Module, list[str], dict[str, Tensor], dict[str, Tensor], tuple[Tensor, ...]]:
+    """The architecture (a copy of the first model), its parameter names, and every problem's own parameters,
+    buffers and observed update, stacked in problem order (`index`: each problem's observation)."""
+    model = copy.deepcopy(observations[0].model)
+    names = [n for n, _ in model.named_parameters()]
+    buffer_names = [n for n, _ in model.named_buffers()]
     own_params = [dict(obs.model.named_parameters()) for obs in observations]
     own_buffers = [dict(obs.model.named_buffers()) for obs in observations]
     with torch.no_grad():
@@ -138,8 +189,42 @@ def _solve(attack: InvertingGradients, observations: Sequence[Observation], budg
         buffers = {n: torch.stack([own_buffers[k][n] for k in index]) for n in buffer_names}
         target = tuple(torch.stack([observations[k].update.tensors[i].detach() for k in index])
                        for i in range(len(names)))
+    return model, names, params, buffers, target
+
+
+def _records(observations: Sequence[Observation], problems: Sequence[Problem], results: Sequence[RestartResult],
+             label_sources: Sequence[str], wall: float) -> list[Reconstruction]:
+    """Each observation's reconstruction from its problems' results, as `Attack.reconstruct` assembles it:
+    the restart with the lowest final loss (NaN last), each observation timed at its share of the solve."""
+    per_obs: list[list[RestartResult]] = [[] for _ in observations]
+    for (k, _lab, _seed), r in zip(problems, results):
+        per_obs[k].append(r)
+    out = []
+    for k, obs in enumerate(observations):
+        finals = [r.final_loss for r in per_obs[k]]
+        best = min(range(len(finals)), key=lambda i: (math.isnan(finals[i]), finals[i]))
+        r = per_obs[k][best]
+        trace = Trace(losses=tuple(r.losses), restart_losses=tuple(finals), best_restart=best,
+                      iterations=len(r.losses), wall_s=wall, stopped_early=r.stopped_early,
+                      extra={"workers": 1, "stacked": len(problems), **r.extra})
+        lo_k, hi_k = obs.data_spec.value_range
+        source = r.extra.get("label_source", label_sources[k])
+        out.append(Reconstruction(r.images.detach().clamp(lo_k, hi_k), r.labels.detach(), source, trace))
+    return out
+
+
+# -- Inverting Gradients ---------------------------------------------------------------------------------------
+def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
+           rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
+    """One stacked IG solve of `observations` (same signature), `budget.restarts` problems each."""
+    attack = cast(InvertingGradients, attack)
+    start = time.perf_counter()
+    problems, label_sources = _problems(attack, observations, budget, rngs)
+    index = [k for k, _, _ in problems]
+    model, names, params, buffers, target = _stack_problems(observations, index)
     labels = torch.stack([lab for _, lab, _ in problems])
-    x = torch.stack([img for _, _, img in problems])
+    x = torch.stack([attack.initial_images(observations[k], observations[k].batch_size or lab.numel(),
+                                           generator_for(s)).detach() for k, lab, s in problems])
     distance = DISTANCES[attack.distance]
     tv_weight = attack.tv_weight
 
@@ -202,21 +287,187 @@ def _solve(attack: InvertingGradients, observations: Sequence[Observation], budg
                 active[k], stopped[k] = False, True
         if it + 1 in milestones:
             lr *= 0.1
-    wall = (time.perf_counter() - start) / len(observations)  # each observation's share of the stacked solve
-    results: list[list[tuple[int, RestartResult]]] = [[] for _ in observations]
-    for p, (k, lab, _img) in enumerate(problems):
-        results[k].append((p, RestartResult(best_x[p].clone(), lab, losses[p], best_loss[p], stopped[p])))
-    out = []
-    for k, obs in enumerate(observations):
-        finals = [r.final_loss for _, r in results[k]]
-        best = min(range(len(finals)), key=lambda i: (math.isnan(finals[i]), finals[i]))
-        r = results[k][best][1]
-        trace = Trace(losses=tuple(r.losses), restart_losses=tuple(finals), best_restart=best,
-                      iterations=len(r.losses), wall_s=wall, stopped_early=r.stopped_early,
-                      extra={"workers": 1, "stacked": total})
-        lo_k, hi_k = obs.data_spec.value_range
-        out.append(Reconstruction(r.images.detach().clamp(lo_k, hi_k), r.labels.detach(), label_sources[k], trace))
-    return out
+    results = [RestartResult(best_x[p].clone(), lab, losses[p], best_loss[p], stopped[p])
+               for p, (_k, lab, _s) in enumerate(problems)]
+    return _records(observations, problems, results, label_sources,
+                    (time.perf_counter() - start) / len(observations))
 
 
-__all__ = ["reconstruct_many", "stacks", "why_not_batched"]
+# -- DLG -------------------------------------------------------------------------------------------------------
+class _Cancelled(Exception):
+    """Raised in a problem's thread when the stacked solve ends before the problem does."""
+
+
+# The stacked evaluation: the problems that asked (in problem order) and the variables each asked at, to each
+# problem's (value, gradients).
+Evaluate = Callable[[list[int], list[Sequence[Tensor]]], list[tuple[Tensor, Sequence[Tensor]]]]
+
+
+class _Evaluator:
+    """Answers the objective requests of problems that run in their own threads, in stacked rounds.
+
+    One thread runs at a time: the caller's thread (`run`) starts each problem and waits until it asks for
+    its first evaluation (or finishes); then, round after round, it evaluates every asked point in one
+    `evaluate` call (in problem order) and hands each problem its own answer, waiting until that problem asks
+    again or finishes before waking the next. Problems that finished drop out of the rounds. Running the
+    problems' own work (the L-BFGS bookkeeping) one thread at a time keeps the threads from contending for
+    the interpreter lock; their results do not depend on the order in any case. An error in a problem stops
+    every problem (`stop`) and `run` raises it."""
+
+    def __init__(self, evaluate: Evaluate, total: int) -> None:
+        self._evaluate = evaluate
+        self._cond = threading.Condition()
+        self._asked: dict[int, Sequence[Tensor]] = {}
+        self._answers: dict[int, tuple[Tensor, Sequence[Tensor]]] = {}
+        self._done: set[int] = set()
+        self._ready = [threading.Event() for _ in range(total)]
+        self._stopped = False
+        self._error: BaseException | None = None
+
+    def client(self, p: int) -> LossAndGrad:
+        """Problem `p`'s objective: ask, wait for the answer of its round, return it."""
+        def ask(variables: Sequence[Tensor]) -> tuple[Tensor, Sequence[Tensor]]:
+            with self._cond:
+                if self._stopped:
+                    raise _Cancelled
+                self._asked[p] = variables  # stacked (copied) in `run` before this thread moves on
+                self._cond.notify()
+            self._ready[p].wait()
+            self._ready[p].clear()
+            with self._cond:
+                if self._stopped:
+                    raise _Cancelled
+                return self._answers.pop(p)
+
+        return ask
+
+    def finished(self, p: int) -> None:
+        """Problem `p`'s thread ends (with a result, an error or cancelled)."""
+        with self._cond:
+            self._done.add(p)
+            self._cond.notify()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop every problem: each one's next (or pending) request raises `_Cancelled` in its thread."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        for ready in self._ready:
+            ready.set()
+
+    def _wait_for(self, p: int) -> None:
+        """Until problem `p` has asked again or finished; raises a problem's error."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopped or p in self._asked or p in self._done)
+            if self._error is not None:
+                raise self._error
+            if self._stopped:
+                raise RuntimeError("the stacked solve was stopped")
+
+    def run(self, threads: Sequence[threading.Thread]) -> int:
+        """Start the problems' threads and answer their rounds until every problem has finished; the rounds."""
+        for p, thread in enumerate(threads):
+            thread.start()
+            self._wait_for(p)
+        rounds = 0
+        while True:
+            with self._cond:
+                order = sorted(self._asked)
+                points = [self._asked.pop(p) for p in order]
+            if not order:
+                return rounds
+            answers = self._evaluate(order, points)
+            rounds += 1
+            for p, answer in zip(order, answers):
+                with self._cond:
+                    self._answers[p] = answer
+                self._ready[p].set()
+                self._wait_for(p)
+
+
+def _run_threads(jobs: Sequence[Callable[[LossAndGrad], RestartResult]], evaluate: Evaluate
+                 ) -> tuple[list[RestartResult], int]:
+    """Run every job in its own thread against one `_Evaluator`; the results in job order and the rounds.
+    Every thread has ended when this returns or raises."""
+    evaluator = _Evaluator(evaluate, len(jobs))
+    results: list[RestartResult | None] = [None] * len(jobs)
+
+    def work(p: int) -> None:
+        try:
+            results[p] = jobs[p](evaluator.client(p))
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # raised in the caller's thread by `run`
+            evaluator.fail(exc)
+        finally:
+            evaluator.finished(p)
+
+    threads = [threading.Thread(target=work, args=(p,), name=f"giaudit-stacked-{p}", daemon=True)
+               for p in range(len(jobs))]
+    try:
+        rounds = evaluator.run(threads)
+    finally:
+        evaluator.stop()
+        for t in threads:
+            if t.ident is not None:
+                t.join()
+    if any(r is None for r in results):  # not reachable: a problem that did not finish stopped the solve
+        raise RuntimeError("a stacked problem ended without a result")
+    return cast(list[RestartResult], results), rounds
+
+
+def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budget,
+               rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
+    """One stacked DLG solve of `observations` (same signature), `budget.restarts` problems each: one L-BFGS
+    loop per problem (`DLG.solve`), every objective evaluated in stacked rounds."""
+    attack = cast(DLG, attack)
+    start = time.perf_counter()
+    problems, label_sources = _problems(attack, observations, budget, rngs)
+    index = [k for k, _, _ in problems]
+    model, names, params, buffers, target = _stack_problems(observations, index)
+    labels = torch.stack([lab for _, lab, _ in problems])
+    optimise = attack.optimise_labels
+
+    def objective(variables: tuple[Tensor, ...], pk: dict[str, Tensor], bk: dict[str, Tensor],
+                  tk: tuple[Tensor, ...], yk: Tensor) -> Tensor:
+        xk = variables[0]
+        y = torch.softmax(variables[1], -1) if optimise else yk
+
+        def client_loss(p: dict[str, Tensor]) -> Tensor:
+            return classification_loss(functional_call(model, {**p, **bk}, (xk,)), y)
+
+        trial = grad(client_loss)(pk)
+        return l2_distance(tuple(trial[n] for n in names), tk)
+
+    step_fn = vmap(grad_and_value(objective))
+    cache: dict[tuple[int, ...], tuple] = {}
+
+    def evaluate(order: list[int], points: list[Sequence[Tensor]]) -> list[tuple[Tensor, Sequence[Tensor]]]:
+        rows = order if len(order) > 1 else order * 2  # a stack of one rounds differently: pair it with itself
+        points = points if len(points) > 1 else points * 2
+        key = tuple(rows)
+        if key not in cache:
+            cache.clear()
+            at = torch.tensor(rows, device=labels.device)
+            cache[key] = ({n: v.index_select(0, at) for n, v in params.items()},
+                          {n: v.index_select(0, at) for n, v in buffers.items()},
+                          tuple(t.index_select(0, at) for t in target), labels.index_select(0, at))
+        p_rows, b_rows, t_rows, y_rows = cache[key]
+        variables = tuple(torch.stack([pt[i] for pt in points]) for i in range(len(points[0])))
+        grads, values = step_fn(variables, p_rows, b_rows, t_rows, y_rows)
+        return [(values[j], tuple(g[j].contiguous() for g in grads)) for j in range(len(order))]
+
+    jobs = [lambda ask, k=k, lab=lab, s=s: attack.solve(observations[k], lab, budget, generator_for(s), None, ask)
+            for k, lab, s in problems]
+    results, _rounds = _run_threads(jobs, evaluate)
+    return _records(observations, problems, results, label_sources,
+                    (time.perf_counter() - start) / len(observations))
+
+
+__all__ = ["reconstruct_many", "stacks", "why_not_batched", "why_not_stacked"]

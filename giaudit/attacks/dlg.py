@@ -6,11 +6,17 @@ labels are recovered, dummy soft labels) are optimised with L-BFGS to
 minimise the squared L2 distance between their gradient and the observed
 one. Deviation: the images are initialised uniformly in the data range
 rather than from N(0, 1), and clamped to it on return.
+
+One restart is `DLG.solve`: torch's L-BFGS (strong Wolfe line search) on the
+variables, around an objective passed in as a `LossAndGrad`. `run_restart`
+passes autograd on the observation's own model (`DLG.matching`);
+`giaudit.attacks.batched` passes an evaluator that computes the objectives of
+many restarts in one stacked call, so both paths run the same loop.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -20,6 +26,10 @@ from giaudit.attacks._common.distances import l2_distance
 from giaudit.attacks.base import ATTACKS, LABEL_DIM, Attack, Budget, Dim, Plateau, Progress, RestartResult
 from giaudit.device import to_model
 from giaudit.types import Capability, Observation
+
+# The matching objective at the variables (the images, then the label logits when they are optimised): its value
+# and its gradient with respect to each variable, all detached.
+LossAndGrad = Callable[[Sequence[Tensor]], tuple[Tensor, Sequence[Tensor]]]
 
 
 @ATTACKS.register("dlg")
@@ -37,8 +47,28 @@ class DLG(Attack):
 
     def run_restart(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
                     progress: Progress | None) -> RestartResult:
-        n = obs.batch_size or labels.numel()
+        return self.solve(obs, labels, budget, generator, progress, self.matching(obs, labels))
+
+    def matching(self, obs: Observation, labels: Tensor) -> LossAndGrad:
+        """The squared L2 distance between the trial update at the variables and the observed one, and its
+        gradient, by autograd through the observation's model."""
         model, target = obs.model, obs.update.tensors
+
+        def loss_and_grad(variables: Sequence[Tensor]) -> tuple[Tensor, Sequence[Tensor]]:
+            with torch.enable_grad():
+                leaves = [v.detach().requires_grad_(True) for v in variables]
+                y = torch.softmax(leaves[1], -1) if len(leaves) > 1 else labels
+                loss = l2_distance(self.trial_update(obs, model, leaves[0], y), target)
+                grads = torch.autograd.grad(loss, leaves)
+            return loss.detach(), grads
+
+        return loss_and_grad
+
+    def solve(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
+              progress: Progress | None, loss_and_grad: LossAndGrad) -> RestartResult:
+        """One restart: the start `generator` draws (images, then label logits when optimised), then
+        `budget.iterations` L-BFGS steps on `loss_and_grad`, keeping the best iterate by the matching loss."""
+        n = obs.batch_size or labels.numel()
         x = self.initial_images(obs, n, generator).requires_grad_(True)
         variables = [x]
         label_logits = None
@@ -49,14 +79,10 @@ class DLG(Attack):
         opt = torch.optim.LBFGS(variables, lr=self.lr, max_iter=self.max_eval, history_size=self.history_size,
                                 line_search_fn="strong_wolfe")
 
-        def objective() -> Tensor:
-            y = torch.softmax(label_logits, -1) if label_logits is not None else labels
-            return l2_distance(self.trial_update(obs, model, x, y), target)
-
         def closure() -> Tensor:
-            opt.zero_grad()
-            loss = objective()
-            loss.backward(inputs=variables)
+            loss, grads = loss_and_grad([v.detach() for v in variables])
+            for v, g in zip(variables, grads):
+                v.grad = g
             return loss
 
         losses: list[float] = []

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from giaudit.attacks import ATTACKS, Attack, build_attack
-from giaudit.attacks.batched import reconstruct_many, stacks
+from giaudit.attacks.batched import reconstruct_many, stacks, why_not_stacked
 from giaudit.config import AuditSpec
 from giaudit.defenses import Chain, build_chain
 from giaudit.engine import Shared, in_worker
@@ -267,10 +267,12 @@ def group_key(cell: Cell) -> tuple | None:
     """What cells must share to be computed together: the attack and its options, the data, scenario, threat
     model and run settings (the defense and the seed may differ: each cell brings its own observations, and the
     solve keeps problems of different architectures, e.g. after DP-SGD's GroupNorm swap, apart). None when the
-    cell's attack cannot be stacked or is tuned per cell."""
+    cell's attack cannot be stacked (its class, or its options: `why_not_stacked`) or is tuned per cell."""
     spec = cell.spec
     config = spec.attacks[cell.attack]
     if not stacks(ATTACKS[cell.attack]) or config.tune is not None or spec.scenario.capture is not None:
+        return None
+    if why_not_stacked(config.build(), config.budget) is not None:  # it would run unbatched, one cell at a time
         return None
     raw = spec.raw
     shared = {k: raw.get(k) for k in ("data", "scenario", "threat", "run")}
