@@ -55,7 +55,6 @@ Everything else runs through `Attack.reconstruct`, unbatched, with the same resu
 """
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
@@ -67,16 +66,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from giaudit.attacks._common.distances import DISTANCES, l2_distance, total_variation
+from giaudit.attacks._common.stacking import BETAS, EPS, draw_problems, records, stack_problems
 from giaudit.attacks.base import Attack, Budget, Plateau
 from giaudit.attacks.dlg import DLG, LossAndGrad
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.attacks.restarts import RestartResult, generator_for
 from giaudit.fl import classification_loss
-from giaudit.threat import check
-from giaudit.types import Observation, Reconstruction, Trace
-
-# Torch's Adam defaults, which IG's unbatched loop uses.
-_BETAS, _EPS = (0.9, 0.999), 1e-8
+from giaudit.types import Observation, Reconstruction
 
 # The attack classes whose runs can be stacked: exactly these (not their subclasses, which change what they
 # match or how).
@@ -155,73 +151,15 @@ def reconstruct_many(attack: Attack, observations: Sequence[Observation], *,
     return [r for r in out if r is not None]
 
 
-# -- shared by both solvers ----------------------------------------------------------------------------------
-Problem = tuple[int, Tensor, int]  # (observation index, labels, restart seed)
-
-
-def _problems(attack: Attack, observations: Sequence[Observation], budget: Budget,
-              rngs: Sequence[torch.Generator | None]) -> tuple[list[Problem], list[str]]:
-    """Every observation's restarts as problems, with labels and seeds drawn as `Attack.reconstruct` draws them,
-    and where each observation's labels came from."""
-    problems: list[Problem] = []
-    label_sources: list[str] = []
-    for k, (obs, rng) in enumerate(zip(observations, rngs)):
-        check(attack.name, attack.requires, obs.threat)
-        gen = rng if rng is not None else torch.Generator().manual_seed(0)
-        labels, source = attack.labels_for(obs, gen)
-        label_sources.append(source)
-        seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=gen, device=gen.device)]
-        problems.extend((k, labels, s) for s in seeds)
-    return problems, label_sources
-
-
-def _stack_problems(observations: Sequence[Observation], index: Sequence[int]
-                    ) -> tuple[nn.Module, list[str], dict[str, Tensor], dict[str, Tensor], tuple[Tensor, ...]]:
-    """The architecture (a copy of the first model), its parameter names, and every problem's own parameters,
-    buffers and observed update, stacked in problem order (`index`: each problem's observation)."""
-    model = copy.deepcopy(observations[0].model)
-    names = [n for n, _ in model.named_parameters()]
-    buffer_names = [n for n, _ in model.named_buffers()]
-    own_params = [dict(obs.model.named_parameters()) for obs in observations]
-    own_buffers = [dict(obs.model.named_buffers()) for obs in observations]
-    with torch.no_grad():
-        params = {n: torch.stack([own_params[k][n].detach() for k in index]) for n in names}
-        buffers = {n: torch.stack([own_buffers[k][n] for k in index]) for n in buffer_names}
-        target = tuple(torch.stack([observations[k].update.tensors[i].detach() for k in index])
-                       for i in range(len(names)))
-    return model, names, params, buffers, target
-
-
-def _records(observations: Sequence[Observation], problems: Sequence[Problem], results: Sequence[RestartResult],
-             label_sources: Sequence[str], wall: float) -> list[Reconstruction]:
-    """Each observation's reconstruction from its problems' results, as `Attack.reconstruct` assembles it:
-    the restart with the lowest final loss (NaN last), each observation timed at its share of the solve."""
-    per_obs: list[list[RestartResult]] = [[] for _ in observations]
-    for (k, _lab, _seed), r in zip(problems, results):
-        per_obs[k].append(r)
-    out = []
-    for k, obs in enumerate(observations):
-        finals = [r.final_loss for r in per_obs[k]]
-        best = min(range(len(finals)), key=lambda i: (math.isnan(finals[i]), finals[i]))
-        r = per_obs[k][best]
-        trace = Trace(losses=tuple(r.losses), restart_losses=tuple(finals), best_restart=best,
-                      iterations=len(r.losses), wall_s=wall, stopped_early=r.stopped_early,
-                      extra={"workers": 1, "stacked": len(problems), **r.extra})
-        lo_k, hi_k = obs.data_spec.value_range
-        source = r.extra.get("label_source", label_sources[k])
-        out.append(Reconstruction(r.images.detach().clamp(lo_k, hi_k), r.labels.detach(), source, trace))
-    return out
-
-
 # -- Inverting Gradients ---------------------------------------------------------------------------------------
 def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
            rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
     """One stacked IG solve of `observations` (same signature), `budget.restarts` problems each."""
     attack = cast(InvertingGradients, attack)
     start = time.perf_counter()
-    problems, label_sources = _problems(attack, observations, budget, rngs)
+    problems, label_sources = draw_problems(attack, observations, budget, rngs)
     index = [k for k, _, _ in problems]
-    model, names, params, buffers, target = _stack_problems(observations, index)
+    model, names, params, buffers, target = stack_problems(observations, index)
     labels = torch.stack([lab for _, lab, _ in problems])
     x = torch.stack([attack.initial_images(observations[k], observations[k].batch_size or lab.numel(),
                                            generator_for(s)).detach() for k, lab, s in problems])
@@ -269,11 +207,11 @@ def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
             # Adam on the signed gradient, one optimiser per problem (elementwise: stacking changes nothing).
             s = g.sign()
             steps += mask.reshape(-1).to(steps.dtype)
-            m_new = _BETAS[0] * m_state + (1 - _BETAS[0]) * s
-            v_new = _BETAS[1] * v_state + (1 - _BETAS[1]) * s * s
+            m_new = BETAS[0] * m_state + (1 - BETAS[0]) * s
+            v_new = BETAS[1] * v_state + (1 - BETAS[1]) * s * s
             t = steps.clamp_min(1).reshape(shape)
-            c1, c2 = 1 - _BETAS[0] ** t, 1 - _BETAS[1] ** t
-            x_new = (x - (lr / c1) * m_new / (v_new.sqrt() / c2.sqrt() + _EPS)).clamp(lo, hi)
+            c1, c2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
+            x_new = (x - (lr / c1) * m_new / (v_new.sqrt() / c2.sqrt() + EPS)).clamp(lo, hi)
             x = torch.where(mask, x_new, x)
             m_state = torch.where(mask, m_new, m_state)
             v_state = torch.where(mask, v_new, v_state)
@@ -289,7 +227,7 @@ def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
             lr *= 0.1
     results = [RestartResult(best_x[p].clone(), lab, losses[p], best_loss[p], stopped[p])
                for p, (_k, lab, _s) in enumerate(problems)]
-    return _records(observations, problems, results, label_sources,
+    return records(observations, problems, results, label_sources,
                     (time.perf_counter() - start) / len(observations))
 
 
@@ -428,9 +366,9 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
     loop per problem (`DLG.solve`), every objective evaluated in stacked rounds."""
     attack = cast(DLG, attack)
     start = time.perf_counter()
-    problems, label_sources = _problems(attack, observations, budget, rngs)
+    problems, label_sources = draw_problems(attack, observations, budget, rngs)
     index = [k for k, _, _ in problems]
-    model, names, params, buffers, target = _stack_problems(observations, index)
+    model, names, params, buffers, target = stack_problems(observations, index)
     labels = torch.stack([lab for _, lab, _ in problems])
     optimise = attack.optimise_labels
 
@@ -466,7 +404,7 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
     jobs = [lambda ask, k=k, lab=lab, s=s: attack.solve(observations[k], lab, budget, generator_for(s), None, ask)
             for k, lab, s in problems]
     results, _rounds = _run_threads(jobs, evaluate)
-    return _records(observations, problems, results, label_sources,
+    return records(observations, problems, results, label_sources,
                     (time.perf_counter() - start) / len(observations))
 
 

@@ -76,29 +76,36 @@ def functional_update_fn(model: nn.Module, protocol: ClientProtocol) -> Callable
     BatchNorm layers in train mode are switched to pure batch statistics (no running-stat
     updates, which vmap cannot do in place); that is what the client's forward uses anyway.
     """
+    update, params, buffers = parametrised_update_fn(model, protocol)
+    return lambda x, y: update(params, buffers, x, y)
+
+
+def parametrised_update_fn(model: nn.Module, protocol: ClientProtocol
+                           ) -> tuple[Callable[..., tuple[Tensor, ...]], dict[str, Tensor], dict[str, Tensor]]:
+    """`functional_update_fn` with the model's parameters and buffers arguments, ``(params, buffers, x, y) ->
+    update``, so that problems with models of their own can be mapped over; and the model's own (detached)."""
     model = copy.deepcopy(model)
     if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         torch.func.replace_all_batch_norm_modules_(model)
     names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def loss(p: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return classification_loss(functional_call(model, (p, buffers), (x,)), y)
 
     g = grad(loss)
 
-    def update(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    def update(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         if protocol.name == "fedsgd":
-            out = g(params, x, y)
+            out = g(params, buffers, x, y)
             return tuple(out[n] for n in names)
         current = dict(params)
         for sl in local_batches(protocol, x.shape[0]):
-            step = g(current, x[sl], y[sl])
+            step = g(current, buffers, x[sl], y[sl])
             current = {n: current[n] - protocol.local_lr * step[n] for n in names}
         return tuple(current[n] - params[n] for n in names)
 
-    return update
+    return (update, {n: p.detach() for n, p in model.named_parameters()},
+            {n: b.detach() for n, b in model.named_buffers()})
 
 
 @ATTACKS.register("ggl")

@@ -38,16 +38,13 @@ from torch.func import functional_call, grad, vmap
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
 from giaudit.attacks._common.optimise import milestones
+from giaudit.attacks._common.stacking import BETAS, EPS, draw_problems, records, stack_problems
 from giaudit.attacks.base import Budget
 from giaudit.attacks.gias import GIAS
-from giaudit.attacks.restarts import generator_for
+from giaudit.attacks.restarts import RestartResult, generator_for
 from giaudit.device import to_model
 from giaudit.fl import classification_loss
-from giaudit.threat import check
-from giaudit.types import Observation, Reconstruction, Trace
-
-# Torch's Adam defaults, which the unbatched phases use.
-BETAS, EPS = (0.9, 0.999), 1e-8
+from giaudit.types import Observation, Reconstruction
 
 
 def why_not_stacked(attack: GIAS, obs: Observation, budget: Budget) -> str | None:
@@ -84,48 +81,36 @@ def solve(attack: GIAS, observations: Sequence[Observation], budget: Budget,
           rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
     """One stacked GIAS solve of `observations` (one architecture), `budget.restarts` problems each; the
     reconstructions `attack.reconstruct` would return, to the module's tolerance."""
-    for obs in observations:
-        check(attack.name, attack.requires, obs.threat)
     start = time.perf_counter()
-    model = observations[0].model
+    problems, sources = draw_problems(attack, observations, budget, rngs)
+    index = [k for k, _, _ in problems]
+    labels_of = [lab for _, lab, _ in problems]
+    model, names, params, buffers, target = stack_problems(observations, index)
     gen = attack.generator_for(observations[0])
-    names = [n for n, _ in model.named_parameters()]
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
     gen_names = [n for n, _ in gen.named_parameters()]
     gen_params = {n: p.detach() for n, p in gen.named_parameters()}
     gen_buffers = {n: b.detach() for n, b in gen.named_buffers()}
-    index, labels_of, z0s, sources = [], [], [], []
-    for k, (obs, rng) in enumerate(zip(observations, rngs)):
-        g0 = rng if rng is not None else torch.Generator().manual_seed(0)
-        labels, source = attack.labels_for(obs, g0)
-        sources.append(source)
-        seeds = [int(s) for s in torch.randint(0, 2**62, (budget.restarts,), generator=g0, device=g0.device)]
-        n = obs.batch_size or labels.numel()
-        for s in seeds:
-            g = generator_for(s)
-            z0s.append(to_model(torch.randn((n, gen.config.latent_dim), generator=g, device=g.device), obs.model))
-            index.append(k)
-            labels_of.append(labels)
-    with torch.no_grad():
-        own = [dict(obs.model.named_parameters()) for obs in observations]
-        params = {nm: torch.stack([own[k][nm].detach() for k in index]) for nm in names}
-        target = tuple(torch.stack([observations[k].update.tensors[i].detach() for k in index])
-                       for i in range(len(names)))
+    z0s = []  # drawn as `descend` draws them, from each restart's own generator
+    for k, labels, seed in problems:
+        g = generator_for(seed)
+        z0s.append(to_model(torch.randn((labels.numel(), gen.config.latent_dim), generator=g, device=g.device),
+                            observations[k].model))
     y = torch.stack(labels_of)
     distance = DISTANCES[attack.distance]
     tv, l2 = attack.tv_weight, attack.z_l2
 
-    def match_of(x: Tensor, pk: dict[str, Tensor], tk: tuple[Tensor, ...], yk: Tensor) -> tuple[Tensor, Tensor]:
+    def match_of(x: Tensor, pk: dict[str, Tensor], bk: dict[str, Tensor], tk: tuple[Tensor, ...],
+                 yk: Tensor) -> tuple[Tensor, Tensor]:
         def client_loss(p: dict[str, Tensor]) -> Tensor:
-            return classification_loss(functional_call(model, {**p, **buffers}, (x,)), yk)
+            return classification_loss(functional_call(model, {**p, **bk}, (x,)), yk)
 
         trial = grad(client_loss)(pk)
         match = distance(tuple(trial[nm] for nm in names), tk)
         return match, (match + tv * total_variation(x) if tv else match)
 
-    def latent_objective(z: Tensor, pk: dict[str, Tensor], tk: tuple[Tensor, ...],
+    def latent_objective(z: Tensor, pk: dict[str, Tensor], bk: dict[str, Tensor], tk: tuple[Tensor, ...],
                          yk: Tensor) -> tuple[Tensor, Tensor]:
-        match, loss = match_of(functional_call(gen, {**gen_params, **gen_buffers}, (z,)), pk, tk, yk)
+        match, loss = match_of(functional_call(gen, {**gen_params, **gen_buffers}, (z,)), pk, bk, tk, yk)
         return (loss + l2 * z.pow(2).mean() if l2 else loss), match
 
     def render_one(theta: dict[str, Tensor], zi: Tensor) -> Tensor:
@@ -134,9 +119,9 @@ def solve(attack: GIAS, observations: Sequence[Observation], budget: Budget,
     def render(theta: dict[str, Tensor], z: Tensor) -> Tensor:  # one problem: B images, B weight copies
         return vmap(render_one)(theta, z)
 
-    def parameter_objective(theta: dict[str, Tensor], z: Tensor, pk: dict[str, Tensor], tk: tuple[Tensor, ...],
-                            yk: Tensor) -> tuple[Tensor, Tensor]:
-        match, loss = match_of(render(theta, z), pk, tk, yk)
+    def parameter_objective(theta: dict[str, Tensor], z: Tensor, pk: dict[str, Tensor], bk: dict[str, Tensor],
+                            tk: tuple[Tensor, ...], yk: Tensor) -> tuple[Tensor, Tensor]:
+        match, loss = match_of(render(theta, z), pk, bk, tk, yk)
         return loss, match
 
     total = len(index)
@@ -150,7 +135,7 @@ def solve(attack: GIAS, observations: Sequence[Observation], budget: Budget,
     opt = StackedAdam(z, attack.lr_z)
     marks = milestones(n_z)
     for it in range(n_z):
-        g, match = step(z, params, target, y)
+        g, match = step(z, params, buffers, target, y)
         values = match.detach().tolist()
         with torch.no_grad():
             for p, v in enumerate(values):
@@ -176,7 +161,7 @@ def solve(attack: GIAS, observations: Sequence[Observation], budget: Budget,
         opts = {nm: StackedAdam(t, attack.lr_theta) for nm, t in theta.items()}
         marks = milestones(n_t)
         for it in range(n_t):
-            g, match = pstep(theta, z_fixed, params, target, y)
+            g, match = pstep(theta, z_fixed, params, buffers, target, y)
             values = match.detach().tolist()
             with torch.no_grad():
                 x_now = vmap(render)(theta, z_fixed)
@@ -194,23 +179,14 @@ def solve(attack: GIAS, observations: Sequence[Observation], budget: Budget,
             if t_best[p] < z_best[p]:  # else the parameter search never beat its starting point
                 final_images[p] = best_x[p]
             final_loss[p] = min(z_best[p], t_best[p])
-    wall = (time.perf_counter() - start) / len(observations)
-    out = []
-    for k, obs in enumerate(observations):
-        mine = [p for p in range(total) if index[p] == k]
-        finals = [final_loss[p] for p in mine]
-        keep = min(range(len(mine)), key=lambda i: (math.isnan(finals[i]), finals[i]))
-        p = mine[keep]
+    results = []
+    for p in range(total):
         extra: dict[str, Any] = {"mode": attack.mode, "z_iterations": n_z, "z_phase_loss": z_best[p],
                                  **attack.prior.describe()}
         if attack.mode != "z":
             extra["theta_iterations"] = extra_theta[p]
-        trace = Trace(losses=tuple(losses[p]), restart_losses=tuple(finals), best_restart=keep,
-                      iterations=len(losses[p]), wall_s=wall, stopped_early=False,
-                      extra={"workers": 1, "stacked": total, **extra})
-        lo, hi = obs.data_spec.value_range
-        out.append(Reconstruction(final_images[p].detach().clamp(lo, hi), labels_of[p].detach(), sources[k], trace))
-    return out
+        results.append(RestartResult(final_images[p], labels_of[p], losses[p], final_loss[p], False, extra))
+    return records(observations, problems, results, sources, (time.perf_counter() - start) / len(observations))
 
 
 __all__ = ["StackedAdam", "solve", "why_not_stacked"]
