@@ -6,7 +6,8 @@ regression oracle. Paths the config resolves (the policy file, the shipped class
 repository's location is replaced by ``<repo>`` before hashing, which keeps the oracle independent of where
 the checkout lives; for configs without paths that is the plain hash. The raw and cell hashes of
 defended, faces_folder, fedavg and mnist_ig_batch4 were recomputed when those examples' attack options changed
-(a TV weight and lr tuned on the server's own data): a content change, their utility keys unchanged.
+(a TV weight and lr tuned on the server's own data), and diffusion_gidm's when GIDM moved to an L-BFGS pixel
+phase and screened starts: content changes, their utility keys unchanged.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
              "utility": ["fffd76645b6dd707", "2a8f4d61d5587096"]},
     "examples/defended.toml": {"raw": "658d463d93daaf3e", "cells": ["166b1ddc7fd3242b", "d793e6b8721e94d8"],
                                "utility": ["1e887495150ac6fa", "7aeef02de8c6ee63"]},
-    "examples/diffusion_gidm.toml": {"raw": "0b6c6aa2e9fe4180", "cells": ["17d05d60c655746b", "9a8ebd9c62c04d4d"],
+    "examples/diffusion_gidm.toml": {"raw": "d2639c5636d7dc12", "cells": ["a9200322b6297800", "b5f756ca84f8a351"],
                                      "utility": ["def8bbd1883d4588"]},
     "examples/faces_folder.toml": {"raw": "1cc4f04ac5177fc3", "cells": ["764c59e291bd5104", "d987e1b625a47362"],
                                    "utility": ["515cc86af4fb3e30", "1db9a8f6280c71fa"]},
