@@ -80,6 +80,12 @@ def test_what_cannot_be_stacked_runs_unbatched_unchanged() -> None:
     assert "adaptive" in (why_not_batched(build_attack("dlg", adaptive=True), obs, budget) or "")
     assert why_not_batched(build_attack("dlg"), obs, budget) is None
     assert "not batched" in (why_not_batched(build_attack("imprint"), obs, budget) or "")
+    assert why_not_batched(build_attack("gias"), obs, budget) is None
+    assert "plateau" in (why_not_batched(build_attack("gias"), obs, Budget(iterations=6, patience=3)) or "")
+    assert why_not_batched(build_attack("ggl"), obs, budget) is None
+    assert "optimizer 'bo'" in (why_not_batched(build_attack("ggl", optimizer="bo"), obs, budget) or "")
+    assert "halving" in (why_not_batched(build_attack("ggl"), obs, Budget(restarts=4, halving=2)) or "")
+    assert "not batched" in (why_not_batched(build_attack("giml"), obs, budget) or "")
     alone = attack.reconstruct(obs, budget=budget, rng=torch.Generator().manual_seed(5))
     (many,) = reconstruct_many(attack, [obs], budget=budget, rngs=[torch.Generator().manual_seed(5)])
     assert torch.equal(alone.images, many.images) and "stacked" not in many.trace.extra
@@ -231,11 +237,16 @@ def test_auto_stack_keeps_a_stack_within_a_share_of_a_workers_memory(monkeypatch
                          "run": {"batch_cells": "auto"}})
     assert run_module.auto_stack(spec, 2) == 32
     scen, _ = run_module.build_scenario(spec.data, spec.scenario, spec.threat.model(), 0, base=spec.base)
-    per_cell = run_module.stack_bytes(scen.model, scen.pool.spec.shape, 2) * 2 * 2
+    from giaudit.attacks.batched import problem_bytes
+    per_cell = problem_bytes(spec.attacks["ig"].build(), scen.model, scen.pool.spec.shape, 2) * 2 * 2
     monkeypatch.setattr(run_module, "memory_bytes", lambda: int(10 * per_cell * 2 / run_module.AUTO_MEMORY_SHARE))
     assert run_module.auto_stack(spec, 2) == 10  # 10 cells fit in a quarter of each of the 2 workers' memory
     monkeypatch.setattr(run_module, "memory_bytes", lambda: 1)
     assert run_module.auto_stack(spec, 2) == 1
+    # GGL evaluates its whole population per problem, GIAS adds a generator copy per image: each costs more.
+    one = problem_bytes(build_attack("ig"), scen.model, scen.pool.spec.shape, 2)
+    assert problem_bytes(build_attack("ggl", population=50), scen.model, scen.pool.spec.shape, 2) == 50 * one
+    assert problem_bytes(build_attack("gias"), scen.model, scen.pool.spec.shape, 2) > one
 
 
 def test_stacked_ggl_populations_give_the_unbatched_reconstructions(prior_scenario) -> None:
@@ -246,7 +257,6 @@ def test_stacked_ggl_populations_give_the_unbatched_reconstructions(prior_scenar
     import dataclasses
 
     from giaudit.attacks.ggl import GGL
-    from giaudit.attacks.stacked_ggl import solve
     from giaudit.metrics.image import psnr
 
     scen = prior_scenario(1)
@@ -256,7 +266,7 @@ def test_stacked_ggl_populations_give_the_unbatched_reconstructions(prior_scenar
     budget = Budget(iterations=4, restarts=2, workers=1)
     rngs = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
     plain = [attack.reconstruct(o, budget=budget, rng=r) for o, r in zip(obs, rngs())]
-    stacked = solve(attack, obs, budget, rngs())
+    stacked = reconstruct_many(attack, obs, budget=budget, rngs=rngs())
     for a, b, (_o, truth) in zip(plain, stacked, cases):
         assert b.trace.extra["stacked"] == 6 and a.label_source == b.label_source
         assert a.trace.best_restart == b.trace.best_restart
@@ -266,7 +276,7 @@ def test_stacked_ggl_populations_give_the_unbatched_reconstructions(prior_scenar
     # A different neighbour (another client's update in problem 0's place) leaves problems 1 and 2 as they were.
     other = dataclasses.replace(obs[0], update=prior_scenario(1, seed=5).simulate(
         generator=torch.Generator().manual_seed(9))[0].update)
-    again = solve(attack, [other, obs[1], obs[2]], budget, rngs())
+    again = reconstruct_many(attack, [other, obs[1], obs[2]], budget=budget, rngs=rngs())
     for b, c in zip(stacked[1:], again[1:]):
         assert b.trace.losses == c.trace.losses and torch.equal(b.images, c.images)
 
@@ -274,15 +284,13 @@ def test_stacked_ggl_populations_give_the_unbatched_reconstructions(prior_scenar
 def test_stacked_gias_gives_the_unbatched_reconstructions(prior_scenario) -> None:
     """GIAS (latent search, then per-image generator weights), K problems stacked: the same restart kept, images
     equal to 1e-4 and losses to 1e-5 relative; a changed neighbour changes nothing."""
-    from giaudit.attacks.stacked_gias import solve
-
     scen = prior_scenario(2)
     obs = [scen.simulate(generator=torch.Generator().manual_seed(i))[0] for i in range(3)]
     attack = build_attack("gias")
     budget = Budget(iterations=4, restarts=2, workers=1)
     rngs = lambda: [torch.Generator().manual_seed(20 + i) for i in range(3)]  # noqa: E731
     plain = [attack.reconstruct(o, budget=budget, rng=r) for o, r in zip(obs, rngs())]
-    stacked = solve(attack, obs, budget, rngs())
+    stacked = reconstruct_many(attack, obs, budget=budget, rngs=rngs())
     for a, b in zip(plain, stacked):
         assert b.trace.extra["stacked"] == 6 and a.trace.best_restart == b.trace.best_restart
         assert torch.allclose(a.images, b.images, atol=1e-4) and torch.equal(a.labels, b.labels)
@@ -290,6 +298,6 @@ def test_stacked_gias_gives_the_unbatched_reconstructions(prior_scenario) -> Non
         assert a.trace.extra.get("theta_iterations") == b.trace.extra.get("theta_iterations")
     other = dataclasses.replace(obs[0], update=prior_scenario(2, seed=5).simulate(
         generator=torch.Generator().manual_seed(9))[0].update)
-    again = solve(attack, [other, obs[1], obs[2]], budget, rngs())
+    again = reconstruct_many(attack, [other, obs[1], obs[2]], budget=budget, rngs=rngs())
     for b, c in zip(stacked[1:], again[1:]):
         assert b.trace.losses == c.trace.losses and torch.equal(b.images, c.images)

@@ -1,4 +1,5 @@
-"""Many reconstructions solved as one: K independent Inverting Gradients or DLG problems stacked in one computation.
+"""Many reconstructions solved as one: K independent Inverting Gradients, DLG, GIAS or GGL problems stacked in one
+computation.
 
 Inverting Gradients (Geiping et al., NeurIPS 2020; threat class B, as `giaudit.attacks.ig`) and DLG / iDLG
 (Zhu et al., NeurIPS 2019; Zhao et al. 2020; as `giaudit.attacks.dlg`) on K observations that share a model
@@ -48,9 +49,12 @@ a vmapped call is the same whichever others share it, except in a stack of one, 
 evaluated in a pair with itself.
 
 What is batched (`why_not_batched` says why anything else is not): IG with the "steps" or "constant"
-schedule, no BatchNorm prior, no successive halving; DLG with recovered or optimised labels; for both,
-FedSGD gradients (no FedAvg unrolling), no adaptive replay, and models with no BatchNorm layer (its running
-statistics would move in place) or dropout in training mode.
+schedule and no BatchNorm prior; DLG with recovered or optimised labels; GIAS (`giaudit.attacks.stacked_gias`)
+without a plateau stop; GGL with CMA-ES (`giaudit.attacks.stacked_ggl`), FedAvg updates included; for IG, DLG
+and GIAS FedSGD gradients (no FedAvg unrolling) and no adaptive replay; for all, no successive halving and
+models with no BatchNorm layer in training mode (its running statistics would move in place) or dropout in
+training mode. Problems are stacked only with problems of the same architecture, batch, data shape, device and
+client protocol.
 Everything else runs through `Attack.reconstruct`, unbatched, with the same result as before.
 """
 from __future__ import annotations
@@ -59,28 +63,97 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from giaudit.attacks import stacked_ggl, stacked_gias
 from giaudit.attacks._common.distances import DISTANCES, l2_distance, total_variation
 from giaudit.attacks._common.stacking import BETAS, EPS, draw_problems, records, stack_problems
 from giaudit.attacks.base import Attack, Budget, Plateau
 from giaudit.attacks.dlg import DLG, LossAndGrad
+from giaudit.attacks.ggl import GGL
+from giaudit.attacks.gias import GIAS
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.attacks.restarts import RestartResult, generator_for
 from giaudit.fl import classification_loss
 from giaudit.types import Observation, Reconstruction
 
-# The attack classes whose runs can be stacked: exactly these (not their subclasses, which change what they
-# match or how).
-_STACKED = (InvertingGradients, DLG)
+
+def _ig_dlg_options(attack: Attack, budget: Budget) -> str | None:
+    if isinstance(attack, InvertingGradients):
+        if attack.schedule not in ("steps", "constant"):
+            return f"schedule {attack.schedule!r} (batched: steps, constant)"
+        if attack.bn_weight > 0:
+            return "the BatchNorm prior"
+    if attack.adaptive:
+        return "adaptive replay (the replayed defense runs per problem)"
+    return None
+
+
+def _gias_options(attack: Attack, budget: Budget) -> str | None:
+    if attack.adaptive:
+        return "adaptive replay (the replayed defense runs per problem)"
+    if budget.patience is not None:
+        return "a plateau stop (it hands each latent search over at its own iteration)"
+    return None
+
+
+def _gias_bytes(attack: Attack, one: int, batch: int) -> int:
+    """GIAS's parameter search: per image a copy of the generator, its gradient and Adam's two moments."""
+    gias = cast(GIAS, attack)
+    return one + (0 if gias.mode == "z" else 16 * batch * sum(p.numel() for p in gias.prior.generator.parameters()))
+
+
+def _ggl_options(attack: Attack, budget: Budget) -> str | None:
+    optimizer = cast(GGL, attack).optimizer
+    return None if optimizer == "cma" else f"optimizer {optimizer!r} (stacked: cma)"
+
+
+Solve = Callable[[Attack, Sequence[Observation], Budget, Sequence[torch.Generator | None]], list[Reconstruction]]
+
+
+@dataclass(frozen=True)
+class _Stacking:
+    """How one attack class is stacked: what its options must be (`options`: None or why not), its solver, and
+    whether FedAvg updates stack (GGL's stacked update function unrolls the client's local steps), and one
+    problem's bytes from IG's (`problem_bytes`)."""
+
+    options: Callable[[Attack, Budget], str | None]
+    solve: Solve
+    fedavg: bool = False
+    memory: Callable[[Attack, int, int], int] = lambda _attack, one, _batch: one  # (attack, IG's bytes, batch)
+
+
+def problem_bytes(attack: Attack, model: nn.Module, shape: tuple[int, ...], batch: int) -> int:
+    """An estimate of what one problem of a stacked solve of `attack` holds for `model` and a batch of `batch`
+    images of `shape`: float32 parameters four times (its own copy, its observed update, the trial update and
+    its gradient) and eight times the activations of one forward of its batch (measured by one forward pass):
+    what the forward, the first backward's graph and the second backward keep, calibrated on IG through ConvNet
+    at 32 px (158 MB per problem measured at K = 8, 159 MB estimated). GGL evaluates its whole population at
+    once (that many times); GIAS's parameter search adds a copy of the generator per image with its gradient and
+    Adam's two moments."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if torch.is_tensor(out) else 0))
+             for m in model.modules() if not list(m.children())]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(torch.zeros((batch, *shape), device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    one = 4 * (4 * params + 8 * sum(sizes))
+    return _STACKED[type(attack)].memory(attack, one, batch) if stacks(type(attack)) else one
 
 
 def stacks(attack_class: type) -> bool:
-    """The attack class whose runs can be stacked: Inverting Gradients or DLG itself (not a subclass)."""
+    """The attack class whose runs can be stacked: Inverting Gradients, DLG, GIAS or GGL itself (not a
+    subclass)."""
     return attack_class in _STACKED
 
 
@@ -89,17 +162,10 @@ def why_not_stacked(attack: object, budget: Budget) -> str | None:
     when they allow a stacked solve; else why not, in words."""
     if not stacks(type(attack)) or not isinstance(attack, Attack):
         return (f"{getattr(attack, 'name', type(attack).__name__)} is not batched "
-                f"(only {', '.join(sorted(c.name for c in _STACKED))} are)")
-    if isinstance(attack, InvertingGradients):
-        if attack.schedule not in ("steps", "constant"):
-            return f"schedule {attack.schedule!r} (batched: steps, constant)"
-        if attack.bn_weight > 0:
-            return "the BatchNorm prior"
-    if attack.adaptive:
-        return "adaptive replay (the replayed defense runs per problem)"
+                f"(only {', '.join(sorted(getattr(c, 'name', c.__name__) for c in _STACKED))} are)")
     if budget.halving is not None and budget.restarts > 1:
         return "successive halving"
-    return None
+    return _STACKED[type(attack)].options(attack, budget)
 
 
 def why_not_batched(attack: object, obs: Observation, budget: Budget) -> str | None:
@@ -107,7 +173,7 @@ def why_not_batched(attack: object, obs: Observation, budget: Budget) -> str | N
     reason = why_not_stacked(attack, budget)
     if reason is not None:
         return reason
-    if obs.update.kind != "gradient":
+    if obs.update.kind != "gradient" and not _STACKED[type(attack)].fedavg:
         return "a FedAvg update (local steps are unrolled one problem at a time)"
     if obs.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obs.model.modules()):
         return "BatchNorm in training mode (its running statistics move in place)"
@@ -122,7 +188,7 @@ def _signature(obs: Observation) -> tuple:
     model = obs.model
     return (type(model).__qualname__, tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()),
             tuple((n, tuple(b.shape)) for n, b in model.named_buffers()), obs.batch_size, obs.data_spec.shape,
-            obs.data_spec.value_range, next(model.parameters()).device)
+            obs.data_spec.value_range, next(model.parameters()).device, obs.update.kind, obs.protocol)
 
 
 def reconstruct_many(attack: Attack, observations: Sequence[Observation], *,
@@ -141,7 +207,7 @@ def reconstruct_many(attack: Attack, observations: Sequence[Observation], *,
         else:
             out[i] = attack.reconstruct(obs, budget=budget, rng=rngs[i])
     per = max(1, (max_stack or 1 << 30) // max(1, budget.restarts))
-    solve = _solve_dlg if isinstance(attack, DLG) else _solve
+    solve = _STACKED[type(attack)].solve
     for members in groups.values():
         for j in range(0, len(members), per):
             chunk = members[j:j + per]
@@ -408,4 +474,14 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
                     (time.perf_counter() - start) / len(observations))
 
 
-__all__ = ["reconstruct_many", "stacks", "why_not_batched", "why_not_stacked"]
+# The attack classes whose runs can be stacked: exactly these (not their subclasses, which change what they
+# match or how).
+_STACKED: dict[type, _Stacking] = {
+    InvertingGradients: _Stacking(_ig_dlg_options, _solve),
+    DLG: _Stacking(_ig_dlg_options, _solve_dlg),
+    GIAS: _Stacking(_gias_options, cast(Solve, stacked_gias.solve), memory=_gias_bytes),
+    GGL: _Stacking(_ggl_options, cast(Solve, stacked_ggl.solve), fedavg=True,
+                   memory=lambda a, one, _batch: one * cast(GGL, a).population),
+}
+
+__all__ = ["problem_bytes", "reconstruct_many", "stacks", "why_not_batched", "why_not_stacked"]

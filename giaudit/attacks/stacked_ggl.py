@@ -17,7 +17,9 @@ Tolerance: the stacked products round differently from one problem's (last bits)
 follows the values it is told, so late generations can differ; the losses agree to 1e-5 relative in the first
 generations and the reconstructions to the quality (tests state both).
 
-Stacked: the "cma" optimizer. "bo" (Optuna's sequential trials) and "adam" run unbatched.
+Stacked (`giaudit.attacks.batched.why_not_batched`): the "cma" optimizer, no successive halving, models
+without BatchNorm or dropout in training mode; "bo" (Optuna's sequential trials) and "adam" run unbatched.
+`giaudit.attacks.batched.reconstruct_many` chooses.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import vmap
 
 from giaudit.attacks._common.stacking import Problem, draw_problems, records, stack_problems
@@ -38,15 +40,6 @@ from giaudit.attacks.restarts import RestartResult, generator_for
 from giaudit.device import to_model
 from giaudit.priors.generator import Generator
 from giaudit.types import Observation, Reconstruction
-
-
-def why_not_stacked(attack: GGL, obs: Observation) -> str | None:
-    """None when GGL on `obs` can join a stacked solve; else why not, in words."""
-    if attack.optimizer != "cma":
-        return f"optimizer {attack.optimizer!r} (stacked: cma)"
-    if obs.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obs.model.modules()):
-        return "BatchNorm in training mode"
-    return None
 
 
 def solve(attack: GGL, observations: Sequence[Observation], budget: Budget,
@@ -145,4 +138,4 @@ def _run(attack: GGL, observations: Sequence[Observation], budget: Budget, gen: 
     return results
 
 
-__all__ = ["solve", "why_not_stacked"]
+__all__ = ["solve"]

@@ -21,9 +21,10 @@ Tolerance: the stacked kernels round differently from one problem's (last bits);
 that small, and the reconstructions agree to 1e-4 in the images over short runs and to the quality over long
 ones (tests state both).
 
-Stacked: FedSGD updates, no adaptive replay, no plateau stop (`Budget.patience` hands a stalled latent search
-to the parameter search early, which would desynchronise the phases), models without BatchNorm in training
-mode; anything else runs unbatched.
+Stacked (`giaudit.attacks.batched.why_not_batched`): FedSGD updates, no adaptive replay, no plateau stop
+(`Budget.patience` hands a stalled latent search to the parameter search early, which would desynchronise the
+phases), no successive halving, models without BatchNorm or dropout in training mode; anything else runs
+unbatched. `giaudit.attacks.batched.reconstruct_many` chooses.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from giaudit.attacks._common.distances import DISTANCES, total_variation
@@ -45,21 +46,6 @@ from giaudit.attacks.restarts import RestartResult, generator_for
 from giaudit.device import to_model
 from giaudit.fl import classification_loss
 from giaudit.types import Observation, Reconstruction
-
-
-def why_not_stacked(attack: GIAS, obs: Observation, budget: Budget) -> str | None:
-    """None when GIAS on `obs` within `budget` can join a stacked solve; else why not, in words."""
-    if attack.adaptive:
-        return "adaptive replay"
-    if budget.patience is not None:
-        return "a plateau stop (it hands each latent search over at its own iteration)"
-    if budget.halving is not None and budget.restarts > 1:
-        return "successive halving"
-    if obs.update.kind != "gradient":
-        return "a FedAvg update"
-    if obs.model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obs.model.modules()):
-        return "BatchNorm in training mode"
-    return None
 
 
 class StackedAdam:
@@ -189,4 +175,4 @@ def solve(attack: GIAS, observations: Sequence[Observation], budget: Budget,
     return records(observations, problems, results, sources, (time.perf_counter() - start) / len(observations))
 
 
-__all__ = ["StackedAdam", "solve", "why_not_stacked"]
+__all__ = ["StackedAdam", "solve"]

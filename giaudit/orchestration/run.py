@@ -28,6 +28,7 @@ from typing import Any
 import numpy
 import torch
 
+from giaudit.attacks.batched import problem_bytes, stacks
 from giaudit.config import AuditSpec
 from giaudit.engine import Engine, Interrupted, LocalEngine, RayEngine, cores
 from giaudit.errors import DataError
@@ -122,8 +123,8 @@ AUTO_MEMORY_SHARE = 0.25
 
 def auto_stack(spec: AuditSpec, workers: int = 1) -> int:
     """The cells `batch_cells = "auto"` stacks for `spec`'s model: by its parameter count (`AUTO_STACK`), and no
-    more than `AUTO_MEMORY_SHARE` of a worker's memory holds (`stack_bytes` per problem, each cell's clients and
-    restarts counted)."""
+    more than `AUTO_MEMORY_SHARE` of a worker's memory holds (`giaudit.attacks.batched.problem_bytes` per problem
+    of the most demanding stacked attack, each cell's clients and restarts counted)."""
     if spec.scenario.capture is not None:
         return 1
     scen, _held = build_scenario(spec.data, spec.scenario, spec.threat.model(), spec.seeds[0], base=spec.base)
@@ -132,30 +133,12 @@ def auto_stack(spec: AuditSpec, workers: int = 1) -> int:
         return 1
     n = sum(p.numel() for p in model.parameters())
     k = next((k for limit, k in AUTO_STACK if n <= limit), 1)
-    per_cell = stack_bytes(model, scen.pool.spec.shape, spec.scenario.batch_size) * spec.scenario.clients * max(
-        (a.budget.restarts for a in spec.attacks.values()), default=1)
+    shape, batch = scen.pool.spec.shape, spec.scenario.batch_size
+    per_cell = spec.scenario.clients * max(
+        (problem_bytes(attack, model, shape, batch) * a.budget.restarts for a in spec.attacks.values()
+         if stacks(type(attack := a.build()))), default=0)
     budget = AUTO_MEMORY_SHARE * memory_bytes() / max(1, workers)
     return max(1, min(k, int(budget // max(1, per_cell))))
-
-
-def stack_bytes(model: torch.nn.Module, shape: tuple[int, ...], batch: int) -> int:
-    """An estimate of what one problem of a stacked solve holds: float32 parameters four times (its own copy, its
-    observed update, the trial update and its gradient) and eight times the activations of one forward of its
-    batch (measured by one forward pass): what the forward, the first backward's graph and the second backward
-    keep. Calibrated on IG through ConvNet at 32 px (peak memory 158 MB per problem measured at K = 8, estimated
-    159 MB)."""
-    sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if torch.is_tensor(out) else 0))
-             for m in model.modules() if not list(m.children())]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model(torch.zeros((batch, *shape), device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-    params = sum(p.numel() for p in model.parameters())
-    return 4 * (4 * params + 8 * sum(sizes))
 
 
 def memory_bytes() -> int:
