@@ -1,21 +1,26 @@
 """Sweep throughput: cells per minute for serial, local with N processes and Ray with N CPUs, on one sweep.
 
     python benchmarks/sweep_throughput.py [--workers 2] [--seeds 4] [--iterations 100] [--compare-unbatched]
+        [--model lenet_relu] [--size 16] [--no-dlg] [--no-ray] [--growth 16,64,256 [--batch-cells auto]]
 
 The sweep is 2 defenses (none, noise 0.01) x 2 attacks (IG, DLG) x S seeds on 16 px digits through the ReLU
-LeNet. Serial runs the cells one after the other in this process, single-threaded (the unit of work every
-engine's workers use); scaling efficiency = (engine throughput / serial throughput) / N. Ray's figure includes
+LeNet (`--model`, `--size`: another built-in model or image size, e.g. the compute-bound `resnet18` at 32 px).
+Serial runs the cells one after the other in this process, single-threaded (the unit of work every engine's
+workers use); scaling efficiency = (engine throughput / serial throughput) / N. Ray's figure includes
 starting the local instance (about 10 s here), which a long sweep amortises. Each engine writes its own run
 folders; the records are checked to agree.
 
 `--growth 16,64,256` measures how cost grows with the work instead: for each number of cells (seeds chosen to
-make it), the wall time of the local engine and of Ray (one Ray instance started once and reused: its start is
-printed on its own line), the cost per cell, a least-squares fit wall = a + b cells, and the largest resident
-memory of one local worker process.
+make it), the wall time of serial (up to `--serial-up-to` cells), of the local engine and of Ray (one Ray
+instance started once and reused: its start is printed on its own line), the cost per cell, a least-squares
+fit wall = a + b cells per engine, Ray's throughput relative to the local engine's, and the largest resident
+memory of one worker process of each engine. `--batch-cells auto` runs the growth with stacked cells.
 
-`--compare-unbatched` adds the local engine with ``[run] batch_cells = "auto"`` (the IG cells of a defense
-stacked into one solve per worker, `giaudit.attacks.batched`; DLG is not stacked) beside the same engine
-unbatched, in the same run, with the mean and largest |ΔPSNR| between their records.
+`--compare-unbatched` adds the local engine with ``[run] batch_cells = "auto"`` (the cells of one attack and
+its options, across defenses and seeds, stacked into solves, `giaudit.attacks.batched`) beside the same engine
+unbatched, in the same run, with the mean and largest |ΔPSNR| between their records per attack (IG agrees
+record by record to the stated tolerance; DLG's L-BFGS agrees in distribution, so its mean PSNR over records
+is printed for both).
 """
 from __future__ import annotations
 
@@ -33,9 +38,10 @@ from giaudit.engine import LocalEngine, RayEngine
 from giaudit.orchestration.run import run_audits
 
 
-def sweep(seeds: int, iterations: int, batch_cells: str | int | None = None, dlg: bool = True) -> list:
-    base = {"name": "bench", "seeds": list(range(seeds)), "data": {"source": "digits", "size": 16},
-            "scenario": {"model": "lenet_relu", "protocol": "fedsgd", "batch_size": 1},
+def sweep(seeds: int, iterations: int, batch_cells: str | int | None = None, dlg: bool = True,
+          model: str = "lenet_relu", size: int = 16) -> list:
+    base = {"name": "bench", "seeds": list(range(seeds)), "data": {"source": "digits", "size": size},
+            "scenario": {"model": model, "protocol": "fedsgd", "batch_size": 1},
             "threat": {"batch_size": True},
             "attacks": {"ig": {"iterations": iterations}, **({"dlg": {"iterations": 5}} if dlg else {})},
             "output": {"lpips": False}, **({"run": {"batch_cells": batch_cells}} if batch_cells else {})}
@@ -52,7 +58,24 @@ def run(engine, specs, root: Path) -> tuple[float, int, list]:
     return time.perf_counter() - t0, len(records), records
 
 
-def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool) -> None:
+def ray_worker_peak_mib() -> float:
+    """The largest peak resident memory (VmHWM) of this machine's Ray worker processes, read from /proc."""
+    peak = 0.0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            cmd = (status.parent / "cmdline").read_bytes()
+            if b"default_worker.py" not in cmd and not cmd.startswith(b"ray::"):
+                continue
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except OSError:
+            continue
+    return peak
+
+
+def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool, serial_up_to: int,
+           batch_cells: str | None, model: str, size: int) -> None:
     per_seed = 2 * (2 if dlg else 1)  # cells per seed: 2 defenses x the attacks
     rows: list[tuple[str, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,16 +88,24 @@ def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool
         try:
             for n in sizes:
                 seeds = max(1, n // per_seed)
-                specs = sweep(seeds, iterations, dlg=dlg)
+                specs = sweep(seeds, iterations, batch_cells, dlg=dlg, model=model, size=size)
+                if n <= serial_up_to:
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    wall, cells, _ = run(LocalEngine(1), specs, root / f"serial-{n}")
+                    torch.set_num_threads(threads)
+                    rows.append(("serial", cells, wall))
+                    print(f"serial {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell)", flush=True)
                 wall, cells, _ = run(LocalEngine(workers), specs, root / f"local-{n}")
                 rows.append(("local", cells, wall))
                 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-                print(f"local {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell); largest worker {rss:.0f} MiB",
+                print(f"local  {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell); largest worker {rss:.0f} MiB",
                       flush=True)
                 if ray_engine is not None:
                     wall, cells, _ = run(ray_engine, specs, root / f"ray-{n}")
                     rows.append(("ray", cells, wall))
-                    print(f"ray   {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell)", flush=True)
+                    print(f"ray    {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell); largest worker "
+                          f"{ray_worker_peak_mib():.0f} MiB; {rows[-2][2] / wall:.2f}x local's throughput", flush=True)
         finally:
             if ray_engine is not None:
                 import ray as ray_module
@@ -103,15 +134,20 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--compare-unbatched", action="store_true", help="add the local engine with stacked cells")
-    p.add_argument("--no-dlg", action="store_true", help="IG cells only (DLG is not stacked)")
+    p.add_argument("--no-dlg", action="store_true", help="IG cells only")
+    p.add_argument("--model", default="lenet_relu", help="a built-in model, e.g. resnet18")
+    p.add_argument("--size", type=int, default=16, help="image size in pixels")
     p.add_argument("--growth", default="", help="comma-separated cell counts, e.g. 16,64,256")
+    p.add_argument("--serial-up-to", type=int, default=256, help="with --growth: serial runs up to this many cells")
+    p.add_argument("--batch-cells", default=None, help='with --growth: [run] batch_cells, e.g. "auto"')
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.growth:
+        batch = int(args.batch_cells) if args.batch_cells and args.batch_cells.isdigit() else args.batch_cells
         growth([int(v) for v in args.growth.split(",")], args.workers, args.iterations, not args.no_dlg,
-               not args.no_ray)
+               not args.no_ray, args.serial_up_to, batch, args.model, args.size)
         return
-    specs = sweep(args.seeds, args.iterations, dlg=not args.no_dlg)
+    specs = sweep(args.seeds, args.iterations, dlg=not args.no_dlg, model=args.model, size=args.size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -123,13 +159,20 @@ def main() -> None:
         wall, n, local = run(LocalEngine(args.workers), specs, root / "local")
         rows.append((f"local, {args.workers} processes", wall, n))
         if args.compare_unbatched:
-            stacked_specs = sweep(args.seeds, args.iterations, "auto", dlg=not args.no_dlg)
+            stacked_specs = sweep(args.seeds, args.iterations, "auto", dlg=not args.no_dlg, model=args.model,
+                                  size=args.size)
             wall, n, stacked = run(LocalEngine(args.workers), stacked_specs, root / "stacked")
             rows.append((f"local, {args.workers} processes, batch_cells auto", wall, n))
-            gaps = [abs(a.metrics["psnr_db_mean"] - b.metrics["psnr_db_mean"]) for a, b in zip(local, stacked)
-                    if a.attack == "ig"]
-            print(f"stacked vs unbatched records (IG): mean |dPSNR| {sum(gaps) / len(gaps):.3f} dB, "
-                  f"max {max(gaps):.3f} dB over {len(gaps)} records")
+            mine = {(r.defense, r.attack, r.seed): r for r in local}
+            for attack in sorted({r.attack for r in stacked}):
+                pairs = [(mine[(b.defense, b.attack, b.seed)].metrics["psnr_db_mean"], b.metrics["psnr_db_mean"])
+                         for b in stacked if b.attack == attack]
+                gaps = [abs(x - y) for x, y in pairs]
+                sizes = sorted({int(b.trace.get("stacked", 1)) for b in stacked if b.attack == attack})
+                print(f"stacked vs unbatched records ({attack}): mean |dPSNR| {sum(gaps) / len(gaps):.3f} dB, "
+                      f"max {max(gaps):.3f} dB over {len(gaps)} records; mean PSNR "
+                      f"{sum(x for x, _ in pairs) / len(pairs):.2f} unbatched, "
+                      f"{sum(y for _, y in pairs) / len(pairs):.2f} stacked; problems per solve {sizes}")
         engines = [] if args.no_ray else [(f"ray, {args.workers} CPUs (incl. start)", RayEngine(
             num_cpus=args.workers))]
         for name, engine in engines:
@@ -142,7 +185,7 @@ def main() -> None:
     serial_rate = rows[0][2] / rows[0][1] * 60
     attacks = "IG" if args.no_dlg else "2 attacks"
     print(f"\nsweep: 2 defenses x {attacks} x {args.seeds} seeds = {rows[0][2]} cells, IG {args.iterations} "
-          f"iterations, DLG 5, 16 px digits, ReLU LeNet; {os.cpu_count()} CPUs\n")
+          f"iterations, DLG 5, {args.size} px digits, {args.model}; {os.cpu_count()} CPUs\n")
     print("| engine | wall s | cells/min | speed-up | scaling efficiency |")
     print("|---|---:|---:|---:|---:|")
     for name, wall, n in rows:
