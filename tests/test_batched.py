@@ -301,3 +301,23 @@ def test_stacked_gias_gives_the_unbatched_reconstructions(prior_scenario) -> Non
     again = reconstruct_many(attack, [other, obs[1], obs[2]], budget=budget, rngs=rngs())
     for b, c in zip(stacked[1:], again[1:]):
         assert b.trace.losses == c.trace.losses and torch.equal(b.images, c.images)
+
+
+def test_stacked_ggl_on_fedavg_updates_gives_the_unbatched_losses(unseen_pool) -> None:
+    """GGL stacks FedAvg updates (its stacked update function unrolls the client's local steps as the unbatched
+    one does): the same losses to 1e-5 relative."""
+    from conftest import client_scenario
+
+    from giaudit.attacks.ggl import GGL
+    from giaudit.types import ClientProtocol
+
+    fedavg = ClientProtocol(name="fedavg", local_steps=2, local_lr=0.1, local_batch_size=1)
+    scen = client_scenario(unseen_pool, 2, protocol=fedavg, surrogate_data=True, training_details=True)
+    obs = [scen.simulate(generator=torch.Generator().manual_seed(i))[0] for i in range(2)]
+    attack = GGL(prior="mnist32", optimizer="cma", population=8)
+    budget = Budget(iterations=3, workers=1)
+    assert obs[0].update.kind == "delta" and why_not_batched(attack, obs[0], budget) is None
+    plain = [attack.reconstruct(o, budget=budget, rng=torch.Generator().manual_seed(10 + i)) for i, o in enumerate(obs)]
+    stacked = reconstruct_many(attack, obs, budget=budget, rngs=[torch.Generator().manual_seed(10 + i) for i in range(2)])
+    for a, b in zip(plain, stacked):
+        assert b.trace.extra["stacked"] == 2 and np.allclose(a.trace.losses, b.trace.losses, rtol=1e-5)
