@@ -241,6 +241,9 @@ def test_auto_stack_keeps_a_stack_within_a_share_of_a_workers_memory(monkeypatch
     per_cell = problem_bytes(spec.attacks["ig"].build(), scen.model, scen.pool.spec.shape, 2) * 2 * 2
     monkeypatch.setattr(run_module, "memory_bytes", lambda: int(10 * per_cell * 2 / run_module.AUTO_MEMORY_SHARE))
     assert run_module.auto_stack(spec, 2) == 10  # 10 cells fit in a quarter of each of the 2 workers' memory
+    # Each attack's stacks are sized by its own memory: GGL's population does not shrink IG's stacks.
+    both = spec.replace(attacks={"ig": {"restarts": 2}, "ggl": {"restarts": 2, "population": 50}})
+    assert run_module.auto_stack(both, 2, "ig") == 10 and run_module.auto_stack(both, 2, "ggl") == 1
     monkeypatch.setattr(run_module, "memory_bytes", lambda: 1)
     assert run_module.auto_stack(spec, 2) == 1
     # GGL evaluates its whole population per problem, GIAS adds a generator copy per image: each costs more.

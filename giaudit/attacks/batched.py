@@ -89,14 +89,10 @@ def _ig_dlg_options(attack: Attack, budget: Budget) -> str | None:
             return f"schedule {attack.schedule!r} (batched: steps, constant)"
         if attack.bn_weight > 0:
             return "the BatchNorm prior"
-    if attack.adaptive:
-        return "adaptive replay (the replayed defense runs per problem)"
     return None
 
 
 def _gias_options(attack: Attack, budget: Budget) -> str | None:
-    if attack.adaptive:
-        return "adaptive replay (the replayed defense runs per problem)"
     if budget.patience is not None:
         return "a plateau stop (it hands each latent search over at its own iteration)"
     return None
@@ -118,13 +114,14 @@ Solve = Callable[[Attack, Sequence[Observation], Budget, Sequence[torch.Generato
 
 @dataclass(frozen=True)
 class _Stacking:
-    """How one attack class is stacked: what its options must be (`options`: None or why not), its solver, and
-    whether FedAvg updates stack (GGL's stacked update function unrolls the client's local steps), and one
-    problem's bytes from IG's (`problem_bytes`)."""
+    """How one attack class is stacked: what its options must be (`options`: None or why not), its solver,
+    whether FedAvg updates and adaptive replay stack (GGL's stacked update function unrolls the client's local
+    steps and replays each problem's disclosed defenses), and one problem's bytes from IG's (`problem_bytes`)."""
 
     options: Callable[[Attack, Budget], str | None]
     solve: Solve
     fedavg: bool = False
+    adaptive: bool = False
     memory: Callable[[Attack, int, int], int] = lambda _attack, one, _batch: one  # (attack, IG's bytes, batch)
 
 
@@ -165,6 +162,8 @@ def why_not_stacked(attack: object, budget: Budget) -> str | None:
                 f"(only {', '.join(sorted(getattr(c, 'name', c.__name__) for c in _STACKED))} are)")
     if budget.halving is not None and budget.restarts > 1:
         return "successive halving"
+    if attack.adaptive and not _STACKED[type(attack)].adaptive:
+        return "adaptive replay (the replayed defense runs per problem)"
     return _STACKED[type(attack)].options(attack, budget)
 
 
@@ -480,7 +479,7 @@ _STACKED: dict[type, _Stacking] = {
     InvertingGradients: _Stacking(_ig_dlg_options, _solve),
     DLG: _Stacking(_ig_dlg_options, _solve_dlg),
     GIAS: _Stacking(_gias_options, cast(Solve, stacked_gias.solve), memory=_gias_bytes),
-    GGL: _Stacking(_ggl_options, cast(Solve, stacked_ggl.solve), fedavg=True,
+    GGL: _Stacking(_ggl_options, cast(Solve, stacked_ggl.solve), fedavg=True, adaptive=True,
                    memory=lambda a, one, _batch: one * cast(GGL, a).population),
 }
 

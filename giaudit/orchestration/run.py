@@ -121,10 +121,10 @@ AUTO_STACK = ((20_000, 32), (200_000, 16), (1_000_000, 8))
 AUTO_MEMORY_SHARE = 0.25
 
 
-def auto_stack(spec: AuditSpec, workers: int = 1) -> int:
+def auto_stack(spec: AuditSpec, workers: int = 1, attack: str | None = None) -> int:
     """The cells `batch_cells = "auto"` stacks for `spec`'s model: by its parameter count (`AUTO_STACK`), and no
     more than `AUTO_MEMORY_SHARE` of a worker's memory holds (`giaudit.attacks.batched.problem_bytes` per problem
-    of the most demanding stacked attack, each cell's clients and restarts counted)."""
+    of `attack`, else of the spec's most demanding stacked attack, each cell's clients and restarts counted)."""
     if spec.scenario.capture is not None:
         return 1
     scen, _held = build_scenario(spec.data, spec.scenario, spec.threat.model(), spec.seeds[0], base=spec.base)
@@ -135,8 +135,8 @@ def auto_stack(spec: AuditSpec, workers: int = 1) -> int:
     k = next((k for limit, k in AUTO_STACK if n <= limit), 1)
     shape, batch = scen.pool.spec.shape, spec.scenario.batch_size
     per_cell = spec.scenario.clients * max(
-        (problem_bytes(attack, model, shape, batch) * a.budget.restarts for a in spec.attacks.values()
-         if stacks(type(attack := a.build()))), default=0)
+        (problem_bytes(built, model, shape, batch) * a.budget.restarts for name, a in spec.attacks.items()
+         if attack in (None, name) and stacks(type(built := a.build()))), default=0)
     budget = AUTO_MEMORY_SHARE * memory_bytes() / max(1, workers)
     return max(1, min(k, int(budget // max(1, per_cell))))
 
@@ -166,7 +166,7 @@ def cell_groups(cells: Sequence[Cell], workers: int) -> list[tuple[Cell, ...]]:
     groups = list(alone)
     for members in keyed.values():
         setting = members[0].spec.run.batch_cells
-        size = auto_stack(members[0].spec, workers) if setting == "auto" else int(setting or 1)
+        size = auto_stack(members[0].spec, workers, members[0].attack) if setting == "auto" else int(setting or 1)
         k = max(1, min(size, -(-len(members) // max(1, workers))))
         groups += [tuple(members[i:i + k]) for i in range(0, len(members), k)]
     return groups
