@@ -58,6 +58,16 @@ def run(engine, specs, root: Path) -> tuple[float, int, list]:
     return time.perf_counter() - t0, len(records), records
 
 
+def run_serial(specs, root: Path) -> tuple[float, int, list]:
+    """`run` in this process, single-threaded: the unit of work every engine's workers use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(LocalEngine(1), specs, root)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def ray_worker_peak_mib() -> float:
     """The largest peak resident memory (VmHWM) of this machine's Ray worker processes, read from /proc."""
     peak = 0.0
@@ -90,10 +100,7 @@ def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool
                 seeds = max(1, n // per_seed)
                 specs = sweep(seeds, iterations, batch_cells, dlg=dlg, model=model, size=size)
                 if n <= serial_up_to:
-                    threads = torch.get_num_threads()
-                    torch.set_num_threads(1)
-                    wall, cells, _ = run(LocalEngine(1), specs, root / f"serial-{n}")
-                    torch.set_num_threads(threads)
+                    wall, cells, _ = run_serial(specs, root / f"serial-{n}")
                     rows.append(("serial", cells, wall))
                     print(f"serial {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell)", flush=True)
                 wall, cells, _ = run(LocalEngine(workers), specs, root / f"local-{n}")
@@ -151,10 +158,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        wall, n, ref = run(LocalEngine(1), specs, root / "serial")
-        torch.set_num_threads(threads)
+        wall, n, ref = run_serial(specs, root / "serial")
         rows.append(("serial (1 process, 1 thread)", wall, n))
         wall, n, local = run(LocalEngine(args.workers), specs, root / "local")
         rows.append((f"local, {args.workers} processes", wall, n))
