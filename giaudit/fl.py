@@ -9,6 +9,8 @@ without importing the others:
   loss, same mini-batch order, same local steps);
 - `classification_loss` and `minibatches`, the pieces DP-SGD's per-sample
   step reuses;
+- `Normalise`, the input normalisation a model applies as its first operation
+  (a forward pre-hook), which stacked attack solvers recognise and apply;
 - `BNStatsRecorder`, the batch statistics BatchNorm layers see: the client
   reports them (detached) when the threat model grants `bn_statistics`, and an
   attack with the BN prior of Yin et al. 2021 records those of its candidate
@@ -31,6 +33,15 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.dtype in (torch.int64, torch.int32):
         return F.cross_entropy(logits, labels)
     return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def classification_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """The per-sample terms of `classification_loss`, over any leading axes of `logits` (..., classes) and
+    `labels` (..., class indices or ..., classes probabilities)."""
+    if labels.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               reduction="none").reshape(labels.shape)
+    return -(labels * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
 def minibatches(n: int, size: int | None) -> list[slice]:
@@ -97,3 +108,33 @@ class BNStatsRecorder:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class Normalise:
+    """Forward pre-hook: the model's input x (N, C, H, W in [0, 1]) becomes (x - mean) / std per channel.
+
+    A hook rather than a wrapper module, so the model keeps its state-dict names, its parameter order and its
+    attributes (the deployment's weights, captures and checkpoints match it name for name). The constants
+    follow the input's device and dtype."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, *rest = args
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"data.mean: {len(self.mean)} values for an input of {x.shape[1]} channels")
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return ((x - mean) / std, *rest)
+
+
+def normalise_inputs(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    """`model` with (x - mean) / std as the first operation of its forward (a `Normalise` pre-hook)."""
+    model.register_forward_pre_hook(Normalise(mean, std))
+    return model
+
+
+def normalisation_of(model: nn.Module) -> Normalise | None:
+    """The `Normalise` hook on `model`, if it has one."""
+    return next((h for h in model._forward_pre_hooks.values() if isinstance(h, Normalise)), None)

@@ -23,10 +23,11 @@ import giaudit
 from giaudit.cli import main
 from giaudit.config import load_config
 from giaudit.errors import ConfigError
+from giaudit.fl import normalisation_of
 from giaudit.scenario.build import global_model, load_data
 from giaudit.scenario.client import pretrain
 from giaudit.scenario.factory import call_factory, import_user_module
-from giaudit.scenario.models import normalisation_of, seeded_init
+from giaudit.scenario.models import seeded_init
 
 # The user's module: what a deployment's own code looks like (not giaudit's).
 MODULE = "own_twoconv_net"

@@ -10,9 +10,15 @@ all of them is several times faster per problem-iteration (`benchmarks/batched_i
 `benchmarks/batched_dlg.py`).
 
 How the problems stay independent: each problem's objective (the trial update of its own candidate images
-through its own model parameters, its distance to its own observed update) is written for one problem and
-mapped over the stack with `torch.func.vmap`; the gradient of problem k is the gradient of problem k's
-objective alone (nothing is summed across the stack). Labels and starts are drawn exactly as `reconstruct`
+through its own model parameters, its distance to its own observed update) is that problem's alone. For IG
+and DLG the K models run as one stacked forward of block-diagonal operations (`stacked_forward`: each
+convolution one unfold and one batched matrix product with each problem's own kernel), differentiated by
+plain autograd: problem k's slice of every operation reads only problem k's inputs and parameters, so the
+gradient of the sum of the K objectives with respect to problem k's images is that of problem k's objective
+alone, and the distances reduce each problem's own entries (`stacked=True`). A model the rewrite does not
+cover (and GIAS's and GGL's objectives) is written for one problem and mapped over the stack with
+`torch.func.vmap` instead, which pays functorch's dispatch on every operation (LeNet, 16 px, K = 8, 1 thread:
+the stacked forward is 2-3x faster per iteration than vmap, `benchmarks/batched_ig.py`). Labels and starts are drawn exactly as `reconstruct`
 draws them (the same generator sequence), so problem k starts where its unbatched run starts. Restarts are
 further problems in the stack and each observation keeps its restart with the lowest matching loss, as
 `reconstruct` does.
@@ -72,6 +78,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from giaudit.attacks import stacked_ggl, stacked_gias
 from giaudit.attacks._common.distances import DISTANCES, l2_distance, total_variation
+from giaudit.attacks._common.stacked_model import stacked_forward
 from giaudit.attacks._common.stacking import BETAS, EPS, draw_problems, records, stack_problems
 from giaudit.attacks.base import Attack, Budget, Plateau
 from giaudit.attacks.dlg import DLG, LossAndGrad
@@ -79,7 +86,7 @@ from giaudit.attacks.ggl import GGL
 from giaudit.attacks.gias import GIAS
 from giaudit.attacks.ig import InvertingGradients
 from giaudit.attacks.restarts import RestartResult, generator_for
-from giaudit.fl import classification_loss
+from giaudit.fl import classification_loss, classification_losses
 from giaudit.types import Observation, Reconstruction
 
 
@@ -130,12 +137,18 @@ def problem_bytes(attack: Attack, model: nn.Module, shape: tuple[int, ...], batc
     images of `shape`: float32 parameters four times (its own copy, its observed update, the trial update and
     its gradient) and eight times the activations of one forward of its batch (measured by one forward pass):
     what the forward, the first backward's graph and the second backward keep, calibrated on IG through ConvNet
-    at 32 px (158 MB per problem measured at K = 8, 159 MB estimated). GGL evaluates its whole population at
+    at 32 px mapped with vmap (158 MB per problem measured at K = 8, 159 MB estimated); plus twice each
+    convolution's unfolded input, which the stacked forward (`stacked_forward`) keeps and differentiates. GGL evaluates its whole population at
     once (that many times); GIAS's parameter search adds a copy of the generator per image with its gradient and
     Adam's two moments."""
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if torch.is_tensor(out) else 0))
              for m in model.modules() if not list(m.children())]
+    # The stacked forward (`stacked_forward`) unfolds each convolution's input: its columns (kh kw times the
+    # input per output position) are kept for the backward and have a gradient of their size.
+    hooks += [m.register_forward_hook(lambda m, i, out: sizes.append(
+        2 * m.in_channels * m.kernel_size[0] * m.kernel_size[1] * out.shape[0] * out.shape[-2] * out.shape[-1]))
+        for m in model.modules() if isinstance(m, nn.Conv2d)]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -217,6 +230,31 @@ def reconstruct_many(attack: Attack, observations: Sequence[Observation], *,
 
 
 # -- Inverting Gradients ---------------------------------------------------------------------------------------
+# Each problem's trial update at its own images (K, B, ...) and labels through its own parameters (leaves that
+# require grad) and buffers, differentiable in the images and labels: a stacked-model forward.
+Trial = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, ...]]
+
+
+def _trial_updates(model: nn.Module, names: Sequence[str], sample: tuple[int, ...]) -> Trial | None:
+    """The FedSGD trial update of every problem in one stacked forward and backward (`stacked_forward`:
+    block-diagonal operations, so problem k's update is the gradient of problem k's loss alone), or None when
+    the model is not rewritten (the caller maps its objective with vmap instead)."""
+    forward = stacked_forward(model, sample)
+    if forward is None:
+        return None
+
+    def trial(x: Tensor, y: Tensor, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        loss = classification_losses(forward(x, params, buffers), y).mean(-1).sum()
+        return tuple(torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
+                                         materialize_grads=True))
+
+    return trial
+
+
+def _leaves(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: v.detach().requires_grad_(True) for n, v in params.items()}
+
+
 def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
            rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
     """One stacked IG solve of `observations` (same signature), `budget.restarts` problems each."""
@@ -242,6 +280,18 @@ def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
         return loss, match
 
     step_fn = vmap(grad(objective, has_aux=True))
+    trial = _trial_updates(model, names, tuple(x.shape[1:]))
+    if trial is not None:
+        leaves = _leaves(params)
+
+        def stacked_step(x: Tensor, _p: dict, b: dict, t: tuple[Tensor, ...], y: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                match = distance(trial(xg, y, leaves, b), t, stacked=True)
+                loss = match + tv_weight * total_variation(xg, stacked=True) if tv_weight else match
+                return torch.autograd.grad(loss.sum(), xg)[0], match.detach()
+
+        step_fn = stacked_step
     lo, hi = observations[0].data_spec.value_range
     iters = budget.iterations
     milestones = {int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)} if attack.schedule == "steps" else set()
@@ -449,6 +499,18 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
         return l2_distance(tuple(trial[n] for n in names), tk)
 
     step_fn = vmap(grad_and_value(objective))
+    sample = (observations[0].batch_size or labels.shape[1], *observations[0].data_spec.shape)
+    trial = _trial_updates(model, names, sample)
+    if trial is not None:
+
+        def stacked_step(variables: tuple[Tensor, ...], p: dict, b: dict, t: tuple[Tensor, ...], y: Tensor
+                         ) -> tuple[tuple[Tensor, ...], Tensor]:
+            with torch.enable_grad():
+                vs = tuple(v.detach().requires_grad_(True) for v in variables)
+                value = l2_distance(trial(vs[0], torch.softmax(vs[1], -1) if optimise else y, p, b), t, stacked=True)
+                return torch.autograd.grad(value.sum(), vs), value.detach()
+
+        step_fn = stacked_step
     cache: dict[tuple[int, ...], tuple] = {}
 
     def evaluate(order: list[int], points: list[Sequence[Tensor]]) -> list[tuple[Tensor, Sequence[Tensor]]]:
@@ -458,7 +520,7 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
         if key not in cache:
             cache.clear()
             at = torch.tensor(rows, device=labels.device)
-            cache[key] = ({n: v.index_select(0, at) for n, v in params.items()},
+            cache[key] = (_leaves({n: v.index_select(0, at) for n, v in params.items()}),
                           {n: v.index_select(0, at) for n, v in buffers.items()},
                           tuple(t.index_select(0, at) for t in target), labels.index_select(0, at))
         p_rows, b_rows, t_rows, y_rows = cache[key]

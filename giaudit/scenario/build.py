@@ -27,11 +27,12 @@ from torch import nn
 from giaudit.data import ImageDataset, load_dataset, split_indices
 from giaudit.device import CPU, Runtime, moved
 from giaudit.errors import ConfigError
+from giaudit.fl import normalise_inputs
 from giaudit.scenario.capture import CaptureScenario
 from giaudit.scenario.client import Scenario, pretrain
 from giaudit.scenario.diffusion import DiffusionScenario, diffusion_global_model
 from giaudit.scenario.factory import call_factory
-from giaudit.scenario.models import build_model, normalise_inputs, seeded_init
+from giaudit.scenario.models import build_model, seeded_init
 from giaudit.scenario.sections import DataSection, ScenarioSection
 from giaudit.scenario.state import load_weights
 from giaudit.training import stable_seed

@@ -60,9 +60,10 @@ from torch import nn
 from giaudit.defenses import Chain, build_chain
 from giaudit.device import CPU, Runtime, to_model
 from giaudit.errors import ConfigError, DataError
+from giaudit.fl import normalise_inputs
 from giaudit.io import atomic_write_bytes, atomic_write_text
 from giaudit.scenario.factory import call_factory
-from giaudit.scenario.models import normalise_inputs, seeded_init
+from giaudit.scenario.models import seeded_init
 from giaudit.threat import observe
 from giaudit.types import (
     NO_DEFENSE,

@@ -143,36 +143,6 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
-class Normalise:
-    """Forward pre-hook: the model's input x (N, C, H, W in [0, 1]) becomes (x - mean) / std per channel.
-
-    A hook rather than a wrapper module, so the model keeps its state-dict names, its parameter order and its
-    attributes (the deployment's weights, captures and checkpoints match it name for name). The constants
-    follow the input's device and dtype."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x, *rest = args
-        if x.shape[1] != len(self.mean):
-            raise ValueError(f"data.mean: {len(self.mean)} values for an input of {x.shape[1]} channels")
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((x - mean) / std, *rest)
-
-
-def normalise_inputs(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
-    """`model` with (x - mean) / std as the first operation of its forward (a `Normalise` pre-hook)."""
-    model.register_forward_pre_hook(Normalise(mean, std))
-    return model
-
-
-def normalisation_of(model: nn.Module) -> Normalise | None:
-    """The `Normalise` hook on `model`, if it has one."""
-    return next((h for h in model._forward_pre_hooks.values() if isinstance(h, Normalise)), None)
-
-
 def seeded_init(build: Callable[[], nn.Module], generator: torch.Generator | None) -> nn.Module:
     """`build()` with the global RNG forked and seeded from `generator`, on the CPU: the initial weights depend
     only on `generator` (the same on every device), and the caller's global RNG state is untouched."""

@@ -4,6 +4,10 @@
 - negative cosine over the concatenated layers, returned as 1 - cos (Geiping et al. 2020);
 - optional per-layer weights for either (DiffULA's window, GGL's layer weights);
 - total variation as in Geiping et al. (mean absolute neighbour differences).
+
+With `stacked=True` every tensor carries a leading problem axis K (the stacked solvers' K independent
+problems) and each function returns the K problems' values, (K,), each reduced over its own problem's
+entries only.
 """
 from __future__ import annotations
 
@@ -13,27 +17,32 @@ import torch
 from torch import Tensor
 
 
+def _total(t: Tensor, stacked: bool) -> Tensor:
+    """The sum of `t`'s entries, or of each problem's (a leading axis K) when `stacked`."""
+    return t.reshape(t.shape[0], -1).sum(1) if stacked else t.sum()
+
+
 def l2_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
-                weights: Sequence[float] | None = None) -> Tensor:
-    total = trial[0].new_zeros(())
+                weights: Sequence[float] | None = None, stacked: bool = False) -> Tensor:
+    total = trial[0].new_zeros(trial[0].shape[:1] if stacked else ())
     for i, (a, b) in enumerate(zip(trial, target)):
         w = 1.0 if weights is None else weights[i]
         if w:
-            total = total + w * (a - b).pow(2).sum()
+            total = total + w * _total((a - b).pow(2), stacked)
     return total
 
 
 def _cosine_plain(trial: Sequence[Tensor], target: Sequence[Tensor],
-                  weights: Sequence[float] | None = None) -> Tensor:
-    dot = trial[0].new_zeros(())
-    na = trial[0].new_zeros(())
-    nb = trial[0].new_zeros(())
+                  weights: Sequence[float] | None = None, stacked: bool = False) -> Tensor:
+    dot = trial[0].new_zeros(trial[0].shape[:1] if stacked else ())
+    na = dot.clone()
+    nb = dot.clone()
     for i, (a, b) in enumerate(zip(trial, target)):
         w = 1.0 if weights is None else weights[i]
         if w:
-            dot = dot + w * (a * b).sum()
-            na = na + w * a.pow(2).sum()
-            nb = nb + w * b.pow(2).sum()
+            dot = dot + w * _total(a * b, stacked)
+            na = na + w * _total(a.pow(2), stacked)
+            nb = nb + w * _total(b.pow(2), stacked)
     return 1.0 - dot / (na.sqrt() * nb.sqrt()).clamp_min(1e-12)
 
 
@@ -82,8 +91,10 @@ class _CosineDistance(torch.autograd.Function):
 
 
 def cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
-                    weights: Sequence[float] | None = None) -> Tensor:
+                    weights: Sequence[float] | None = None, stacked: bool = False) -> Tensor:
     """Negative cosine similarity over the concatenated (optionally weighted) layers, as 1 - cos."""
+    if stacked:
+        return _cosine_plain(trial, target, weights, stacked=True)
     if any(t.requires_grad for t in target) or torch._C._functorch.is_functorch_wrapped_tensor(trial[0]):
         # A differentiable target (meta-learning) or a functorch transform: the plain autograd form.
         return _cosine_plain(trial, target, weights)
@@ -93,7 +104,9 @@ def cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor],
 DISTANCES = {"l2": l2_distance, "cosine": cosine_distance}
 
 
-def total_variation(x: Tensor) -> Tensor:
-    dx = (x[:, :, :, :-1] - x[:, :, :, 1:]).abs().mean()
-    dy = (x[:, :, :-1, :] - x[:, :, 1:, :]).abs().mean()
-    return dx + dy
+def total_variation(x: Tensor, stacked: bool = False) -> Tensor:
+    dx = (x[..., :-1] - x[..., 1:]).abs()
+    dy = (x[..., :-1, :] - x[..., 1:, :]).abs()
+    if stacked:
+        return dx.reshape(x.shape[0], -1).mean(1) + dy.reshape(x.shape[0], -1).mean(1)
+    return dx.mean() + dy.mean()
