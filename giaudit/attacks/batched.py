@@ -18,10 +18,10 @@ gradient of the sum of the K objectives with respect to problem k's images is th
 alone, and the distances reduce each problem's own entries (`stacked=True`). A model the rewrite does not
 cover (and GIAS's and GGL's objectives) is written for one problem and mapped over the stack with
 `torch.func.vmap` instead, which pays functorch's dispatch on every operation (LeNet, 16 px, K = 8, 1 thread:
-the stacked forward is 2-3x faster per iteration than vmap, `benchmarks/batched_ig.py`). Labels and starts are drawn exactly as `reconstruct`
-draws them (the same generator sequence), so problem k starts where its unbatched run starts. Restarts are
-further problems in the stack and each observation keeps its restart with the lowest matching loss, as
-`reconstruct` does.
+the stacked forward is 2-3x faster per iteration than vmap, `benchmarks/batched_ig.py`). Labels and starts
+are drawn exactly as `reconstruct` draws them (the same generator sequence), so problem k starts where its
+unbatched run starts. Restarts are further problems in the stack and each observation keeps its restart
+with the lowest matching loss, as `reconstruct` does.
 
 Inverting Gradients: the cosine distance plus total variation. Adam is elementwise, so the stacked optimiser
 is K optimisers; the paper's step schedule (x0.1 at 3/8, 5/8 and 7/8 of the budget) drops every problem's
@@ -51,7 +51,7 @@ another trajectory, so single records differ by up to several dB and 5 iteration
 changes its records by as much (`benchmarks/batched_dlg.py --reference`). Stacked DLG agrees with unbatched
 DLG in distribution (the mean PSNR over problems, within the spread of that reference), not record by record.
 One problem's results do not depend on the others in its stack, to the bit: on the CPU a problem's slice of
-a vmapped call is the same whichever others share it, except in a stack of one, so a problem left alone is
+a stacked call is the same whichever others share it, except in a stack of one, so a problem left alone is
 evaluated in a pair with itself.
 
 What is batched (`why_not_batched` says why anything else is not): IG with the "steps" or "constant"
@@ -138,9 +138,9 @@ def problem_bytes(attack: Attack, model: nn.Module, shape: tuple[int, ...], batc
     its gradient) and eight times the activations of one forward of its batch (measured by one forward pass):
     what the forward, the first backward's graph and the second backward keep, calibrated on IG through ConvNet
     at 32 px mapped with vmap (158 MB per problem measured at K = 8, 159 MB estimated); plus twice each
-    convolution's unfolded input, which the stacked forward (`stacked_forward`) keeps and differentiates. GGL evaluates its whole population at
-    once (that many times); GIAS's parameter search adds a copy of the generator per image with its gradient and
-    Adam's two moments."""
+    convolution's unfolded input, which the stacked forward (`stacked_forward`) keeps and differentiates. GGL
+    evaluates its whole population at once (that many times); GIAS's parameter search adds a copy of the
+    generator per image with its gradient and Adam's two moments."""
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if torch.is_tensor(out) else 0))
              for m in model.modules() if not list(m.children())]
@@ -279,7 +279,7 @@ def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
         loss = match + tv_weight * total_variation(xk) if tv_weight else match
         return loss, match
 
-    step_fn = vmap(grad(objective, has_aux=True))
+    step_fn: Callable[..., tuple[Tensor, Tensor]] = vmap(grad(objective, has_aux=True))
     trial = _trial_updates(model, names, tuple(x.shape[1:]))
     if trial is not None:
         leaves = _leaves(params)
@@ -498,7 +498,7 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
         trial = grad(client_loss)(pk)
         return l2_distance(tuple(trial[n] for n in names), tk)
 
-    step_fn = vmap(grad_and_value(objective))
+    step_fn: Callable[..., tuple] = vmap(grad_and_value(objective))
     sample = (observations[0].batch_size or labels.shape[1], *observations[0].data_spec.shape)
     trial = _trial_updates(model, names, sample)
     if trial is not None:

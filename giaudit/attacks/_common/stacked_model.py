@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +63,11 @@ def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> 
     """Problem k's convolution of x[k] (B, C, H, W) with weight[k] (O, C, kh, kw), for every k at once."""
     k, b, c, h, w = x.shape
     out_c, _, kh, kw = weight.shape[1:]
-    cols = F.unfold(x.reshape(k * b, c, h, w), (kh, kw), dilation=conv.dilation, padding=conv.padding,
+    pad = cast(tuple[int, int], conv.padding)  # a string padding is refused before (`_check`)
+    cols = F.unfold(x.reshape(k * b, c, h, w), (kh, kw), dilation=conv.dilation, padding=pad,
                     stride=conv.stride)  # (K B, C kh kw, L)
-    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
-    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    ho = (h + 2 * pad[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+    wo = (w + 2 * pad[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
     cols = cols.reshape(k, b, c * kh * kw, ho * wo).transpose(1, 2).reshape(k, c * kh * kw, b * ho * wo)
     flat = weight.reshape(k, out_c, c * kh * kw)
     out = torch.bmm(flat, cols) if bias is None else torch.baddbmm(bias.unsqueeze(-1), flat, cols)
@@ -91,6 +93,10 @@ def _batch_norm(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bia
     if bias is not None:
         shift = shift + bias
     return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+def _apply_hook(hook: Normalise, model: nn.Module, x: Tensor) -> Tensor:
+    return hook(model, (x,))[0]
 
 
 def _shift_dim(dim: int) -> int:
@@ -128,7 +134,7 @@ def stacked_forward(model: nn.Module, sample: tuple[int, ...]) -> StackedForward
 
 
 def _rewrite(model: nn.Module) -> StackedForward | None:
-    pre_hooks = list(model._forward_pre_hooks.values())
+    pre_hooks = [cast(Normalise, h) for h in model._forward_pre_hooks.values()]
     if (model._forward_hooks or model._backward_hooks or not all(isinstance(h, Normalise) for h in pre_hooks)
             or any(_hooks(m) for _n, m in model.named_modules() if m is not model)):
         return None
@@ -148,7 +154,7 @@ def _rewrite(model: nn.Module) -> StackedForward | None:
 
     def forward(x: Tensor, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
         for hook in pre_hooks:
-            x = _per_sample(lambda v, hook=hook: hook(model, (v,))[0], x)
+            x = _per_sample(partial(_apply_hook, hook, model), x)
         env: dict[fx.Node, Any] = {}
 
         def value(a: Any) -> Any:
