@@ -32,7 +32,7 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy; `labels` are class indices (long) or per-class probabilities (float)."""
     if labels.dtype in (torch.int64, torch.int32):
         return F.cross_entropy(logits, labels)
-    return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return classification_losses(logits, labels).mean()
 
 
 def classification_losses(logits: Tensor, labels: Tensor) -> Tensor:

@@ -164,7 +164,7 @@ def _rewrite(model: nn.Module) -> StackedForward | None:
             if node.op == "placeholder":
                 env[node] = x
             elif node.op == "output":
-                return cast_tensor(value(node.args[0]))
+                return _one_tensor(value(node.args[0]))
             elif node.op == "call_module":
                 env[node] = _run_module(modules[str(node.target)], str(node.target), value(node.args[0]),
                                         params, buffers)
@@ -177,7 +177,7 @@ def _rewrite(model: nn.Module) -> StackedForward | None:
     return forward
 
 
-def cast_tensor(v: Any) -> Tensor:
+def _one_tensor(v: Any) -> Tensor:
     if not isinstance(v, Tensor):
         raise TypeError("the model's output is not one tensor")
     return v
