@@ -15,6 +15,8 @@ make it), the wall time of serial (up to `--serial-up-to` cells), of the local e
 instance started once and reused: its start is printed on its own line), the cost per cell, a least-squares
 fit wall = a + b cells per engine, Ray's throughput relative to the local engine's, and the largest resident
 memory of one worker process of each engine. `--batch-cells auto` runs the growth with stacked cells.
+`--repeat R` runs R rounds over the sizes, interleaved, and reports each point's median and range (a sweep of
+10-20 s varies by up to 1.5x run to run on a shared machine, so one run cannot show a 10 % growth).
 
 `--compare-unbatched` adds the local engine with ``[run] batch_cells = "auto"`` (the cells of one attack and
 its options, across defenses and seeds, stacked into solves, `giaudit.attacks.batched`) beside the same engine
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -85,9 +88,14 @@ def ray_worker_peak_mib() -> float:
 
 
 def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool, serial_up_to: int,
-           batch_cells: str | None, model: str, size: int) -> None:
+           batch_cells: str | int | None, model: str, size: int, repeat: int = 1) -> None:
     per_seed = 2 * (2 if dlg else 1)  # cells per seed: 2 defenses x the attacks
-    rows: list[tuple[str, int, float]] = []
+    walls: dict[tuple[str, int], list[float]] = {}
+
+    def measured(name: str, cells: int, wall: float, extra: str = "") -> None:
+        walls.setdefault((name, cells), []).append(wall)
+        print(f"{name:6} {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell){extra}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ray_engine = None
@@ -96,42 +104,49 @@ def growth(sizes: list[int], workers: int, iterations: int, dlg: bool, ray: bool
             ray_engine = RayEngine(num_cpus=workers).__enter__()
             print(f"ray start: {time.perf_counter() - t0:.1f} s (paid once per session)")
         try:
-            for n in sizes:
-                seeds = max(1, n // per_seed)
-                specs = sweep(seeds, iterations, batch_cells, dlg=dlg, model=model, size=size)
-                if n <= serial_up_to:
-                    wall, cells, _ = run_serial(specs, root / f"serial-{n}")
-                    rows.append(("serial", cells, wall))
-                    print(f"serial {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell)", flush=True)
-                wall, cells, _ = run(LocalEngine(workers), specs, root / f"local-{n}")
-                rows.append(("local", cells, wall))
-                rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-                print(f"local  {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell); largest worker {rss:.0f} MiB",
-                      flush=True)
-                if ray_engine is not None:
-                    wall, cells, _ = run(ray_engine, specs, root / f"ray-{n}")
-                    rows.append(("ray", cells, wall))
-                    print(f"ray    {cells} cells: {wall:.1f} s ({wall / cells:.3f} s/cell); largest worker "
-                          f"{ray_worker_peak_mib():.0f} MiB; {rows[-2][2] / wall:.2f}x local's throughput", flush=True)
+            # Rounds interleave the sizes (64, 256, 64, 256, ...) so a slow spell of a shared machine lands on
+            # every size rather than on one; the table takes each point's median.
+            for r in range(repeat):
+                if repeat > 1:
+                    print(f"-- round {r + 1} of {repeat}")
+                for n in sizes:
+                    seeds = max(1, n // per_seed)
+                    specs = sweep(seeds, iterations, batch_cells, dlg=dlg, model=model, size=size)
+                    if n <= serial_up_to:
+                        wall, cells, _ = run_serial(specs, root / f"serial-{n}-{r}")
+                        measured("serial", cells, wall)
+                    wall, cells, _ = run(LocalEngine(workers), specs, root / f"local-{n}-{r}")
+                    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                    measured("local", cells, wall, f"; largest worker {rss:.0f} MiB")
+                    if ray_engine is not None:
+                        local_wall = wall
+                        wall, cells, _ = run(ray_engine, specs, root / f"ray-{n}-{r}")
+                        measured("ray", cells, wall, f"; largest worker {ray_worker_peak_mib():.0f} MiB; "
+                                 f"{local_wall / wall:.2f}x local's throughput")
         finally:
             if ray_engine is not None:
                 import ray as ray_module
 
                 ray_module.shutdown()
-    print("\n| engine | cells | wall s | s / cell |\n|---|---:|---:|---:|")
-    for name, cells, wall in rows:
-        print(f"| {name} | {cells} | {wall:.1f} | {wall / cells:.3f} |")
-    for name in sorted({r[0] for r in rows}):
-        pts = [(c, w) for e, c, w in rows if e == name]
+    print(f"\n| engine | cells | wall s (median of {repeat}) | range | s / cell |\n|---|---:|---:|---:|---:|")
+    medians = {key: statistics.median(v) for key, v in walls.items()}
+    for (name, cells), v in walls.items():
+        print(f"| {name} | {cells} | {medians[name, cells]:.1f} | {min(v):.1f}-{max(v):.1f} | "
+              f"{medians[name, cells] / cells:.3f} |")
+    for (name, cells), wall in medians.items():
+        if name == "ray" and ("local", cells) in medians:
+            print(f"ray / local throughput at {cells} cells: {medians['local', cells] / wall:.2f}x (medians)")
+    for name in sorted({key[0] for key in medians}):
+        pts = sorted((c, w) for (e, c), w in medians.items() if e == name)
         if len(pts) >= 2:
             mc = sum(c for c, _ in pts) / len(pts)
             mw = sum(w for _, w in pts) / len(pts)
             b = sum((c - mc) * (w - mw) for c, w in pts) / sum((c - mc) ** 2 for c, _ in pts)
             a = mw - b * mc
-            last, before = pts[-1], pts[-2]
-            change = (last[1] / last[0]) / (before[1] / before[0]) - 1
-            print(f"{name}: wall = {a:.1f} s + {b:.3f} s x cells; cost per cell at {last[0]} vs {before[0]} "
-                  f"cells: {change:+.0%}; 10 000 cells would take about {(a + b * 10_000) / 60:.0f} min")
+            changes = ", ".join(f"{c1} vs {c0} cells {(w1 / c1) / (w0 / c0) - 1:+.0%}"
+                                for (c0, w0), (c1, w1) in zip(pts, pts[1:]))
+            print(f"{name}: wall = {a:.1f} s + {b:.3f} s x cells; cost per cell {changes}; "
+                  f"10 000 cells would take about {(a + b * 10_000) / 60:.0f} min")
 
 
 def main() -> None:
@@ -147,12 +162,13 @@ def main() -> None:
     p.add_argument("--growth", default="", help="comma-separated cell counts, e.g. 16,64,256")
     p.add_argument("--serial-up-to", type=int, default=256, help="with --growth: serial runs up to this many cells")
     p.add_argument("--batch-cells", default=None, help='with --growth: [run] batch_cells, e.g. "auto"')
+    p.add_argument("--repeat", type=int, default=1, help="with --growth: rounds over the sizes; medians are reported")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.growth:
         batch = int(args.batch_cells) if args.batch_cells and args.batch_cells.isdigit() else args.batch_cells
         growth([int(v) for v in args.growth.split(",")], args.workers, args.iterations, not args.no_dlg,
-               not args.no_ray, args.serial_up_to, batch, args.model, args.size)
+               not args.no_ray, args.serial_up_to, batch, args.model, args.size, args.repeat)
         return
     specs = sweep(args.seeds, args.iterations, dlg=not args.no_dlg, model=args.model, size=args.size)
     rows = []
@@ -168,6 +184,10 @@ def main() -> None:
             wall, n, stacked = run(LocalEngine(args.workers), stacked_specs, root / "stacked")
             rows.append((f"local, {args.workers} processes, batch_cells auto", wall, n))
             mine = {(r.defense, r.attack, r.seed): r for r in local}
+            every = [abs(mine[(b.defense, b.attack, b.seed)].metrics["psnr_db_mean"] - b.metrics["psnr_db_mean"])
+                     for b in stacked]
+            print(f"stacked vs unbatched records (all attacks): mean |dPSNR| {sum(every) / len(every):.3f} dB over "
+                  f"{len(every)} records")
             for attack in sorted({r.attack for r in stacked}):
                 pairs = [(mine[(b.defense, b.attack, b.seed)].metrics["psnr_db_mean"], b.metrics["psnr_db_mean"])
                          for b in stacked if b.attack == attack]
