@@ -3,7 +3,8 @@
 K observations (one digit each, batch 1 by default, so iDLG labels; each with its own model initialisation: the
 seeds of a sweep) are reconstructed by DLG single-threaded: one `Attack.reconstruct` per observation (today's
 cells) and one `giaudit.attacks.batched.reconstruct_many` per stack size in `--k` (the first K observations,
-each problem its own L-BFGS loop in its own thread, every objective evaluated in one vmapped call per round).
+each problem its own L-BFGS state, the K problems' line searches and directions computed together, every
+objective evaluated in one stacked call per round).
 The separate runs are made once, for the largest K, and each stack is compared with its observations' runs.
 Prints, per K, the time per problem of both, the speed-up, and the mean and largest |ΔPSNR| and max |Δx|
 between the two reconstructions of each observation.

@@ -131,10 +131,10 @@ def test_each_stacked_dlg_problem_is_its_unbatched_run_early_and_to_the_quality_
     assert sum(gap) / len(gap) <= 0.5
 
 
-def test_stacked_dlg_problems_never_mix_and_their_threads_end_with_the_solve(monkeypatch, one_thread) -> None:
+def test_stacked_dlg_problems_never_mix_and_an_error_ends_the_solve(monkeypatch, one_thread) -> None:
     """Replacing one problem's observation leaves every other problem's result as it was, to the bit (its
-    L-BFGS sees only its own answers, whichever problems share a round); an error in one problem, mid-run,
-    stops the others and is raised; no thread outlives a solve and torch's thread count is as it was."""
+    L-BFGS sees only its own answers and its vector work is never batched by who else is in a round); an
+    error in an evaluation, mid-run, ends the solve and is raised; torch's thread count is as it was."""
     cases = _cases(3)
     attack = build_attack("dlg", max_eval=5)
     budget = Budget(iterations=3, workers=1)
@@ -148,20 +148,18 @@ def test_stacked_dlg_problems_never_mix_and_their_threads_end_with_the_solve(mon
         assert torch.equal(first[k].images, second[k].images) and first[k].trace.losses == second[k].trace.losses
     assert threading.active_count() == alive and torch.get_num_threads() == threads
 
-    solve = type(attack).solve
-    calls = [0]
+    import giaudit.attacks.batched as batched
 
-    def failing(obs, labels, budget, generator, progress, ask):
-        def ask_then_fail(variables):
-            calls[0] += 1
-            if calls[0] > 4:
-                raise RuntimeError("problem 1 failed")
-            return ask(variables)
+    distance, calls = batched.l2_distance, [0]
 
-        return solve(attack, obs, labels, budget, generator, progress, ask_then_fail if obs is other else ask)
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise RuntimeError("evaluation failed")
+        return distance(*args, **kwargs)
 
-    monkeypatch.setattr(attack, "solve", failing)
-    with pytest.raises(RuntimeError, match="problem 1 failed"):
+    monkeypatch.setattr(batched, "l2_distance", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
         reconstruct_many(attack, [cases[0][0], other, cases[2][0]], budget=budget, rngs=_gens(3))
     assert calls[0] == 5
     assert threading.active_count() == alive and torch.get_num_threads() == threads

@@ -29,15 +29,13 @@ rate at the same iterations; a plateau stop (`Budget.patience`) freezes that pro
 optimiser state and its loss history stop). Each problem keeps its own best iterate by its own matching loss.
 
 DLG: L-BFGS keeps a curvature history and takes one line-searched step length per problem, so one optimiser
-over the stack would mix the problems. Each problem instead runs its own unmodified `torch.optim.LBFGS` loop
-(`DLG.solve`, the loop of the unbatched restart) in its own thread; its objective is a request to a shared
-evaluator, which waits until every unfinished problem has asked, computes the squared L2 distance of every
-asked point and its gradient (images, and label logits when optimised) in one vmapped call, in problem
-order, and answers each problem with its own value and gradient, one problem after the other (each runs its
-L-BFGS bookkeeping until it asks again: one thread runs at a time, so they never contend for the interpreter
-lock). A problem's state depends only on its own answers, so the order changes nothing; the threads end with
-the solve (an error in one problem stops the others and is raised), and the caller's thread does all the
-stacked arithmetic.
+over the stack would mix the problems. The problems instead run torch's L-BFGS with the strong-Wolfe line
+search each for itself, written for K problems at once (`giaudit.attacks._common.lbfgs`: every problem's own
+history, step lengths, line-search state and stopping tests, the same decisions as `torch.optim.LBFGS`; the
+vector work of a round done for all problems together): in each round every unfinished problem asks for one
+point, and the squared L2 distance of every asked point and its gradient (images, and label logits when
+optimised) is computed in one stacked call. Each problem keeps its steps, its best iterate and its plateau
+stop as `DLG.solve` keeps them (`giaudit.attacks.dlg.Steps`).
 
 Tolerance: the stacked kernels round differently from the unbatched ones (last-bit differences in a batched
 matrix product). For Inverting Gradients a signed-gradient descent can turn those into different late
@@ -66,7 +64,6 @@ Everything else runs through `Attack.reconstruct`, unbatched, with the same resu
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,11 +74,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from giaudit.attacks import stacked_ggl, stacked_gias
+from giaudit.attacks._common import lbfgs
 from giaudit.attacks._common.distances import DISTANCES, l2_distance, total_variation
 from giaudit.attacks._common.stacked_model import stacked_forward
 from giaudit.attacks._common.stacking import BETAS, EPS, draw_problems, records, stack_problems
 from giaudit.attacks.base import Attack, Budget, Plateau
-from giaudit.attacks.dlg import DLG, LossAndGrad
+from giaudit.attacks.dlg import DLG, Steps
 from giaudit.attacks.ggl import GGL
 from giaudit.attacks.gias import GIAS
 from giaudit.attacks.ig import InvertingGradients
@@ -347,138 +345,11 @@ def _solve(attack: Attack, observations: Sequence[Observation], budget: Budget,
 
 
 # -- DLG -------------------------------------------------------------------------------------------------------
-class _Cancelled(Exception):
-    """Raised in a problem's thread when the stacked solve ends before the problem does."""
-
-
-# The stacked evaluation: the problems that asked (in problem order) and the variables each asked at, to each
-# problem's (value, gradients).
-Evaluate = Callable[[list[int], list[Sequence[Tensor]]], list[tuple[Tensor, Sequence[Tensor]]]]
-
-
-class _Evaluator:
-    """Answers the objective requests of problems that run in their own threads, in stacked rounds.
-
-    One thread runs at a time: the caller's thread (`run`) starts each problem and waits until it asks for
-    its first evaluation (or finishes); then, round after round, it evaluates every asked point in one
-    `evaluate` call (in problem order) and hands each problem its own answer, waiting until that problem asks
-    again or finishes before waking the next. Problems that finished drop out of the rounds. Running the
-    problems' own work (the L-BFGS bookkeeping) one thread at a time keeps the threads from contending for
-    the interpreter lock; their results do not depend on the order in any case. An error in a problem stops
-    every problem (`stop`) and `run` raises it."""
-
-    def __init__(self, evaluate: Evaluate, total: int) -> None:
-        self._evaluate = evaluate
-        self._cond = threading.Condition()
-        self._asked: dict[int, Sequence[Tensor]] = {}
-        self._answers: dict[int, tuple[Tensor, Sequence[Tensor]]] = {}
-        self._done: set[int] = set()
-        self._ready = [threading.Event() for _ in range(total)]
-        self._stopped = False
-        self._error: BaseException | None = None
-
-    def client(self, p: int) -> LossAndGrad:
-        """Problem `p`'s objective: ask, wait for the answer of its round, return it."""
-        def ask(variables: Sequence[Tensor]) -> tuple[Tensor, Sequence[Tensor]]:
-            with self._cond:
-                if self._stopped:
-                    raise _Cancelled
-                self._asked[p] = variables  # stacked (copied) in `run` before this thread moves on
-                self._cond.notify()
-            self._ready[p].wait()
-            self._ready[p].clear()
-            with self._cond:
-                if self._stopped:
-                    raise _Cancelled
-                return self._answers.pop(p)
-
-        return ask
-
-    def finished(self, p: int) -> None:
-        """Problem `p`'s thread ends (with a result, an error or cancelled)."""
-        with self._cond:
-            self._done.add(p)
-            self._cond.notify()
-
-    def fail(self, exc: BaseException) -> None:
-        with self._cond:
-            if self._error is None:
-                self._error = exc
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop every problem: each one's next (or pending) request raises `_Cancelled` in its thread."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        for ready in self._ready:
-            ready.set()
-
-    def _wait_for(self, p: int) -> None:
-        """Until problem `p` has asked again or finished; raises a problem's error."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopped or p in self._asked or p in self._done)
-            if self._error is not None:
-                raise self._error
-            if self._stopped:
-                raise RuntimeError("the stacked solve was stopped")
-
-    def run(self, threads: Sequence[threading.Thread]) -> int:
-        """Start the problems' threads and answer their rounds until every problem has finished; the rounds."""
-        for p, thread in enumerate(threads):
-            thread.start()
-            self._wait_for(p)
-        rounds = 0
-        while True:
-            with self._cond:
-                order = sorted(self._asked)
-                points = [self._asked.pop(p) for p in order]
-            if not order:
-                return rounds
-            answers = self._evaluate(order, points)
-            rounds += 1
-            for p, answer in zip(order, answers):
-                with self._cond:
-                    self._answers[p] = answer
-                self._ready[p].set()
-                self._wait_for(p)
-
-
-def _run_threads(jobs: Sequence[Callable[[LossAndGrad], RestartResult]], evaluate: Evaluate
-                 ) -> tuple[list[RestartResult], int]:
-    """Run every job in its own thread against one `_Evaluator`; the results in job order and the rounds.
-    Every thread has ended when this returns or raises."""
-    evaluator = _Evaluator(evaluate, len(jobs))
-    results: list[RestartResult | None] = [None] * len(jobs)
-
-    def work(p: int) -> None:
-        try:
-            results[p] = jobs[p](evaluator.client(p))
-        except _Cancelled:
-            pass
-        except BaseException as exc:  # raised in the caller's thread by `run`
-            evaluator.fail(exc)
-        finally:
-            evaluator.finished(p)
-
-    threads = [threading.Thread(target=work, args=(p,), name=f"giaudit-stacked-{p}", daemon=True)
-               for p in range(len(jobs))]
-    try:
-        rounds = evaluator.run(threads)
-    finally:
-        evaluator.stop()
-        for t in threads:
-            if t.ident is not None:
-                t.join()
-    if any(r is None for r in results):  # not reachable: a problem that did not finish stopped the solve
-        raise RuntimeError("a stacked problem ended without a result")
-    return cast(list[RestartResult], results), rounds
-
-
 def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budget,
                rngs: Sequence[torch.Generator | None]) -> list[Reconstruction]:
-    """One stacked DLG solve of `observations` (same signature), `budget.restarts` problems each: one L-BFGS
-    loop per problem (`DLG.solve`), every objective evaluated in stacked rounds."""
+    """One stacked DLG solve of `observations` (same signature), `budget.restarts` problems each: each problem's
+    start, steps and best iterate as `DLG.solve` keeps them, its L-BFGS steps those of torch's optimiser taken
+    for all problems at once (`giaudit.attacks._common.lbfgs`), every objective evaluated in stacked rounds."""
     attack = cast(DLG, attack)
     start = time.perf_counter()
     problems, label_sources = draw_problems(attack, observations, budget, rngs)
@@ -512,10 +383,13 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
 
         step_fn = stacked_step
     cache: dict[tuple[int, ...], tuple] = {}
+    starts = [attack.start(observations[k], lab, generator_for(s)) for k, lab, s in problems]
+    shapes = [v.shape for v in starts[0]]
+    sizes = [v.numel() for v in starts[0]]
 
-    def evaluate(order: list[int], points: list[Sequence[Tensor]]) -> list[tuple[Tensor, Sequence[Tensor]]]:
+    def evaluate(order: list[int], points: Tensor) -> tuple[list[float], Tensor]:
         rows = order if len(order) > 1 else order * 2  # a stack of one rounds differently: pair it with itself
-        points = points if len(points) > 1 else points * 2
+        flat = points if len(order) > 1 else points.expand(2, -1)
         key = tuple(rows)
         if key not in cache:
             cache.clear()
@@ -524,13 +398,22 @@ def _solve_dlg(attack: Attack, observations: Sequence[Observation], budget: Budg
                           {n: v.index_select(0, at) for n, v in buffers.items()},
                           tuple(t.index_select(0, at) for t in target), labels.index_select(0, at))
         p_rows, b_rows, t_rows, y_rows = cache[key]
-        variables = tuple(torch.stack([pt[i] for pt in points]) for i in range(len(points[0])))
+        variables = tuple(part.reshape(len(rows), *shape)
+                          for part, shape in zip(flat.split(sizes, 1), shapes))
         grads, values = step_fn(variables, p_rows, b_rows, t_rows, y_rows)
-        return [(values[j], tuple(g[j].contiguous() for g in grads)) for j in range(len(order))]
+        flat_grads = torch.cat([gr.reshape(len(rows), -1) for gr in grads], 1)
+        return values[:len(order)].tolist(), flat_grads[:len(order)]
 
-    jobs = [lambda ask, k=k, lab=lab, s=s: attack.solve(observations[k], lab, budget, generator_for(s), None, ask)
-            for k, lab, s in problems]
-    results, _rounds = _run_threads(jobs, evaluate)
+    steps = [Steps(budget, v[0]) for v in starts]
+
+    def on_step(p: int, loss: float, x: Tensor) -> bool:
+        return steps[p].update(loss, x[:sizes[0]].reshape(shapes[0]))
+
+    x0 = torch.stack([torch.cat([v.reshape(-1) for v in vs]) for vs in starts])
+    final = lbfgs.minimise(evaluate, x0, steps=budget.iterations, lr=attack.lr, max_iter=attack.max_eval,
+                           history_size=attack.history_size, on_step=on_step)
+    results = [steps[p].result(lab, final[p, sizes[0]:].reshape(shapes[1]) if optimise else None)
+               for p, (_k, lab, _s) in enumerate(problems)]
     return records(observations, problems, results, label_sources,
                     (time.perf_counter() - start) / len(observations))
 

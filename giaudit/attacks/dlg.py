@@ -64,18 +64,20 @@ class DLG(Attack):
 
         return loss_and_grad
 
+    def start(self, obs: Observation, labels: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """A restart's variables as `generator` draws them: the images, then the label logits when optimised."""
+        n = obs.batch_size or labels.numel()
+        variables = [self.initial_images(obs, n, generator)]
+        if self.optimise_labels:
+            draw = torch.randn((n, obs.data_spec.num_classes), generator=generator, device=generator.device)
+            variables.append(to_model(draw, obs.model))
+        return variables
+
     def solve(self, obs: Observation, labels: Tensor, budget: Budget, generator: torch.Generator,
               progress: Progress | None, loss_and_grad: LossAndGrad) -> RestartResult:
         """One restart: the start `generator` draws (images, then label logits when optimised), then
         `budget.iterations` L-BFGS steps on `loss_and_grad`, keeping the best iterate by the matching loss."""
-        n = obs.batch_size or labels.numel()
-        x = self.initial_images(obs, n, generator).requires_grad_(True)
-        variables = [x]
-        label_logits = None
-        if self.optimise_labels:
-            draw = torch.randn((n, obs.data_spec.num_classes), generator=generator, device=generator.device)
-            label_logits = to_model(draw, obs.model).requires_grad_(True)
-            variables.append(label_logits)
+        variables = [v.requires_grad_(True) for v in self.start(obs, labels, generator)]
         opt = torch.optim.LBFGS(variables, lr=self.lr, max_iter=self.max_eval, history_size=self.history_size,
                                 line_search_fn="strong_wolfe")
 
@@ -85,23 +87,40 @@ class DLG(Attack):
                 v.grad = g
             return loss
 
-        losses: list[float] = []
-        plateau = Plateau(budget.patience, budget.min_delta)
-        best_x, best_loss = x.detach().clone(), float("inf")
-        stopped = False
+        steps = Steps(budget, variables[0])
         for _ in range(budget.iterations):
             loss = float(opt.step(closure).detach())
-            if not math.isfinite(loss):
-                break
-            losses.append(loss)
-            if loss < best_loss:
-                best_loss, best_x = loss, x.detach().clone()
-            if progress is not None:
+            stop = steps.update(loss, variables[0])
+            if progress is not None and math.isfinite(loss):
                 progress(1)
-            plateau.update(loss)
-            if loss < 1e-12 or plateau.stalled:
-                stopped = True
+            if stop:
                 break
+        return steps.result(labels, variables[1] if len(variables) > 1 else None)
+
+
+class Steps:
+    """What a DLG restart keeps of its L-BFGS steps: the loss of each (at the step's start, as `LBFGS.step`
+    returns it), the iterate after the step with the lowest such loss, and the plateau stop."""
+
+    def __init__(self, budget: Budget, x: Tensor) -> None:
+        self.losses: list[float] = []
+        self.plateau = Plateau(budget.patience, budget.min_delta)
+        self.best_x, self.best_loss = x.detach().clone(), float("inf")
+        self.stopped = False
+
+    def update(self, loss: float, x: Tensor) -> bool:
+        """One step's loss and the iterate after it; True when the restart stops (a non-finite loss, a loss
+        of zero or a plateau)."""
+        if not math.isfinite(loss):
+            return True
+        self.losses.append(loss)
+        if loss < self.best_loss:
+            self.best_loss, self.best_x = loss, x.detach().clone()
+        self.plateau.update(loss)
+        self.stopped = loss < 1e-12 or self.plateau.stalled
+        return self.stopped
+
+    def result(self, labels: Tensor, label_logits: Tensor | None) -> RestartResult:
         final_labels = labels if label_logits is None else label_logits.detach().argmax(-1)
         extra = {"label_source": "optimised"} if label_logits is not None else {}
-        return RestartResult(best_x, final_labels, losses, best_loss, stopped, extra)
+        return RestartResult(self.best_x, final_labels, self.losses, self.best_loss, self.stopped, extra)
