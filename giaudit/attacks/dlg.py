@@ -8,10 +8,11 @@ one. Deviation: the images are initialised uniformly in the data range
 rather than from N(0, 1), and clamped to it on return.
 
 One restart is `DLG.solve`: torch's L-BFGS (strong Wolfe line search) on the
-variables, around an objective passed in as a `LossAndGrad`. `run_restart`
-passes autograd on the observation's own model (`DLG.matching`);
-`giaudit.attacks.batched` passes an evaluator that computes the objectives of
-many restarts in one stacked call, so both paths run the same loop.
+variables `DLG.start` draws, around an objective passed in as a `LossAndGrad`
+(`run_restart` passes autograd on the observation's own model,
+`DLG.matching`). `giaudit.attacks.batched` draws the same starts and runs the
+same L-BFGS steps for many restarts at once; both paths keep their steps, best
+iterate and plateau stop through `Steps`.
 """
 from __future__ import annotations
 

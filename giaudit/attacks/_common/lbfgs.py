@@ -92,7 +92,7 @@ def minimise(evaluate: Evaluate, x0: Tensor, *, steps: int, lr: float, max_iter:
     Every vector operation acts on all K rows of fixed-shape tensors (rows a round does not update are
     selected away, never computed in a smaller batch), so a problem's arithmetic is the same whichever
     other problems share the solve and wherever they are."""
-    k_total, n = x0.shape
+    k_total = x0.shape[0]
     max_eval = max_iter * 5 // 4
     st = _State(x0, min(history_size, steps * max_iter), history_size)
     probs = [_Problem() for _ in range(k_total)]
